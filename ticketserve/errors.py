@@ -1,0 +1,29 @@
+"""Errors users can act on. Each class names one cause; the server maps them to status codes."""
+
+
+class TicketserveError(Exception):
+    """Base of every error ticketserve reports to a user (CLI: one line, exit 2)."""
+
+
+class InvalidArgument(TicketserveError):
+    """The request or command itself is malformed (bad name, missing field, bad value)."""
+
+
+class NotFound(TicketserveError):
+    """An artifact, version, tag, task or file that was asked for does not exist."""
+
+
+class BackboneMismatch(TicketserveError):
+    """An artifact was trained on a different backbone than the one it is applied to."""
+
+
+class CorruptArtifact(TicketserveError):
+    """Stored bytes fail their checksum or do not form a valid artifact of their kind."""
+
+
+class DataUnavailable(TicketserveError):
+    """Task data cannot be read (offline without --data-dir, missing split file, ...)."""
+
+
+class StorageError(TicketserveError):
+    """The registry's storage failed (disk full, permissions); nothing partial was published."""

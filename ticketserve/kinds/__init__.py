@@ -1,0 +1,53 @@
+"""Artifact kinds: how a payload's tensors (minus the head) are checked and applied.
+
+A kind knows tensors, never storage. `shares_backbone` kinds attach to the one shared
+encoder under a per-task slot, so a batch can mix their tasks; the others get an encoder
+of their own (the full fine-tuning baseline).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ticketserve.errors import NotFound
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Kind(ABC):
+    name: ClassVar[str]
+    shares_backbone: ClassVar[bool]
+
+    @abstractmethod
+    def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
+        """Raise CorruptArtifact unless the tensors fit this encoder exactly."""
+
+    @abstractmethod
+    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+        """Make the task runnable; returns the encoder to run it on."""
+
+    def detach(self, encoder: nn.Module, slot: int) -> None:
+        """Release what `attach` added to a shared encoder (nothing, for private copies)."""
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register_kind(cls: type[Kind]) -> type[Kind]:
+    if cls.name in _KINDS:
+        raise ValueError(f"artifact kind {cls.name!r} is already registered")
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def get_kind(name: str) -> Kind:
+    from ticketserve.kinds import full, row_delta  # noqa: F401  (registration)
+
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise NotFound(f"unknown artifact kind {name!r} (known: {', '.join(sorted(_KINDS))})") from None

@@ -1,0 +1,49 @@
+"""Which task slot each example of the running batch belongs to.
+
+Set around a forward pass with `route(...)`; layers that hold per-task state read it. A
+context variable keeps concurrent forwards on different threads apart. Without a routing,
+every example uses DEFAULT_SLOT (training); the runtime's slots start above it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Per-example slots of one batch, with the per-slot row segments computed once."""
+
+    slots: torch.Tensor  # (batch,) int64
+    segments: list[tuple[int, torch.Tensor]] = field(init=False)
+    uniform: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        present = self.slots.unique().tolist()
+        self.uniform = present[0] if len(present) == 1 else None
+        self.segments = [(s, (self.slots == s).nonzero().squeeze(1)) for s in present]
+
+    @classmethod
+    def single(cls, slot: int, batch_size: int, device=None) -> Routing:
+        return cls(torch.full((batch_size,), slot, dtype=torch.long, device=device))
+
+
+DEFAULT_SLOT = 0  # used when no routing is set: the slot a trainer trains in
+_CURRENT: ContextVar[Routing | None] = ContextVar("ticketserve_routing", default=None)
+
+
+@contextmanager
+def route(routing: Routing):
+    token = _CURRENT.set(routing)
+    try:
+        yield routing
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> Routing | None:
+    return _CURRENT.get()

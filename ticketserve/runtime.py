@@ -1,0 +1,131 @@
+"""In-process execution of tasks on one shared backbone.
+
+Tasks of backbone-sharing kinds attach to the shared encoder under a slot, so one forward
+pass serves a batch that mixes them; other kinds run on their own encoder. Each task keeps
+its own head. The gRPC server builds on this; the CLI's eval and predict use it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from registry.manifest import TaskSpec
+from ticketserve.artifact import Artifact
+from ticketserve.backbone import Backbone
+from ticketserve.errors import InvalidArgument, NotFound
+from ticketserve.kinds import get_kind
+from ticketserve.kinds.routing import Routing, route
+from ticketserve.model import TaskHead, encode
+
+
+@dataclass
+class LoadedTask:
+    name: str
+    artifact: Artifact
+    slot: int
+    encoder: nn.Module
+    head: TaskHead
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.artifact.manifest.task
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    score: float  # probability of the label, or the regression value
+    probabilities: dict[str, float]
+
+
+class Runtime:
+    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256):
+        self.backbone = backbone
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder = backbone.model.to(self.device).eval()
+        self.max_length = max_length
+        self.tasks: dict[str, LoadedTask] = {}
+        self._slots = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, artifact: Artifact, name: str | None = None) -> LoadedTask:
+        """Make an artifact servable under `name` (default: its artifact name); replaces any
+        task of that name once the new one is ready."""
+        name = name or artifact.manifest.name
+        kind = get_kind(artifact.manifest.kind)
+        with self._lock:
+            slot = next(self._slots)
+            encoder = kind.attach(self.encoder, slot, artifact.kind_tensors).to(self.device)
+            head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
+            old, self.tasks[name] = self.tasks.get(name), LoadedTask(name, artifact, slot, encoder, head)
+        if old is not None:
+            self.remove_slot(old)
+        return self.tasks[name]
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            task = self.tasks.pop(name, None)
+        if task is None:
+            raise NotFound(f"task {name!r} is not loaded")
+        self.remove_slot(task)
+
+    def remove_slot(self, task: LoadedTask) -> None:
+        get_kind(task.artifact.manifest.kind).detach(self.encoder, task.slot)
+
+    def get(self, name: str) -> LoadedTask:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise NotFound(f"task {name!r} is not loaded (loaded: {', '.join(sorted(self.tasks)) or 'none'})") from None
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
+        encoded = self.backbone.tokenizer(texts, pairs, padding=True, truncation=True,
+                                          max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    @torch.inference_mode()
+    def logits(self, task_names: list[str], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One output row per example; examples may name different tasks. Shared-backbone tasks
+        run in one forward pass; each private-encoder task in its own."""
+        tasks = [self.get(n) for n in task_names]
+        by_name = {task.name: task for task in tasks}  # fixed for this call even if a task is swapped
+        outputs: list[torch.Tensor | None] = [None] * len(tasks)
+        groups: dict[int, list[int]] = {}
+        for i, task in enumerate(tasks):  # group by encoder: the shared one, or a private copy
+            groups.setdefault(id(task.encoder), []).append(i)
+        for rows in groups.values():
+            index = torch.tensor(rows, device=self.device)
+            sub = {k: v.index_select(0, index) for k, v in inputs.items()}
+            slots = torch.tensor([tasks[i].slot for i in rows], device=self.device)
+            with route(Routing(slots)):
+                hidden = encode(tasks[rows[0]].encoder, sub["input_ids"], sub["attention_mask"], sub.get("token_type_ids"))
+            by_task: dict[str, list[int]] = {}
+            for position, i in enumerate(rows):
+                by_task.setdefault(tasks[i].name, []).append(position)
+            for name, positions in by_task.items():
+                at = torch.tensor(positions, device=self.device)
+                out = by_name[name].head(hidden.index_select(0, at), sub["attention_mask"].index_select(0, at))
+                for position, row in zip(positions, out):
+                    outputs[rows[position]] = row
+        return outputs  # type: ignore[return-value]
+
+    def predict(self, task_names: list[str], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
+        if len(task_names) != len(texts):
+            raise InvalidArgument(f"{len(texts)} texts but {len(task_names)} task names")
+        results = []
+        for name, row in zip(task_names, self.logits(task_names, self.tokenize(texts, pairs))):
+            spec = self.get(name).spec
+            if spec.is_regression:
+                results.append(Prediction(None, float(row[0]), {}))
+                continue
+            probs = row.float().softmax(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            results.append(Prediction(spec.labels[best], probs[best], dict(zip(spec.labels, probs))))
+        return results

@@ -1,0 +1,171 @@
+"""The training loop every method shares, on `accelerate` (one process, or many with
+`accelerate launch` / `torchrun`: DDP over gloo on CPU, NCCL on GPUs).
+
+AdamW over the parameters the method makes trainable, linear warm-up and decay, gradient
+clipping, length-grouped batches with dynamic padding, evaluation every epoch or N steps,
+early stopping, and the best evaluation's trainable weights restored at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+from ticketserve.errors import InvalidArgument
+from ticketserve.model import TaskModel, predictions
+from ticketserve.tasks import compute_metrics
+from trainers.config import TrainConfig
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length (less padding), in random order that changes every epoch:
+    shuffle, cut into mega-batches of 50 batches, sort each by length, split, shuffle batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    steps: int = 0
+    best_step: int = 0
+    train_seconds: float = 0.0
+
+
+def tokenize(dataset, tokenizer, max_length: int):
+    """Token ids + `labels` + `length` columns; the text columns are dropped."""
+    has_pair = "text_pair" in dataset.column_names
+
+    def encode(batch):
+        encoded = tokenizer(batch["text"], batch["text_pair"] if has_pair else None,
+                            truncation=True, max_length=max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    text_columns = [c for c in ("text", "text_pair") if c in dataset.column_names]
+    return dataset.map(encode, batched=True, remove_columns=text_columns).rename_column("label", "labels")
+
+
+def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], train_ds, eval_ds,
+        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        raise InvalidArgument(f"{model.spec.name}: empty training or evaluation data")
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    collate = DataCollatorWithPadding(tokenizer)
+    columns = [c for c in (*MODEL_INPUTS, "labels") if c in train_ds.column_names]
+    sampler = LengthGroupedBatches(train_ds["length"], config.batch_size, config.seed)
+    train_loader = DataLoader(train_ds.select_columns(columns), batch_sampler=sampler, collate_fn=collate)
+    with warnings.catch_warnings():  # pyarrow deprecation inside datasets' sort
+        warnings.simplefilter("ignore", FutureWarning)
+        eval_sorted = eval_ds.sort("length").select_columns(columns)
+    eval_loader = DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=collate)
+
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    spec = model.spec
+    wrapped, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = len(train_loader)
+    total = config.max_steps or steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+
+    def evaluate() -> dict[str, float]:
+        wrapped.eval()
+        preds, refs = [], []
+        with torch.no_grad():
+            for batch in eval_loader:
+                logits = wrapped(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                p, r = accelerator.gather_for_metrics((predictions(spec, logits), batch["labels"]))
+                preds.append(p.float().cpu().numpy())
+                refs.append(r.float().cpu().numpy())
+        wrapped.train()
+        return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))
+
+    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []})
+    best_score, best_state, stale = -math.inf, None, 0
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                        disable=not (show_progress and accelerator.is_main_process), transient=True)
+    started = time.perf_counter()
+    step, running, running_n = 0, 0.0, 0
+    wrapped.train()
+    with progress:
+        bar = progress.add_task(f"train {spec.name}", total=total, status="")
+        for epoch in range(math.ceil(total / steps_per_epoch)):
+            sampler.set_epoch(epoch)
+            for batch_index, batch in enumerate(train_loader):
+                logits = wrapped(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                loss = model.loss(logits, batch["labels"])
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                running += loss.item()
+                running_n += 1
+                if step % config.log_every == 0:
+                    result.curves["train_loss"].append({"step": step, "loss": running / running_n})
+                    running, running_n = 0.0, 0
+                end_of_epoch = batch_index == steps_per_epoch - 1
+                due = (step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
+                if due or step == total:
+                    metrics = evaluate()
+                    result.curves["eval"].append({"step": step, "epoch": epoch + (batch_index + 1) / steps_per_epoch, **metrics})
+                    score = metrics[spec.metric]
+                    if score > best_score:
+                        best_score, stale = score, 0
+                        best_state = [p.detach().clone() for p in params]
+                        result.best_step, result.metrics = step, metrics
+                    else:
+                        stale += 1
+                    progress.update(bar, status=f"{spec.metric} {score:.4f} (best {best_score:.4f})")
+                progress.update(bar, advance=1)
+                if step == total or (config.patience and stale >= config.patience):
+                    break
+            else:
+                continue
+            break
+    if best_state is not None:
+        with torch.no_grad():
+            for p, best in zip(params, best_state):
+                p.copy_(best)
+    result.steps, result.train_seconds = step, time.perf_counter() - started
+    return result

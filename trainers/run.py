@@ -1,0 +1,65 @@
+"""One training run end to end: data → model → method → shared loop → published artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
+from ticketserve import artifact
+from ticketserve.backbone import Backbone
+from ticketserve.data import load_split
+from ticketserve.model import TaskModel
+from trainers import get_method
+from trainers.config import TrainConfig
+from trainers.loop import FitResult, fit, tokenize
+
+
+@dataclass
+class TrainOutcome:
+    version: ArtifactVersion | None  # None on non-main processes of a distributed run
+    manifest: Manifest
+    fit: FitResult
+
+
+def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
+          data_dir: str | Path | None = None, name: str | None = None, tags: tuple[str, ...] = (),
+          show_progress: bool = True) -> TrainOutcome:
+    method = get_method(method_name)
+    accelerator = Accelerator()
+    set_seed(config.seed)
+    with accelerator.main_process_first():  # the first process fills the datasets cache
+        train_ds = tokenize(load_split(spec, spec.train_split, data_dir, config.train_samples, config.seed),
+                            backbone.tokenizer, config.max_length)
+        eval_ds = tokenize(load_split(spec, spec.eval_split, data_dir, config.eval_samples, config.seed),
+                           backbone.tokenizer, config.max_length)
+    head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
+    model = TaskModel(backbone.model, spec, head)
+    params = method.trainable(model, backbone)
+    lr = config.lr or method.default_lr
+    result = fit(accelerator, model, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress)
+    model.eval()
+    tensors = method.export(model) | model.head.tensors()
+    manifest = Manifest(
+        name=name or f"{spec.name}-{method.name}",
+        kind=method.kind,
+        method=method.name,
+        task=spec,
+        head=head,
+        backbone=backbone.ref(),
+        hyperparameters=config.model_dump() | {"lr": lr, "world_size": accelerator.num_processes},
+        metrics=result.metrics,
+        curves=result.curves,
+        trainable_params=sum(p.numel() for p in params),
+        details=method.details() | {
+            "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
+            "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
+            "data": str(data_dir) if data_dir is not None else spec.hub_dataset,
+        },
+    )
+    version = artifact.publish(store, manifest, tensors, tags) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return TrainOutcome(version, manifest, result)
