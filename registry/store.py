@@ -58,10 +58,10 @@ class Reference:
         match = _REF_RE.match(text.strip())
         if not match:
             raise InvalidArgument(f"invalid artifact reference {text!r}: expected NAME[:VERSION|:TAG][@sha256:DIGEST]")
-        selector = match["tag"]
+        name, selector = check_name(match["name"]), match["tag"]
         if selector is not None and not selector.isdigit():
             check_tag(selector)
-        return cls(check_name(match["name"]), selector, match["digest"])
+        return cls(name, selector, match["digest"])
 
     def __str__(self) -> str:
         return self.name + (f":{self.selector}" if self.selector else "") + (f"@{self.digest}" if self.digest else "")

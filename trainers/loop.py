@@ -88,7 +88,7 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
         p.requires_grad_(id(p) in trainable)
     collate = DataCollatorWithPadding(tokenizer)
     columns = [c for c in (*MODEL_INPUTS, "labels") if c in train_ds.column_names]
-    sampler = LengthGroupedBatches(train_ds["length"], config.batch_size, config.seed)
+    sampler = LengthGroupedBatches(list(train_ds["length"]), config.batch_size, config.seed)
     train_loader = DataLoader(train_ds.select_columns(columns), batch_sampler=sampler, collate_fn=collate)
     with warnings.catch_warnings():  # pyarrow deprecation inside datasets' sort
         warnings.simplefilter("ignore", FutureWarning)

@@ -29,7 +29,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
           data_dir: str | Path | None = None, name: str | None = None, tags: tuple[str, ...] = (),
           show_progress: bool = True) -> TrainOutcome:
     method = get_method(method_name)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not _has_accelerator())  # cpu=True is what enables multi-process CPU (gloo)
     set_seed(config.seed)
     with accelerator.main_process_first():  # the first process fills the datasets cache
         train_ds = tokenize(load_split(spec, spec.train_split, data_dir, config.train_samples, config.seed),
@@ -63,3 +63,10 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
     version = artifact.publish(store, manifest, tensors, tags) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return TrainOutcome(version, manifest, result)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())

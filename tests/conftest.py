@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random BERT/RoBERTa checkpoints on disk, the bundled MiniLM, a registry."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry import open_store
+from ticketserve.backbone import load_backbone, resolve_source
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_tiny_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
+    """A 2-layer random encoder with non-zero biases and the MiniLM tokenizer."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, RobertaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(None)[1])
+    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = (BertConfig(max_position_embeddings=128, **common) if arch == "bert"
+              else RobertaConfig(max_position_embeddings=130, pad_token_id=0, **common))
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, add_pooling_layer=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny_checkpoint(root / arch, arch) for arch in ("bert", "roberta")}
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def tiny_backbone(request, tiny_checkpoints):
+    """A freshly loaded tiny backbone per test (tests may attach tasks to it)."""
+    return load_backbone(str(tiny_checkpoints[request.param]))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled MiniLM, loaded once; tests must not attach anything to it."""
+    return load_backbone()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(str(tmp_path / "registry"))

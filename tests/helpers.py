@@ -1,0 +1,39 @@
+"""Small builders shared by tests (manifests, row-delta payloads)."""
+
+from __future__ import annotations
+
+import torch
+
+from registry import HeadConfig, Manifest
+from ticketserve.artifact import Artifact
+from ticketserve.backbone import Backbone, dense_matrices
+from ticketserve.tasks import get_task
+from registry.store import ArtifactVersion
+
+
+def manifest_for(backbone: Backbone, name: str = "t", kind: str = "row_delta", task: str = "sst2") -> Manifest:
+    return Manifest(name=name, kind=kind, method="test", task=get_task(task), head=HeadConfig(), backbone=backbone.ref())
+
+
+def random_row_delta(backbone: Backbone, k: int = 3, seed: int = 0, bias: bool = True, scale: float = 0.1) -> dict:
+    """k random input rows (+ the bias row) per matrix, with random deltas."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, linear in dense_matrices(backbone.model).items():
+        rows = torch.randperm(linear.in_features, generator=generator)[:k]
+        if bias:
+            rows = torch.cat([rows, torch.tensor([linear.in_features])])
+        tensors[f"{name}.index"] = rows.int()
+        tensors[f"{name}.delta"] = torch.randn(len(rows), linear.out_features, generator=generator) * scale
+    return tensors
+
+
+def random_head(backbone: Backbone, outputs: int = 2, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = backbone.config.hidden_size
+    return {"head.weight": torch.randn(outputs, hidden, generator=generator), "head.bias": torch.randn(outputs, generator=generator)}
+
+
+def in_memory_artifact(backbone: Backbone, name: str, tensors: dict, seed: int = 0, kind: str = "row_delta") -> Artifact:
+    return Artifact(ArtifactVersion(name, 1, "sha256:" + "0" * 64), manifest_for(backbone, name, kind),
+                    tensors | random_head(backbone, seed=seed))

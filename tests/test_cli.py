@@ -1,0 +1,114 @@
+"""The `ticketserve` console script as users run it: real processes, JSON outputs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(sys.executable).parent / "ticketserve")
+
+
+def cli(*args: str, registry: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"TICKETSERVE_REGISTRY": str(registry)}
+    result = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def as_json(result: subprocess.CompletedProcess):
+    return json.loads(result.stdout)
+
+
+def test_bitfit_on_minilm_through_the_cli(tmp_path):
+    registry = tmp_path / "registry"
+    trained = as_json(cli("train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample",
+                          "--train-samples", "48", "--eval-samples", "64", "--batch-size", "16", "--epochs", "1",
+                          "--lr", "5e-3", "--json", registry=registry))
+    assert trained["artifact"] == "sst2-bitfit:1" and trained["kind"] == "row_delta"
+    assert 0 < trained["payload_bytes"] < 200_000
+    evaluated = as_json(cli("eval", "sst2-bitfit", "--data-dir", "sample", "--eval-samples", "64", "--json",
+                            registry=registry))
+    assert evaluated["metrics"] == trained["metrics"] and evaluated["examples"] == 64
+    predicted = as_json(cli("predict", "sst2-bitfit", "an utter delight", "tedious", "--json", registry=registry))
+    assert [p["label"] in ("negative", "positive") for p in predicted["predictions"]] == [True, True]
+
+
+def test_registry_commands(tmp_path, tiny_checkpoints):
+    registry = tmp_path / "registry"
+    train = ["train", "--method", "bitfit", "--task", "sst2", "--backbone", str(tiny_checkpoints["bert"]),
+             "--data-dir", "sample", "--train-samples", "16", "--eval-samples", "16", "--batch-size", "8",
+             "--max-steps", "2", "--json"]
+    cli(*train, registry=registry)
+    cli(*train, "--seed", "7", "--tag", "candidate", registry=registry)
+    listing = as_json(cli("registry", "list", "--json", registry=registry))
+    assert [(r["version"], r["tags"]) for r in listing] == [(1, []), (2, ["candidate", "latest"])]
+    shown = as_json(cli("registry", "show", "sst2-bitfit:1", "--json", registry=registry))
+    assert shown["manifest"]["backbone"]["fingerprint"].startswith("sha256:")
+    cli("registry", "tag", "sst2-bitfit:1", "prod", registry=registry)
+    assert as_json(cli("registry", "show", "sst2-bitfit:prod", "--json", registry=registry))["artifact"] == "sst2-bitfit:1"
+    assert all(r["ok"] for r in as_json(cli("registry", "verify", "--json", registry=registry)))
+
+    bundle = tmp_path / "bundle.tar"
+    cli("registry", "export", "sst2-bitfit:prod", "-o", str(bundle), registry=registry)
+    imported = as_json(cli("registry", "import", str(bundle), "--json", registry=tmp_path / "other"))
+    assert imported["artifact"] == "sst2-bitfit:1" and imported["digest"] == shown["digest"]
+    predicted = as_json(cli("predict", "sst2-bitfit", "fine", "--json", registry=tmp_path / "other"))
+    assert predicted["artifact"] == "sst2-bitfit:1"
+
+    cli("registry", "rm", "sst2-bitfit:2", registry=registry)
+    assert as_json(cli("registry", "gc", "--min-age", "0", "--json", registry=registry))["blobs_removed"] == 2
+    assert as_json(cli("registry", "show", "sst2-bitfit", "--json", registry=registry))["artifact"] == "sst2-bitfit:1"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "missing", "text"], "no artifact named 'missing'"),
+    (["registry", "show", "Bad:Name"], "invalid artifact name"),
+    (["train", "--method", "magic", "--task", "sst2", "--data-dir", "sample"], "unknown method 'magic'"),
+    (["train", "--method", "bitfit", "--task", "rte"], "pass --data-dir"),
+    (["train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample", "--batch-size", "0"], "batch_size"),
+    (["registry", "import", "/nonexistent.tar"], "no bundle file"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
+    result = cli(*args, registry=tmp_path / "registry", check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_payload_fails_verify_and_predict(tmp_path, tiny_checkpoints):
+    registry = tmp_path / "registry"
+    cli("train", "--method", "bitfit", "--task", "sst2", "--backbone", str(tiny_checkpoints["roberta"]),
+        "--data-dir", "sample", "--train-samples", "16", "--eval-samples", "16", "--max-steps", "1", registry=registry)
+    shown = as_json(cli("registry", "show", "sst2-bitfit", "--json", registry=registry))
+    sha = shown["manifest"]["files"]["payload.safetensors"]["sha256"]
+    blob = registry / "blobs" / "sha256" / sha[:2] / sha
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    verify = cli("registry", "verify", registry=registry, check=False)
+    assert verify.returncode == 1 and "checksum mismatch" in verify.stdout
+    predict = cli("predict", "sst2-bitfit", "text", registry=registry, check=False)
+    assert predict.returncode == 2 and "checksum mismatch" in predict.stderr
+
+
+def test_two_process_gloo_training_publishes_one_artifact(tmp_path, tiny_checkpoints):
+    registry = tmp_path / "registry"
+    env = os.environ | {"TICKETSERVE_REGISTRY": str(registry), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "ticketserve.cli", "train", "--method", "bitfit", "--task", "sst2",
+         "--backbone", str(tiny_checkpoints["bert"]), "--data-dir", "sample", "--train-samples", "64",
+         "--eval-samples", "32", "--batch-size", "8", "--epochs", "1", "--json"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 4  # 64 examples / (8 per step × 2 processes)
+    manifest = as_json(cli("registry", "show", "sst2-bitfit", "--json", registry=registry))["manifest"]
+    assert manifest["hyperparameters"]["world_size"] == 2
+    assert as_json(cli("registry", "list", "--json", registry=registry))[0]["version"] == 1  # only rank 0 published

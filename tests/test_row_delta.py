@@ -1,0 +1,115 @@
+"""row_delta: on-the-fly application equals materialised weights; mixed batches equal single runs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.helpers import in_memory_artifact, random_row_delta
+from ticketserve.backbone import dense_matrices
+from ticketserve.errors import CorruptArtifact
+from ticketserve.kinds import get_kind
+from ticketserve.kinds.routing import Routing, route
+from ticketserve.kinds.row_delta import add_trainable, export, materialize
+from ticketserve.runtime import Runtime
+
+TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again, ever"]
+
+
+def hidden(encoder, inputs):
+    return encoder(**inputs).last_hidden_state
+
+
+def test_on_the_fly_equals_materialised_weights(tiny_backbone):
+    kind = get_kind("row_delta")
+    tensors = random_row_delta(tiny_backbone, k=5)
+    kind.validate(tensors, tiny_backbone.model)
+    reference = copy.deepcopy(tiny_backbone.model)
+    materialize(reference, tensors)
+    inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    shared = kind.attach(tiny_backbone.model, 3, tensors)
+    with torch.no_grad(), route(Routing.single(3, len(TEXTS))):
+        on_the_fly = hidden(shared, inputs)
+    with torch.no_grad():
+        dense = hidden(reference, inputs)
+        untouched = hidden(shared, inputs)  # no routing: slot 0, which holds nothing
+    torch.testing.assert_close(on_the_fly, dense, atol=1e-5, rtol=0)
+    assert (on_the_fly - untouched).abs().max() > 1e-3  # the delta really changed the outputs
+
+
+def test_materialise_matches_the_math_convention(tiny_backbone):
+    """Row j < in of W̃ = [Wᵀ; b] is input feature j (column j of Linear.weight); row in is the bias."""
+    name, linear = next(iter(dense_matrices(tiny_backbone.model).items()))
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    delta = torch.randn(2, linear.out_features)
+    materialize(tiny_backbone.model, {f"{name}.index": torch.tensor([1, linear.in_features], dtype=torch.int32),
+                                      f"{name}.delta": delta})
+    expected = weight.clone()
+    expected[:, 1] += delta[0]
+    torch.testing.assert_close(linear.weight, expected)
+    torch.testing.assert_close(linear.bias, bias + delta[1])
+
+
+def test_mixed_task_batch_equals_each_task_alone(tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    for seed, name in enumerate(["alpha", "beta", "gamma"]):
+        runtime.add(in_memory_artifact(tiny_backbone, name, random_row_delta(tiny_backbone, k=4, seed=seed), seed=seed))
+    names = ["alpha", "beta", "gamma", "beta"]
+    mixed = runtime.logits(names, runtime.tokenize(TEXTS))
+    for i, (name, text) in enumerate(zip(names, TEXTS)):
+        alone = runtime.logits([name], runtime.tokenize([text]))[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[1], runtime.logits(["alpha"], runtime.tokenize([TEXTS[1]]))[0], atol=1e-3)
+
+
+def test_replacing_and_removing_a_task_detaches_its_rows(tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=1)))
+    first_slot = runtime.get("t").slot
+    runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=2)))
+    layers = dense_matrices(tiny_backbone.model).values()
+    assert all(str(first_slot) not in layer.tasks for layer in layers)
+    runtime.remove("t")
+    assert all(not layer.tasks for layer in layers)
+
+
+def test_trainable_rows_round_trip_through_the_payload(tiny_backbone):
+    encoder = tiny_backbone.model
+    rows = {name: [0, 5, linear.in_features] for name, linear in dense_matrices(encoder).items()}
+    params = add_trainable(encoder, 0, rows)
+    assert sum(p.numel() for p in params) == sum(3 * m.out_features for m in dense_matrices(encoder).values())
+    with torch.no_grad():
+        for p in params:
+            p.normal_()
+    tensors = export(encoder, 0)
+    inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = hidden(encoder, inputs)  # slot 0 applies without routing
+    get_kind("row_delta").detach(encoder, 0)
+    get_kind("row_delta").attach(encoder, 9, tensors)
+    with torch.no_grad(), route(Routing.single(9, len(TEXTS))):
+        served = hidden(encoder, inputs)
+    torch.testing.assert_close(served, trained, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["shape", "range", "duplicate", "unknown", "dtype", "orphan"])
+def test_validate_rejects_payloads_that_do_not_fit(tiny_backbone, damage):
+    tensors = random_row_delta(tiny_backbone, k=2)
+    name = next(iter(dense_matrices(tiny_backbone.model)))
+    if damage == "shape":
+        tensors[f"{name}.delta"] = tensors[f"{name}.delta"][:, :-1]
+    elif damage == "range":
+        tensors[f"{name}.index"][0] = 10_000
+    elif damage == "duplicate":
+        tensors[f"{name}.index"][1] = tensors[f"{name}.index"][0]
+    elif damage == "unknown":
+        tensors["encoder.layer.99.attention.self.query.index"] = tensors.pop(f"{name}.index")
+        tensors["encoder.layer.99.attention.self.query.delta"] = tensors.pop(f"{name}.delta")
+    elif damage == "dtype":
+        tensors[f"{name}.index"] = tensors[f"{name}.index"].float()
+    else:
+        del tensors[f"{name}.delta"]
+    with pytest.raises(CorruptArtifact):
+        get_kind("row_delta").validate(tensors, tiny_backbone.model)

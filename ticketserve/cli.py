@@ -1,0 +1,287 @@
+"""The `ticketserve` command: train, eval, predict, and the registry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from ticketserve.errors import InvalidArgument, TicketserveError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
+registry_app = typer.Typer(help="Inspect and manage the artifact registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+RegistryOpt = Annotated[Optional[str], typer.Option("--registry", envvar="TICKETSERVE_REGISTRY",
+                                                    help="registry URL or directory (default: user cache)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="BERT/RoBERTa hub id or path; default: bundled MiniLM (for eval/predict: the artifact's)")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="directory with <split>.jsonl/.csv/.tsv, or 'sample' for the bundled sample")]
+
+
+def _emit(as_json: bool, payload: Any, human) -> None:
+    if as_json:
+        out.print_json(json.dumps(payload, default=str))
+    else:
+        human()
+
+
+def _store(url: str | None):
+    from registry import open_store
+
+    return open_store(url)
+
+
+def _runtime_for(ref: str, registry: str | None, backbone: str | None):
+    """Load the artifact's backbone (or the one given) and the artifact onto it."""
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.runtime import Runtime
+
+    store = _store(registry)
+    version = store.resolve(ref)
+    manifest = store.manifest(version)
+    runtime = Runtime(load_backbone(backbone or manifest.backbone.name))
+    task = runtime.add(artifact.load(store, version, runtime.backbone))
+    return runtime, task
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="full | bitfit")],
+    task: Annotated[str, typer.Option(help="GLUE task name, or a name for your own task")],
+    backbone: BackboneOpt = None,
+    data_dir: DataDirOpt = None,
+    text_field: Annotated[Optional[str], typer.Option(help="custom task: the text column")] = None,
+    text_pair_field: Annotated[Optional[str], typer.Option(help="custom task: the second text column")] = None,
+    label_field: Annotated[str, typer.Option(help="custom task: the label column")] = "label",
+    labels: Annotated[Optional[str], typer.Option(help="custom task: comma-separated label names (default: from the data; 'regression' for a value)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="custom task: accuracy|f1|matthews|pearson|spearman")] = None,
+    train_samples: Annotated[Optional[int], typer.Option(help="random subset of the training split")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(help="random subset of the evaluation split")] = None,
+    epochs: int = 3,
+    max_steps: Optional[int] = None,
+    lr: Annotated[Optional[float], typer.Option(help="default: the method's")] = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    eval_steps: Annotated[Optional[int], typer.Option(help="evaluate every N steps (default: each epoch)")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early stop after N evaluations without improvement")] = None,
+    seed: int = 42,
+    pooling: str = "mean",
+    name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a task artifact and publish it to the registry."""
+    from ticketserve.backbone import load_backbone
+    from ticketserve.data import infer_labels
+    from ticketserve.tasks import custom_task, get_task
+    from trainers.config import TrainConfig
+    from trainers.run import train as run_training
+
+    config = TrainConfig(
+        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, max_length=max_length,
+        eval_steps=eval_steps, patience=patience, seed=seed, train_samples=train_samples,
+        eval_samples=eval_samples, pooling=pooling,
+    )
+    if text_field:
+        if data_dir is None:
+            raise InvalidArgument("a custom task (--text-field) needs --data-dir")
+        names = [] if labels == "regression" else (labels.split(",") if labels else infer_labels(data_dir, label_field))
+        spec = custom_task(task, text_field, text_pair_field, label_field, names, metric)
+    else:
+        spec = get_task(task)
+    outcome = run_training(method, spec, load_backbone(backbone), config, _store(registry), data_dir, name,
+                           tuple(tag or ()), show_progress=not as_json)
+    if outcome.version is None:  # a non-main process of a distributed run
+        return
+    m = outcome.manifest
+    summary = {
+        "artifact": str(outcome.version), "digest": outcome.version.digest, "kind": m.kind, "task": spec.name,
+        "method": method, "metrics": m.metrics, "trainable_params": m.trainable_params,
+        "payload_bytes": _store(registry).manifest(outcome.version).payload_bytes,
+        "train_seconds": round(outcome.fit.train_seconds, 1), "steps": outcome.fit.steps,
+    }
+    metric_text = ", ".join(f"{k} {v:.4f}" for k, v in m.metrics.items())
+    _emit(as_json, summary, lambda: out.print(
+        f"published [bold]{summary['artifact']}[/] ({m.kind}, {summary['payload_bytes']:,} bytes, "
+        f"{m.trainable_params:,} trainable params): {metric_text} in {summary['train_seconds']}s"))
+
+
+@app.command("eval")
+def evaluate_cmd(
+    artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT", help="NAME[:VERSION|:TAG]")],
+    data_dir: DataDirOpt = None,
+    split: Annotated[Optional[str], typer.Option(help="default: the task's evaluation split")] = None,
+    eval_samples: Optional[int] = None,
+    seed: int = 42,
+    backbone: BackboneOpt = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a published artifact on a task split (applied exactly as the server applies it)."""
+    from ticketserve.data import load_split
+    from ticketserve.evaluate import evaluate
+
+    runtime, task = _runtime_for(artifact_ref, registry, backbone)
+    spec = task.spec
+    dataset = load_split(spec, split or spec.eval_split, data_dir, eval_samples, seed)
+    metrics = evaluate(runtime, task.name, dataset)
+    result = {"artifact": str(task.artifact.version), "task": spec.name, "split": split or spec.eval_split,
+              "examples": len(dataset), "metrics": metrics}
+    _emit(as_json, result, lambda: out.print(
+        f"{result['artifact']} on {spec.name} [{result['split']}, {len(dataset)} examples]: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
+
+
+@app.command()
+def predict(
+    artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT", help="NAME[:VERSION|:TAG]")],
+    texts: Annotated[list[str], typer.Argument(help="texts to classify")],
+    pair: Annotated[Optional[list[str]], typer.Option(help="second text, once per text (pair tasks)")] = None,
+    backbone: BackboneOpt = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict labels for texts in-process with a published artifact."""
+    runtime, task = _runtime_for(artifact_ref, registry, backbone)
+    if task.spec.text_pair_field and not pair:
+        raise InvalidArgument(f"task {task.spec.name} takes text pairs: give --pair once per text")
+    results = runtime.predict([task.name] * len(texts), texts, pair)
+    rows = [{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities} for t, r in zip(texts, results)]
+
+    def table() -> None:
+        grid = Table("text", "label" if not task.spec.is_regression else "value", "score")
+        for row in rows:
+            grid.add_row(row["text"], row["label"] or f"{row['score']:.4f}", f"{row['score']:.4f}")
+        out.print(grid)
+
+    _emit(as_json, {"artifact": str(task.artifact.version), "predictions": rows}, table)
+
+
+@registry_app.command("list")
+def registry_list(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Every artifact name with its versions and tags."""
+    store = _store(registry)
+    rows = []
+    for name in store.names():
+        tags = store.tags(name)
+        for version, digest in sorted(store.versions(name).items()):
+            manifest = store.manifest(f"{name}:{version}")
+            rows.append({"name": name, "version": version, "tags": sorted(t for t, v in tags.items() if v == version),
+                         "kind": manifest.kind, "method": manifest.method, "task": manifest.task.name,
+                         "metrics": manifest.metrics, "payload_bytes": manifest.payload_bytes,
+                         "backbone": manifest.backbone.name, "digest": digest})
+
+    def table() -> None:
+        grid = Table("artifact", "tags", "kind", "method", "task", "metric", "bytes", "backbone", title=store.url)
+        for r in rows:
+            metric = ", ".join(f"{k} {v:.4f}" for k, v in list(r["metrics"].items())[:1])
+            grid.add_row(f"{r['name']}:{r['version']}", ",".join(r["tags"]), r["kind"], r["method"], r["task"],
+                         metric, f"{r['payload_bytes']:,}", r["backbone"])
+        out.print(grid)
+
+    _emit(as_json, rows, table)
+
+
+@registry_app.command("show")
+def registry_show(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")], registry: RegistryOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """The manifest of one version."""
+    store = _store(registry)
+    version = store.resolve(artifact_ref)
+    manifest = store.manifest(version).model_dump(mode="json")
+    payload = {"artifact": str(version), "digest": version.digest, "manifest": manifest}
+    _emit(as_json, payload, lambda: out.print_json(json.dumps(payload)))
+
+
+@registry_app.command("verify")
+def registry_verify(artifact_refs: Annotated[Optional[list[str]], typer.Argument(metavar="[ARTIFACT]...", help="default: every version")] = None,
+                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-hash manifests and payloads; exit 1 if anything is corrupt or missing."""
+    store = _store(registry)
+    refs = artifact_refs or [f"{n}:{v}" for n in store.names() for v in sorted(store.versions(n))]
+    results = []
+    for ref in refs:
+        try:
+            store.verify(ref)
+            results.append({"artifact": ref, "ok": True})
+        except TicketserveError as exc:
+            results.append({"artifact": ref, "ok": False, "error": str(exc)})
+    _emit(as_json, results, lambda: [out.print(f"{'[green]ok[/]' if r['ok'] else '[red]FAILED[/]'} {r['artifact']}"
+                                               + (f": {r['error']}" if not r["ok"] else "")) for r in results])
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+@registry_app.command("rm")
+def registry_rm(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")], registry: RegistryOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Remove one version (its bytes go at the next gc)."""
+    store = _store(registry)
+    version = store.resolve(artifact_ref)
+    store.remove(version)
+    _emit(as_json, {"removed": str(version)}, lambda: out.print(f"removed {version}"))
+
+
+@registry_app.command("tag")
+def registry_tag(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")], tag: str,
+                 registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Point TAG of the artifact's name at this version."""
+    store = _store(registry)
+    version = store.resolve(artifact_ref)
+    store.set_tag(version.name, tag, version.version)
+    _emit(as_json, {"tag": f"{version.name}:{tag}", "version": version.version},
+          lambda: out.print(f"{version.name}:{tag} → {version}"))
+
+
+@registry_app.command("gc")
+def registry_gc(min_age: Annotated[float, typer.Option(help="keep unreferenced files younger than this (seconds)")] = 3600,
+                registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete blobs no version references and stale temporary files."""
+    counts = _store(registry).gc(min_age)
+    _emit(as_json, counts, lambda: out.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())))
+
+
+@registry_app.command("export")
+def registry_export(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")],
+                    output: Annotated[Path, typer.Option("-o", "--output", help="bundle file to write")],
+                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Write one version as a single-file bundle (verified) for another registry."""
+    version = _store(registry).export_bundle(artifact_ref, output)
+    _emit(as_json, {"artifact": str(version), "bundle": str(output)}, lambda: out.print(f"exported {version} → {output}"))
+
+
+@registry_app.command("import")
+def registry_import(bundle: Path, tag: Annotated[Optional[list[str]], typer.Option(help="extra tags")] = None,
+                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Publish a bundle written by `registry export`, checking every checksum."""
+    if not bundle.is_file():
+        raise InvalidArgument(f"no bundle file at {bundle}")
+    version = _store(registry).import_bundle(bundle, tuple(tag or ()))
+    _emit(as_json, {"artifact": str(version), "digest": version.digest}, lambda: out.print(f"imported {version}"))
+
+
+def main() -> None:
+    try:
+        app()
+    except TicketserveError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err.print(f"[red]error:[/] invalid settings: {problems}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
