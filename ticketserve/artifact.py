@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 from registry import ArtifactVersion, Manifest, Reference, Store
 from ticketserve import __version__
 from ticketserve.backbone import Backbone
-from ticketserve.errors import BackboneMismatch, CorruptArtifact
+from ticketserve.errors import BackboneMismatch, CorruptArtifact, InvalidArgument
 from ticketserve.kinds import get_kind
 from ticketserve.model import HEAD_PREFIX
 
@@ -43,25 +43,41 @@ def publish(store: Store, manifest: Manifest, tensors: dict[str, torch.Tensor],
     return store.publish(manifest, {PAYLOAD: payload}, tags)
 
 
-def load(store: Store, ref: str | Reference | ArtifactVersion, backbone: Backbone) -> Artifact:
-    """Fetch and check an artifact for `backbone`; every failure is a clear TicketserveError."""
+def read(store: Store, ref: str | Reference | ArtifactVersion, expect_kind: str | None = None) -> Artifact:
+    """Fetch an artifact with verified checksums, without applying it to any backbone."""
     version = ref if isinstance(ref, ArtifactVersion) else store.resolve(ref)
     manifest = store.manifest(version)
+    if expect_kind is not None and manifest.kind != expect_kind:
+        raise InvalidArgument(f"{version} is a {manifest.kind!r} artifact, not a {expect_kind!r}")
+    try:
+        tensors = load_safetensors(store.read_file(version, manifest, PAYLOAD))
+    except SafetensorError as exc:
+        raise CorruptArtifact(f"{version}: payload is not valid safetensors: {exc}") from exc
+    return Artifact(version, manifest, tensors)
+
+
+def load(store: Store, ref: str | Reference | ArtifactVersion, backbone: Backbone,
+         expect_kind: str | None = None) -> Artifact:
+    """Fetch and check an artifact for `backbone`; every failure is a clear TicketserveError."""
+    artifact = read(store, ref, expect_kind)
+    version, manifest = artifact.version, artifact.manifest
     if manifest.backbone.fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
             f"{version} was trained on backbone {manifest.backbone.name!r} ({manifest.backbone.fingerprint[:19]}…), "
             f"not on {backbone.name!r} ({backbone.fingerprint[:19]}…)"
         )
-    try:
-        tensors = load_safetensors(store.read_file(version, manifest, PAYLOAD))
-    except SafetensorError as exc:
-        raise CorruptArtifact(f"{version}: payload is not valid safetensors: {exc}") from exc
+    kind = get_kind(manifest.kind)
+    if kind.is_task:
+        _check_head(artifact, backbone)
+    kind.validate(artifact.kind_tensors, backbone.model)
+    return artifact
+
+
+def _check_head(artifact: Artifact, backbone: Backbone) -> None:
+    version, manifest, tensors = artifact.version, artifact.manifest, artifact.tensors
     head = {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
     if not head <= tensors.keys():
         raise CorruptArtifact(f"{version}: payload lacks the task head ({', '.join(sorted(head))})")
     weight = tensors[HEAD_PREFIX + "weight"]
     if tuple(weight.shape) != (manifest.task.num_outputs, backbone.config.hidden_size):
         raise CorruptArtifact(f"{version}: head shape {tuple(weight.shape)} does not fit task and backbone")
-    artifact = Artifact(version, manifest, tensors)
-    get_kind(manifest.kind).validate(artifact.kind_tensors, backbone.model)
-    return artifact

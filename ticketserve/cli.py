@@ -17,6 +17,8 @@ from ticketserve.errors import InvalidArgument, TicketserveError
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
 registry_app = typer.Typer(help="Inspect and manage the artifact registry.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+ticket_app = typer.Typer(help="Inspect and compare dominant tickets.", no_args_is_help=True)
+app.add_typer(ticket_app, name="ticket")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -56,7 +58,7 @@ def _runtime_for(ref: str, registry: str | None, backbone: str | None):
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="full | bitfit")],
+    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search")],
     task: Annotated[str, typer.Option(help="GLUE task name, or a name for your own task")],
     backbone: BackboneOpt = None,
     data_dir: DataDirOpt = None,
@@ -76,6 +78,11 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="early stop after N evaluations without improvement")] = None,
     seed: int = 42,
     pooling: str = "mean",
+    k: Annotated[Optional[int], typer.Option("--k", help="dominant/random: rows per matrix")] = None,
+    ticket: Annotated[Optional[str], typer.Option(help="dominant: a published ticket to train on (default: search one first)")] = None,
+    lambda_l1: Annotated[Optional[float], typer.Option("--lambda", help="ticket search: L1 weight (default 1e-3)")] = None,
+    sigma: Annotated[Optional[float], typer.Option(help="ticket search: out-weighted threshold on |Δ| (default 5e-5)")] = None,
+    sigma_quantile: Annotated[Optional[float], typer.Option(help="ticket search: σ as this quantile of |Δ|")] = None,
     name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
     registry: RegistryOpt = None,
@@ -100,8 +107,10 @@ def train(
         spec = custom_task(task, text_field, text_pair_field, label_field, names, metric)
     else:
         spec = get_task(task)
+    given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile}
+    options = {key: value for key, value in given.items() if value is not None}
     outcome = run_training(method, spec, load_backbone(backbone), config, _store(registry), data_dir, name,
-                           tuple(tag or ()), show_progress=not as_json)
+                           tuple(tag or ()), show_progress=not as_json, options=options)
     if outcome.version is None:  # a non-main process of a distributed run
         return
     m = outcome.manifest
@@ -139,8 +148,8 @@ def evaluate_cmd(
     result = {"artifact": str(task.artifact.version), "task": spec.name, "split": split or spec.eval_split,
               "examples": len(dataset), "metrics": metrics}
     _emit(as_json, result, lambda: out.print(
-        f"{result['artifact']} on {spec.name} [{result['split']}, {len(dataset)} examples]: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
+        f"{result['artifact']} on {spec.name} ({result['split']}, {len(dataset)} examples): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), markup=False))
 
 
 @app.command()
@@ -183,11 +192,13 @@ def registry_list(registry: RegistryOpt = None, as_json: JsonOpt = False) -> Non
                          "backbone": manifest.backbone.name, "digest": digest})
 
     def table() -> None:
-        grid = Table("artifact", "tags", "kind", "method", "task", "metric", "bytes", "backbone", title=store.url)
+        grid = Table(title=store.url)
+        for column in ("artifact", "tags", "kind", "method", "task", "metric", "bytes", "backbone"):
+            grid.add_column(column, overflow="fold")
         for r in rows:
             metric = ", ".join(f"{k} {v:.4f}" for k, v in list(r["metrics"].items())[:1])
             grid.add_row(f"{r['name']}:{r['version']}", ",".join(r["tags"]), r["kind"], r["method"], r["task"],
-                         metric, f"{r['payload_bytes']:,}", r["backbone"])
+                         metric, f"{r['payload_bytes']:,}", Path(r["backbone"]).name)
         out.print(grid)
 
     _emit(as_json, rows, table)
@@ -254,11 +265,22 @@ def registry_gc(min_age: Annotated[float, typer.Option(help="keep unreferenced f
 
 @registry_app.command("export")
 def registry_export(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")],
-                    output: Annotated[Path, typer.Option("-o", "--output", help="bundle file to write")],
-                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Write one version as a single-file bundle (verified) for another registry."""
-    version = _store(registry).export_bundle(artifact_ref, output)
-    _emit(as_json, {"artifact": str(version), "bundle": str(output)}, lambda: out.print(f"exported {version} → {output}"))
+                    output: Annotated[Path, typer.Option("-o", "--output", help="bundle file, or directory for --format peft")],
+                    format: Annotated[str, typer.Option(help="bundle (single file for `registry import`) | peft (LoRA adapter dir)")] = "bundle",
+                    backbone: BackboneOpt = None, registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Write one version as a verified single-file bundle, or a row_delta as a PEFT adapter."""
+    if format == "bundle":
+        version = _store(registry).export_bundle(artifact_ref, output)
+    elif format == "peft":
+        from ticketserve.peft_export import export_peft
+
+        runtime, task = _runtime_for(artifact_ref, registry, backbone)
+        export_peft(task.artifact, runtime.backbone, output)
+        version = task.artifact.version
+    else:
+        raise InvalidArgument(f"unknown export format {format!r} (bundle, peft)")
+    _emit(as_json, {"artifact": str(version), "format": format, "output": str(output)},
+          lambda: out.print(f"exported {version} → {output} ({format})"))
 
 
 @registry_app.command("import")
@@ -269,6 +291,62 @@ def registry_import(bundle: Path, tag: Annotated[Optional[list[str]], typer.Opti
         raise InvalidArgument(f"no bundle file at {bundle}")
     version = _store(registry).import_bundle(bundle, tuple(tag or ()))
     _emit(as_json, {"artifact": str(version), "digest": version.digest}, lambda: out.print(f"imported {version}"))
+
+
+@ticket_app.command("show")
+def ticket_show(ticket_ref: Annotated[str, typer.Argument(metavar="TICKET")],
+                k: Annotated[int, typer.Option("--k", help="dimensions per matrix")] = 3,
+                registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Top dimensions per matrix per layer, with out-weighted counts (the paper's Table 1)."""
+    from ticketserve.ticket_report import SHORT, load_ticket, top_table
+
+    found, counts = load_ticket(_store(registry), ticket_ref)
+    rows = top_table(counts, k)
+
+    def table() -> None:
+        grid = Table("layer", *SHORT.values(), title=f"{found.version}: top-{k} dimensions (out-weighted count)")
+        for row in rows:
+            grid.add_row(str(row["layer"]), *[" ".join(f"{d['dim']}({d['count']})" for d in row.get(c, []))
+                                              for c in SHORT.values()])
+        out.print(grid)
+        details = found.manifest.details
+        out.print(f"σ = {details.get('sigma_used'):.3g}, {details.get('outweighted'):,} out-weighted parameters "
+                  f"({details.get('outweighted_fraction', 0):.3%}), λ = {details.get('lambda_l1')}")
+
+    _emit(as_json, {"ticket": str(found.version), "k": k, "layers": rows, "details": found.manifest.details}, table)
+
+
+@ticket_app.command("compare")
+def ticket_compare(a: Annotated[str, typer.Argument(metavar="TICKET_A")], b: Annotated[str, typer.Argument(metavar="TICKET_B")],
+                   k: Annotated[int, typer.Option("--k")] = 1, trials: int = 200,
+                   registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Jaccard similarity of two tickets' (matrix, dimension) sets at k, and of random tickets."""
+    from ticketserve import tickets
+    from ticketserve.ticket_report import load_ticket, random_floor
+
+    store = _store(registry)
+    (found_a, counts_a), (found_b, counts_b) = load_ticket(store, a), load_ticket(store, b)
+    if found_a.manifest.backbone.fingerprint != found_b.manifest.backbone.fingerprint:
+        raise InvalidArgument(f"{found_a.version} and {found_b.version} were found on different backbones")
+    top_a, top_b = tickets.top_k(counts_a, k), tickets.top_k(counts_b, k)
+    sizes = {name: len(c) for name, c in counts_a.items()}
+    result = {"a": str(found_a.version), "b": str(found_b.version), "k": k,
+              "jaccard": tickets.jaccard(top_a, top_b), "random_jaccard": random_floor(top_a, top_b, sizes, trials)}
+    _emit(as_json, result, lambda: out.print(
+        f"Jaccard({result['a']}, {result['b']}) at k={k}: {result['jaccard']:.3f} "
+        f"(random tickets of the same shape: {result['random_jaccard']:.3f})"))
+
+
+@ticket_app.command("plot")
+def ticket_plot(ticket_ref: Annotated[str, typer.Argument(metavar="TICKET")],
+                output: Annotated[Path, typer.Option("-o", "--output", help="image file (.png, .pdf, .svg)")],
+                registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Draw out-weighted parameters per dimension for every layer and matrix (the paper's Figure 2)."""
+    from ticketserve.ticket_report import load_ticket, plot_counts
+
+    found, counts = load_ticket(_store(registry), ticket_ref)
+    plot_counts(counts, output, f"{found.version} ({found.manifest.task.name}, {found.manifest.backbone.name})")
+    _emit(as_json, {"ticket": str(found.version), "figure": str(output)}, lambda: out.print(f"wrote {output}"))
 
 
 def main() -> None:

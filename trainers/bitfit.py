@@ -6,26 +6,17 @@ so it is served exactly like a dominant ticket and mixes with them in one batch.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from ticketserve.backbone import Backbone, dense_matrices
-from ticketserve.kinds import row_delta
-from ticketserve.kinds.routing import DEFAULT_SLOT
 from ticketserve.model import TaskModel
-from trainers import Method, register_method
+from ticketserve.tickets import bias_rows
+from trainers import RunContext, register_method
+from trainers.rows import RowMethod, matrix_sizes
 
 
 @register_method
-class BitFit(Method):
+class BitFit(RowMethod):
     name = "bitfit"
-    kind = "row_delta"
     default_lr = 1e-3
     description = "bias row of every dense matrix + head (row_delta artifact)"
 
-    def trainable(self, model: TaskModel, backbone: Backbone) -> list[nn.Parameter]:
-        rows = {name: [linear.in_features] for name, linear in dense_matrices(model.encoder).items()}
-        return row_delta.add_trainable(model.encoder, DEFAULT_SLOT, rows) + list(model.head.parameters())
-
-    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
-        return row_delta.export(model.encoder, DEFAULT_SLOT)
+    def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
+        return bias_rows(matrix_sizes(model.encoder))

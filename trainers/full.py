@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ticketserve.backbone import Backbone
 from ticketserve.kinds.full import changed_tensors
 from ticketserve.model import TaskModel
-from trainers import Method, register_method
+from trainers import Method, RunContext, register_method
 
 
 @register_method
@@ -18,7 +17,7 @@ class FullFineTuning(Method):
     default_lr = 5e-5
     description = "all encoder weights + head (baseline; artifact holds every changed tensor)"
 
-    def trainable(self, model: TaskModel, backbone: Backbone) -> list[nn.Parameter]:
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
         self.reference = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
         return list(model.parameters())
 

@@ -12,6 +12,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,7 @@ class FitResult:
     steps: int = 0
     best_step: int = 0
     train_seconds: float = 0.0
+    optimizer_state_bytes: int = 0
 
 
 def tokenize(dataset, tokenizer, max_length: int):
@@ -80,7 +82,8 @@ def tokenize(dataset, tokenizer, max_length: int):
 
 
 def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], train_ds, eval_ds,
-        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
+        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True,
+        penalty: Callable[[TaskModel], torch.Tensor | None] | None = None) -> FitResult:
     if len(train_ds) == 0 or len(eval_ds) == 0:
         raise InvalidArgument(f"{model.spec.name}: empty training or evaluation data")
     trainable = {id(p) for p in params}
@@ -133,7 +136,8 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
             for batch_index, batch in enumerate(train_loader):
                 logits = wrapped(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
                 loss = model.loss(logits, batch["labels"])
-                accelerator.backward(loss)
+                extra = penalty(model) if penalty else None
+                accelerator.backward(loss if extra is None else loss + extra)
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -168,4 +172,7 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
             for p, best in zip(params, best_state):
                 p.copy_(best)
     result.steps, result.train_seconds = step, time.perf_counter() - started
+    result.optimizer_state_bytes = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -13,7 +14,8 @@ from ticketserve import artifact
 from ticketserve.backbone import Backbone
 from ticketserve.data import load_split
 from ticketserve.model import TaskModel
-from trainers import get_method
+from ticketserve.kinds import get_kind
+from trainers import Method, RunContext, get_method
 from trainers.config import TrainConfig
 from trainers.loop import FitResult, fit, tokenize
 
@@ -23,12 +25,14 @@ class TrainOutcome:
     version: ArtifactVersion | None  # None on non-main processes of a distributed run
     manifest: Manifest
     fit: FitResult
+    tensors: dict[str, torch.Tensor]  # the published payload (every process has it)
+    method: Method
 
 
 def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
           data_dir: str | Path | None = None, name: str | None = None, tags: tuple[str, ...] = (),
-          show_progress: bool = True) -> TrainOutcome:
-    method = get_method(method_name)
+          show_progress: bool = True, options: dict | None = None) -> TrainOutcome:
+    method = get_method(method_name, options)
     accelerator = Accelerator(cpu=not _has_accelerator())  # cpu=True is what enables multi-process CPU (gloo)
     set_seed(config.seed)
     with accelerator.main_process_first():  # the first process fills the datasets cache
@@ -38,11 +42,14 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
                            backbone.tokenizer, config.max_length)
     head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
     model = TaskModel(backbone.model, spec, head)
-    params = method.trainable(model, backbone)
+    params = method.trainable(model, RunContext(spec, backbone, config, store, data_dir, show_progress))
     lr = config.lr or method.default_lr
-    result = fit(accelerator, model, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress)
+    result = fit(accelerator, model, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress,
+                 method.penalty)
     model.eval()
-    tensors = method.export(model) | model.head.tensors()
+    tensors = method.export(model)
+    if get_kind(method.kind).is_task:
+        tensors |= model.head.tensors()
     manifest = Manifest(
         name=name or f"{spec.name}-{method.name}",
         kind=method.kind,
@@ -57,16 +64,16 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
         details=method.details() | {
             "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
             "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
+            "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),
+            "optimizer_state_bytes": result.optimizer_state_bytes,
             "data": str(data_dir) if data_dir is not None else spec.hub_dataset,
         },
     )
     version = artifact.publish(store, manifest, tensors, tags) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    return TrainOutcome(version, manifest, result)
+    return TrainOutcome(version, manifest, result, tensors, method)
 
 
 def _has_accelerator() -> bool:
-    import torch
-
     return torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())

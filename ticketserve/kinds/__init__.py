@@ -21,6 +21,7 @@ Tensors = dict[str, torch.Tensor]
 class Kind(ABC):
     name: ClassVar[str]
     shares_backbone: ClassVar[bool]
+    is_task: ClassVar[bool] = True  # a servable task (with a head); False for e.g. tickets
 
     @abstractmethod
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
@@ -45,7 +46,7 @@ def register_kind(cls: type[Kind]) -> type[Kind]:
 
 
 def get_kind(name: str) -> Kind:
-    from ticketserve.kinds import full, row_delta  # noqa: F401  (registration)
+    from ticketserve.kinds import full, row_delta, ticket  # noqa: F401  (registration)
 
     try:
         return _KINDS[name]

@@ -1,0 +1,83 @@
+"""Reading tickets back for people: the paper's Table 1 layout, Jaccard against a random
+floor, and the out-weighted-parameter map (the paper's Figure 2)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from registry import Store
+from ticketserve import artifact, tickets
+from ticketserve.backbone import MATRICES
+from ticketserve.kinds.ticket import counts_of
+
+SHORT = dict(zip(MATRICES, ("Q", "K", "V", "O", "FC1", "FC2")))
+
+
+def load_ticket(store: Store, ref: str) -> tuple[artifact.Artifact, dict[str, torch.Tensor]]:
+    found = artifact.read(store, ref, expect_kind="ticket")
+    return found, counts_of(found.tensors)
+
+
+def split_name(matrix: str) -> tuple[int, str]:
+    """'encoder.layer.3.attention.self.query' → (3, 'Q')."""
+    _, _, rest = matrix.partition("encoder.layer.")
+    layer, _, suffix = rest.partition(".")
+    return int(layer), SHORT[suffix]
+
+
+def dimension_label(dim: int, size: int) -> str:
+    return "bias" if dim == size - 1 else str(dim)
+
+
+def top_table(counts: dict[str, torch.Tensor], k: int) -> list[dict]:
+    """One row per layer: for each matrix the top-k dimensions with their counts."""
+    rows: dict[int, dict] = {}
+    for name, c in counts.items():
+        layer, short = split_name(name)
+        rows.setdefault(layer, {"layer": layer})[short] = [
+            {"dim": dimension_label(d, len(c)), "count": int(c[d])} for d in tickets.rank(c)[:k]]
+    return [rows[layer] for layer in sorted(rows)]
+
+
+def random_floor(a: dict[str, list[int]], b: dict[str, list[int]], sizes: dict[str, int],
+                 trials: int = 200, seed: int = 0) -> float:
+    """Expected Jaccard of two random tickets with the same number of rows per matrix as a and b."""
+    rng = random.Random(seed)
+    total = 0.0
+    for _ in range(trials):
+        ra = {m: rng.sample(range(sizes[m]), len(a.get(m, []))) for m in sizes}
+        rb = {m: rng.sample(range(sizes[m]), len(b.get(m, []))) for m in sizes}
+        total += tickets.jaccard(ra, rb)
+    return total / trials
+
+
+def plot_counts(counts: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    """A grid of layers × matrices; each panel shows out-weighted parameters per dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({split_name(n)[0] for n in counts})
+    columns = list(SHORT.values())
+    fig, axes = plt.subplots(len(layers), len(columns), figsize=(2.6 * len(columns), 1.3 * len(layers) + 1),
+                             squeeze=False, sharey=True)
+    peak = max(int(c.max()) for c in counts.values()) or 1
+    for name, c in counts.items():
+        layer, short = split_name(name)
+        ax = axes[layers.index(layer)][columns.index(short)]
+        ax.bar(range(len(c) - 1), c[:-1].numpy(), width=1.0, color="tab:blue")
+        ax.bar([len(c) - 1], [int(c[-1])], width=max(len(c) // 60, 1), color="tab:red")  # the bias dimension
+        ax.set_ylim(0, peak * 1.05)
+        ax.set_xticks([])
+        if layer == layers[0]:
+            ax.set_title(short)
+        if short == columns[0]:
+            ax.set_ylabel(f"layer {layer}")
+    fig.suptitle(f"{title}\nout-weighted parameters per dimension (red: bias)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
