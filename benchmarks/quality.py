@@ -16,36 +16,55 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results" / "quality.jsonl"
+RESULTS = HERE / "results"
+QUALITY = RESULTS / "quality.jsonl"
+DATA_ROOT = HERE.parent.parent / "shared" / "data" / "glue"
+REGISTRY = HERE / ".registry"
 
 
-def run(task: str, method: str, seed: int, args: argparse.Namespace) -> dict:
-    name = f"bench-{task}-{method}-s{seed}"
-    command = [
-        sys.executable, "-m", "ticketserve.cli", "train", "--method", method, "--task", task,
-        "--data-dir", str(Path(args.data_root) / task), "--epochs", str(args.epochs), "--seed", str(seed),
-        "--name", name, "--registry", args.registry, "--json",
-    ]
-    if args.train_samples:
-        command += ["--train-samples", str(args.train_samples)]
-    if args.backbone:
-        command += ["--backbone", args.backbone]
+def cli(*args: str) -> dict:
+    """Run `ticketserve ARGS --json` and return its JSON output."""
+    completed = subprocess.run([sys.executable, "-m", "ticketserve.cli", *args, "--json"],
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"ticketserve {' '.join(args)} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout)
+
+
+def train_record(task: str, method: str, seed: int, *, name: str, train_samples: int | None = None,
+                 epochs: int = 3, lr: float | None = None, options: dict | None = None,
+                 backbone: str | None = None, data_root: Path = DATA_ROOT, registry: Path = REGISTRY) -> dict:
+    """Train one artifact and describe it as a quality.jsonl record."""
+    args = ["train", "--method", method, "--task", task, "--data-dir", str(Path(data_root) / task),
+            "--epochs", str(epochs), "--seed", str(seed), "--name", name, "--registry", str(registry)]
+    args += ["--train-samples", str(train_samples)] if train_samples else []
+    args += ["--lr", str(lr)] if lr else []
+    args += ["--backbone", backbone] if backbone else []
+    for key, value in (options or {}).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)
-    summary = json.loads(completed.stdout)
-    manifest = json.loads(subprocess.run(
-        [sys.executable, "-m", "ticketserve.cli", "registry", "show", summary["artifact"], "--registry",
-         args.registry, "--json"], check=True, capture_output=True, text=True).stdout)["manifest"]
+    summary = cli(*args)
+    manifest = cli("registry", "show", summary["artifact"], "--registry", str(registry))["manifest"]
     metric_name = manifest["task"]["metric"]
+    details = manifest["details"]
     return {
-        "task": task, "method": method, "k": None, "seed": seed, "train_samples": manifest["details"]["train_examples"],
-        "eval_examples": manifest["details"]["eval_examples"], "metric_name": metric_name,
-        "metric": summary["metrics"][metric_name], "metrics": summary["metrics"],
+        "task": task, "method": method, "k": (options or {}).get("k"), "seed": seed,
+        "train_samples": details["train_examples"], "eval_examples": details["eval_examples"],
+        "metric_name": metric_name, "metric": summary["metrics"][metric_name], "metrics": summary["metrics"],
         "trainable_params": summary["trainable_params"], "artifact_bytes": summary["payload_bytes"],
         "train_seconds": summary["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
-        "epochs": args.epochs, "lr": manifest["hyperparameters"]["lr"], "backbone": manifest["backbone"]["name"],
-        "backbone_fingerprint": manifest["backbone"]["fingerprint"], "artifact": summary["artifact"],
+        "seconds_per_step": details.get("seconds_per_step"), "optimizer_state_bytes": details.get("optimizer_state_bytes"),
+        "epochs": epochs, "lr": manifest["hyperparameters"]["lr"], "ticket": details.get("ticket"),
+        "backbone": manifest["backbone"]["name"], "backbone_fingerprint": manifest["backbone"]["fingerprint"],
+        "artifact": summary["artifact"],
     }
+
+
+def append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
 
 
 def main() -> None:
@@ -56,17 +75,15 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--backbone", default=None)
-    parser.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "glue"))
-    parser.add_argument("--registry", default=str(HERE / ".registry"))
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    parser.add_argument("--registry", type=Path, default=REGISTRY)
     args = parser.parse_args()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             for seed in map(int, args.seeds.split(",")):
-                record = run(task, method, seed, args)
-                with RESULTS.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
+                append(QUALITY, train_record(task, method, seed, name=f"bench-{task}-{method}-s{seed}",
+                                             train_samples=args.train_samples, epochs=args.epochs,
+                                             backbone=args.backbone, data_root=args.data_root, registry=args.registry))
 
 
 if __name__ == "__main__":

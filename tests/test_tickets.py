@@ -106,3 +106,39 @@ def test_transfer_reuses_a_ticket_and_random_k_has_the_same_shape(store, tiny_ch
                    "sample", show_progress=False, options={"k": 3})
     manifest = store.manifest(random.version)
     assert manifest.details["rows"] == 3 * 12 and manifest.details["row_seed"] == config.seed
+
+
+def test_ticket_show_compare_plot_and_peft_export_commands(tmp_path, tiny_checkpoints):
+    import json
+
+    from typer.testing import CliRunner
+
+    from registry import open_store
+    from ticketserve.cli import app
+
+    registry = str(tmp_path / "registry")
+    backbone = str(tiny_checkpoints["bert"])
+    config = TrainConfig(train_samples=32, eval_samples=16, batch_size=8, epochs=1)
+    for seed in (1, 2):
+        train("ticket-search", get_task("sst2"), load_backbone(backbone), config.model_copy(update={"seed": seed}),
+              open_store(registry), "sample", name=f"t{seed}", show_progress=False, options={"sigma_quantile": 0.99})
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, [*args, "--registry", registry, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    shown = run("ticket", "show", "t1", "--k", "2")
+    assert [row["layer"] for row in shown["layers"]] == [0, 1]
+    assert all(len(cells) <= 2 for row in shown["layers"] for key, cells in row.items() if key != "layer")
+    same = run("ticket", "compare", "t1", "t1:1", "--k", "2")
+    assert same["jaccard"] == 1.0 and same["random_jaccard"] < 0.5
+    other = run("ticket", "compare", "t1", "t2", "--k", "2")
+    assert 0.0 <= other["jaccard"] <= 1.0
+    figure = tmp_path / "ticket.png"
+    run("ticket", "plot", "t1", "-o", str(figure))
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wrong = runner.invoke(app, ["registry", "export", "t1", "--format", "peft", "-o", str(tmp_path / "x"),
+                                "--registry", registry])
+    assert isinstance(wrong.exception, InvalidArgument) and "not a task" in str(wrong.exception)

@@ -15,7 +15,6 @@ from trainers.rows import RowMethod, matrix_sizes
 @register_method
 class BitFit(RowMethod):
     name = "bitfit"
-    default_lr = 1e-3
     description = "bias row of every dense matrix + head (row_delta artifact)"
 
     def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:

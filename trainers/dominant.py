@@ -81,7 +81,6 @@ class DominantOptions(SearchOptions):
 @register_method
 class Dominant(RowMethod):
     name = "dominant"
-    default_lr = 1e-3
     description = "Dominant-k: train the top-k out-weighted rows of each matrix of a ticket (+ head)"
     Options = DominantOptions
 
@@ -121,7 +120,6 @@ class RandomOptions(BaseModel):
 @register_method
 class RandomK(RowMethod):
     name = "random"
-    default_lr = 1e-3
     description = "Random-k: k uniformly drawn rows of each matrix (+ head); the control for Dominant-k"
     Options = RandomOptions
 

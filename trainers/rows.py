@@ -25,6 +25,7 @@ def matrix_sizes(encoder: nn.Module) -> dict[str, int]:
 
 class RowMethod(Method):
     kind = "row_delta"
+    default_lr = 1e-3  # row methods need 10–100× the full fine-tuning rate
 
     @abstractmethod
     def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:

@@ -1,0 +1,193 @@
+"""Dominant winning tickets at MiniLM scale (issue: Gong et al. reproduction).
+
+One command runs the whole study (hours on 2 CPU cores; never part of the tests):
+  1. ticket searches per task and search seed        → results/tickets.jsonl (σ, out-weighted share)
+  2. full FT, BitFit, Dominant-k, Random-k per task, seed (and optionally an LR grid on the
+     first seed; the best LR on dev is used for the other seeds) → results/quality.jsonl
+  3. Jaccard between search seeds and between tasks, vs random tickets → results/tickets.jsonl
+  4. transfer: each task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
+  5. benchmarks/dominant.md regenerated from the results files (also: --report-only)
+
+    python benchmarks/dominant.py                       # everything, as the issue specifies
+    python benchmarks/dominant.py --tasks sst2 --seeds 42 --no-grid --no-transfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+from quality import QUALITY, RESULTS, append, cli, train_record
+
+TICKETS = RESULTS / "tickets.jsonl"
+REPORT = Path(__file__).parent / "dominant.md"
+STUDY = "dominant"
+LR_GRID = {"full": [2e-5, 5e-5, 1e-4], "bitfit": [3e-4, 1e-3, 3e-3], "dominant": [3e-4, 1e-3, 3e-3],
+           "random": [3e-4, 1e-3, 3e-3]}
+
+
+def ticket_name(task: str, seed: int) -> str:
+    return f"study-{task}-ticket-s{seed}"
+
+
+def done(path: Path, name: str) -> bool:
+    """Resumability: a run whose record is already in the results file is not repeated."""
+    return any(r.get("artifact", r.get("ticket", "")).split(":")[0] == name for r in _load(path))
+
+
+def search(task: str, seed: int, args) -> None:
+    if done(TICKETS, ticket_name(task, seed)):
+        return
+    summary = cli("train", "--method", "ticket-search", "--task", task, "--data-dir", str(args.data_root / task),
+                  "--seed", str(seed), "--epochs", str(args.epochs), "--name", ticket_name(task, seed),
+                  "--sigma-quantile", str(args.sigma_quantile), "--registry", str(args.registry),
+                  *(["--train-samples", str(args.train_samples[task])] if args.train_samples.get(task) else []))
+    details = cli("registry", "show", summary["artifact"], "--registry", str(args.registry))["manifest"]["details"]
+    append(TICKETS, {"study": STUDY, "record": "search", "task": task, "seed": seed, "ticket": summary["artifact"],
+                     "metrics": summary["metrics"], "sigma_quantile": args.sigma_quantile,
+                     "sigma_used": details["sigma_used"], "outweighted_fraction": details["outweighted_fraction"],
+                     "train_seconds": summary["train_seconds"], "seconds_per_step": details["seconds_per_step"],
+                     "optimizer_state_bytes": details["optimizer_state_bytes"]})
+
+
+def variants(methods: list[str], ks: list[int]) -> list[tuple[str, int | None]]:
+    return [(m, k) for m in methods for k in (ks if m in ("dominant", "random") else [None])]
+
+
+def train(task: str, method: str, k: int | None, seed: int, lr: float | None, args, ticket_task: str | None = None) -> dict:
+    options = {"k": k} if k else {}
+    source = ticket_task or task
+    if method == "dominant":
+        options["ticket"] = ticket_name(source, args.search_seeds[0])
+    label = f"{method}{k or ''}" + (f"-from-{source}" if ticket_task else "") + (f"-lr{lr:g}" if lr else "")
+    name = f"study-{task}-{label}-s{seed}".lower()
+    previous = [r for r in _load(QUALITY) if r.get("artifact", "").split(":")[0] == name]
+    if previous:
+        return previous[-1]
+    record = train_record(task, method, seed, name=name,
+                          train_samples=args.train_samples.get(task), epochs=args.epochs, lr=lr, options=options,
+                          data_root=args.data_root, registry=args.registry)
+    record |= {"study": STUDY, "transfer_from": ticket_task}
+    append(QUALITY, record)
+    return record
+
+
+def jaccards(args) -> None:
+    pairs = [(ticket_name(t, a), ticket_name(t, b)) for t in args.tasks
+             for a, b in itertools.combinations(args.search_seeds, 2)]
+    pairs += [(ticket_name(a, args.search_seeds[0]), ticket_name(b, args.search_seeds[0]))
+              for a, b in itertools.combinations(args.tasks, 2)]
+    compared = {(t["a"].split(":")[0], t["b"].split(":")[0], t["k"]) for t in _load(TICKETS) if t["record"] == "jaccard"}
+    for (a, b), k in itertools.product(pairs, args.ks):
+        if (a, b, k) in compared:
+            continue
+        result = cli("ticket", "compare", a, b, "--k", str(k), "--registry", str(args.registry))
+        append(TICKETS, {"study": STUDY, "record": "jaccard", **result})
+
+
+def run(args) -> None:
+    for task, seed in itertools.product(args.tasks, args.search_seeds):
+        search(task, seed, args)
+    for task in args.tasks:
+        for method, k in variants(args.methods, args.ks):
+            lr = None
+            if args.grid:
+                grid = [train(task, method, k, args.seeds[0], lr, args) for lr in LR_GRID[method]]
+                lr = max(grid, key=lambda r: r["metric"])["lr"]
+            for seed in args.seeds[1:] if args.grid else args.seeds:
+                train(task, method, k, seed, lr, args)
+    jaccards(args)
+    if args.transfer:
+        for source, target in itertools.permutations(args.tasks, 2):
+            train(target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
+
+
+def _load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def report() -> None:
+    quality = [r for r in _load(QUALITY) if r.get("study") == STUDY or r["method"] in ("full", "bitfit")]
+    tickets = [r for r in _load(TICKETS) if r.get("study") == STUDY]
+    lines = ["# Dominant winning tickets on MiniLM-L6 (generated by `benchmarks/dominant.py`)", "",
+             "Bundled MiniLM-L6 (6 layers, hidden 384, 22.7 M parameters), real GLUE dev sets from",
+             "`../shared/data/glue`, 2 CPU cores. Metric: accuracy (sst2, rte), F1 (mrpc), Matthews (cola).",
+             "Per (task, method): mean ± std over seeds at the chosen learning rate (best dev mean when a",
+             "grid ran); `params` = trainable parameters including the 770-parameter head.", ""]
+    lines += ["| task | method | metric | seeds | lr | params | artifact bytes | s/step | optimizer state |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in quality:
+        if r.get("transfer_from"):
+            continue
+        label = r["method"] + (f"-{r['k']}" if r.get("k") else "")
+        groups.setdefault((r["task"], label, r["lr"]), []).append(r)
+    best: dict[tuple, tuple] = {}
+    for (task, label, lr), runs in groups.items():
+        mean = statistics.mean(r["metric"] for r in runs)
+        if (task, label) not in best or mean > best[(task, label)][0]:
+            best[(task, label)] = (mean, lr, runs)
+    for (task, label), (mean, lr, runs) in sorted(best.items()):
+        spread = f" ± {statistics.stdev(r['metric'] for r in runs):.4f}" if len(runs) > 1 else ""
+        r0 = runs[0]
+        state = f"{r0['optimizer_state_bytes'] / 1e6:.2f} MB" if r0.get("optimizer_state_bytes") else "–"
+        step = f"{r0['seconds_per_step']:.3f}" if r0.get("seconds_per_step") else "–"
+        lines.append(f"| {task} | {label} | {mean:.4f}{spread} | {len(runs)} | {lr:g} | {r0['trainable_params']:,} "
+                     f"| {r0['artifact_bytes']:,} | {step} | {state} |")
+    searches = [t for t in tickets if t["record"] == "search"]
+    if searches:
+        lines += ["", "## Ticket searches", "", "| task | seed | search dev metric | σ (quantile) | out-weighted share |",
+                  "|---|---|---|---|---|"]
+        for t in searches:
+            metric = next(iter(t["metrics"].values()))
+            lines.append(f"| {t['task']} | {t['seed']} | {metric:.4f} | {t['sigma_used']:.3g} ({t['sigma_quantile']}) "
+                         f"| {t['outweighted_fraction']:.3%} |")
+    comparisons = [t for t in tickets if t["record"] == "jaccard"]
+    if comparisons:
+        lines += ["", "## Ticket similarity (Jaccard of (matrix, dimension) sets)", "",
+                  "| ticket A | ticket B | k | Jaccard | random tickets |", "|---|---|---|---|---|"]
+        lines += [f"| {t['a']} | {t['b']} | {t['k']} | {t['jaccard']:.3f} | {t['random_jaccard']:.3f} |" for t in comparisons]
+    transfers = [r for r in quality if r.get("transfer_from")]
+    if transfers:
+        lines += ["", "## Transfer (Dominant-1 trained with another task's ticket)", "",
+                  "| task | ticket from | metric |", "|---|---|---|"]
+        lines += [f"| {r['task']} | {r['transfer_from']} | {r['metric']:.4f} |" for r in transfers]
+    REPORT.write_text("\n".join(lines) + "\n" + _discussion())
+
+
+def _discussion() -> str:
+    path = Path(__file__).parent / "dominant_discussion.md"
+    return "\n" + path.read_text() if path.exists() else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="sst2,mrpc,rte,cola")
+    parser.add_argument("--methods", default="full,bitfit,dominant,random")
+    parser.add_argument("--ks", default="1,3")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--search-seeds", default="42,43")
+    parser.add_argument("--sst2-train-samples", type=int, default=8000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--sigma-quantile", type=float, default=0.99)
+    parser.add_argument("--no-grid", dest="grid", action="store_false", help="default learning rates only")
+    parser.add_argument("--no-transfer", dest="transfer", action="store_false")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).parent.parent.parent / "shared" / "data" / "glue")
+    parser.add_argument("--registry", type=Path, default=Path(__file__).parent / ".registry")
+    args = parser.parse_args()
+    args.tasks, args.methods = args.tasks.split(","), args.methods.split(",")
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.search_seeds = [int(s) for s in args.search_seeds.split(",")]
+    args.train_samples = {"sst2": args.sst2_train_samples}
+    if not args.report_only:
+        run(args)
+    report()
+
+
+if __name__ == "__main__":
+    main()
