@@ -58,7 +58,7 @@ def _runtime_for(ref: str, registry: str | None, backbone: str | None):
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search")],
+    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search | supermask")],
     task: Annotated[str, typer.Option(help="GLUE task name, or a name for your own task")],
     backbone: BackboneOpt = None,
     data_dir: DataDirOpt = None,
@@ -83,6 +83,11 @@ def train(
     lambda_l1: Annotated[Optional[float], typer.Option("--lambda", help="ticket search: L1 weight (default 1e-3)")] = None,
     sigma: Annotated[Optional[float], typer.Option(help="ticket search: out-weighted threshold on |Δ| (default 5e-5)")] = None,
     sigma_quantile: Annotated[Optional[float], typer.Option(help="ticket search: σ as this quantile of |Δ|")] = None,
+    init_sparsity: Annotated[Optional[float], typer.Option(help="supermask: share of smallest weights starting masked")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="supermask: all | no-key | no-deep")] = None,
+    deep_blocks: Annotated[Optional[int], typer.Option(help="supermask no-deep: last blocks left unmasked")] = None,
+    mask_embeddings: Annotated[Optional[bool], typer.Option("--mask-embeddings", help="supermask: mask word embeddings too")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="supermask: also score N Bernoulli-sampled masks")] = None,
     name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
     registry: RegistryOpt = None,
@@ -107,7 +112,9 @@ def train(
         spec = custom_task(task, text_field, text_pair_field, label_field, names, metric)
     else:
         spec = get_task(task)
-    given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile}
+    given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile,
+             "init_sparsity": init_sparsity, "layers": layers, "deep_blocks": deep_blocks,
+             "embeddings": mask_embeddings, "samples": samples}
     options = {key: value for key, value in given.items() if value is not None}
     outcome = run_training(method, spec, load_backbone(backbone), config, _store(registry), data_dir, name,
                            tuple(tag or ()), show_progress=not as_json, options=options)

@@ -52,6 +52,9 @@ class Runtime:
         self.tasks: dict[str, LoadedTask] = {}
         self._slots = itertools.count(1)
         self._lock = threading.Lock()
+        # forwards on the shared encoder run one at a time: supermask tasks substitute their
+        # weights into it for the duration of their forward (intra-op threads still apply)
+        self._forward_lock = threading.Lock()
 
     def add(self, artifact: Artifact, name: str | None = None) -> LoadedTask:
         """Make an artifact servable under `name` (default: its artifact name); replaces any
@@ -104,7 +107,7 @@ class Runtime:
             index = torch.tensor(rows, device=self.device)
             sub = {k: v.index_select(0, index) for k, v in inputs.items()}
             slots = torch.tensor([tasks[i].slot for i in rows], device=self.device)
-            with route(Routing(slots)):
+            with self._forward_lock, route(Routing(slots)):
                 hidden = encode(tasks[rows[0]].encoder, sub["input_ids"], sub["attention_mask"], sub.get("token_type_ids"))
             by_task: dict[str, list[int]] = {}
             for position, i in enumerate(rows):

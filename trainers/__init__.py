@@ -7,6 +7,7 @@ method-specific settings are a pydantic `Options` model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,6 +61,14 @@ class Method(ABC):
         """A term added to the task loss at every step (e.g. an L1 pull to θ0)."""
         return None
 
+    def weight_decay(self, param: nn.Parameter) -> bool:
+        """Whether AdamW decays this parameter (default: matrices, not biases)."""
+        return param.dim() >= 2
+
+    def after_fit(self, model: TaskModel, evaluate: Callable[[], dict[str, float]]) -> dict:
+        """Extra evaluations once training is done (facts for the manifest's details)."""
+        return {}
+
     def details(self) -> dict:
         """Method facts recorded in the manifest (options, which rows, which ticket, ...)."""
         return self.options.model_dump(exclude_none=True)
@@ -76,7 +85,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def methods() -> dict[str, type[Method]]:
-    from trainers import bitfit, dominant, full  # noqa: F401  (registration)
+    from trainers import bitfit, dominant, full, supermask  # noqa: F401  (registration)
 
     return dict(_METHODS)
 

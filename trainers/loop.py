@@ -26,6 +26,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from ticketserve.errors import InvalidArgument
 from ticketserve.model import TaskModel, predictions
 from ticketserve.tasks import compute_metrics
+from trainers import Method
 from trainers.config import TrainConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -65,6 +66,7 @@ class FitResult:
     best_step: int = 0
     train_seconds: float = 0.0
     optimizer_state_bytes: int = 0
+    evaluate: Callable[[], dict[str, float]] | None = None  # scores the model as it is now
 
 
 def tokenize(dataset, tokenizer, max_length: int):
@@ -81,9 +83,8 @@ def tokenize(dataset, tokenizer, max_length: int):
     return dataset.map(encode, batched=True, remove_columns=text_columns).rename_column("label", "labels")
 
 
-def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], train_ds, eval_ds,
-        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True,
-        penalty: Callable[[TaskModel], torch.Tensor | None] | None = None) -> FitResult:
+def fit(accelerator: Accelerator, model: TaskModel, method: Method, params: list[nn.Parameter], train_ds, eval_ds,
+        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
     if len(train_ds) == 0 or len(eval_ds) == 0:
         raise InvalidArgument(f"{model.spec.name}: empty training or evaluation data")
     trainable = {id(p) for p in params}
@@ -98,8 +99,8 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
         eval_sorted = eval_ds.sort("length").select_columns(columns)
     eval_loader = DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=collate)
 
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if method.weight_decay(p)]
+    no_decay = [p for p in params if not method.weight_decay(p)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
@@ -121,7 +122,7 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
         wrapped.train()
         return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))
 
-    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []})
+    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []}, evaluate=evaluate)
     best_score, best_state, stale = -math.inf, None, 0
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
@@ -136,7 +137,7 @@ def fit(accelerator: Accelerator, model: TaskModel, params: list[nn.Parameter], 
             for batch_index, batch in enumerate(train_loader):
                 logits = wrapped(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
                 loss = model.loss(logits, batch["labels"])
-                extra = penalty(model) if penalty else None
+                extra = method.penalty(model)
                 accelerator.backward(loss if extra is None else loss + extra)
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()

@@ -44,8 +44,8 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
     model = TaskModel(backbone.model, spec, head)
     params = method.trainable(model, RunContext(spec, backbone, config, store, data_dir, show_progress))
     lr = config.lr or method.default_lr
-    result = fit(accelerator, model, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress,
-                 method.penalty)
+    result = fit(accelerator, model, method, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress)
+    extra_details = method.after_fit(model, result.evaluate)
     model.eval()
     tensors = method.export(model)
     if get_kind(method.kind).is_task:
@@ -61,7 +61,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
         metrics=result.metrics,
         curves=result.curves,
         trainable_params=sum(p.numel() for p in params),
-        details=method.details() | {
+        details=method.details() | extra_details | {
             "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
             "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
             "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),

@@ -1,0 +1,179 @@
+"""Kind `supermask`: the pre-trained weights times a per-task binary mask, θ = θ0 ⊙ μ
+(Radiya-Dixit & Wang; DESIGN.md §2).
+
+Payload per masked matrix (or the word embeddings): `<name>.mask` uint8 — the mask bits,
+packed and compressed — and `<name>.codec` uint8[1], which codec the saver picked as the
+smallest for that matrix (masks with 1–13 % zeros compress far below 1 bit/weight).
+Serving never changes the shared weights: a task's masked weights are built on demand
+(unpack → multiply), kept in a byte-bounded LRU for hot tasks, and substituted into the
+shared encoder for that task's examples only (`torch.func.functional_call`).
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import threading
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from bitarray import bitarray
+from bitarray.util import sc_decode, sc_encode
+from torch import nn
+
+from ticketserve.errors import CorruptArtifact
+from ticketserve.kinds import Kind, Tensors, register_kind
+
+MASK, CODEC = ".mask", ".codec"
+DEFAULT_CACHE_BYTES = int(os.environ.get("TICKETSERVE_MASK_CACHE_BYTES", 512 * 2**20))
+
+
+def _bits(packed: bytes, length: int) -> bitarray:
+    bits = bitarray(endian="big")
+    bits.frombytes(packed)
+    del bits[length:]
+    return bits
+
+
+# codec id → (name, encode(packed bytes, bit length) → bytes, decode(bytes, bit length) → packed bytes)
+CODECS = {
+    0: ("raw", lambda packed, n: packed, lambda data, n: data),
+    1: ("zlib", lambda packed, n: zlib.compress(packed, 9), lambda data, n: zlib.decompress(data)),
+    2: ("lzma", lambda packed, n: lzma.compress(packed), lambda data, n: lzma.decompress(data)),
+    # bitarray's compressed-sparse format over the inverted mask: the zeros are the sparse part
+    3: ("sparse-zeros", lambda packed, n: sc_encode(~_bits(packed, n)), lambda data, n: (~sc_decode(data)).tobytes()),
+}
+
+
+def encode_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a boolean mask and compress it with whichever codec is smallest for it."""
+    n = mask.numel()
+    packed = np.packbits(mask.detach().cpu().flatten().numpy().astype(np.uint8)).tobytes()
+    codec, data = min(((cid, enc(packed, n)) for cid, (_, enc, _) in CODECS.items()), key=lambda c: len(c[1]))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([codec], dtype=torch.uint8)
+
+
+def decode_mask(data: torch.Tensor, codec: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+    n = int(np.prod(shape))
+    codec_id = int(codec[0])
+    if codec_id not in CODECS:
+        raise CorruptArtifact(f"{what}: unknown mask codec {codec_id}")
+    try:
+        packed = CODECS[codec_id][2](data.numpy().tobytes(), n)
+    except Exception as exc:  # zlib.error, lzma.LZMAError, ValueError from bitarray
+        raise CorruptArtifact(f"{what}: mask does not decode ({exc})") from exc
+    if len(packed) != (n + 7) // 8:
+        raise CorruptArtifact(f"{what}: mask holds {len(packed) * 8} bits, the weight has {n}")
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def encode_masks(masks: dict[str, torch.Tensor]) -> Tensors:
+    tensors: Tensors = {}
+    for name, mask in masks.items():
+        tensors[name + MASK], tensors[name + CODEC] = encode_mask(mask)
+    return tensors
+
+
+def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: decode_mask(tensors[name + MASK], tensors[name + CODEC], weights[name].shape, name)
+            for name in masked_names(tensors)}
+
+
+def masked_names(tensors: Tensors) -> list[str]:
+    return sorted(key.removesuffix(MASK) for key in tensors if key.endswith(MASK))
+
+
+class MaskCache:
+    """Masked weights of hot tasks, least recently used evicted past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.bytes = self.hits = self.misses = self.evictions = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def size(weights: dict[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def get(self, slot: int, build) -> dict[str, torch.Tensor]:
+        with self.lock:
+            if slot in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(slot)
+                return self.entries[slot]
+            self.misses += 1
+        weights = build()  # outside the lock: unpacking is the slow part
+        with self.lock:
+            self.entries[slot] = weights
+            self.bytes += self.size(weights)
+            while self.bytes > self.max_bytes and len(self.entries) > 1:
+                _, evicted = self.entries.popitem(last=False)
+                self.bytes -= self.size(evicted)
+                self.evictions += 1
+        return weights
+
+    def drop(self, slot: int) -> None:
+        with self.lock:
+            if slot in self.entries:
+                self.bytes -= self.size(self.entries.pop(slot))
+
+
+def cache_for(encoder: nn.Module) -> MaskCache:
+    """One cache per shared encoder (tasks of a backbone share its memory budget)."""
+    if not hasattr(encoder, "_ticketserve_mask_cache"):
+        encoder._ticketserve_mask_cache = MaskCache()
+    return encoder._ticketserve_mask_cache
+
+
+class MaskedEncoder(nn.Module):
+    """Runs the shared encoder with one task's masked weights substituted for its own."""
+
+    def __init__(self, base: nn.Module, slot: int, tensors: Tensors):
+        super().__init__()
+        self.base = [base]  # a list: not registered as a submodule (it is shared, not owned)
+        self.slot = slot
+        self.tensors = tensors
+        self.config = base.config
+
+    def masked_weights(self) -> dict[str, torch.Tensor]:
+        base = self.base[0]
+        params = dict(base.named_parameters())
+
+        def build() -> dict[str, torch.Tensor]:
+            names = {n: f"{n}.weight" for n in masked_names(self.tensors)}
+            masks = decode_masks(self.tensors, {n: params[w] for n, w in names.items()})
+            return {w: params[w].detach() * masks[n].to(params[w].device, params[w].dtype) for n, w in names.items()}
+
+        return cache_for(base).get(self.slot, build)
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.base[0], self.masked_weights(), args, kwargs, strict=False)
+
+
+@register_kind
+class SupermaskKind(Kind):
+    name = "supermask"
+    shares_backbone = False  # each task runs its own (masked) view: batches are grouped by task
+
+    def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
+        params = dict(encoder.named_parameters())
+        names = masked_names(tensors)
+        expected = {f"{n}{suffix}" for n in names for suffix in (MASK, CODEC)}
+        if not names or set(tensors) != expected:
+            raise CorruptArtifact("a supermask holds `<matrix>.mask` and `<matrix>.codec` per masked weight")
+        for name in names:
+            if f"{name}.weight" not in params:
+                raise CorruptArtifact(f"supermask names {name!r}, which this backbone does not have")
+            if tensors[name + MASK].dtype != torch.uint8 or tensors[name + CODEC].shape != (1,):
+                raise CorruptArtifact(f"supermask {name}: mask must be uint8 bytes with a 1-byte codec id")
+        decode_masks(tensors, {n: params[f"{n}.weight"] for n in names})  # lengths and codecs, now not later
+
+    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+        return MaskedEncoder(encoder, slot, tensors)
+
+    def detach(self, encoder: nn.Module, slot: int) -> None:
+        cache_for(encoder).drop(slot)
