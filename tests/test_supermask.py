@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tests.helpers import in_memory_artifact, random_row_delta
+from tests.helpers import in_memory_artifact, manifest_for, random_head, random_row_delta
 from ticketserve import artifact
 from ticketserve.backbone import dense_matrices, load_backbone
 from ticketserve.errors import CorruptArtifact
@@ -175,3 +175,36 @@ def test_train_publish_load_predict_with_sampled_evaluation(store, tiny_checkpoi
 
     dev = load_split(get_task("sst2"), "validation", "sample", samples=32, seed=4)
     assert evaluate(runtime, loaded.name, dev) == store.manifest(outcome.version).metrics
+
+
+def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
+    import json
+
+    from typer.testing import CliRunner
+
+    from registry import open_store
+    from ticketserve.cli import app
+    from ticketserve.ticket_report import distances
+
+    registry = str(tmp_path / "registry")
+    path = str(tiny_checkpoints["bert"])
+    backbone = load_backbone(path)
+    masks = _random_masks(backbone, 5, zeros=0.25)
+    sparsity = {n: 1 - m.float().mean().item() for n, m in masks.items()}
+    manifest = manifest_for(backbone, "masked", kind="supermask").model_copy(
+        update={"details": {"sparsity": 0.25, "sparsity_per_matrix": sparsity}})
+    artifact.publish(open_store(registry), manifest, encode_masks(masks) | random_head(backbone))
+    runner = CliRunner()
+    result = runner.invoke(app, ["ticket", "distance", "masked", "--registry", registry, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["tensor"]: r for r in json.loads(result.output)["distances"]}
+    name = next(iter(masks))
+    weight = dict(backbone.model.named_parameters())[f"{name}.weight"].detach()
+    assert rows[f"{name}.weight"]["l1"] == pytest.approx(float(weight[~masks[name]].abs().sum()), rel=1e-5)
+    assert distances({"w": torch.ones(4)}, {"w": -torch.ones(4)})[0]["angular"] == pytest.approx(1.0)
+    figure = tmp_path / "sparsity.png"
+    result = runner.invoke(app, ["ticket", "sparsity", "masked", "-o", str(figure), "--registry", registry, "--json"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    assert [row["layer"] for row in layers] == [0, 1] and 0.15 < layers[0]["Q"] < 0.35
+    assert figure.read_bytes()[:4] == b"\x89PNG"

@@ -356,6 +356,57 @@ def ticket_plot(ticket_ref: Annotated[str, typer.Argument(metavar="TICKET")],
     _emit(as_json, {"ticket": str(found.version), "figure": str(output)}, lambda: out.print(f"wrote {output}"))
 
 
+@ticket_app.command("distance")
+def ticket_distance(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")], backbone: BackboneOpt = None,
+                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Per-matrix L1 and angular distance between a task's effective weights and its backbone."""
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.kinds import get_kind
+    from ticketserve.ticket_report import distances
+
+    store = _store(registry)
+    version = store.resolve(artifact_ref)
+    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name)
+    found = artifact.load(store, version, loaded_backbone)
+    tuned = get_kind(found.manifest.kind).dense_state(loaded_backbone.model, found.kind_tensors)
+    rows = distances(loaded_backbone.model.state_dict(), tuned)
+
+    def table() -> None:
+        grid = Table("tensor", "L1", "relative L1", "angular", title=f"{found.version} vs {loaded_backbone.name}")
+        for row in rows:
+            grid.add_row(row["tensor"], f"{row['l1']:.4g}", f"{row['relative_l1']:.3e}", f"{row['angular']:.3e}")
+        out.print(grid)
+
+    _emit(as_json, {"artifact": str(found.version), "distances": rows}, table)
+
+
+@ticket_app.command("sparsity")
+def ticket_sparsity(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")],
+                    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="also draw it (.png, .pdf, .svg)")] = None,
+                    registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Masked share per layer and matrix of a supermask artifact (the paper's Figure 4)."""
+    from ticketserve.ticket_report import SHORT, plot_sparsity, sparsity_grid
+
+    store = _store(registry)
+    version = store.resolve(artifact_ref)
+    manifest = store.manifest(version)
+    if manifest.kind != "supermask":
+        raise InvalidArgument(f"{version} is a {manifest.kind!r} artifact, not a supermask")
+    grid = sparsity_grid(manifest.details["sparsity_per_matrix"])
+    if output is not None:
+        plot_sparsity(grid, output, f"{version}: masked weights per layer and matrix")
+
+    def table() -> None:
+        view = Table("layer", *SHORT.values(), "word", title=f"{version}: masked share (overall {manifest.details['sparsity']:.2%})")
+        for row in grid:
+            view.add_row(str(row["layer"]), *[f"{row[c]:.2%}" if c in row else "" for c in (*SHORT.values(), "word")])
+        out.print(view)
+
+    _emit(as_json, {"artifact": str(version), "overall": manifest.details["sparsity"], "layers": grid,
+                    "figure": str(output) if output else None}, table)
+
+
 def main() -> None:
     try:
         app()

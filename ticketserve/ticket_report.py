@@ -81,3 +81,54 @@ def plot_counts(counts: dict[str, torch.Tensor], path: Path, title: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def distances(reference: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> list[dict]:
+    """Per changed weight: L1 distance, L1 relative to the pre-trained weight, and angular
+    distance arccos(cos(θ, θ0))/π (the supermask paper's Table 2 measures)."""
+    rows = []
+    for name, theta in sorted(tuned.items()):
+        theta0 = reference[name].float().flatten()
+        theta = theta.float().flatten()
+        l1 = float((theta - theta0).abs().sum())
+        cosine = float(torch.nn.functional.cosine_similarity(theta, theta0, dim=0).clamp(-1, 1))
+        rows.append({"tensor": name, "l1": l1, "relative_l1": l1 / float(theta0.abs().sum()),
+                     "angular": float(torch.arccos(torch.tensor(cosine)) / torch.pi)})
+    return rows
+
+
+def sparsity_grid(sparsity: dict[str, float]) -> list[dict]:
+    """Per layer, the share of masked (zero) weights of each matrix."""
+    rows: dict[int | str, dict] = {}
+    for name, value in sparsity.items():
+        if name.startswith("encoder.layer."):
+            layer, short = split_name(name)
+        else:
+            layer, short = "emb", "word"
+        rows.setdefault(layer, {"layer": layer})[short] = value
+    return [rows[k] for k in sorted(rows, key=lambda k: (isinstance(k, int), k if isinstance(k, int) else -1))]
+
+
+def plot_sparsity(grid: list[dict], path: Path, title: str) -> None:
+    """Heat map of masked share per layer and matrix (the supermask paper's Figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = [row for row in grid if isinstance(row["layer"], int)]
+    columns = list(SHORT.values())
+    values = np.array([[row.get(c, np.nan) for c in columns] for row in layers]) * 100
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(layers) + 1.5))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(layers)), [f"layer {row['layer']}" for row in layers])
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(image, label="masked weights (%)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

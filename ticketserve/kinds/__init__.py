@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ticketserve.errors import NotFound
+from ticketserve.errors import InvalidArgument, NotFound
 
 Tensors = dict[str, torch.Tensor]
 
@@ -33,6 +33,11 @@ class Kind(ABC):
 
     def detach(self, encoder: nn.Module, slot: int) -> None:
         """Release what `attach` added to a shared encoder (nothing, for private copies)."""
+
+    def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
+        """The encoder tensors this task effectively runs with, for those it changes (by
+        state-dict name) — for analysis and dense exports, never for serving."""
+        raise InvalidArgument(f"a {self.name} artifact has no dense weights")
 
 
 _KINDS: dict[str, Kind] = {}

@@ -45,3 +45,6 @@ class FullKind(Kind):
                 module.tasks.clear()
         private.load_state_dict({k.removeprefix(PREFIX): v for k, v in tensors.items()}, strict=False)
         return private.eval()
+
+    def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
+        return {k.removeprefix(PREFIX): v for k, v in tensors.items()}

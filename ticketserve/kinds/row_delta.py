@@ -127,15 +127,22 @@ def export(encoder: nn.Module, slot: int) -> Tensors:
 def materialize(encoder: nn.Module, tensors: Tensors) -> None:
     """Write the deltas into the dense weights in place (W̃[idx] += Δ) — the reference the
     on-the-fly path must equal, and the way to export to dense formats."""
+    state = {}
+    for name, linear in dense_matrices(encoder).items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight, linear.bias
+    _add_rows(state, tensors, {key.rsplit(".", 1)[0] for key in tensors})
+
+
+def _add_rows(state: dict[str, torch.Tensor], tensors: Tensors, names: set[str]) -> None:
+    """W̃[idx] += Δ on `<name>.weight` / `<name>.bias` tensors of a state dict, in place."""
     with torch.no_grad():
-        for name, linear in dense_matrices(encoder).items():
-            if f"{name}.index" not in tensors:
-                continue
-            index, delta = tensors[f"{name}.index"].long(), tensors[f"{name}.delta"].to(linear.weight.dtype)
-            is_bias = index == linear.in_features
-            linear.weight[:, index[~is_bias]] += delta[~is_bias].T
+        for name in names:
+            weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+            index, delta = tensors[f"{name}.index"].long(), tensors[f"{name}.delta"].to(weight.dtype)
+            is_bias = index == weight.shape[1]
+            weight[:, index[~is_bias]] += delta[~is_bias].T
             if is_bias.any():
-                linear.bias += delta[is_bias].sum(0)
+                bias += delta[is_bias].sum(0)
 
 
 @register_kind
@@ -175,6 +182,15 @@ class RowDeltaKind(Kind):
     def detach(self, encoder: nn.Module, slot: int) -> None:
         for layer in install(encoder).values():
             _drop(layer, slot)
+
+    def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
+        changed = {key.rsplit(".", 1)[0] for key in tensors}
+        state = {}
+        for name, linear in dense_matrices(encoder).items():
+            if name in changed:
+                state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight.detach().clone(), linear.bias.detach().clone()
+        _add_rows(state, tensors, changed)
+        return state
 
 
 def _drop(layer: RowDeltaLinear, slot: int) -> None:

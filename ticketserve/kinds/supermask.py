@@ -177,3 +177,8 @@ class SupermaskKind(Kind):
 
     def detach(self, encoder: nn.Module, slot: int) -> None:
         cache_for(encoder).drop(slot)
+
+    def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
+        params = dict(encoder.named_parameters())
+        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)})
+        return {f"{n}.weight": params[f"{n}.weight"].detach() * m for n, m in masks.items()}
