@@ -27,3 +27,23 @@ class DataUnavailable(TicketserveError):
 
 class StorageError(TicketserveError):
     """The registry's storage failed (disk full, permissions); nothing partial was published."""
+
+
+class Overloaded(TicketserveError):
+    """The request queue is full: back-pressure, retry later."""
+
+
+class Unauthenticated(TicketserveError):
+    """A token is required and none or a wrong one was given."""
+
+
+class PermissionDenied(TicketserveError):
+    """The caller's token does not allow this call (admin calls with a separate admin token)."""
+
+
+class Unavailable(TicketserveError):
+    """The server is shutting down or not ready."""
+
+
+class DeadlineExceeded(TicketserveError):
+    """The request's deadline passed before it could be served."""

@@ -122,8 +122,12 @@ class Runtime:
     def predict(self, task_names: list[str], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         if len(task_names) != len(texts):
             raise InvalidArgument(f"{len(texts)} texts but {len(task_names)} task names")
+        return self.predictions(task_names, self.logits(task_names, self.tokenize(texts, pairs)))
+
+    def predictions(self, task_names: list[str], outputs: list[torch.Tensor]) -> list[Prediction]:
+        """Labels and probabilities (or values, for regression) from per-example outputs."""
         results = []
-        for name, row in zip(task_names, self.logits(task_names, self.tokenize(texts, pairs))):
+        for name, row in zip(task_names, outputs):
             spec = self.get(name).spec
             if spec.is_regression:
                 results.append(Prediction(None, float(row[0]), {}))

@@ -1,0 +1,142 @@
+"""Python client for a ticketserve server, sync (`Client`) and asyncio (`AsyncClient`).
+
+Transient UNAVAILABLE errors are retried with exponential backoff by gRPC's own retry policy
+(service config), so a rolling restart behind a load balancer is invisible to callers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ticketserve.v1 import pb, rpc
+
+SERVICES = ("ticketserve.v1.Inference", "ticketserve.v1.Tasks", "ticketserve.v1.Info")
+
+
+def _service_config(retries: int) -> str:
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": s} for s in SERVICES],
+        "retryPolicy": {"maxAttempts": max(2, retries + 1), "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]})
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    score: float
+    probabilities: dict[str, float]
+
+    @classmethod
+    def from_proto(cls, p: pb.Prediction) -> Prediction:
+        return cls(p.label or None, p.value if p.HasField("value") else p.score, dict(p.probabilities))
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    artifact: str
+    metadata: pb.Metadata
+
+
+def _request(task: str, texts: list[str], pairs: list[str] | None, version: str | None) -> pb.PredictRequest:
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(pairs)} text pairs")
+    inputs = [pb.TextInput(text=t, **({"text_pair": p} if p is not None else {}))
+              for t, p in zip(texts, pairs or [None] * len(texts))]
+    return pb.PredictRequest(task=task, inputs=inputs, **({"version": version} if version else {}))
+
+
+def _result(response: pb.PredictResponse) -> PredictResult:
+    return PredictResult([Prediction.from_proto(p) for p in response.predictions], response.artifact, response.metadata)
+
+
+class _Base:
+    def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
+                 timeout: float = 30.0, retries: int = 4):
+        self.target, self.timeout = target, timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.options = [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(retries))]
+        self.credentials = (grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca else None)
+                            if tls_ca is not None else None)
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager or call `close()`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel = (grpc.secure_channel(self.target, self.credentials, self.options) if self.credentials
+                        else grpc.insecure_channel(self.target, self.options))
+        self.inference, self.tasks, self.info = (rpc.InferenceStub(self.channel), rpc.TasksStub(self.channel),
+                                                 rpc.InfoStub(self.channel))
+
+    def predict(self, task: str, texts: list[str], pairs: list[str] | None = None, version: str | None = None) -> PredictResult:
+        return _result(self.inference.Predict(_request(task, texts, pairs, version), timeout=self.timeout,
+                                              metadata=self.metadata))
+
+    def list_tasks(self, include_registry: bool = False) -> list[pb.TaskInfo]:
+        return list(self.tasks.ListTasks(pb.ListTasksRequest(include_registry=include_registry),
+                                         timeout=self.timeout, metadata=self.metadata).tasks)
+
+    def get_task(self, task: str, version: str | None = None) -> pb.GetTaskResponse:
+        return self.tasks.GetTask(pb.GetTaskRequest(task=task, **({"version": version} if version else {})),
+                                  timeout=self.timeout, metadata=self.metadata)
+
+    def load_task(self, task: str, version: str | None = None) -> pb.TaskInfo:
+        return self.tasks.LoadTask(pb.LoadTaskRequest(task=task, **({"version": version} if version else {})),
+                                   timeout=self.timeout, metadata=self.metadata).task
+
+    def unload_task(self, task: str) -> bool:
+        return self.tasks.UnloadTask(pb.UnloadTaskRequest(task=task), timeout=self.timeout, metadata=self.metadata).unloaded
+
+    def server_info(self) -> pb.ServerInfoResponse:
+        return self.info.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio). Use as an async context manager or await `close()`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel = (grpc.aio.secure_channel(self.target, self.credentials, self.options) if self.credentials
+                        else grpc.aio.insecure_channel(self.target, self.options))
+        self.inference, self.tasks, self.info = (rpc.InferenceStub(self.channel), rpc.TasksStub(self.channel),
+                                                 rpc.InfoStub(self.channel))
+
+    async def predict(self, task: str, texts: list[str], pairs: list[str] | None = None,
+                      version: str | None = None) -> PredictResult:
+        return _result(await self.inference.Predict(_request(task, texts, pairs, version), timeout=self.timeout,
+                                                    metadata=self.metadata))
+
+    async def predict_stream(self, requests):
+        """Yields one result per (task, texts[, pairs]) tuple of `requests`, in order."""
+        stream = self.inference.PredictStream((_request(*r, *([None] * (4 - len(r)))) for r in requests),
+                                              timeout=self.timeout, metadata=self.metadata)
+        async for response in stream:
+            yield _result(response)
+
+    async def server_info(self) -> pb.ServerInfoResponse:
+        return await self.info.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,216 @@
+"""Dynamic micro-batching across concurrent requests, mixing tasks in one forward pass.
+
+Requests are tokenized by the caller, queued, and served by one inference thread that
+gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
+`max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
+unbounded memory); expired or cancelled requests are dropped before they cost a forward.
+The engine knows nothing of gRPC: callers get `concurrent.futures.Future`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ticketserve.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from ticketserve.runtime import Prediction, Runtime
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, gt=0, description="examples per forward pass")
+    max_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward pass")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_queue_size: int = Field(256, gt=0, description="queued requests before RESOURCE_EXHAUSTED")
+    max_texts_per_request: int = Field(32, gt=0)
+    max_tokens_per_text: int = Field(256, gt=1)
+    truncate: bool = Field(True, description="truncate longer texts (true) or refuse them (false)")
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> EngineConfig:
+        if self.max_texts_per_request > self.max_batch_size:
+            raise ValueError("max_texts_per_request must not exceed max_batch_size")
+        return self
+
+
+@dataclass
+class Result:
+    predictions: list[Prediction]
+    queue_seconds: float
+    inference_seconds: float
+    batch_size: int
+    batch_tasks: int
+
+
+@dataclass
+class _Request:
+    task: str  # runtime task name
+    features: list[dict[str, list[int]]]
+    deadline: float | None  # time.monotonic() seconds
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def longest(self) -> int:
+        return max(len(f["input_ids"]) for f in self.features)
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, config: EngineConfig | None = None, observer=None):
+        self.runtime = runtime
+        self.config = config or EngineConfig()
+        self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
+        self.max_tokens = min(self.config.max_tokens_per_text, runtime.backbone.tokenizer.model_max_length,
+                              runtime.backbone.config.max_position_embeddings - 2)
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._busy = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve_forever, name="ticketserve-inference", daemon=True)
+        self._thread.start()
+
+    # -- admission (caller's thread) --------------------------------------------------------
+
+    def submit(self, task: str, texts: list[str], pairs: list[str | None] | None = None,
+               deadline: float | None = None) -> Future:
+        """Validate, tokenize and queue one request for a loaded runtime task."""
+        if not self._accepting:
+            raise Unavailable("the server is shutting down")
+        spec = self.runtime.get(task).spec
+        if not texts:
+            raise InvalidArgument("a request needs at least one input")
+        if len(texts) > self.config.max_texts_per_request:
+            raise InvalidArgument(f"{len(texts)} inputs; at most {self.config.max_texts_per_request} per request")
+        pairs = pairs or [None] * len(texts)
+        has_pairs = [p is not None for p in pairs]
+        if spec.text_pair_field and not all(has_pairs):
+            raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
+        if not spec.text_pair_field and any(has_pairs):
+            raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
+        encoded = self.runtime.backbone.tokenizer(
+            texts, pairs if spec.text_pair_field else None, truncation=self.config.truncate,
+            max_length=self.max_tokens if self.config.truncate else None)
+        features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+        for i, feature in enumerate(features):
+            if len(feature["input_ids"]) > self.max_tokens:
+                raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
+        request = _Request(task, features, deadline)
+        with self._wake:
+            if len(self._queue) >= self.config.max_queue_size:
+                raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
+            self._queue.append(request)
+            self._wake.notify()
+        self._observe_queue()
+        return request.future
+
+    # -- the inference thread ---------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except Exception as exc:  # a failed forward fails its requests, never the engine
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self._wake.notify_all()
+
+    def _next_batch(self) -> list[_Request] | None:
+        with self._wake:
+            while not self._queue:
+                if self._stopped:
+                    return None
+                self._wake.wait()
+            self._busy = True
+            batch = [self._queue.popleft()]
+            flush_at = time.monotonic() + self.config.max_queue_delay_ms / 1000
+            while True:
+                while self._queue and self._fits(batch, self._queue[0]):
+                    batch.append(self._queue.popleft())
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0 or self._stopped or (self._queue and not self._fits(batch, self._queue[0])):
+                    break
+                self._wake.wait(remaining)
+        self._observe_queue()
+        return [r for r in batch if self._live(r)]
+
+    def _fits(self, batch: list[_Request], candidate: _Request) -> bool:
+        examples = sum(len(r.features) for r in batch) + len(candidate.features)
+        longest = max(candidate.longest, *(r.longest for r in batch))
+        return examples <= self.config.max_batch_size and examples * longest <= self.config.max_batch_tokens
+
+    @staticmethod
+    def _live(request: _Request) -> bool:
+        if request.future.cancelled():
+            return False
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            request.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+            return False
+        return request.future.set_running_or_notify_cancel()
+
+    def _run(self, batch: list[_Request]) -> None:
+        if not batch:
+            return
+        started = time.monotonic()
+        names = [r.task for r in batch for _ in r.features]
+        features = [f for r in batch for f in r.features]
+        inputs = self.runtime.backbone.tokenizer.pad(features, return_tensors="pt")
+        inputs = {k: v.to(self.runtime.device) for k, v in inputs.items()}
+        outputs = self.runtime.logits(names, inputs)
+        predictions = self.runtime.predictions(names, outputs)
+        seconds = time.monotonic() - started
+        tasks = len(set(names))
+        offset = 0
+        for request in batch:
+            count = len(request.features)
+            request.future.set_result(Result(predictions[offset:offset + count], started - request.enqueued,
+                                             seconds, len(names), tasks))
+            offset += count
+        if self.observer is not None:
+            self.observer.batch(len(names), tasks, seconds)
+
+    def _observe_queue(self) -> None:
+        if self.observer is not None:
+            self.observer.queue(len(self._queue))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait until every queued one is served; True if it emptied."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._queue or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        self._accepting = False
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+        for request in list(self._queue):
+            if not request.future.done():
+                request.future.set_exception(Unavailable("the server stopped"))
+

@@ -1,0 +1,1 @@
+"""The gRPC server: loader (when tasks load), service (proto ↔ engine), auth, metrics, main."""

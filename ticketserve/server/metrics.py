@@ -1,0 +1,47 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ticketserve_requests", "Predict requests by task and status code", ["task", "code"], registry=r)
+        self.examples = Counter("ticketserve_examples", "Examples predicted by task", ["task"], registry=r)
+        self.latency = Histogram("ticketserve_request_seconds", "Predict latency by task", ["task"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("ticketserve_batch_size", "Examples per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_tasks = Histogram("ticketserve_batch_tasks", "Distinct tasks per forward pass",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_seconds = Histogram("ticketserve_batch_seconds", "Forward pass time", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("ticketserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.cache_events = Counter("ticketserve_task_cache", "Task cache hits, misses and evictions", ["event"], registry=r)
+        self.resident_bytes = Gauge("ticketserve_resident_bytes", "Bytes of resident task artifacts", registry=r)
+        self.resident_tasks = Gauge("ticketserve_resident_tasks", "Resident task versions", registry=r)
+
+    # engine observer
+    def batch(self, size: int, tasks: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_tasks.observe(tasks)
+        self.batch_seconds.observe(seconds)
+
+    def queue(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    # loader observer
+    def cache(self, event: str) -> None:
+        self.cache_events.labels(event).inc()
+
+    def resident(self, size: int, count: int) -> None:
+        self.resident_bytes.set(size)
+        self.resident_tasks.set(count)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
