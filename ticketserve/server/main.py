@@ -23,6 +23,7 @@ from ticketserve.engine import Engine, EngineConfig
 from ticketserve.runtime import Runtime
 from ticketserve.server.auth import TokenAuth, read_token
 from ticketserve.server.loader import TaskLoader
+from ticketserve.server.malformed import RejectMalformed
 from ticketserve.server.metrics import Metrics
 from ticketserve.server.service import InferenceService, InfoService, TasksService
 from ticketserve.v1 import pb, rpc
@@ -99,7 +100,8 @@ class Server:
         admin = read_token(c.admin_token_file, c.admin_token_env)
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes)]
-        self._grpc = grpc.aio.server(options=options, interceptors=[TokenAuth(token, admin)] if token or admin else [])
+        interceptors = [TokenAuth(token, admin)] if token or admin else []
+        self._grpc = grpc.aio.server(options=options, interceptors=[*interceptors, RejectMalformed()])
         rpc.add_InferenceServicer_to_server(InferenceService(self.engine, self.loader, self.metrics), self._grpc)
         rpc.add_TasksServicer_to_server(TasksService(self.loader), self._grpc)
         rpc.add_InfoServicer_to_server(InfoService(self.engine, self.store.url, c.max_message_bytes), self._grpc)
