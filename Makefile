@@ -7,7 +7,7 @@ DEMO_REGISTRY ?= $(CURDIR)/.demo/registry
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all bench-quality clean
+.PHONY: install demo demo-serve test test-all bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +17,29 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+DEMO_PORT ?= 50151
+DEMO_TEXTS := "a gorgeous, witty, seductive movie." "the plot is nothing but boilerplate clichés." \
+	"not a bad film, just a forgettable one."
+
 # The main job on the embedded default: BitFit on SST-2 with the bundled MiniLM and sample,
-# published to a local registry, evaluated on the full SST-2 dev set, then used to predict.
+# published to a local registry, evaluated on the full SST-2 dev set, used to predict in
+# process, then served: start the gRPC server, query it, stop it (SIGTERM drains).
 demo: $(STAMP)
 	$(BIN)/ticketserve train --method bitfit --task sst2 --data-dir sample --epochs 3 --registry $(DEMO_REGISTRY)
 	$(BIN)/ticketserve registry list --registry $(DEMO_REGISTRY)
 	$(BIN)/ticketserve eval sst2-bitfit --data-dir sample --registry $(DEMO_REGISTRY)
-	$(BIN)/ticketserve predict sst2-bitfit --registry $(DEMO_REGISTRY) \
-		"a gorgeous, witty, seductive movie." "the plot is nothing but boilerplate clichés." \
-		"it's not a bad film, just a forgettable one."
+	$(BIN)/ticketserve predict sst2-bitfit --registry $(DEMO_REGISTRY) $(DEMO_TEXTS)
+	$(MAKE) --no-print-directory demo-serve
+
+# The served half of the demo: start the server on the demo registry, query it, stop it.
+demo-serve: $(STAMP)
+	@mkdir -p .demo
+	@bash -c 'set -e; \
+	  $(BIN)/ticketserve serve --registry $(DEMO_REGISTRY) --port $(DEMO_PORT) --preload sst2-bitfit 2> .demo/server.log & pid=$$!; \
+	  trap "kill -TERM $$pid; wait $$pid; echo server stopped" EXIT; \
+	  $(BIN)/ticketserve info --server 127.0.0.1:$(DEMO_PORT) --wait 120 > /dev/null; \
+	  echo "server up on 127.0.0.1:$(DEMO_PORT) (log: .demo/server.log)"; \
+	  $(BIN)/ticketserve predict --server 127.0.0.1:$(DEMO_PORT) --task sst2-bitfit $(DEMO_TEXTS)'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
