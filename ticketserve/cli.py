@@ -58,8 +58,8 @@ def _runtime_for(ref: str, registry: str | None, backbone: str | None):
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search | supermask")],
-    task: Annotated[str, typer.Option(help="GLUE task name, or a name for your own task")],
+    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search | supermask | importance | superticket | ticketshare")],
+    task: Annotated[Optional[str], typer.Option(help="GLUE task name, or a name for your own task")] = None,
     backbone: BackboneOpt = None,
     data_dir: DataDirOpt = None,
     text_field: Annotated[Optional[str], typer.Option(help="custom task: the text column")] = None,
@@ -88,6 +88,13 @@ def train(
     deep_blocks: Annotated[Optional[int], typer.Option(help="supermask no-deep: last blocks left unmasked")] = None,
     mask_embeddings: Annotated[Optional[bool], typer.Option("--mask-embeddings", help="supermask: mask word embeddings too")] = None,
     samples: Annotated[Optional[int], typer.Option(help="supermask: also score N Bernoulli-sampled masks")] = None,
+    levels: Annotated[str, typer.Option(help="superticket: pruning levels in percent")] = "0,10,20,30,40,50",
+    ticket_type: Annotated[str, typer.Option(help="superticket: winning | random | losing")] = "winning",
+    importance: Annotated[Optional[str], typer.Option(help="superticket: a published importance entry to prune by")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="ticketshare: comma-separated tasks")] = None,
+    superticket: Annotated[Optional[list[str]], typer.Option(help="ticketshare: TASK=SWEEP (its best level's mask); repeatable")] = None,
+    plain: Annotated[bool, typer.Option(help="ticketshare: plain multi-task learning, every gate open")] = False,
+    data_root: Annotated[Optional[str], typer.Option(help="ticketshare: directory with one data dir per task")] = None,
     name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
     registry: RegistryOpt = None,
@@ -105,6 +112,12 @@ def train(
         eval_steps=eval_steps, patience=patience, seed=seed, train_samples=train_samples,
         eval_samples=eval_samples, pooling=pooling,
     )
+    if method == "ticketshare":
+        _ticketshare(tasks, superticket or [], plain, data_root, data_dir, backbone, config, registry, name, levels,
+                     ticket_type, as_json)
+        return
+    if task is None:
+        raise InvalidArgument("--task is required")
     if text_field:
         if data_dir is None:
             raise InvalidArgument("a custom task (--text-field) needs --data-dir")
@@ -112,6 +125,16 @@ def train(
         spec = custom_task(task, text_field, text_pair_field, label_field, names, metric)
     else:
         spec = get_task(task)
+    if method == "superticket":
+        from trainers.supertickets import sweep
+
+        version = sweep(spec, load_backbone(backbone), config, _store(registry), data_dir, _levels(levels), ticket_type,
+                        importance, name, show_progress=not as_json)
+        curve = _store(registry).manifest(version).details
+        _emit(as_json, {"artifact": str(version), "digest": version.digest, **curve}, lambda: out.print(
+            f"published [bold]{version}[/]: best level {curve['best_level']:.0%}; "
+            + ", ".join(f"{p['level']:.0%} → {p['metric']:.4f}" for p in curve["levels"])))
+        return
     given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile,
              "init_sparsity": init_sparsity, "layers": layers, "deep_blocks": deep_blocks,
              "embeddings": mask_embeddings, "samples": samples}
@@ -131,6 +154,49 @@ def train(
     _emit(as_json, summary, lambda: out.print(
         f"published [bold]{summary['artifact']}[/] ({m.kind}, {summary['payload_bytes']:,} bytes, "
         f"{m.trainable_params:,} trainable params): {metric_text} in {summary['train_seconds']}s"))
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) / 100 for v in text.split(","))
+    except ValueError:
+        raise InvalidArgument(f"--levels takes percentages like 0,10,20 (got {text!r})") from None
+    if not all(0 <= v < 1 for v in values):
+        raise InvalidArgument("--levels must lie in [0, 100)")
+    return values
+
+
+def _ticketshare(tasks, supertickets, plain, data_root, data_dir, backbone, config, registry, name, levels, ticket_type,
+                 as_json) -> None:
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.tasks import get_task
+    from trainers.supertickets import keep_masks, sweep
+    from trainers.ticketshare import train_ticketshare
+
+    if not tasks:
+        raise InvalidArgument("ticketshare needs --tasks a,b,...")
+    specs = [get_task(t) for t in tasks.split(",")]
+    dirs = {s.name: (str(Path(data_root) / s.name) if data_root else data_dir) for s in specs}
+    given = dict(item.split("=", 1) for item in supertickets)
+    store, loaded = _store(registry), load_backbone(backbone)
+    masks = None
+    if not plain:
+        masks = {}
+        for spec in specs:
+            ref = given.get(spec.name) or str(sweep(spec, loaded, config, store, dirs[spec.name], _levels(levels),
+                                                    ticket_type, show_progress=not as_json))
+            found = artifact.load(store, ref, loaded, expect_kind="superticket")
+            masks[spec.name] = keep_masks(found.tensors, found.manifest.details["best_level"])
+    outcome = train_ticketshare(specs, loaded, config, store, dirs, masks, name or ("mtl" if plain else "ticketshare"),
+                                show_progress=not as_json)
+    if outcome.backbone is None:
+        return
+    result = {"backbone": str(outcome.backbone), "tasks": {k: str(v) for k, v in outcome.tasks.items()},
+              "metrics": outcome.metrics, "train_seconds": round(outcome.train_seconds, 1)}
+    _emit(as_json, result, lambda: out.print(
+        f"published shared encoder [bold]{outcome.backbone}[/] and " + ", ".join(
+            f"{v} ({next(iter(outcome.metrics[k].values())):.4f})" for k, v in outcome.tasks.items())))
 
 
 @app.command("eval")
@@ -533,6 +599,56 @@ def ticket_sparsity(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
 
     _emit(as_json, {"artifact": str(version), "overall": manifest.details["sparsity"], "layers": grid,
                     "figure": str(output) if output else None}, table)
+
+
+@ticket_app.command("importance")
+def ticket_importance(
+    task: Annotated[str, typer.Option(help="GLUE task")],
+    data_dir: DataDirOpt = None, backbone: BackboneOpt = None,
+    train_samples: Optional[int] = None, epochs: int = 3, max_steps: Optional[int] = None, seed: int = 42,
+    lr: Optional[float] = None, name: Optional[str] = None, registry: RegistryOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune, then score every attention head and FFN (mean |dL/dgate|); publishes an importance entry."""
+    from ticketserve.backbone import load_backbone
+    from ticketserve.tasks import get_task
+    from ticketserve.ticket_report import importance_rows
+    from trainers.config import TrainConfig
+    from trainers.run import train as run_training
+
+    config = TrainConfig(epochs=epochs, max_steps=max_steps, seed=seed, lr=lr, train_samples=train_samples)
+    outcome = run_training("importance", get_task(task), load_backbone(backbone), config, _store(registry), data_dir,
+                           name or f"{task}-importance", show_progress=not as_json)
+    if outcome.version is None:
+        return
+    rows = importance_rows(outcome.tensors)
+
+    def show() -> None:
+        grid = Table("layer", "heads (L2-normalised per layer)", "FFN", title=f"published {outcome.version}")
+        for row in rows:
+            grid.add_row(str(row["layer"]), " ".join(f"{v:.2f}" for v in row["heads"]), f"{row['ffn']:.3g}")
+        out.print(grid)
+
+    _emit(as_json, {"artifact": str(outcome.version), "layers": rows}, show)
+
+
+@ticket_app.command("plot-phase")
+def ticket_plot_phase(runs: Annotated[list[str], typer.Argument(metavar="SWEEP...", help="superticket sweeps (e.g. winning, random, losing)")],
+                      output: Annotated[Path, typer.Option("-o", "--output", help="image file")],
+                      registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Dev metric against pruning level for super-ticket sweeps (the paper's phase transition)."""
+    from ticketserve.ticket_report import plot_phase
+
+    store = _store(registry)
+    curves = []
+    for ref in runs:
+        version = store.resolve(ref)
+        manifest = store.manifest(version)
+        if manifest.kind != "superticket":
+            raise InvalidArgument(f"{version} is a {manifest.kind!r} artifact, not a superticket sweep")
+        curves.append({"run": str(version), "ticket_type": manifest.details["ticket_type"], "metric": manifest.task.metric,
+                       "levels": manifest.details["levels"]})
+    plot_phase(curves, output)
+    _emit(as_json, {"figure": str(output), "curves": curves}, lambda: out.print(f"wrote {output}"))
 
 
 def main() -> None:

@@ -132,3 +132,30 @@ def plot_sparsity(grid: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def importance_rows(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    heads, ffn = tensors["importance.heads"], tensors["importance.ffn"]
+    return [{"layer": i, "heads": heads[i].tolist(), "ffn": float(ffn[i])} for i in range(len(ffn))]
+
+
+def plot_phase(curves: list[dict], path: Path) -> None:
+    """Dev metric against the share of heads pruned, one line per sweep (winning/random/losing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {"winning": "tab:green", "random": "tab:gray", "losing": "tab:red"}
+    for curve in curves:
+        points = sorted(curve["levels"], key=lambda p: p["level"])
+        ax.plot([100 * p["level"] for p in points], [p["metric"] for p in points], marker="o",
+                color=colors.get(curve["ticket_type"]), label=f"{curve['ticket_type']} ({curve['run']})")
+    ax.set_xlabel("pruned heads and FFNs (%)")
+    ax.set_ylabel(f"dev {curves[0]['metric']}" if curves else "dev metric")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -7,10 +7,9 @@ method-specific settings are a pydantic `Options` model.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,6 +20,9 @@ from ticketserve.backbone import Backbone
 from ticketserve.errors import InvalidArgument, NotFound
 from ticketserve.model import TaskModel
 from trainers.config import TrainConfig
+
+if TYPE_CHECKING:
+    from trainers.loop import FitResult
 
 
 class NoOptions(BaseModel):
@@ -65,8 +67,9 @@ class Method(ABC):
         """Whether AdamW decays this parameter (default: matrices, not biases)."""
         return param.dim() >= 2
 
-    def after_fit(self, model: TaskModel, evaluate: Callable[[], dict[str, float]]) -> dict:
-        """Extra evaluations once training is done (facts for the manifest's details)."""
+    def after_fit(self, model: TaskModel, fit: FitResult) -> dict:
+        """Extra work once training is done (`fit.evaluate`, `fit.train_loader`); returns facts
+        for the manifest's details."""
         return {}
 
     def details(self) -> dict:
@@ -85,7 +88,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def methods() -> dict[str, type[Method]]:
-    from trainers import bitfit, dominant, full, supermask  # noqa: F401  (registration)
+    from trainers import bitfit, dominant, full, supermask, supertickets  # noqa: F401  (registration)
 
     return dict(_METHODS)
 

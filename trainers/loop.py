@@ -67,6 +67,7 @@ class FitResult:
     train_seconds: float = 0.0
     optimizer_state_bytes: int = 0
     evaluate: Callable[[], dict[str, float]] | None = None  # scores the model as it is now
+    train_loader: object = None  # the prepared training batches (e.g. for importance scores)
 
 
 def tokenize(dataset, tokenizer, max_length: int):
@@ -122,7 +123,7 @@ def fit(accelerator: Accelerator, model: TaskModel, method: Method, params: list
         wrapped.train()
         return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))
 
-    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []}, evaluate=evaluate)
+    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []}, evaluate=evaluate, train_loader=train_loader)
     best_score, best_state, stale = -math.inf, None, 0
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeRemainingColumn(),

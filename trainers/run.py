@@ -31,7 +31,8 @@ class TrainOutcome:
 
 def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
           data_dir: str | Path | None = None, name: str | None = None, tags: tuple[str, ...] = (),
-          show_progress: bool = True, options: dict | None = None) -> TrainOutcome:
+          show_progress: bool = True, options: dict | None = None, publish: bool = True) -> TrainOutcome:
+    """Train one artifact; `publish=False` returns it without storing (e.g. a sweep's levels)."""
     method = get_method(method_name, options)
     accelerator = Accelerator(cpu=not _has_accelerator())  # cpu=True is what enables multi-process CPU (gloo)
     set_seed(config.seed)
@@ -45,7 +46,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
     params = method.trainable(model, RunContext(spec, backbone, config, store, data_dir, show_progress))
     lr = config.lr or method.default_lr
     result = fit(accelerator, model, method, params, train_ds, eval_ds, backbone.tokenizer, config, lr, show_progress)
-    extra_details = method.after_fit(model, result.evaluate)
+    extra_details = method.after_fit(model, result)
     model.eval()
     tensors = method.export(model)
     if get_kind(method.kind).is_task:
@@ -69,7 +70,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
             "data": str(data_dir) if data_dir is not None else spec.hub_dataset,
         },
     )
-    version = artifact.publish(store, manifest, tensors, tags) if accelerator.is_main_process else None
+    version = artifact.publish(store, manifest, tensors, tags) if publish and accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return TrainOutcome(version, manifest, result, tensors, method)
 

@@ -7,7 +7,6 @@ deterministic mask sigmoid(ν) > 0.5, compressed (kind `supermask`).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,6 +18,7 @@ from ticketserve.backbone import MATRICES, dense_matrices
 from ticketserve.kinds.supermask import encode_masks
 from ticketserve.model import TaskModel
 from trainers import Method, RunContext, register_method
+from trainers.loop import FitResult
 
 WORD_EMBEDDINGS = "embeddings.word_embeddings"
 
@@ -108,7 +108,7 @@ class Supermask(Method):
         self.masked_weights = total
         return tensors
 
-    def after_fit(self, model: TaskModel, evaluate: Callable[[], dict[str, float]]) -> dict:
+    def after_fit(self, model: TaskModel, fit: FitResult) -> dict:
         if not self.options.samples:
             return {}
         metric = model.spec.metric
@@ -117,7 +117,7 @@ class Supermask(Method):
             mask.sample = True
         try:
             for _ in range(self.options.samples):
-                values.append(evaluate()[metric])
+                values.append(fit.evaluate()[metric])
         finally:
             for mask in self.masks.values():
                 mask.sample = False

@@ -51,7 +51,8 @@ def register_kind(cls: type[Kind]) -> type[Kind]:
 
 
 def get_kind(name: str) -> Kind:
-    from ticketserve.kinds import full, row_delta, structure_mask, supermask, ticket  # noqa: F401  (registration)
+    from ticketserve.kinds import (  # noqa: F401  (registration)
+        analysis, encoder, full, row_delta, structure_mask, supermask, ticket)
 
     try:
         return _KINDS[name]

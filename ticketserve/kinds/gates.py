@@ -45,11 +45,11 @@ def gating(gates: Gates):
         _EXPLICIT.reset(token)
 
 
-class GateTable(nn.Module):
-    """Per-slot gate patterns of one encoder: slot → (heads (L, H), ffn (L,)) in {0, 1}."""
+class GateTable:
+    """Per-slot gate patterns of one encoder: slot → (heads (L, H), ffn (L,)) in {0, 1}.
+    A plain object (not a module): it holds no weights and stays out of state dicts."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.patterns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def for_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -80,7 +80,7 @@ def install(encoder: nn.Module) -> GateTable:
     if table is not None:
         return table
     table = GateTable()
-    encoder._ticketserve_gate_table = table
+    object.__setattr__(encoder, "_ticketserve_gate_table", table)  # bypass nn.Module attribute registration
     num_heads = encoder.config.num_attention_heads
     for index, layer in enumerate(encoder_layers(encoder)):
         layer.attention.output.dense.register_forward_pre_hook(_head_hook(table, index, num_heads))

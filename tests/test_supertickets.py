@@ -1,0 +1,143 @@
+"""Super tickets and Ticket-Share: importance, the sweep, strict sharing, publish and serve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ticketserve import artifact
+from ticketserve.backbone import load_backbone
+from ticketserve.errors import BackboneMismatch
+from ticketserve.runtime import Runtime
+from ticketserve.tasks import custom_task, get_task
+from trainers.config import TrainConfig
+from trainers.supertickets import importance, keep_masks, sweep
+from trainers.ticketshare import StrictSharing, masked_slices, train_ticketshare
+
+CONFIG = TrainConfig(train_samples=32, eval_samples=16, batch_size=8, epochs=1, seed=3)
+
+
+def test_importance_finds_the_one_head_that_matters(tiny_checkpoints):
+    from ticketserve.model import TaskModel
+    from registry import HeadConfig
+
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    encoder = backbone.model
+    width = encoder.config.hidden_size // encoder.config.num_attention_heads
+    with torch.no_grad():  # only head 2 of layer 0 and head 1 of layer 1 reach the output projections
+        for layer, keep in ((0, 2), (1, 1)):
+            weight = encoder.encoder.layer[layer].attention.output.dense.weight
+            survivor = weight[:, keep * width:(keep + 1) * width].clone()
+            weight.zero_()
+            weight[:, keep * width:(keep + 1) * width] = survivor * 3
+    model = TaskModel(encoder, get_task("sst2"), HeadConfig(dropout=0.0))
+    inputs = backbone.tokenizer(["one text", "and another, longer text"], padding=True, return_tensors="pt")
+    heads, ffn = importance(model, [dict(inputs, labels=torch.tensor([0, 1]))])
+    assert heads[0].argmax() == 2 and heads[1].argmax() == 1
+    assert heads[0, 2] == pytest.approx(1.0) and heads[0].sum() == pytest.approx(1.0)  # L2-normalised, one non-zero
+    assert (ffn > 0).all()
+
+
+def test_strict_sharing_leaves_masked_structures_bit_identical(tiny_checkpoints):
+    encoder = load_backbone(str(tiny_checkpoints["roberta"])).model
+    layers, heads = encoder.config.num_hidden_layers, encoder.config.num_attention_heads
+    keep_heads = torch.ones(layers, heads, dtype=torch.bool)
+    keep_heads[0, 1] = False
+    keep_ffn = torch.tensor([True, False])
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-2, weight_decay=0.1)
+    sharing = StrictSharing(optimizer, {"a": masked_slices(encoder, (keep_heads, keep_ffn)), "b": []})
+    ids = torch.randint(0, 1000, (2, 6))
+
+    def step(task: str) -> None:
+        encoder(input_ids=ids).last_hidden_state.pow(2).mean().backward()
+        sharing.step(task)
+        optimizer.zero_grad()
+
+    step("b")  # task b uses everything: momentum now exists for every parameter
+    slices = masked_slices(encoder, (keep_heads, keep_ffn))
+    before = [p.data[index].clone() for p, index in slices]
+    state_before = [optimizer.state[p]["exp_avg"][index].clone() for p, index in slices]
+    untouched = encoder.encoder.layer[0].attention.self.query.weight[:8].clone()  # head 0: kept by task a
+    step("a")
+    for (param, index), value, momentum in zip(slices, before, state_before):
+        assert torch.equal(param.data[index], value)
+        assert torch.equal(optimizer.state[param]["exp_avg"][index], momentum)
+    assert not torch.equal(encoder.encoder.layer[0].attention.self.query.weight[:8], untouched)
+    step("b")
+    assert not torch.equal(slices[0][0].data[slices[0][1]], before[0])  # task b still updates them
+
+
+def test_sweep_publishes_masks_per_level_and_the_best(store, tiny_checkpoints):
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    version = sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.5), ticket_type="losing",
+                    show_progress=False)
+    manifest = store.manifest(version)
+    assert manifest.kind == "superticket" and manifest.details["ticket_type"] == "losing"
+    assert [p["heads_pruned"] for p in manifest.details["levels"]] == [0, 4]
+    keep_heads, keep_ffn = keep_masks(artifact.read(store, version).tensors, 0.5)
+    assert (~keep_heads).sum() == 4 and (~keep_ffn).sum() == 1
+    assert manifest.details["importance"].startswith("sst2-importance:1@")
+
+
+def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_checkpoints, tmp_path):
+    path = str(tiny_checkpoints["bert"])
+    backbone = load_backbone(path)
+    flipped = tmp_path / "flipped"  # a second task: SST-2 sample sentences with labels swapped
+    flipped.mkdir()
+    from ticketserve.data import sample_dir
+
+    for split in ("train", "validation"):
+        lines = (sample_dir("sst2") / f"{split}.jsonl").read_text().splitlines()[:64]
+        (flipped / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": r["sentence"], "label": 1 - r["label"]}) + "\n" for r in map(json.loads, lines)))
+    other = custom_task("flipped", "text", None, "label", ["a", "b"])
+    layers, heads = backbone.config.num_hidden_layers, backbone.config.num_attention_heads
+    mask_a = (torch.ones(layers, heads, dtype=torch.bool), torch.tensor([True, False]))
+    mask_b = (torch.tensor([[True, False, True, True], [False, True, True, True]]), torch.ones(layers, dtype=torch.bool))
+    outcome = train_ticketshare([get_task("sst2"), other], backbone, CONFIG, store, {"sst2": "sample", "flipped": flipped},
+                                {"sst2": mask_a, "flipped": mask_b}, name="ts", show_progress=False)
+    assert set(outcome.tasks) == {"sst2", "flipped"} and outcome.backbone.name == "ts-backbone"
+    task_manifest = store.manifest(outcome.tasks["flipped"])
+    assert task_manifest.kind == "structure_mask" and task_manifest.backbone.name == "registry:ts-backbone:1"
+
+    shared = load_backbone("registry:ts-backbone", store=store)
+    assert shared.fingerprint == task_manifest.backbone.fingerprint == store.manifest(outcome.backbone).details["fingerprint"]
+    runtime = Runtime(shared, device="cpu")
+    for name in ("ts-sst2", "ts-flipped"):
+        runtime.add(artifact.load(store, name, shared))
+    texts = ["lovely", "awful", "so-so", "great fun"]
+    names = ["ts-sst2", "ts-flipped", "ts-flipped", "ts-sst2"]
+    mixed = runtime.logits(names, runtime.tokenize(texts))
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], runtime.logits([name], runtime.tokenize([texts[i]]))[0], atol=1e-5, rtol=0)
+    with pytest.raises(BackboneMismatch):
+        artifact.load(store, "ts-sst2", load_backbone(path))
+
+
+def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
+    from typer.testing import CliRunner
+
+    from ticketserve.cli import app
+
+    registry, backbone = str(tmp_path / "registry"), str(tiny_checkpoints["roberta"])
+    common = ["--task", "sst2", "--data-dir", "sample", "--backbone", backbone, "--train-samples", "16",
+              "--max-steps", "1", "--registry", registry, "--json"]
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output) if result.output.strip().startswith(("{", "[")) else result.output
+
+    scores = run("ticket", "importance", *common)
+    assert len(scores["layers"]) == 2 and all(len(r["heads"]) == 4 for r in scores["layers"])
+    for kind in ("winning", "losing"):
+        swept = run("train", "--method", "superticket", "--levels", "0,50", "--ticket-type", kind,
+                    "--importance", "sst2-importance", "--eval-samples", "16", *common)
+        assert [p["heads_pruned"] for p in swept["levels"]] == [0, 4]
+    figure = tmp_path / "phase.png"
+    plotted = run("ticket", "plot-phase", "sst2-superticket-winning", "sst2-superticket-losing", "-o", str(figure),
+                  "--registry", registry, "--json")
+    assert len(plotted["curves"]) == 2 and figure.read_bytes()[:4] == b"\x89PNG"

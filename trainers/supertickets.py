@@ -1,0 +1,143 @@
+"""Super tickets (Liang et al.; DESIGN.md §3): head/FFN importance, then one-shot pruning at
+several levels with rewinding to the pre-trained weights, fine-tuning each survivor
+structure; the best level on dev is the super ticket. The sweep traces the phase transition
+(winning vs random vs losing tickets).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
+from ticketserve import artifact
+from ticketserve.backbone import Backbone
+from ticketserve.kinds import gates
+from ticketserve.kinds.full import changed_tensors
+from ticketserve.kinds.gates import Gates, gating
+from ticketserve.kinds.routing import DEFAULT_SLOT
+from ticketserve.kinds.structure_mask import FFN, HEADS, to_tensors
+from ticketserve.model import TaskModel
+from trainers import Method, RunContext, register_method
+from trainers.config import TrainConfig
+from trainers.loop import MODEL_INPUTS, FitResult
+
+SCORES_HEADS, SCORES_FFN = "importance.heads", "importance.ffn"
+
+
+def importance(model: TaskModel, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over examples of |∂L/∂gate| at gate = 1, taken per example and per token and summed
+    (the reference code's score); head scores L2-normalised per layer."""
+    config = model.encoder.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    device = next(model.parameters()).device
+    head_total, ffn_total, examples = torch.zeros(layers, heads), torch.zeros(layers), 0
+    model.eval()
+    gates.install(model.encoder)
+    for batch in batches:
+        size, length = batch["input_ids"].shape
+        head_gates = torch.ones(size, length, layers, heads, device=device, requires_grad=True)
+        ffn_gates = torch.ones(size, length, layers, device=device, requires_grad=True)
+        with gating(Gates(head_gates, ffn_gates)):
+            logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            loss = model.loss(logits, batch["labels"]) * size  # each example's own gradient, whatever the batch size
+        head_grad, ffn_grad = torch.autograd.grad(loss, [head_gates, ffn_gates])
+        head_total += head_grad.abs().sum((0, 1)).cpu()
+        ffn_total += ffn_grad.abs().sum((0, 1)).cpu()
+        examples += size
+    head_scores = head_total / max(examples, 1)
+    head_scores = head_scores / head_scores.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return head_scores, ffn_total / max(examples, 1)
+
+
+@register_method
+class Importance(Method):
+    """Fine-tune, then score every head and FFN on the training data (kind `importance`)."""
+
+    name = "importance"
+    kind = "importance"
+    default_lr = 5e-5
+    description = "fine-tune, then head/FFN importance (mean |dL/dgate|); published as an importance entry"
+
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
+        return list(model.parameters())
+
+    def after_fit(self, model: TaskModel, fit: FitResult) -> dict:
+        self.scores = importance(model, fit.train_loader)
+        return {"scored_on": "train"}
+
+    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        return {SCORES_HEADS: self.scores[0], SCORES_FFN: self.scores[1]}
+
+
+class StructureOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    heads: list[list[int]] = Field(description="keep mask per layer and head (1 = kept)")
+    ffn: list[int] = Field(description="keep mask per layer (1 = kept)")
+
+
+@register_method
+class GatedFineTuning(Method):
+    """Full fine-tuning with a fixed structure mask (a super ticket at one pruning level)."""
+
+    name = "gated-full"
+    kind = "full"
+    default_lr = 5e-5
+    description = "full fine-tuning with some heads/FFNs gated off (one level of a super-ticket sweep)"
+    Options = StructureOptions
+
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
+        self.reference = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
+        device = next(model.parameters()).device
+        gates.install(model.encoder).patterns[DEFAULT_SLOT] = (
+            torch.tensor(self.options.heads, dtype=torch.float32, device=device),
+            torch.tensor(self.options.ffn, dtype=torch.float32, device=device))
+        return list(model.parameters())
+
+    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        gates.install(model.encoder).patterns.pop(DEFAULT_SLOT, None)
+        return changed_tensors(model.encoder, self.reference)
+
+
+def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store, data_dir=None,
+          levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), ticket_type: str = "winning",
+          importance_ref: str | None = None, name: str | None = None, show_progress: bool = True) -> ArtifactVersion:
+    """Prune at every level, rewind to θ0, fine-tune, evaluate; publish the sweep (kind
+    `superticket`: the keep-masks per level, the scores, the curve, the best level)."""
+    from trainers.run import train
+
+    theta0 = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    if importance_ref is None:
+        scored = train("importance", spec, backbone, config, store, data_dir, name=f"{spec.name}-importance",
+                       show_progress=show_progress)
+        importance_ref, scores = f"{scored.version}@{scored.version.digest}", scored.tensors
+    else:
+        found = artifact.load(store, importance_ref, backbone, expect_kind="importance")
+        importance_ref, scores = f"{found.version}@{found.version.digest}", found.tensors
+    tensors = {SCORES_HEADS: scores[SCORES_HEADS], SCORES_FFN: scores[SCORES_FFN]}
+    curve = []
+    for level in levels:
+        backbone.model.load_state_dict(theta0)  # rewind the survivors to the pre-trained weights
+        keep_heads, keep_ffn = gates.prune(scores[SCORES_HEADS], scores[SCORES_FFN], level, ticket_type, config.seed)
+        outcome = train("gated-full", spec, backbone, config, store, data_dir, show_progress=show_progress,
+                        options={"heads": keep_heads.int().tolist(), "ffn": keep_ffn.int().tolist()}, publish=False)
+        tag = f"level-{round(level * 100)}"
+        tensors |= {f"{tag}.{k}": v for k, v in to_tensors(keep_heads, keep_ffn).items()}
+        curve.append({"level": level, "heads_pruned": int((~keep_heads).sum()), "ffn_pruned": int((~keep_ffn).sum()),
+                      "metric": outcome.fit.metrics[spec.metric], "metrics": outcome.fit.metrics,
+                      "train_seconds": outcome.fit.train_seconds})
+    backbone.model.load_state_dict(theta0)
+    best = max(curve, key=lambda point: point["metric"])
+    manifest = Manifest(name=name or f"{spec.name}-superticket-{ticket_type}", kind="superticket", method="superticket",
+                        task=spec, head=HeadConfig(pooling=config.pooling, dropout=config.head_dropout),
+                        backbone=backbone.ref(), hyperparameters=config.model_dump(), metrics=best["metrics"],
+                        details={"ticket_type": ticket_type, "importance": importance_ref, "levels": curve,
+                                 "best_level": best["level"]})
+    return artifact.publish(store, manifest, tensors)
+
+
+def keep_masks(tensors: dict[str, torch.Tensor], level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    tag = f"level-{round(level * 100)}"
+    return tensors[f"{tag}.{HEADS}"].bool(), tensors[f"{tag}.{FFN}"].bool()
