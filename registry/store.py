@@ -245,6 +245,7 @@ def default_registry_url() -> str:
 def open_store(url: str | None = None) -> Store:
     """Open the registry at `url`; default: $TICKETSERVE_REGISTRY, else the user cache dir."""
     import registry.local  # noqa: F401  (registers file://)
+    import registry.s3  # noqa: F401  (registers s3://)
 
     url = url or default_registry_url()
     scheme = url.split("://", 1)[0] if "://" in url else "file"

@@ -315,3 +315,15 @@ def test_sigterm_drains_in_flight_requests(registry, tiny_bert, tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_health_command_for_container_checks(registry, tiny_bert):
+    from typer.testing import CliRunner
+
+    from ticketserve.cli import app
+
+    with BackgroundServer(config(registry, tiny_bert)) as server:
+        result = CliRunner().invoke(app, ["health", "--server", f"127.0.0.1:{server.port}"])
+        assert result.exit_code == 0 and "SERVING" in result.output
+    down = CliRunner().invoke(app, ["health", "--server", "127.0.0.1:1", "--timeout", "1"])
+    assert down.exit_code != 0

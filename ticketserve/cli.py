@@ -350,6 +350,24 @@ def info(server: Annotated[str, typer.Option(help="HOST:PORT")],
 
 
 @app.command()
+def health(server: Annotated[str, typer.Option(help="HOST:PORT")],
+           service: Annotated[str, typer.Option(help="a service name, or '' for the whole server")] = "",
+           tls_ca: Optional[Path] = None, timeout: float = 5.0) -> None:
+    """Exit 0 when the server's grpc.health.v1 check says SERVING (container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    credentials = grpc.ssl_channel_credentials(tls_ca.read_bytes()) if tls_ca else None
+    with (grpc.secure_channel(server, credentials) if credentials else grpc.insecure_channel(server)) as channel:
+        response = _rpc(lambda: health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout))
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    out.print(status)
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(1)
+
+
+@app.command()
 def tasks(server: Annotated[str, typer.Option(help="HOST:PORT")],
           all_tasks: Annotated[bool, typer.Option("--all", help="also list registry artifacts not loaded")] = False,
           token: Annotated[Optional[str], typer.Option(envvar="TICKETSERVE_TOKEN")] = None,

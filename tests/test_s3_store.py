@@ -1,0 +1,126 @@
+"""The S3 store against a real S3 API server (moto's server mode) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+
+import pytest
+
+from registry import open_store
+from tests.test_registry import _publish_many, manifest
+from ticketserve.errors import CorruptArtifact, NotFound
+
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint, monkeypatch, tmp_path):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "TICKETSERVE_S3_ENDPOINT": s3_endpoint, "TICKETSERVE_S3_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"ts-{uuid.uuid4().hex[:12]}"
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/registry"
+
+
+def test_publish_resolve_tags_remove_and_gc(s3_url):
+    store = open_store(s3_url)
+    v1 = store.publish(manifest(), {"payload.safetensors": b"one" * 100})
+    v2 = store.publish(manifest(metrics={"accuracy": 0.5}), {"payload.safetensors": b"two" * 100}, tags=("prod",))
+    assert (v1.version, v2.version) == (1, 2)
+    assert store.resolve("demo") == v2 == store.resolve("demo:prod") and store.resolve("demo:1") == v1
+    assert store.read_file(v1, store.manifest(v1), "payload.safetensors") == b"one" * 100
+    store.set_tag("demo", "prod", 1)
+    assert store.resolve("demo:prod") == v1
+    store.remove(v2)
+    assert store.resolve("demo") == v1 and store.names() == ["demo"]
+    assert store.gc(min_age_seconds=0)["blobs_removed"] == 2
+    store.verify("demo:1")
+    with pytest.raises(NotFound):
+        store.resolve("demo:2")
+
+
+def test_concurrent_publishers_from_several_processes_lose_nothing(s3_url):
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_publish_many, args=(s3_url, w, 4)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(180)
+        assert process.exitcode == 0
+    store = open_store(s3_url)
+    versions = store.versions("demo")
+    assert sorted(versions) == list(range(1, 17))
+    seen = {(m.metrics["worker"], m.metrics["i"]) for m in (store.verify(f"demo:{v}") for v in versions)}
+    assert seen == {(w, i) for w in range(4) for i in range(4)}
+    assert store.tags("demo")["latest"] == 16
+
+
+def test_corrupt_blob_is_refused_and_never_cached(s3_url):
+    store = open_store(s3_url)
+    version = store.publish(manifest(), {"payload.safetensors": b"weights" * 100})
+    sha = store.manifest(version).files["payload.safetensors"].sha256
+    store.fs.pipe(f"{store.bucket}/{store.prefix}/blobs/sha256/{sha[:2]}/{sha}", b"weightz" * 100)
+    with pytest.raises(CorruptArtifact, match="checksum mismatch"):
+        store.verify(version)
+    assert not (store.cache / sha).exists()
+
+
+def test_read_through_cache_serves_pulled_blobs(s3_url):
+    store = open_store(s3_url)
+    version = store.publish(manifest(), {"payload.safetensors": b"cached" * 100})
+    manifest_ = store.manifest(version)
+    assert store.read_file(version, manifest_, "payload.safetensors") == b"cached" * 100
+    sha = manifest_.files["payload.safetensors"].sha256
+    store.fs.rm(f"{store.bucket}/{store.prefix}/blobs/sha256/{sha[:2]}/{sha}")  # gone from the bucket...
+    assert open_store(s3_url).read_file(version, manifest_, "payload.safetensors") == b"cached" * 100  # ...not from the cache
+
+
+def test_bundles_move_between_local_and_s3(s3_url, tmp_path):
+    local = open_store(str(tmp_path / "local"))
+    version = local.publish(manifest(), {"payload.safetensors": b"moved" * 10})
+    local.export_bundle(version, tmp_path / "bundle.tar")
+    imported = open_store(s3_url).import_bundle(tmp_path / "bundle.tar")
+    assert imported.digest == version.digest
+
+
+def test_replicas_sharing_an_s3_registry_converge_without_restarts(s3_url, tiny_checkpoints):
+    from tests.test_server import TEXTS, publish_row_task
+    from ticketserve.backbone import load_backbone
+    from ticketserve.client import Client
+    from ticketserve.server.main import BackgroundServer, ServeConfig
+
+    store = open_store(s3_url)
+    path = str(tiny_checkpoints["bert"])
+    backbone = load_backbone(path)
+    publish_row_task(store, backbone, "shared", 1)
+    config = ServeConfig(port=0, registry=s3_url, backbone=path, watch_seconds=0.3)
+    with BackgroundServer(config) as one, BackgroundServer(config) as two:
+        clients = [Client(f"127.0.0.1:{server.port}") for server in (one, two)]
+        assert [c.predict("shared", TEXTS[:1]).artifact for c in clients] == ["shared:1", "shared:1"]
+        publish_row_task(store, backbone, "shared", 2)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if [c.predict("shared", TEXTS[:1]).artifact for c in clients] == ["shared:2", "shared:2"]:
+                break
+            time.sleep(0.2)
+        answers = [c.predict("shared", TEXTS[:1]) for c in clients]
+        for client in clients:
+            client.close()
+    assert [a.artifact for a in answers] == ["shared:2", "shared:2"]
+    assert answers[0].predictions == answers[1].predictions
