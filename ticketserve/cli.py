@@ -51,7 +51,7 @@ def _runtime_for(ref: str, registry: str | None, backbone: str | None):
     store = _store(registry)
     version = store.resolve(ref)
     manifest = store.manifest(version)
-    runtime = Runtime(load_backbone(backbone or manifest.backbone.name))
+    runtime = Runtime(load_backbone(backbone or manifest.backbone.name, store))
     task = runtime.add(artifact.load(store, version, runtime.backbone))
     return runtime, task
 
@@ -285,6 +285,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 50051,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available)")] = None,
+    backend: Annotated[str, typer.Option(help="torch | onnx (ONNX Runtime; exported once per backbone, cached)")] = "torch",
     cache_bytes: Annotated[int, typer.Option(help="resident task artifacts; LRU beyond")] = 1 << 30,
     preload: Annotated[Optional[list[str]], typer.Option(help="task (NAME[:VERSION]) to load at start; repeatable")] = None,
     watch_seconds: Annotated[float, typer.Option(help="registry poll interval for new versions and tag moves")] = 5.0,
@@ -317,7 +318,7 @@ def serve(
                           max_texts_per_request=max_texts_per_request, max_tokens_per_text=max_tokens_per_text,
                           truncate=truncate)
     run_server(ServeConfig(
-        host=host, port=port, registry=registry, backbone=backbone, device=device, cache_bytes=cache_bytes,
+        host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, cache_bytes=cache_bytes,
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
         tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port, drain_seconds=drain_seconds))
@@ -579,7 +580,7 @@ def ticket_distance(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
 
     store = _store(registry)
     version = store.resolve(artifact_ref)
-    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name)
+    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name, store)
     found = artifact.load(store, version, loaded_backbone)
     tuned = get_kind(found.manifest.kind).dense_state(loaded_backbone.model, found.kind_tensors)
     rows = distances(loaded_backbone.model.state_dict(), tuned)

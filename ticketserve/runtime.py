@@ -107,8 +107,8 @@ class Runtime:
             index = torch.tensor(rows, device=self.device)
             sub = {k: v.index_select(0, index) for k, v in inputs.items()}
             slots = torch.tensor([tasks[i].slot for i in rows], device=self.device)
-            with self._forward_lock, route(Routing(slots)):
-                hidden = encode(tasks[rows[0]].encoder, sub["input_ids"], sub["attention_mask"], sub.get("token_type_ids"))
+            with self._forward_lock:
+                hidden = self.hidden(tasks[rows[0]].encoder, sub, Routing(slots))
             by_task: dict[str, list[int]] = {}
             for position, i in enumerate(rows):
                 by_task.setdefault(tasks[i].name, []).append(position)
@@ -118,6 +118,11 @@ class Runtime:
                 for position, row in zip(positions, out):
                     outputs[rows[position]] = row
         return outputs  # type: ignore[return-value]
+
+    def hidden(self, encoder: nn.Module, inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
+        """Token states of one group of examples on one encoder (the execution backend's job)."""
+        with route(routing):
+            return encode(encoder, inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
 
     def predict(self, task_names: list[str], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         if len(task_names) != len(texts):

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +41,7 @@ class ServeConfig(BaseModel):
     registry: str | None = None
     backbone: str | None = None
     device: str | None = None
+    backend: Literal["torch", "onnx"] = Field("torch", description="execution of the shared encoder")
     cache_bytes: int = Field(1 << 30, gt=0, description="resident task artifacts, least recently used evicted")
     preload: list[str] = Field(default_factory=list)
     watch_seconds: float = Field(5.0, gt=0, description="how often aliases are re-resolved in the registry")
@@ -82,7 +84,13 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         self.store = open_store(config.registry)
-        self.runtime = Runtime(load_backbone(config.backbone), device=config.device)
+        backbone = load_backbone(config.backbone, self.store)
+        if config.backend == "onnx":
+            from ticketserve.onnx_backend import OnnxRuntime
+
+            self.runtime: Runtime = OnnxRuntime(backbone, device=config.device)
+        else:
+            self.runtime = Runtime(backbone, device=config.device)
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
         self.health = health_aio.HealthServicer()
