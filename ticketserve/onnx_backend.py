@@ -137,30 +137,19 @@ class OnnxRuntime(Runtime):
         return torch.from_numpy(hidden)
 
     def _feeds(self, inputs: dict[str, torch.Tensor], routing: Routing) -> dict[str, np.ndarray]:
-        batch = len(routing.slots)
-        config = self.backbone.config
+        """Graph inputs for one batch, from the same per-task state the torch path applies."""
+        batch, config = len(routing.slots), self.backbone.config
         feeds = {name: inputs.get(name, torch.zeros_like(inputs["input_ids"])).cpu().numpy() for name in INPUTS}
-        head_gates = np.ones((batch, config.num_hidden_layers, config.num_attention_heads), np.float32)
-        ffn_gates = np.ones((batch, config.num_hidden_layers), np.float32)
-        patterns = gates.install(self.encoder).patterns
-        for slot, rows in routing.segments:
-            if slot in patterns:
-                head_gates[rows.numpy()] = patterns[slot][0].cpu().numpy()
-                ffn_gates[rows.numpy()] = patterns[slot][1].cpu().numpy()
-        feeds["head_gates"], feeds["ffn_gates"] = head_gates, ffn_gates
+        gated = gates.install(self.encoder).for_batch(routing)
+        feeds["head_gates"] = (gated[0].expand(batch, -1, -1).numpy() if gated else
+                               np.ones((batch, config.num_hidden_layers, config.num_attention_heads), np.float32))
+        feeds["ffn_gates"] = gated[1].expand(batch, -1).numpy() if gated else np.ones((batch, config.num_hidden_layers), np.float32)
         for name, layer in dense_matrices(self.encoder).items():
-            tasks = layer.tasks if isinstance(layer, RowDeltaLinear) else {}
-            present = [(tasks[str(slot)], rows.numpy()) for slot, rows in routing.segments if str(slot) in tasks]
-            width = max([entry.in_index.numel() for entry, _ in present], default=0) or 1
-            index = np.zeros((batch, width), np.int64)
-            delta = np.zeros((batch, width, layer.out_features), np.float32)
-            bias = np.zeros((batch, layer.out_features), np.float32)
-            for entry, rows in present:
-                k = entry.in_index.numel()
-                if entry.in_delta is not None:
-                    index[rows, :k] = entry.in_index.cpu().numpy()
-                    delta[rows, :k] = entry.in_delta.detach().cpu().numpy()
-                if entry.bias_delta is not None:
-                    bias[rows] = entry.bias_delta.detach().cpu().numpy()
-            feeds[f"{name}.rows"], feeds[f"{name}.delta"], feeds[f"{name}.bias"] = index, delta, bias
+            if isinstance(layer, RowDeltaLinear) and layer.tasks:
+                index, delta, bias = (t.detach() for t in layer.stacked().for_batch(routing))
+            else:
+                index, delta, bias = (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, layer.out_features),
+                                      torch.zeros(batch, layer.out_features))
+            feeds[f"{name}.rows"], feeds[f"{name}.delta"], feeds[f"{name}.bias"] = (
+                index.cpu().numpy(), delta.cpu().numpy(), bias.cpu().numpy())
         return feeds

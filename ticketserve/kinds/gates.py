@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ticketserve.backbone import encoder_layers
-from ticketserve.kinds.routing import DEFAULT_SLOT, current
+from ticketserve.kinds.routing import DEFAULT_SLOT, Routing, current
 
 
 @dataclass
@@ -52,9 +52,8 @@ class GateTable:
     def __init__(self) -> None:
         self.patterns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def for_batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-example (B, L, H) and (B, L) gates for the current routing; None = all open."""
-        routing = current()
+    def for_batch(self, routing: Routing | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-example (B, L, H) and (B, L) gates for a routing; None = all open."""
         slots = [DEFAULT_SLOT] if routing is None else [s for s, _ in routing.segments]
         if not any(s in self.patterns for s in slots):
             return None
@@ -90,7 +89,7 @@ def install(encoder: nn.Module) -> GateTable:
 
 def _gates(table: GateTable) -> tuple[torch.Tensor, torch.Tensor] | None:
     explicit = _EXPLICIT.get()
-    return (explicit.heads, explicit.ffn) if explicit is not None else table.for_batch()
+    return (explicit.heads, explicit.ffn) if explicit is not None else table.for_batch(current())
 
 
 def _head_hook(table: GateTable, index: int, num_heads: int):

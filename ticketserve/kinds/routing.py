@@ -22,8 +22,11 @@ class Routing:
     segments: list[tuple[int, torch.Tensor]] = field(init=False)
     uniform: int | None = field(init=False)
 
+    slot_list: list[int] = field(init=False)
+
     def __post_init__(self) -> None:
-        present = self.slots.unique().tolist()
+        self.slot_list = self.slots.tolist()
+        present = sorted(set(self.slot_list))
         self.uniform = present[0] if len(present) == 1 else None
         self.segments = [(s, (self.slots == s).nonzero().squeeze(1)) for s in present]
 

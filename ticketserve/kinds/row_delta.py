@@ -9,13 +9,15 @@ with at least one row (BitFit: the bias row only; Dominant-k: at most k rows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ticketserve.backbone import dense_matrices
 from ticketserve.errors import CorruptArtifact
 from ticketserve.kinds import Kind, Tensors, register_kind
-from ticketserve.kinds.routing import DEFAULT_SLOT, current
+from ticketserve.kinds.routing import DEFAULT_SLOT, Routing, current
 
 
 class RowDelta(nn.Module):
@@ -61,6 +63,21 @@ class RowDelta(nn.Module):
         return cls(in_index, in_delta, bias_delta, trainable)
 
 
+@dataclass
+class StackedRows:
+    """Every resident task's rows of one matrix, padded to the widest: table row 0 is "no
+    task" (all zero), so a mixed batch needs one lookup + gather + einsum per matrix."""
+
+    row_of: dict[int, int]  # slot → table row
+    index: torch.Tensor  # (tasks + 1, K) input rows (0 where padded)
+    delta: torch.Tensor  # (tasks + 1, K, out) deltas (0 where padded)
+    bias: torch.Tensor  # (tasks + 1, out) bias deltas
+
+    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.tensor([self.row_of.get(s, 0) for s in routing.slot_list], device=self.index.device)
+        return self.index[rows], self.delta[rows], self.bias[rows]
+
+
 class RowDeltaLinear(nn.Linear):
     """A shared linear layer (same weight and bias Parameters, same state-dict names) plus
     per-slot row deltas, applied per example according to the current routing."""
@@ -70,6 +87,36 @@ class RowDeltaLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.tasks = nn.ModuleDict()
+        self._stacked: StackedRows | None = None
+
+    def set_task(self, slot: int, rows: RowDelta) -> None:
+        self.tasks[str(slot)] = rows
+        self._stacked = None
+
+    def drop_task(self, slot: int) -> None:
+        if str(slot) in self.tasks:
+            del self.tasks[str(slot)]
+        self._stacked = None
+
+    def stacked(self) -> StackedRows:
+        """The padded table of all tasks' rows (rebuilt after any task changes)."""
+        if self._stacked is None:
+            entries = list(self.tasks.items())
+            width = max([e.in_index.numel() for _, e in entries], default=0) or 1
+            device = self.weight.device
+            index = torch.zeros(len(entries) + 1, width, dtype=torch.long, device=device)
+            delta = torch.zeros(len(entries) + 1, width, self.out_features, device=device)
+            bias = torch.zeros(len(entries) + 1, self.out_features, device=device)
+            with torch.no_grad():
+                for row, (_, entry) in enumerate(entries, start=1):
+                    k = entry.in_index.numel()
+                    if entry.in_delta is not None:
+                        index[row, :k], delta[row, :k] = entry.in_index, entry.in_delta
+                    if entry.bias_delta is not None:
+                        bias[row] = entry.bias_delta
+            self._stacked = StackedRows({int(slot): row for row, (slot, _) in enumerate(entries, start=1)},
+                                        index, delta, bias)
+        return self._stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -77,14 +124,12 @@ class RowDeltaLinear(nn.Linear):
             return y
         routing = current()
         uniform = DEFAULT_SLOT if routing is None else routing.uniform
-        if uniform is not None:
+        if uniform is not None:  # one task (or training): its own rows only
             delta = self.tasks[str(uniform)] if str(uniform) in self.tasks else None
             return y if delta is None else y + delta(x)
-        for slot, rows in routing.segments:
-            key = str(slot)
-            if key in self.tasks:
-                y = y.index_add(0, rows, self.tasks[key](x.index_select(0, rows)).expand(len(rows), *y.shape[1:]))
-        return y
+        index, delta, bias = self.stacked().for_batch(routing)
+        picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
+        return y + torch.einsum("bsk,bko->bso", picked, delta.to(x.dtype)) + bias.unsqueeze(1).to(x.dtype)
 
 
 def install(encoder: nn.Module) -> dict[str, RowDeltaLinear]:
@@ -110,7 +155,7 @@ def add_trainable(encoder: nn.Module, slot: int, rows: dict[str, list[int]]) -> 
         index = torch.tensor(chosen, dtype=torch.long, device=layer.weight.device)
         delta = RowDelta.from_payload(index, torch.zeros(len(chosen), layer.out_features, device=index.device),
                                       layer.in_features, trainable=True)
-        layer.tasks[str(slot)] = delta
+        layer.set_task(slot, delta)
         params += [p for p in delta.parameters()]
     return params
 
@@ -173,15 +218,15 @@ class RowDeltaKind(Kind):
         wrapped = install(encoder)
         device = next(encoder.parameters()).device
         for name, layer in wrapped.items():
-            _drop(layer, slot)
+            layer.drop_task(slot)
             if f"{name}.index" in tensors:
                 delta = RowDelta.from_payload(tensors[f"{name}.index"], tensors[f"{name}.delta"].float(), layer.in_features)
-                layer.tasks[str(slot)] = delta.to(device)
+                layer.set_task(slot, delta.to(device))
         return encoder
 
     def detach(self, encoder: nn.Module, slot: int) -> None:
         for layer in install(encoder).values():
-            _drop(layer, slot)
+            layer.drop_task(slot)
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         changed = {key.rsplit(".", 1)[0] for key in tensors}
@@ -192,7 +237,3 @@ class RowDeltaKind(Kind):
         _add_rows(state, tensors, changed)
         return state
 
-
-def _drop(layer: RowDeltaLinear, slot: int) -> None:
-    if str(slot) in layer.tasks:
-        del layer.tasks[str(slot)]
