@@ -1,23 +1,31 @@
-"""Serving benchmark: end-to-end gRPC QPS and latency against the in-process engine, in one run.
+"""Serving benchmark, in one run on one machine (ratios are what to compare across machines).
 
-On the bundled MiniLM, with one task and with 100 Dominant-1-shaped tasks (one random row
-per matrix + head; the values do not matter for speed, so they are synthetic), it measures
-  * in-process: Runtime forward throughput (examples/s) on batches of `--batch` examples,
-    single-task and with every example's task drawn from the 100;
-  * end to end: a `ticketserve serve` subprocess on 127.0.0.1 driven by 1, 8 and 32 client
-    threads for `--seconds` each (one text per request, SST-2 dev sentences): QPS, p50/p99.
-Results: benchmarks/results/serving.jsonl (one record per measurement) and benchmarks/serving.md.
+Parts (all by default; `--parts engine,load,grpc`):
+  engine  examples/s on the same batches of SST-2 dev sentences (32 per batch, every example's
+          task drawn from 100), on the bundled MiniLM and a BERT-base-sized random encoder:
+          plain backbone · ours: 1 task, 100 Dominant-1 mixed, 100 structure masks mixed,
+          100 supermasks with a cache for 10, ONNX Runtime with 100 Dominant-1 mixed ·
+          peers: peft LoRA r=8 ×100 mixed with `adapter_names`, peft `set_adapter` per task
+          group, full fine-tuned copies (10 resident) swapped per task group. Plus a profile of
+          our mixed forward (results/serving-profile.txt).
+  load    cold load registry → servable per kind vs a full fine-tuned checkpoint; resident
+          bytes per task per kind; memory growth from 1 to 1000 resident Dominant-1 tasks.
+  grpc    end to end: a `ticketserve serve` subprocess on 127.0.0.1, 1/8/32 client threads,
+          1 task and 100 tasks at random: QPS, p50/p99, against the in-process engine.
+Task artifacts are synthetic (random rows / masks of the right shape): values do not change speed.
+Results: benchmarks/results/serving.jsonl and benchmarks/serving.md.
 
-    python benchmarks/serving.py [--seconds 15] [--tasks 100]
+    python benchmarks/serving.py [--parts engine,load,grpc] [--seconds 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,64 +33,274 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "serving.jsonl"
+PROFILE = HERE / "results" / "serving-profile.txt"
 REPORT = HERE / "serving.md"
 SST2_DEV = HERE.parent / "ticketserve" / "data" / "sst2" / "validation.jsonl"
+TASKS, BATCH, BATCHES = 100, 32, 8
 
 
-def dominant1_like(backbone, seed: int) -> dict[str, torch.Tensor]:
+# -- synthetic artifacts of each kind --------------------------------------------------------
+
+def head(backbone, generator) -> dict[str, torch.Tensor]:
+    hidden = backbone.config.hidden_size
+    return {"head.weight": torch.randn(2, hidden, generator=generator) * 0.1, "head.bias": torch.zeros(2)}
+
+
+def dominant1(backbone, seed: int) -> dict[str, torch.Tensor]:
     from ticketserve.backbone import dense_matrices
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, linear in dense_matrices(backbone.model).items():
-        row = torch.randint(0, linear.in_features + 1, (1,), generator=generator)
-        tensors[f"{name}.index"] = row.int()
+        tensors[f"{name}.index"] = torch.randint(0, linear.in_features + 1, (1,), generator=generator).int()
         tensors[f"{name}.delta"] = torch.randn(1, linear.out_features, generator=generator) * 0.01
-    hidden = backbone.config.hidden_size
-    return tensors | {"head.weight": torch.randn(2, hidden, generator=generator) * 0.1, "head.bias": torch.zeros(2)}
+    return tensors | head(backbone, generator)
 
 
-def publish_tasks(store, backbone, count: int) -> list[str]:
+def structure(backbone, seed: int) -> dict[str, torch.Tensor]:
+    from ticketserve.kinds.structure_mask import to_tensors
+
+    generator = torch.Generator().manual_seed(seed)
+    c = backbone.config
+    keep = torch.rand(c.num_hidden_layers, c.num_attention_heads, generator=generator) > 0.2
+    keep[:, 0] = True
+    return to_tensors(keep, torch.rand(c.num_hidden_layers, generator=generator) > 0.1) | head(backbone, generator)
+
+
+def supermask(backbone, seed: int) -> dict[str, torch.Tensor]:
+    from ticketserve.backbone import dense_matrices
+    from ticketserve.kinds.supermask import encode_masks
+
+    generator = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.05 for n, m in dense_matrices(backbone.model).items()}
+    return encode_masks(masks) | head(backbone, generator)
+
+
+def full(backbone, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {f"encoder.{k}": v + 0.001 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in backbone.model.state_dict().items()} | head(backbone, generator)
+
+
+BUILDERS = {"row_delta": dominant1, "structure_mask": structure, "supermask": supermask, "full": full}
+
+
+def publish(store, backbone, kind: str, names: list[str]) -> None:
     from registry import HeadConfig, Manifest
     from ticketserve import artifact
     from ticketserve.tasks import get_task
 
-    names = [f"bench-d1-{i:03d}" for i in range(count)]
     for seed, name in enumerate(names):
-        manifest = Manifest(name=name, kind="row_delta", method="dominant", task=get_task("sst2"), head=HeadConfig(),
-                            backbone=backbone.ref(), details={"synthetic": True, "k": 1})
-        artifact.publish(store, manifest, dominant1_like(backbone, seed))
-    return names
+        manifest = Manifest(name=name, kind=kind, method="synthetic", task=get_task("sst2"), head=HeadConfig(),
+                            backbone=backbone.ref(), details={"synthetic": True})
+        artifact.publish(store, manifest, BUILDERS[kind](backbone, seed))
 
 
-def in_process(backbone, store, names: list[str], texts: list[str], batch: int, seconds: float) -> dict:
+# -- engine throughput ----------------------------------------------------------------------
+
+def batches(tokenizer, texts: list[str], seed: int = 0) -> list[tuple[dict, list[int]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(BATCHES):
+        sample = rng.sample(texts, BATCH)
+        out.append((tokenizer(sample, padding=True, truncation=True, max_length=128, return_tensors="pt"),
+                    [rng.randrange(TASKS) for _ in sample]))
+    return out
+
+
+def rate(run, work: list) -> float:
+    run(*work[0])  # warm-up
+    started, done = time.perf_counter(), 0
+    for inputs, tasks in work:
+        run(inputs, tasks)
+        done += len(tasks)
+    return done / (time.perf_counter() - started)
+
+
+def groups(tasks: list[int]) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for position, task in enumerate(tasks):
+        found.setdefault(task, []).append(position)
+    return found
+
+
+def subset(inputs: dict, rows: list[int]) -> dict:
+    index = torch.tensor(rows)
+    return {k: v.index_select(0, index) for k, v in inputs.items()}
+
+
+def ours(backbone_spec, store, kind: str, names: list[str], work, runtime_cls=None) -> float:
     from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
     from ticketserve.runtime import Runtime
 
+    backbone = load_backbone(backbone_spec)
+    runtime = (runtime_cls or Runtime)(backbone, device="cpu")
+    for name in names:
+        runtime.add(artifact.load(store, name, backbone))
+    return rate(lambda inputs, tasks: runtime.logits([names[t % len(names)] for t in tasks], inputs), work)
+
+
+@torch.inference_mode()
+def peft_rates(backbone, work) -> dict[str, float]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*\.(query|key|value|dense)$", lora_dropout=0.0)
+    model = get_peft_model(copy.deepcopy(backbone.model), config, adapter_name="t0")
+    for i in range(1, TASKS):
+        model.add_adapter(f"t{i}", config)
+    model.eval()
+
+    def mixed(inputs, tasks):
+        model(**inputs, adapter_names=[f"t{t}" for t in tasks])
+
+    def switching(inputs, tasks):
+        for task, rows in groups(tasks).items():
+            model.set_adapter(f"t{task}")
+            model(**subset(inputs, rows))
+
+    return {"peft LoRA r=8 x100, adapter_names mixed": rate(mixed, work),
+            "peft LoRA r=8 x100, set_adapter per task group": rate(switching, work)}
+
+
+@torch.inference_mode()
+def full_copies_rate(backbone, work, resident: int = 10) -> float:
+    """One fine-tuned model per task, `resident` held in memory, weights swapped per task group."""
+    states = [{k: v + 0.001 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in backbone.model.state_dict().items()} for _ in range(resident)]
+    copies = [copy.deepcopy(backbone.model).eval() for _ in range(resident)]
+    holding: list[int | None] = [None] * resident
+    order = list(range(resident))
+
+    def run(inputs, tasks):
+        for task, rows in groups(tasks).items():
+            if task in holding:
+                slot = holding.index(task)
+            else:
+                slot = order.pop(0)  # least recently used copy takes this task's weights
+                copies[slot].load_state_dict(states[task % resident])
+                holding[slot] = task
+                order.append(slot)
+            copies[slot](**subset(inputs, rows))
+
+    return rate(run, work)
+
+
+def engine_part(backbone_spec: str, label: str, texts: list[str]) -> list[dict]:
+    from registry import open_store
+    from ticketserve.backbone import load_backbone
+    from ticketserve.kinds import supermask as supermask_kind
+
+    backbone = load_backbone(backbone_spec)
+    store = open_store(tempfile.mkdtemp(prefix="ts-bench-"))
+    names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)] for kind in ("row_delta", "structure_mask", "supermask")}
+    for kind, kind_names in names.items():
+        publish(store, backbone, kind, kind_names)
+    work = batches(backbone.tokenizer, texts)
+    with torch.inference_mode():
+        plain = rate(lambda inputs, tasks: backbone.model(**inputs), work)
+    one_mask = sum(p.numel() * 4 for n, p in backbone.model.named_parameters() if n.endswith(".weight") and "layer." in n
+                   and "LayerNorm" not in n)
+    measured = {"plain backbone": plain,
+                "ours: 1 task (Dominant-1)": ours(backbone_spec, store, "row_delta", names["row_delta"][:1], work),
+                "ours: 100 Dominant-1 mixed": ours(backbone_spec, store, "row_delta", names["row_delta"], work),
+                "ours: 100 structure masks mixed": ours(backbone_spec, store, "structure_mask", names["structure_mask"], work)}
+    previous = supermask_kind.DEFAULT_CACHE_BYTES
+    supermask_kind.DEFAULT_CACHE_BYTES = 10 * one_mask  # room for 10 tasks' masked weights
+    try:
+        measured["ours: 100 supermasks, cache for 10"] = ours(backbone_spec, store, "supermask", names["supermask"], work)
+    finally:
+        supermask_kind.DEFAULT_CACHE_BYTES = previous
+    from ticketserve.onnx_backend import OnnxRuntime
+
+    measured["ours, ONNX Runtime: 100 Dominant-1 mixed"] = ours(backbone_spec, store, "row_delta", names["row_delta"], work,
+                                                                  OnnxRuntime)
+    measured["ours, ONNX Runtime: 1 task"] = ours(backbone_spec, store, "row_delta", names["row_delta"][:1], work, OnnxRuntime)
+    measured |= peft_rates(backbone, work)
+    measured["full fine-tuned copies (10 resident), swapped per task group"] = full_copies_rate(backbone, work)
+    profile(backbone_spec, store, names["row_delta"], work, label)
+    return [{"part": "engine", "backbone": label, "workload": k, "examples_per_s": v, "vs_plain": v / plain}
+            for k, v in measured.items()]
+
+
+def profile(backbone_spec, store, names, work, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.runtime import Runtime
+
+    backbone = load_backbone(backbone_spec)
     runtime = Runtime(backbone, device="cpu")
     for name in names:
         runtime.add(artifact.load(store, name, backbone))
-    rng = random.Random(0)
-    results = {}
-    for label, pool in (("1 task", names[:1]), (f"{len(names)} tasks mixed", names)):
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            sample = rng.sample(texts, batch)
-            runtime.logits([rng.choice(pool) for _ in sample], runtime.tokenize(sample))
-            done += batch
-        results[label] = done / (time.perf_counter() - started)
-    with torch.inference_mode():  # the plain backbone, no task machinery, same batches
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            sample = rng.sample(texts, batch)
-            backbone.model(**runtime.tokenize(sample))
-            done += batch
-        results["plain backbone"] = done / (time.perf_counter() - started)
-    return results
+    inputs, tasks = work[0]
+    runtime.logits([names[t] for t in tasks], inputs)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for inputs, tasks in work[:3]:
+            runtime.logits([names[t] for t in tasks], inputs)
+    with PROFILE.open("a") as handle:
+        handle.write(f"== {label}: 100 Dominant-1 tasks mixed, 3 batches of {BATCH} ==\n")
+        handle.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
+
+
+# -- cold load, resident bytes, memory growth -------------------------------------------------
+
+def load_part(texts: list[str]) -> list[dict]:
+    from registry import open_store
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.runtime import Runtime
+    from transformers import AutoModel
+
+    backbone = load_backbone()
+    store = open_store(tempfile.mkdtemp(prefix="ts-bench-load-"))
+    records = []
+    for kind in ("row_delta", "structure_mask", "supermask", "full"):
+        names = [f"cold-{kind.replace('_', '-')}-{i}" for i in range(5)]
+        publish(store, backbone, kind, names)
+        runtime = Runtime(backbone, device="cpu")
+        times, resident = [], []
+        for name in names:
+            started = time.perf_counter()
+            runtime.add(artifact.load(store, name, backbone))
+            times.append(time.perf_counter() - started)
+            found = artifact.read(store, name)
+            resident.append(sum(t.numel() * t.element_size() for t in found.tensors.values()))
+            runtime.remove(name)
+        records.append({"part": "load", "kind": kind, "cold_load_ms_median": 1000 * sorted(times)[len(times) // 2],
+                        "resident_bytes_per_task": resident[0], "payload_bytes": store.manifest(names[0]).payload_bytes})
+    checkpoint = Path(tempfile.mkdtemp(prefix="ts-bench-ckpt-"))
+    backbone.model.save_pretrained(checkpoint)
+    started = time.perf_counter()
+    AutoModel.from_pretrained(checkpoint, add_pooling_layer=False)
+    records.append({"part": "load", "kind": "full fine-tuned checkpoint (from_pretrained)",
+                    "cold_load_ms_median": 1000 * (time.perf_counter() - started),
+                    "resident_bytes_per_task": sum(p.numel() * 4 for p in backbone.model.parameters())})
+
+    names = [f"grow-{i:04d}" for i in range(1000)]
+    publish(store, backbone, "row_delta", names)
+    runtime = Runtime(backbone, device="cpu")
+    process = psutil.Process()
+    gc.collect()
+    base_rss = process.memory_info().rss
+    work = batches(backbone.tokenizer, texts, seed=1)[:3]
+    loaded = 0
+    for count in (1, 10, 100, 1000):
+        for name in names[loaded:count]:
+            runtime.add(artifact.load(store, name, backbone))
+        loaded = count
+        gc.collect()
+        throughput = rate(lambda inputs, tasks: runtime.logits([names[(t * 10 + i) % count] for i, t in enumerate(tasks)],
+                                                               inputs), work)
+        records.append({"part": "growth", "tasks": count, "rss_growth_bytes": process.memory_info().rss - base_rss,
+                        "mixed_examples_per_s": throughput})
+    return records
 
 
 def drive(target: str, names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
@@ -119,69 +337,120 @@ def drive(target: str, names: list[str], texts: list[str], clients: int, seconds
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "requests": len(latencies), "failures": failures[0]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--tasks", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--port", type=int, default=50171)
-    args = parser.parse_args()
-
+def grpc_part(texts: list[str], seconds: float, clients: list[int], port: int) -> list[dict]:
     from registry import open_store
     from ticketserve.backbone import load_backbone
 
-    texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
-    registry = tempfile.mkdtemp(prefix="ticketserve-bench-")
-    store = open_store(registry)
     backbone = load_backbone()
-    names = publish_tasks(store, backbone, args.tasks)
-    run = {"backbone": backbone.name, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "device": "cpu", "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    records = []
-    engine = in_process(backbone, store, names, texts, args.batch, args.seconds)
-    for label, rate in engine.items():
-        records.append(run | {"measure": "in-process", "workload": label, "batch": args.batch, "examples_per_s": rate})
-
-    server = subprocess.Popen([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry,
-                               "--port", str(args.port), "--cache-bytes", str(1 << 30), *sum((["--preload", n] for n in names), [])],
-                              stderr=subprocess.DEVNULL)
+    registry = tempfile.mkdtemp(prefix="ts-bench-grpc-")
+    store = open_store(registry)
+    names = [f"grpc-d1-{i:03d}" for i in range(TASKS)]
+    publish(store, backbone, "row_delta", names)
+    work = batches(backbone.tokenizer, texts)
+    engine = {"1 task": ours(None, store, "row_delta", names[:1], work),
+              f"{TASKS} tasks random": ours(None, store, "row_delta", names, work)}
+    records = [{"part": "grpc-engine", "workload": k, "examples_per_s": v, "batch": BATCH} for k, v in engine.items()]
+    server = subprocess.Popen([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(port),
+                               *sum((["--preload", n] for n in names), [])], stderr=subprocess.DEVNULL)
     try:
-        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{args.port}",
-                        "--wait", "300", "--json"], check=True, capture_output=True)
-        target = f"127.0.0.1:{args.port}"
-        for workload, pool in (("1 task", names[:1]), (f"{len(names)} tasks random", names)):
-            for clients in map(int, args.clients.split(",")):
-                result = drive(target, pool, texts, clients, args.seconds)
-                records.append(run | {"measure": "grpc", "workload": workload, "clients": clients, **result})
+        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{port}", "--wait", "300"],
+                       check=True, capture_output=True)
+        for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
+            for count in clients:
+                result = drive(f"127.0.0.1:{port}", pool, texts, count, seconds)
+                records.append({"part": "grpc", "workload": workload, "clients": count, **result,
+                                "vs_in_process": result["qps"] / engine[workload]})
                 print(json.dumps(records[-1]), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
+    return records
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="engine,load,grpc")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per gRPC measurement")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--port", type=int, default=50171)
+    parser.add_argument("--skip-bert-base", action="store_true")
+    args = parser.parse_args()
+    texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
+    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    parts = args.parts.split(",")
+    records: list[dict] = []
+    if "engine" in parts:
+        PROFILE.unlink(missing_ok=True)
+        records += engine_part(None, "MiniLM-L6 (bundled)", texts)
+        if not args.skip_bert_base:
+            records += engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts)
+    if "load" in parts:
+        records += load_part(texts)
+    if "grpc" in parts:
+        records += grpc_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as handle:
         for record in records:
-            handle.write(json.dumps(record) + "\n")
-    write_report(records, engine)
+            handle.write(json.dumps(run | record) + "\n")
+    write_report()
 
 
-def write_report(records: list[dict], engine: dict[str, float]) -> None:
-    lines = ["# Serving on one CPU machine (generated by `benchmarks/serving.py`)", "",
-             f"Bundled MiniLM-L6, {records[0]['cpu_count']} CPU cores, torch threads {records[0]['threads']}, "
-             f"run {records[0]['time']}. Tasks are Dominant-1-shaped row deltas (synthetic values).", "",
-             "## In-process engine (examples/s, batches of 32)", "", "| workload | examples/s | vs plain backbone |",
-             "|---|---|---|"]
-    plain = engine["plain backbone"]
-    lines += [f"| {label} | {rate:.1f} | {rate / plain:.3f} |" for label, rate in engine.items()]
-    lines += ["", "## End to end over gRPC (one text per request)", "",
-              "| workload | clients | QPS | p50 ms | p99 ms | failures | QPS / in-process examples/s |", "|---|---|---|---|---|---|---|"]
+def bert_base_like() -> Path:
+    """A BERT-base-sized encoder with random weights and the MiniLM tokenizer (speed only)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ticketserve.backbone import resolve_source
+
+    path = HERE / ".bert-base-random"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_source(None)[1]).save_pretrained(path)
+    return path
+
+
+def write_report() -> None:
+    """benchmarks/serving.md from the newest run of each part in results/serving.jsonl."""
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    newest = {}
     for r in records:
-        if r["measure"] == "grpc":
-            reference = engine["1 task"] if r["workload"] == "1 task" else next(v for k, v in engine.items() if "mixed" in k)
-            lines.append(f"| {r['workload']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-                         f"| {r['failures']} | {r['qps'] / reference:.3f} |")
-    REPORT.write_text("\n".join(lines) + "\n")
+        newest[r["part"]] = max(newest.get(r["part"], ""), r["run"])
+    latest = [r for r in records if r["run"] == newest[r["part"]]]
+    lines = ["# Serving benchmark (generated by `benchmarks/serving.py`)", "",
+             f"CPU machine: {latest[0]['cpu_count']} cores, {latest[0]['torch_threads']} torch threads; device "
+             f"{latest[0]['device']}. Batches of {BATCH} SST-2 dev sentences; in mixed workloads every example's task is "
+             f"drawn from {TASKS}. Task artifacts are synthetic (right shapes, random values).", ""]
+    engine = [r for r in latest if r["part"] == "engine"]
+    for label in dict.fromkeys(r["backbone"] for r in engine):
+        lines += [f"## Engine throughput, {label}", "", "| workload | examples/s | vs plain backbone |", "|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in engine if r["backbone"] == label]
+        lines.append("")
+    load = [r for r in latest if r["part"] == "load"]
+    if load:
+        lines += ["## Cold load (registry → servable) and resident bytes, MiniLM", "",
+                  "| kind | cold load, median ms | resident bytes per task |", "|---|---|---|"]
+        lines += [f"| {r['kind']} | {r['cold_load_ms_median']:.1f} | {r['resident_bytes_per_task']:,} |" for r in load]
+        lines.append("")
+    growth = [r for r in latest if r["part"] == "growth"]
+    if growth:
+        lines += ["## Memory growth with resident Dominant-1 tasks, MiniLM", "",
+                  "| resident tasks | RSS growth | mixed-batch examples/s |", "|---|---|---|"]
+        lines += [f"| {r['tasks']} | {r['rss_growth_bytes'] / 2**20:.1f} MiB | {r['mixed_examples_per_s']:.1f} |" for r in growth]
+        lines.append("")
+    grpc_rows = [r for r in latest if r["part"] == "grpc"]
+    if grpc_rows:
+        engine_rows = [r for r in latest if r["part"] == "grpc-engine"]
+        lines += ["## End to end over gRPC, MiniLM (one text per request)", "",
+                  "In-process engine, same run: " + ", ".join(f"{r['workload']}: {r['examples_per_s']:.1f} examples/s"
+                                                             for r in engine_rows) + " (batches of 32).", "",
+                  "| workload | clients | QPS | p50 ms | p99 ms | failures | QPS / in-process examples/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                  f"{r['failures']} | {r['vs_in_process']:.3f} |" for r in grpc_rows]
+        lines.append("")
+    discussion = HERE / "serving_discussion.md"
+    REPORT.write_text("\n".join(lines) + "\n" + (discussion.read_text() if discussion.exists() else ""))
 
 
 if __name__ == "__main__":

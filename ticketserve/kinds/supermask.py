@@ -89,8 +89,8 @@ def masked_names(tensors: Tensors) -> list[str]:
 class MaskCache:
     """Masked weights of hot tasks, least recently used evicted past `max_bytes`."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes
         self.entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.bytes = self.hits = self.misses = self.evictions = 0
         self.lock = threading.Lock()
