@@ -22,16 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from registry.manifest import FileEntry, Manifest
-from registry.store import (
-    DEFAULT_TAG,
-    ArtifactVersion,
-    Store,
-    check_name,
-    check_tag,
-    register_store,
-    sha256_digest,
-)
+from registry.store import DEFAULT_TAG, ArtifactVersion, Store, check_name, check_tag, register_store, sha256_digest
 from ticketserve.errors import NotFound, StorageError
 
 STALE_TMP_SECONDS = 3600
@@ -87,22 +78,14 @@ class LocalStore(Store):
 
     # -- the Store interface ---------------------------------------------------------------
 
-    def publish(self, manifest: Manifest, files: dict[str, bytes], tags: tuple[str, ...] = ()) -> ArtifactVersion:
-        check_name(manifest.name)
-        for tag in tags:
-            check_tag(tag)
-        entries = {filename: FileEntry.of(data) for filename, data in files.items()}
-        manifest = manifest.model_copy(update={"files": entries, "payload_bytes": sum(len(d) for d in files.values())})
-        for data in files.values():
-            self._put_blob(data)
-        digest = self._put_blob(manifest.to_bytes())
-        refs = self._refs(manifest.name)
-        with FileLock(self.root / "locks" / f"{manifest.name}.lock"):
-            version = max(self.versions(manifest.name), default=0) + 1
+    def _commit_version(self, name: str, digest: str, tags: tuple[str, ...]) -> int:
+        refs = self._refs(name)
+        with FileLock(self.root / "locks" / f"{name}.lock"):
+            version = max(self.versions(name), default=0) + 1
             self._write_atomic(refs / "versions" / str(version), digest.encode())
             for tag in (DEFAULT_TAG, *tags):
                 self._write_atomic(refs / "tags" / tag, str(version).encode())
-        return ArtifactVersion(manifest.name, version, digest)
+        return version
 
     def names(self) -> list[str]:
         return sorted(p.name for p in (self.root / "refs").iterdir() if (p / "versions").is_dir() and self.versions(p.name))

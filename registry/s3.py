@@ -20,7 +20,6 @@ import time
 import uuid
 from pathlib import Path
 
-from registry.manifest import FileEntry, Manifest
 from registry.store import DEFAULT_TAG, ArtifactVersion, Store, check_name, check_tag, register_store, sha256_digest
 from ticketserve.errors import NotFound, StorageError
 
@@ -94,27 +93,19 @@ class S3Store(Store):
 
     # -- the Store interface ------------------------------------------------------------------
 
-    def publish(self, manifest: Manifest, files: dict[str, bytes], tags: tuple[str, ...] = ()) -> ArtifactVersion:
-        check_name(manifest.name)
-        for tag in tags:
-            check_tag(tag)
-        entries = {filename: FileEntry.of(data) for filename, data in files.items()}
-        manifest = manifest.model_copy(update={"files": entries, "payload_bytes": sum(len(d) for d in files.values())})
-        for data in files.values():
-            self._put_blob(data)
-        digest = self._put_blob(manifest.to_bytes())
+    def _commit_version(self, name: str, digest: str, tags: tuple[str, ...]) -> int:
         for _ in range(MAX_VERSION_RACES):
-            version = max(self.versions(manifest.name), default=0) + 1
+            version = max(self.versions(name), default=0) + 1
             try:
-                self._put(digest.encode(), "refs", manifest.name, "versions", str(version), exclusive=True)
+                self._put(digest.encode(), "refs", name, "versions", str(version), exclusive=True)
                 break
             except FileExistsError:  # another publisher took this number: take the next
                 continue
         else:
-            raise StorageError(f"could not allocate a version of {manifest.name} after {MAX_VERSION_RACES} races")
+            raise StorageError(f"could not allocate a version of {name} after {MAX_VERSION_RACES} races")
         for tag in tags:
-            self._put(str(version).encode(), "refs", manifest.name, "tags", tag)
-        return ArtifactVersion(manifest.name, version, digest)
+            self._put(str(version).encode(), "refs", name, "tags", tag)
+        return version
 
     def names(self) -> list[str]:
         return sorted(n for n in self._names_under("refs") if self.versions(n))

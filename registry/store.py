@@ -84,10 +84,27 @@ class Store(ABC):
 
     url: str
 
-    @abstractmethod
     def publish(self, manifest: Manifest, files: dict[str, bytes], tags: tuple[str, ...] = ()) -> ArtifactVersion:
-        """Store files + manifest as the next version of `manifest.name`; visible only when complete.
-        The `latest` tag always moves to the highest version; `tags` are moved too."""
+        """Store files + manifest as the next version of `manifest.name`; visible only when
+        complete (blobs first, the version pointer last). `latest` names the highest version;
+        `tags` move to this one."""
+        check_name(manifest.name)
+        for tag in tags:
+            check_tag(tag)
+        entries = {filename: FileEntry.of(data) for filename, data in files.items()}
+        manifest = manifest.model_copy(update={"files": entries, "payload_bytes": sum(len(d) for d in files.values())})
+        for data in files.values():
+            self._put_blob(data)
+        digest = self._put_blob(manifest.to_bytes())
+        return ArtifactVersion(manifest.name, self._commit_version(manifest.name, digest, tags), digest)
+
+    @abstractmethod
+    def _put_blob(self, data: bytes) -> str:
+        """Store bytes under their digest (idempotent); returns `sha256:…`."""
+
+    @abstractmethod
+    def _commit_version(self, name: str, digest: str, tags: tuple[str, ...]) -> int:
+        """Make `digest` the next version of `name`, safely against concurrent publishers."""
 
     @abstractmethod
     def names(self) -> list[str]: ...

@@ -95,21 +95,25 @@ def _publish_many(url: str, worker: int, count: int) -> None:
         store.publish(manifest(metrics={"worker": worker, "i": i}), {"p": f"{worker}-{i}".encode() * 1000})
 
 
-def test_concurrent_publishers_from_several_processes_lose_nothing(tmp_path):
-    url = str(tmp_path / "registry")
+def assert_concurrent_publishers_lose_nothing(url: str, workers: int, each: int) -> None:
+    """`workers` processes publish `each` versions of one name at once: every one survives."""
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_publish_many, args=(url, w, 6)) for w in range(4)]
-    for process in workers:
+    processes = [context.Process(target=_publish_many, args=(url, w, each)) for w in range(workers)]
+    for process in processes:
         process.start()
-    for process in workers:
-        process.join(120)
+    for process in processes:
+        process.join(180)
         assert process.exitcode == 0
     store = open_store(url)
     versions = store.versions("demo")
-    assert sorted(versions) == list(range(1, 25))
+    assert sorted(versions) == list(range(1, workers * each + 1))
     seen = {(m.metrics["worker"], m.metrics["i"]) for m in (store.verify(f"demo:{v}") for v in versions)}
-    assert seen == {(w, i) for w in range(4) for i in range(6)}
-    assert store.tags("demo")[DEFAULT_TAG] == 24
+    assert seen == {(w, i) for w in range(workers) for i in range(each)}
+    assert store.tags("demo")[DEFAULT_TAG] == workers * each
+
+
+def test_concurrent_publishers_from_several_processes_lose_nothing(tmp_path):
+    assert_concurrent_publishers_lose_nothing(str(tmp_path / "registry"), workers=4, each=6)
 
 
 CRASH_SCRIPT = textwrap.dedent("""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 import uuid
 
 import pytest
 
 from registry import open_store
-from tests.test_registry import _publish_many, manifest
+from tests.test_registry import assert_concurrent_publishers_lose_nothing, manifest
 from ticketserve.errors import CorruptArtifact, NotFound
 
 pytest.importorskip("moto")
@@ -56,19 +55,7 @@ def test_publish_resolve_tags_remove_and_gc(s3_url):
 
 
 def test_concurrent_publishers_from_several_processes_lose_nothing(s3_url):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_publish_many, args=(s3_url, w, 4)) for w in range(4)]
-    for process in workers:
-        process.start()
-    for process in workers:
-        process.join(180)
-        assert process.exitcode == 0
-    store = open_store(s3_url)
-    versions = store.versions("demo")
-    assert sorted(versions) == list(range(1, 17))
-    seen = {(m.metrics["worker"], m.metrics["i"]) for m in (store.verify(f"demo:{v}") for v in versions)}
-    assert seen == {(w, i) for w in range(4) for i in range(4)}
-    assert store.tags("demo")["latest"] == 16
+    assert_concurrent_publishers_lose_nothing(s3_url, workers=4, each=4)
 
 
 def test_corrupt_blob_is_refused_and_never_cached(s3_url):

@@ -68,7 +68,8 @@ class InferenceService(rpc.InferenceServicer):
                                  inference_time_us=int(result.inference_seconds * 1e6),
                                  batch_size=result.batch_size, batch_tasks=result.batch_tasks))
 
-    async def Predict(self, request, context):
+    async def _answer(self, request, context) -> pb.PredictResponse:
+        """Predict, count the outcome by status code, turn errors into their status."""
         try:
             response = await self._predict(request, context)
         except TicketserveError as exc:
@@ -77,15 +78,12 @@ class InferenceService(rpc.InferenceServicer):
         self.metrics.requests.labels(request.task, "OK").inc()
         return response
 
+    async def Predict(self, request, context):
+        return await self._answer(request, context)
+
     async def PredictStream(self, request_iterator, context) -> AsyncIterator[pb.PredictResponse]:
         async for request in request_iterator:
-            try:
-                response = await self._predict(request, context)
-            except TicketserveError as exc:
-                self.metrics.requests.labels(request.task, status_of(exc).name).inc()
-                await _abort(context, exc)
-            self.metrics.requests.labels(request.task, "OK").inc()
-            yield response
+            yield await self._answer(request, context)
 
 
 class TasksService(rpc.TasksServicer):
