@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import in_memory_artifact, random_row_delta
@@ -15,6 +16,14 @@ from ticketserve.runtime import Runtime
 TEXTS = ["a fine, moving film", "dreadful", "it could have been shorter, and funnier", "yes", "no way"]
 
 
+@pytest.fixture(autouse=True)
+def onnx_cache(tmp_path_factory, monkeypatch):
+    """One export per tiny backbone for the whole module (exports are cached by fingerprint)."""
+    root = tmp_path_factory.getbasetemp() / "onnx-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root))
+    return root / "ticketserve" / "onnx"
+
+
 def _tasks(backbone):
     layers, heads = backbone.config.num_hidden_layers, backbone.config.num_attention_heads
     keep = torch.ones(layers, heads, dtype=torch.bool)
@@ -26,11 +35,11 @@ def _tasks(backbone):
             in_memory_artifact(backbone, "masked", encode_masks(_random_masks(backbone, 4)), seed=4, kind="supermask")]
 
 
-def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints, tmp_path):
+def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints):
     for arch in ("bert", "roberta"):
         path = str(tiny_checkpoints[arch])
         torch_runtime = Runtime(load_backbone(path), device="cpu")
-        onnx_runtime = OnnxRuntime(load_backbone(path), cache_dir=tmp_path / "onnx")
+        onnx_runtime = OnnxRuntime(load_backbone(path))
         for task in _tasks(torch_runtime.backbone):
             torch_runtime.add(task)
             onnx_runtime.add(task)
@@ -44,24 +53,24 @@ def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints, tmp_p
                                    atol=1e-4, rtol=0)
 
 
-def test_export_is_cached_by_fingerprint(tiny_checkpoints, tmp_path):
+def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
     from ticketserve.onnx_backend import cached_export
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    first = cached_export(backbone, tmp_path)
+    first = cached_export(backbone)
+    assert first.parent.parent == onnx_cache
     stamp = first.stat().st_mtime_ns
-    again = cached_export(load_backbone(str(tiny_checkpoints["bert"])), tmp_path)
+    again = cached_export(load_backbone(str(tiny_checkpoints["bert"])))
     assert again == first and again.stat().st_mtime_ns == stamp
     assert backbone.fingerprint.removeprefix("sha256:") in str(first)
 
 
-def test_server_with_the_onnx_backend(tiny_checkpoints, tmp_path, monkeypatch):
+def test_server_with_the_onnx_backend(tiny_checkpoints, tmp_path):
     from registry import open_store
     from tests.test_server import in_process, publish_row_task
     from ticketserve.client import Client
     from ticketserve.server.main import BackgroundServer, ServeConfig
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = str(tiny_checkpoints["roberta"])
     store = open_store(str(tmp_path / "registry"))
     publish_row_task(store, load_backbone(path), "rows", 3)
