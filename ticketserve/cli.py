@@ -58,7 +58,7 @@ def _runtime_for(ref: str, registry: str | None, backbone: str | None):
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="full | bitfit | dominant | random | ticket-search | supermask | importance | superticket | ticketshare")],
+    method: Annotated[str, typer.Option(help="see `ticketserve methods`; also superticket, ticketshare")],
     task: Annotated[Optional[str], typer.Option(help="GLUE task name, or a name for your own task")] = None,
     backbone: BackboneOpt = None,
     data_dir: DataDirOpt = None,
@@ -197,6 +197,23 @@ def _ticketshare(tasks, supertickets, plain, data_root, data_dir, backbone, conf
     _emit(as_json, result, lambda: out.print(
         f"published shared encoder [bold]{outcome.backbone}[/] and " + ", ".join(
             f"{v} ({next(iter(outcome.metrics[k].values())):.4f})" for k, v in outcome.tasks.items())))
+
+
+@app.command()
+def methods(as_json: JsonOpt = False) -> None:
+    """The training methods: artifact kind, default learning rate, what each trains."""
+    from trainers import methods as registered
+
+    rows = [{"method": name, "kind": cls.kind, "default_lr": cls.default_lr, "description": cls.description}
+            for name, cls in sorted(registered().items())]
+
+    def table() -> None:
+        grid = Table("method", "kind", "default lr", "what it trains")
+        for row in rows:
+            grid.add_row(row["method"], row["kind"], f"{row['default_lr']:g}", row["description"])
+        out.print(grid)
+
+    _emit(as_json, rows, table)
 
 
 @app.command("eval")

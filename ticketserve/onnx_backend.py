@@ -76,13 +76,13 @@ def export(backbone: Backbone, path: Path) -> Path:
     model = ExportableEncoder(backbone.model)
     config = backbone.config
     batch, seq, k = 2, 7, 2
-    sizes = {n: (m.base.in_features, m.base.out_features) for n, m in dense_matrices(model.encoder).items()}
+    sizes = {n: m.base.out_features for n, m in dense_matrices(model.encoder).items()}
     example = [torch.randint(5, 100, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
                torch.zeros(batch, seq, dtype=torch.long),
                torch.ones(batch, config.num_hidden_layers, config.num_attention_heads),
                torch.ones(batch, config.num_hidden_layers)]
     for name in model.names:
-        inp, out = sizes[name]
+        out = sizes[name]
         example += [torch.zeros(batch, k, dtype=torch.long), torch.zeros(batch, k, out), torch.zeros(batch, out)]
     B, S, K = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("rows")
     rows_dynamic = [shape for _ in model.names for shape in ({0: B, 1: K}, {0: B, 1: K}, {0: B})]
@@ -127,7 +127,6 @@ class OnnxRuntime(Runtime):
             device is None and "CUDAExecutionProvider" in available) else []
         self.session = ort.InferenceSession(str(self.onnx_path),
                                             providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
-        self.matrix_names = list(dense_matrices(backbone.model))
 
     def hidden(self, encoder: nn.Module, inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
         if encoder is not self.encoder:  # a task with weights of its own (supermask, full): torch

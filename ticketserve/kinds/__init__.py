@@ -1,8 +1,9 @@
 """Artifact kinds: how a payload's tensors (minus the head) are checked and applied.
 
-A kind knows tensors, never storage. `shares_backbone` kinds attach to the one shared
-encoder under a per-task slot, so a batch can mix their tasks; the others get an encoder
-of their own (the full fine-tuning baseline).
+A kind knows tensors, never storage. `attach` returns the encoder a task runs on: kinds that
+share the backbone return the shared encoder itself (state kept per task slot, so a batch
+mixes their tasks in one forward); the others return a view or copy of their own, and the
+runtime groups their examples per task.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ Tensors = dict[str, torch.Tensor]
 
 class Kind(ABC):
     name: ClassVar[str]
-    shares_backbone: ClassVar[bool]
     is_task: ClassVar[bool] = True  # a servable task (with a head); False for e.g. tickets
 
     @abstractmethod

@@ -10,7 +10,6 @@ from ticketserve.kinds import Kind, Tensors, register_kind
 
 
 class _Record(Kind):
-    shares_backbone = False
     is_task = False
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:

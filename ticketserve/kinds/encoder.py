@@ -14,7 +14,6 @@ from ticketserve.kinds import Kind, Tensors, register_kind
 @register_kind
 class BackboneKind(Kind):
     name = "backbone"
-    shares_backbone = False
     is_task = False
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:

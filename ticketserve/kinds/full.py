@@ -27,7 +27,6 @@ def changed_tensors(encoder: nn.Module, reference: dict[str, torch.Tensor]) -> T
 @register_kind
 class FullKind(Kind):
     name = "full"
-    shares_backbone = False
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         state = encoder.state_dict()

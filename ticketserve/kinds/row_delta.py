@@ -193,7 +193,6 @@ def _add_rows(state: dict[str, torch.Tensor], tensors: Tensors, names: set[str])
 @register_kind
 class RowDeltaKind(Kind):
     name = "row_delta"
-    shares_backbone = True
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         matrices = dense_matrices(encoder)

@@ -23,7 +23,6 @@ def to_tensors(keep_heads: torch.Tensor, keep_ffn: torch.Tensor) -> Tensors:
 @register_kind
 class StructureMaskKind(Kind):
     name = "structure_mask"
-    shares_backbone = True
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         config = encoder.config

@@ -157,7 +157,6 @@ class MaskedEncoder(nn.Module):
 @register_kind
 class SupermaskKind(Kind):
     name = "supermask"
-    shares_backbone = False  # each task runs its own (masked) view: batches are grouped by task
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         params = dict(encoder.named_parameters())

@@ -28,7 +28,6 @@ def to_tensors(counts: dict[str, torch.Tensor]) -> Tensors:
 @register_kind
 class TicketKind(Kind):
     name = "ticket"
-    shares_backbone = True
     is_task = False
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:

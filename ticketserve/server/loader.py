@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from registry import ArtifactVersion, Reference, Store
 from registry.store import DEFAULT_TAG
@@ -32,7 +32,6 @@ class TaskHandle:
     bytes: int
     refs: int = 0
     retired: bool = False
-    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> str:
@@ -121,7 +120,6 @@ class TaskLoader:
 
     def _hold(self, handle: TaskHandle, hit: bool) -> TaskHandle:
         handle.refs += 1
-        handle.last_used = time.monotonic()
         self.resident.move_to_end(handle.key)
         self._report("hit" if hit else "miss")
         return handle
