@@ -63,7 +63,7 @@ class Runtime:
         kind = get_kind(artifact.manifest.kind)
         with self._lock:
             slot = next(self._slots)
-            encoder = kind.attach(self.encoder, slot, artifact.kind_tensors).to(self.device)
+            encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
             head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
             old, self.tasks[name] = self.tasks.get(name), LoadedTask(name, artifact, slot, encoder, head)
         if old is not None:

@@ -218,9 +218,10 @@ class RowDeltaKind(Kind):
         device = next(encoder.parameters()).device
         for name, layer in wrapped.items():
             layer.drop_task(slot)
-            if f"{name}.index" in tensors:
-                delta = RowDelta.from_payload(tensors[f"{name}.index"], tensors[f"{name}.delta"].float(), layer.in_features)
-                layer.set_task(slot, delta.to(device))
+            if f"{name}.index" in tensors:  # tensors moved first: no per-module .to()
+                layer.set_task(slot, RowDelta.from_payload(tensors[f"{name}.index"].to(device),
+                                                           tensors[f"{name}.delta"].to(device, torch.float32),
+                                                           layer.in_features))
         return encoder
 
     def detach(self, encoder: nn.Module, slot: int) -> None:
