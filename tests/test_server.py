@@ -327,3 +327,32 @@ def test_health_command_for_container_checks(registry, tiny_bert):
         assert result.exit_code == 0 and "SERVING" in result.output
     down = CliRunner().invoke(app, ["health", "--server", "127.0.0.1:1", "--timeout", "1"])
     assert down.exit_code != 0
+
+
+def test_client_retries_unavailable_with_backoff():
+    from concurrent import futures
+
+    from ticketserve.v1 import rpc
+
+    class Flaky(rpc.InfoServicer):
+        calls = 0
+
+        def ServerInfo(self, request, context):
+            Flaky.calls += 1
+            if Flaky.calls <= 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            return pb.ServerInfoResponse(version="flaky")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    rpc.add_InfoServicer_to_server(Flaky(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retries=4) as client:
+            assert client.server_info().version == "flaky"
+        assert Flaky.calls == 3
+        Flaky.calls = -10  # now it keeps failing past the retry budget
+        with Client(f"127.0.0.1:{port}", retries=2) as client:
+            assert _code(client.server_info) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
