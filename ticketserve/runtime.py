@@ -52,8 +52,9 @@ class Runtime:
         self.tasks: dict[str, LoadedTask] = {}
         self._slots = itertools.count(1)
         self._lock = threading.Lock()
-        # forwards on the shared encoder run one at a time: supermask tasks substitute their
-        # weights into it for the duration of their forward (intra-op threads still apply)
+        # forwards on the shared encoder run one at a time (supermask tasks substitute their
+        # weights into it for the duration of their forward; intra-op threads still apply),
+        # and a task is detached only between forwards
         self._forward_lock = threading.Lock()
 
     def add(self, artifact: Artifact, name: str | None = None) -> LoadedTask:
@@ -78,7 +79,8 @@ class Runtime:
         self.remove_slot(task)
 
     def remove_slot(self, task: LoadedTask) -> None:
-        get_kind(task.artifact.manifest.kind).detach(self.encoder, task.slot)
+        with self._forward_lock:  # never under a forward that resolved this task
+            get_kind(task.artifact.manifest.kind).detach(self.encoder, task.slot)
 
     def get(self, name: str) -> LoadedTask:
         try:
@@ -96,7 +98,12 @@ class Runtime:
     @torch.inference_mode()
     def logits(self, task_names: list[str], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """One output row per example; examples may name different tasks. Shared-backbone tasks
-        run in one forward pass; each private-encoder task in its own."""
+        run in one forward pass; each private-encoder task in its own. Resolution and forward
+        happen under one lock, so a task replaced meanwhile is never half-applied."""
+        with self._forward_lock:
+            return self._logits(task_names, inputs)
+
+    def _logits(self, task_names: list[str], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         tasks = [self.get(n) for n in task_names]
         by_name = {task.name: task for task in tasks}  # fixed for this call even if a task is swapped
         outputs: list[torch.Tensor | None] = [None] * len(tasks)
@@ -107,8 +114,7 @@ class Runtime:
             index = torch.tensor(rows, device=self.device)
             sub = {k: v.index_select(0, index) for k, v in inputs.items()}
             slots = torch.tensor([tasks[i].slot for i in rows], device=self.device)
-            with self._forward_lock:
-                hidden = self.hidden(tasks[rows[0]].encoder, sub, Routing(slots))
+            hidden = self.hidden(tasks[rows[0]].encoder, sub, Routing(slots))
             by_task: dict[str, list[int]] = {}
             for position, i in enumerate(rows):
                 by_task.setdefault(tasks[i].name, []).append(position)
