@@ -356,3 +356,11 @@ def test_client_retries_unavailable_with_backoff():
             assert _code(client.server_info) == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)
+
+
+def test_reflection_lists_every_service(registry, tiny_bert):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with BackgroundServer(config(registry, tiny_bert)) as server, Client(f"127.0.0.1:{server.port}") as client:
+        services = set(ProtoReflectionDescriptorDatabase(client.channel).get_services())
+    assert {"ticketserve.v1.Inference", "ticketserve.v1.Tasks", "ticketserve.v1.Info", "grpc.health.v1.Health"} <= services
