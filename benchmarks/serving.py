@@ -72,13 +72,20 @@ def structure(backbone, seed: int) -> dict[str, torch.Tensor]:
     return to_tensors(keep, torch.rand(c.num_hidden_layers, generator=generator) > 0.1) | head(backbone, generator)
 
 
+_MASKS: dict[str, dict[str, torch.Tensor]] = {}
+
+
 def supermask(backbone, seed: int) -> dict[str, torch.Tensor]:
+    """One encoded mask set per backbone, shared by all tasks (compressing is the slow part,
+    and serving speed does not depend on which weights are masked); heads differ."""
     from ticketserve.backbone import dense_matrices
     from ticketserve.kinds.supermask import encode_masks
 
-    generator = torch.Generator().manual_seed(seed)
-    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.05 for n, m in dense_matrices(backbone.model).items()}
-    return encode_masks(masks) | head(backbone, generator)
+    if backbone.fingerprint not in _MASKS:
+        generator = torch.Generator().manual_seed(0)
+        masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.05 for n, m in dense_matrices(backbone.model).items()}
+        _MASKS[backbone.fingerprint] = encode_masks(masks)
+    return _MASKS[backbone.fingerprint] | head(backbone, torch.Generator().manual_seed(seed))
 
 
 def full(backbone, seed: int) -> dict[str, torch.Tensor]:
@@ -103,10 +110,10 @@ def publish(store, backbone, kind: str, names: list[str]) -> None:
 
 # -- engine throughput ----------------------------------------------------------------------
 
-def batches(tokenizer, texts: list[str], seed: int = 0) -> list[tuple[dict, list[int]]]:
+def batches(tokenizer, texts: list[str], seed: int = 0, count: int = BATCHES) -> list[tuple[dict, list[int]]]:
     rng = random.Random(seed)
     out = []
-    for _ in range(BATCHES):
+    for _ in range(count):
         sample = rng.sample(texts, BATCH)
         out.append((tokenizer(sample, padding=True, truncation=True, max_length=128, return_tensors="pt"),
                     [rng.randrange(TASKS) for _ in sample]))
@@ -191,7 +198,7 @@ def full_copies_rate(backbone, work, resident: int = 10) -> float:
     return rate(run, work)
 
 
-def engine_part(backbone_spec: str, label: str, texts: list[str]) -> list[dict]:
+def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES) -> list[dict]:
     from registry import open_store
     from ticketserve.backbone import load_backbone
     from ticketserve.kinds import supermask as supermask_kind
@@ -201,7 +208,7 @@ def engine_part(backbone_spec: str, label: str, texts: list[str]) -> list[dict]:
     names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)] for kind in ("row_delta", "structure_mask", "supermask")}
     for kind, kind_names in names.items():
         publish(store, backbone, kind, kind_names)
-    work = batches(backbone.tokenizer, texts)
+    work = batches(backbone.tokenizer, texts, count=count)
     with torch.inference_mode():
         plain = rate(lambda inputs, tasks: backbone.model(**inputs), work)
     one_mask = sum(p.numel() * 4 for n, p in backbone.model.named_parameters() if n.endswith(".weight") and "layer." in n
@@ -374,26 +381,29 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--port", type=int, default=50171)
     parser.add_argument("--skip-bert-base", action="store_true")
+    parser.add_argument("--bert-base-batches", type=int, default=3, help="batches per BERT-base measurement")
     args = parser.parse_args()
     texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
     run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device": "cuda" if torch.cuda.is_available() else "cpu"}
     parts = args.parts.split(",")
-    records: list[dict] = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(records: list[dict]) -> None:  # each part's results are saved as soon as it ends
+        with RESULTS.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(run | record) + "\n")
+        write_report()
+
     if "engine" in parts:
         PROFILE.unlink(missing_ok=True)
-        records += engine_part(None, "MiniLM-L6 (bundled)", texts)
+        keep(engine_part(None, "MiniLM-L6 (bundled)", texts))
         if not args.skip_bert_base:
-            records += engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts)
+            keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches))
     if "load" in parts:
-        records += load_part(texts)
+        keep(load_part(texts))
     if "grpc" in parts:
-        records += grpc_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(run | record) + "\n")
-    write_report()
+        keep(grpc_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port))
 
 
 def bert_base_like() -> Path:
