@@ -208,3 +208,25 @@ def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
     layers = json.loads(result.output)["layers"]
     assert [row["layer"] for row in layers] == [0, 1] and 0.15 < layers[0]["Q"] < 0.35
     assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_task_loads_after_a_supermask_task(tiny_backbone):
+    """Regression: copying the shared encoder for a full task must skip the mask cache."""
+    from ticketserve.kinds.full import changed_tensors
+
+    tuned = copy.deepcopy(tiny_backbone.model)  # the "fine-tuned" model, copied before any task attaches
+    reference = {k: v.clone() for k, v in tuned.state_dict().items()}
+    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime.add(in_memory_artifact(tiny_backbone, "masked", encode_masks(_random_masks(tiny_backbone, 1)), kind="supermask"))
+    runtime.logits(["masked"], runtime.tokenize(TEXTS[:1]))  # the mask cache now exists
+    with torch.no_grad():
+        tuned.encoder.layer[0].output.dense.weight.mul_(1.5)
+    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned, reference), kind="full"))
+    inputs = runtime.tokenize(TEXTS)
+    with torch.no_grad():
+        expected = tuned(**inputs).last_hidden_state
+        served = runtime.get("full").encoder(**inputs).last_hidden_state
+    torch.testing.assert_close(served, expected, atol=1e-6, rtol=0)
+    mixed = runtime.logits(["full", "masked", "full", "masked"], inputs)
+    for i, name in enumerate(["full", "masked", "full", "masked"]):
+        torch.testing.assert_close(mixed[i], runtime.logits([name], runtime.tokenize([TEXTS[i]]))[0], atol=1e-5, rtol=0)

@@ -38,7 +38,14 @@ class FullKind(Kind):
                 raise CorruptArtifact(f"full artifact {key}: shape {tuple(tensor.shape)} != {tuple(state[name].shape)}")
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        private = copy.deepcopy(encoder)
+        # serving state of the shared encoder is not copied: its mask cache stays behind (it
+        # holds a lock) and the gate table is shared (the copy's gate hooks still read it)
+        memo = {id(v): None for k, v in vars(encoder).items() if k == "_ticketserve_mask_cache"}
+        table = vars(encoder).get("_ticketserve_gate_table")
+        if table is not None:
+            memo[id(table)] = table
+        private = copy.deepcopy(encoder, memo)
+        vars(private).pop("_ticketserve_mask_cache", None)
         for module in private.modules():  # the copy serves this task only: drop shared-kind state
             if isinstance(module, RowDeltaLinear):
                 module.tasks.clear()
