@@ -123,15 +123,7 @@ class LocalStore(Store):
                     (refs / "tags" / tag).unlink(missing_ok=True)
 
     def gc(self, min_age_seconds: float = STALE_TMP_SECONDS) -> dict[str, int]:
-        live: set[str] = set()
-        for name in self.names():
-            for version, digest in self.versions(name).items():
-                live.add(digest)
-                try:
-                    manifest = self.manifest(ArtifactVersion(name, version, digest))
-                except Exception:  # a corrupt manifest keeps what it may reference: verify reports it
-                    continue
-                live.update("sha256:" + entry.sha256 for entry in manifest.files.values())
+        live = self.live_digests()
         removed_blobs = removed_tmp = 0
         cutoff = time.time() - min_age_seconds  # younger files may belong to a publish in flight
         for path in (self.root / "blobs" / "sha256").glob("*/*"):

@@ -152,15 +152,7 @@ class S3Store(Store):
                 self.fs.rm(self._path("refs", ref.name, "tags", tag))
 
     def gc(self, min_age_seconds: float = 3600) -> dict[str, int]:
-        live: set[str] = set()
-        for name in self.names():
-            for version, digest in self.versions(name).items():
-                live.add(digest)
-                try:
-                    manifest = self.manifest(ArtifactVersion(name, version, digest))
-                except Exception:  # a corrupt manifest keeps what it may reference: verify reports it
-                    continue
-                live.update("sha256:" + entry.sha256 for entry in manifest.files.values())
+        live = self.live_digests()
         cutoff, removed = time.time() - min_age_seconds, 0
         try:
             blobs = self.fs.find(self._path("blobs", "sha256"), detail=True)

@@ -191,6 +191,19 @@ class Store(ABC):
             self.read_file(version, manifest, filename)
         return manifest
 
+    def live_digests(self) -> set[str]:
+        """Every digest some version references (its manifest and files): what gc keeps."""
+        live: set[str] = set()
+        for name in self.names():
+            for version, digest in self.versions(name).items():
+                live.add(digest)
+                try:
+                    manifest = self.manifest(ArtifactVersion(name, version, digest))
+                except (CorruptArtifact, NotFound):  # keep what it may reference: verify reports it
+                    continue
+                live.update("sha256:" + entry.sha256 for entry in manifest.files.values())
+        return live
+
     # -- single-file bundles for moving an artifact between registries --------------------
 
     def export_bundle(self, ref: ArtifactVersion | Reference | str, path: Path) -> ArtifactVersion:
