@@ -14,12 +14,12 @@ from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
 from ticketserve import artifact
 from ticketserve.backbone import Backbone
 from ticketserve.kinds import gates
-from ticketserve.kinds.full import changed_tensors
 from ticketserve.kinds.gates import Gates, gating
 from ticketserve.kinds.routing import DEFAULT_SLOT
 from ticketserve.kinds.structure_mask import FFN, HEADS, to_tensors
 from ticketserve.model import TaskModel
 from trainers import Method, RunContext, register_method
+from trainers.full import FullFineTuning
 from trainers.config import TrainConfig
 from trainers.loop import MODEL_INPUTS, FitResult
 
@@ -79,26 +79,24 @@ class StructureOptions(BaseModel):
 
 
 @register_method
-class GatedFineTuning(Method):
+class GatedFineTuning(FullFineTuning):
     """Full fine-tuning with a fixed structure mask (a super ticket at one pruning level)."""
 
     name = "gated-full"
-    kind = "full"
-    default_lr = 5e-5
     description = "full fine-tuning with some heads/FFNs gated off (one level of a super-ticket sweep)"
     Options = StructureOptions
 
     def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
-        self.reference = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
+        params = super().trainable(model, context)
         device = next(model.parameters()).device
         gates.install(model.encoder).patterns[DEFAULT_SLOT] = (
             torch.tensor(self.options.heads, dtype=torch.float32, device=device),
             torch.tensor(self.options.ffn, dtype=torch.float32, device=device))
-        return list(model.parameters())
+        return params
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         gates.install(model.encoder).patterns.pop(DEFAULT_SLOT, None)
-        return changed_tensors(model.encoder, self.reference)
+        return super().export(model)
 
 
 def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store, data_dir=None,
