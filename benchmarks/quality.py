@@ -60,6 +60,11 @@ def train_record(task: str, method: str, seed: int, *, name: str, train_samples:
     }
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a results file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def append(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:

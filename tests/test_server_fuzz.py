@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from registry import open_store
-from tests.test_server import ROW_TASKS, publish_row_task
+from tests.test_server import ROW_TASKS, _code, publish_row_task
 from ticketserve.backbone import load_backbone
 from ticketserve.client import Client
 from ticketserve.engine import EngineConfig
@@ -38,14 +38,6 @@ def client(tmp_path_factory, tiny_checkpoints):
         assert connected.predict("alpha", ["after the fuzz"]).artifact == "alpha:1"
 
 
-def _status(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 text = st.text(max_size=300)
 inputs = st.lists(st.builds(lambda t, p: pb.TextInput(text=t, **({"text_pair": p} if p is not None else {})),
                             text, st.none() | text), max_size=12)
@@ -59,7 +51,7 @@ requests = st.builds(
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests)
 def test_structured_requests_get_a_prediction_or_a_clear_status(client, request):
-    code = _status(lambda: client.inference.Predict(request, timeout=20))
+    code = _code(lambda: client.inference.Predict(request, timeout=20))
     assert code in CLEAR, f"{code} for {request!r}"
 
 
@@ -67,5 +59,5 @@ def test_structured_requests_get_a_prediction_or_a_clear_status(client, request)
 @given(payload=st.binary(max_size=2048))
 def test_raw_bytes_never_crash_or_hang_the_server(client, payload):
     call = client.channel.unary_unary("/ticketserve.v1.Inference/Predict")  # bytes in, bytes out
-    code = _status(lambda: call(payload, timeout=20))
+    code = _code(lambda: call(payload, timeout=20))
     assert code in CLEAR, code  # undecodable bytes are INVALID_ARGUMENT, never UNKNOWN or a hang
