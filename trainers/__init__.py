@@ -67,6 +67,10 @@ class Method(ABC):
         """Whether AdamW decays this parameter (default: matrices, not biases)."""
         return param.dim() >= 2
 
+    def learning_rate(self, param: nn.Parameter, lr: float) -> float:
+        """This parameter's peak learning rate (default: the run's `--lr` for all)."""
+        return lr
+
     def after_fit(self, model: TaskModel, fit: FitResult) -> dict:
         """Extra work once training is done (`fit.evaluate`, `fit.train_loader`); returns facts
         for the manifest's details."""

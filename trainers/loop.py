@@ -100,11 +100,11 @@ def fit(accelerator: Accelerator, model: TaskModel, method: Method, params: list
         eval_sorted = eval_ds.sort("length").select_columns(columns)
     eval_loader = DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=collate)
 
-    decay = [p for p in params if method.weight_decay(p)]
-    no_decay = [p for p in params if not method.weight_decay(p)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((method.weight_decay(p), method.learning_rate(p, lr)), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": group, "lr": group_lr, "weight_decay": config.weight_decay if decay else 0.0}
+                                   for (decay, group_lr), group in groups.items()], lr=lr)
     spec = model.spec
     wrapped, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     steps_per_epoch = len(train_loader)

@@ -33,6 +33,7 @@ class SupermaskOptions(BaseModel):
     embeddings: bool = Field(False, description="also mask the word embeddings")
     init_score: float = Field(5.0, gt=0, description="|ν| at initialisation (sigmoid(5) ≈ 0.993)")
     samples: int = Field(0, ge=0, description="after training, also score N Bernoulli masks (mean ± std)")
+    head_lr: float = Field(1e-3, gt=0, description="the task head's learning rate (--lr is the scores')")
 
 
 class ScoreMask(nn.Module):
@@ -97,6 +98,9 @@ class Supermask(Method):
 
     def weight_decay(self, param: nn.Parameter) -> bool:
         return id(param) not in self.score_ids and super().weight_decay(param)  # decay would pull ν to 0.5 odds
+
+    def learning_rate(self, param: nn.Parameter, lr: float) -> float:
+        return lr if id(param) in self.score_ids else self.options.head_lr
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         masks = {name: m.deterministic() for name, m in self.masks.items()}
