@@ -88,6 +88,7 @@ def train(
     deep_blocks: Annotated[Optional[int], typer.Option(help="supermask no-deep: last blocks left unmasked")] = None,
     mask_embeddings: Annotated[Optional[bool], typer.Option("--mask-embeddings", help="supermask: mask word embeddings too")] = None,
     samples: Annotated[Optional[int], typer.Option(help="supermask: also score N Bernoulli-sampled masks")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(help="supermask: the task head's learning rate (--lr is the scores')")] = None,
     levels: Annotated[str, typer.Option(help="superticket: pruning levels in percent")] = "0,10,20,30,40,50",
     ticket_type: Annotated[str, typer.Option(help="superticket: winning | random | losing")] = "winning",
     importance: Annotated[Optional[str], typer.Option(help="superticket: a published importance entry to prune by")] = None,
@@ -137,7 +138,7 @@ def train(
         return
     given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile,
              "init_sparsity": init_sparsity, "layers": layers, "deep_blocks": deep_blocks,
-             "embeddings": mask_embeddings, "samples": samples}
+             "embeddings": mask_embeddings, "samples": samples, "head_lr": head_lr}
     options = {key: value for key, value in given.items() if value is not None}
     outcome = run_training(method, spec, load_backbone(backbone), config, _store(registry), data_dir, name,
                            tuple(tag or ()), show_progress=not as_json, options=options)
