@@ -145,7 +145,8 @@ class OnnxRuntime(Runtime):
         feeds["ffn_gates"] = gated[1].expand(batch, -1).numpy() if gated else np.ones((batch, config.num_hidden_layers), np.float32)
         for name, layer in dense_matrices(self.encoder).items():
             if isinstance(layer, RowDeltaLinear) and layer.tasks:
-                index, delta, bias = (t.detach() for t in layer.stacked().for_batch(routing))
+                index, table = (t.detach() for t in layer.stacked().for_batch(routing))
+                delta, bias = table[:, :-1].contiguous(), table[:, -1].contiguous()
             else:
                 index, delta, bias = (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, layer.out_features),
                                       torch.zeros(batch, layer.out_features))

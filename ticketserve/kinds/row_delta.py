@@ -34,13 +34,16 @@ class RowDelta(nn.Module):
             self.register_buffer("in_delta", in_delta, persistent=False)
             self.register_buffer("bias_delta", bias_delta, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.in_delta is not None:
-            out = x.index_select(-1, self.in_index) @ self.in_delta
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x·W + b with this task's rows, fused: the bias delta rides in the GEMM's bias and the
+        input rows accumulate into its output in place (no full-size temporaries or adds)."""
         if self.bias_delta is not None:
-            out = out + self.bias_delta
-        return out
+            bias = self.bias_delta.to(x.dtype) if bias is None else bias + self.bias_delta.to(x.dtype)
+        y = nn.functional.linear(x, weight, bias)
+        if self.in_delta is not None:
+            picked = x.index_select(-1, self.in_index)
+            y.view(-1, y.shape[-1]).addmm_(picked.reshape(-1, picked.shape[-1]), self.in_delta.to(x.dtype))
+        return y
 
     def to_payload(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices, rows = [], []
@@ -66,16 +69,17 @@ class RowDelta(nn.Module):
 @dataclass
 class StackedRows:
     """Every resident task's rows of one matrix, padded to the widest: table row 0 is "no
-    task" (all zero), so a mixed batch needs one lookup + gather + einsum per matrix."""
+    task" (all zero), so a mixed batch needs one lookup + gather + batched matmul per matrix.
+    `delta[:, K]` is each task's bias delta: a constant-1 input column picks it up in the same
+    matmul as the input rows."""
 
     row_of: dict[int, int]  # slot → table row
     index: torch.Tensor  # (tasks + 1, K) input rows (0 where padded)
-    delta: torch.Tensor  # (tasks + 1, K, out) deltas (0 where padded)
-    bias: torch.Tensor  # (tasks + 1, out) bias deltas
+    delta: torch.Tensor  # (tasks + 1, K + 1, out) row deltas (0 where padded), then the bias delta
 
-    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.tensor([self.row_of.get(s, 0) for s in routing.slot_list], device=self.index.device)
-        return self.index[rows], self.delta[rows], self.bias[rows]
+        return self.index[rows], self.delta[rows]
 
 
 class RowDeltaLinear(nn.Linear):
@@ -105,31 +109,28 @@ class RowDeltaLinear(nn.Linear):
             width = max([e.in_index.numel() for _, e in entries], default=0) or 1
             device = self.weight.device
             index = torch.zeros(len(entries) + 1, width, dtype=torch.long, device=device)
-            delta = torch.zeros(len(entries) + 1, width, self.out_features, device=device)
-            bias = torch.zeros(len(entries) + 1, self.out_features, device=device)
+            delta = torch.zeros(len(entries) + 1, width + 1, self.out_features, device=device)
             with torch.no_grad():
                 for row, (_, entry) in enumerate(entries, start=1):
                     k = entry.in_index.numel()
                     if entry.in_delta is not None:
                         index[row, :k], delta[row, :k] = entry.in_index, entry.in_delta
                     if entry.bias_delta is not None:
-                        bias[row] = entry.bias_delta
-            self._stacked = StackedRows({int(slot): row for row, (slot, _) in enumerate(entries, start=1)},
-                                        index, delta, bias)
+                        delta[row, width] = entry.bias_delta
+            self._stacked = StackedRows({int(slot): row for row, (slot, _) in enumerate(entries, start=1)}, index, delta)
         return self._stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if not self.tasks:
-            return y
         routing = current()
         uniform = DEFAULT_SLOT if routing is None else routing.uniform
-        if uniform is not None:  # one task (or training): its own rows only
-            delta = self.tasks[str(uniform)] if str(uniform) in self.tasks else None
-            return y if delta is None else y + delta(x)
-        index, delta, bias = self.stacked().for_batch(routing)
+        if uniform is not None or not self.tasks:  # one task (or training): its own rows only
+            rows = self.tasks[str(uniform)] if str(uniform) in self.tasks else None
+            return super().forward(x) if rows is None else rows.linear(x, self.weight, self.bias)
+        index, delta = self.stacked().for_batch(routing)
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
-        return y + torch.einsum("bsk,bko->bso", picked, delta.to(x.dtype)) + bias.unsqueeze(1).to(x.dtype)
+        picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
+        y = super().forward(x)
+        return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
 
 
 def install(encoder: nn.Module) -> dict[str, RowDeltaLinear]:
