@@ -140,7 +140,9 @@ def importance_rows(tensors: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def plot_phase(curves: list[dict], path: Path) -> None:
-    """Dev metric against the share of heads pruned, one line per sweep (winning/random/losing)."""
+    """Dev metric against the share of heads pruned, one line per sweep (winning/random/losing).
+    Pruning 0 % is the same run for every ticket type, so a sweep run without it borrows the
+    unpruned point of one that has it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +150,11 @@ def plot_phase(curves: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"winning": "tab:green", "random": "tab:gray", "losing": "tab:red"}
+    unpruned = next((p for c in curves for p in c["levels"] if p["level"] == 0), None)
     for curve in curves:
         points = sorted(curve["levels"], key=lambda p: p["level"])
+        if unpruned and points and points[0]["level"] > 0:
+            points.insert(0, unpruned)
         ax.plot([100 * p["level"] for p in points], [p["metric"] for p in points], marker="o",
                 color=colors.get(curve["ticket_type"]), label=f"{curve['ticket_type']} ({curve['run']})")
     ax.set_xlabel("pruned heads and FFNs (%)")
