@@ -53,12 +53,20 @@ def test_materialise_matches_the_math_convention(tiny_backbone):
 
 
 def test_mixed_task_batch_equals_each_task_alone(tiny_backbone):
+    """Tasks of different shapes share one padded table: k = 4 with the bias row, k = 1 without
+    it, the bias row only (BitFit), and rows in only the first matrices."""
     runtime = Runtime(tiny_backbone, device="cpu")
-    for seed, name in enumerate(["alpha", "beta", "gamma"]):
-        runtime.add(in_memory_artifact(tiny_backbone, name, random_row_delta(tiny_backbone, k=4, seed=seed), seed=seed))
-    names = ["alpha", "beta", "gamma", "beta"]
-    mixed = runtime.logits(names, runtime.tokenize(TEXTS))
-    for i, (name, text) in enumerate(zip(names, TEXTS)):
+    some = random_row_delta(tiny_backbone, k=2, seed=3)
+    shapes = {"alpha": random_row_delta(tiny_backbone, k=4, seed=0),
+              "beta": random_row_delta(tiny_backbone, k=1, seed=1, bias=False),
+              "gamma": random_row_delta(tiny_backbone, k=0, seed=2),
+              "delta": {key: some[key] for key in sorted(some)[:6]}}
+    for seed, (name, tensors) in enumerate(shapes.items()):
+        runtime.add(in_memory_artifact(tiny_backbone, name, tensors, seed=seed))
+    names = ["alpha", "beta", "gamma", "delta", "beta", "alpha"]
+    texts = TEXTS + TEXTS[:2]
+    mixed = runtime.logits(names, runtime.tokenize(texts))
+    for i, (name, text) in enumerate(zip(names, texts)):
         alone = runtime.logits([name], runtime.tokenize([text]))[0]
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(mixed[1], runtime.logits(["alpha"], runtime.tokenize([TEXTS[1]]))[0], atol=1e-3)
