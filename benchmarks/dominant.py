@@ -1,12 +1,14 @@
 """Dominant winning tickets at MiniLM scale (issue: Gong et al. reproduction).
 
-One command runs the whole study (hours on 2 CPU cores; never part of the tests):
+One command runs the whole study (hours on 2 CPU cores; never part of the tests), resumable
+(a configuration already in the results file is not rerun), cheapest evidence first:
   1. ticket searches per task and search seed        → results/tickets.jsonl (σ, out-weighted share)
-  2. full FT, BitFit, Dominant-k, Random-k per task, seed (and optionally an LR grid on the
-     first seed; the best LR on dev is used for the other seeds) → results/quality.jsonl
-  3. Jaccard between search seeds and between tasks, vs random tickets → results/tickets.jsonl
+  2. Jaccard between search seeds and between tasks, vs random tickets → results/tickets.jsonl
+  3. full FT, BitFit, Dominant-k, Random-k per task at the default learning rates, first seed
+     → results/quality.jsonl
   4. transfer: each task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
-  5. benchmarks/dominant.md regenerated from the results files (also: --report-only)
+  5. the learning-rate grid on the first seed, then the other seeds at the best rate on dev
+  6. benchmarks/dominant.md regenerated from the results files (also: --report-only)
 
     python benchmarks/dominant.py                       # everything, as the issue specifies
     python benchmarks/dominant.py --tasks sst2 --seeds 42 --no-grid --no-transfer
@@ -20,6 +22,7 @@ import statistics
 from pathlib import Path
 
 from quality import QUALITY, RESULTS, append, cli, read_jsonl, train_record
+from trainers import methods
 
 TICKETS = RESULTS / "tickets.jsonl"
 REPORT = Path(__file__).parent / "dominant.md"
@@ -56,16 +59,27 @@ def variants(methods: list[str], ks: list[int]) -> list[tuple[str, int | None]]:
     return [(m, k) for m in methods for k in (ks if m in ("dominant", "random") else [None])]
 
 
+def same_run(r: dict, task: str, method: str, k: int | None, seed: int, lr: float, args, ticket_task: str | None) -> bool:
+    """Resumability: a record of this configuration (from this study or a plain quality run) is reused."""
+    samples = args.train_samples.get(task)
+    return (r["task"], r["method"], r.get("k"), r["seed"], r.get("epochs"), r.get("transfer_from")) == (
+        task, method, k, seed, args.epochs, ticket_task) and abs(r["lr"] - lr) < 1e-12 and r.get("study") in (STUDY, None) \
+        and (samples is None or r["train_samples"] == samples)
+
+
 def train(task: str, method: str, k: int | None, seed: int, lr: float | None, args, ticket_task: str | None = None) -> dict:
     options = {"k": k} if k else {}
     source = ticket_task or task
     if method == "dominant":
         options["ticket"] = ticket_name(source, args.search_seeds[0])
-    label = f"{method}{k or ''}" + (f"-from-{source}" if ticket_task else "") + (f"-lr{lr:g}" if lr else "")
-    name = f"study-{task}-{label}-s{seed}".lower()
-    previous = [r for r in read_jsonl(QUALITY) if r.get("artifact", "").split(":")[0] == name]
+    default = methods()[method].default_lr
+    if lr == default:
+        lr = None  # the default-rate run doubles as that grid point
+    previous = [r for r in read_jsonl(QUALITY) if same_run(r, task, method, k, seed, lr or default, args, ticket_task)]
     if previous:
         return previous[-1]
+    label = f"{method}{k or ''}" + (f"-from-{source}" if ticket_task else "") + (f"-lr{lr:g}" if lr else "")
+    name = f"study-{task}-{label}-s{seed}".lower()
     record = train_record(task, method, seed, name=name,
                           train_samples=args.train_samples.get(task), epochs=args.epochs, lr=lr, options=options,
                           data_root=args.data_root, registry=args.registry)
@@ -88,20 +102,26 @@ def jaccards(args) -> None:
 
 
 def run(args) -> None:
+    """Cheapest evidence first, so an interrupted study still answers the main questions:
+    searches and Jaccard, every method at its default rate on the first seed, transfer, then
+    the learning-rate grid, then the other seeds at the chosen rate."""
     for task, seed in itertools.product(args.tasks, args.search_seeds):
         search(task, seed, args)
+    jaccards(args)
+    for task in args.tasks:
+        for method, k in variants(args.methods, args.ks):
+            train(task, method, k, args.seeds[0], None, args)
+    if args.transfer:
+        for source, target in itertools.permutations(args.tasks, 2):
+            train(target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
     for task in args.tasks:
         for method, k in variants(args.methods, args.ks):
             lr = None
             if args.grid:
                 grid = [train(task, method, k, args.seeds[0], lr, args) for lr in LR_GRID[method]]
                 lr = max(grid, key=lambda r: r["metric"])["lr"]
-            for seed in args.seeds[1:] if args.grid else args.seeds:
+            for seed in args.seeds[1:]:
                 train(task, method, k, seed, lr, args)
-    jaccards(args)
-    if args.transfer:
-        for source, target in itertools.permutations(args.tasks, 2):
-            train(target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
 
 
 def report() -> None:
