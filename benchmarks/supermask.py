@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="mrpc,rte,cola,sst2")
     parser.add_argument("--sparsities", default="0,0.1,0.3,0.5")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--score-lrs", default="0.05,0.1,0.2", help="grid for the scores' learning rate")
+    parser.add_argument("--score-lrs", default="0.05,0.1,0.2,0.5", help="grid for the scores' learning rate")
     parser.add_argument("--grid-task", default="mrpc")
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=5)
