@@ -75,6 +75,10 @@ def entropy(zeros: float) -> float:
     return 0.0 if zeros in (0.0, 1.0) else -(zeros * math.log2(zeros) + (1 - zeros) * math.log2(1 - zeros))
 
 
+def others(record: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k != record["metric_name"]) or "–"
+
+
 def report() -> None:
     records = read_jsonl(QUALITY)
     masks = [r for r in records if r.get("study") == STUDY]
@@ -83,14 +87,14 @@ def report() -> None:
              "`final` = share of masked weights in the shipped deterministic mask; `sampled` = mean ± std of",
              "the metric over Bernoulli masks drawn from the trained scores; bytes = compressed masks + head;",
              "`entropy` = bits per weight an ideal coder needs for an i.i.d. mask with that share of zeros.", "",
-             "| task | weights | lr | init sparsity | final sparsity | metric | sampled | artifact bytes | raw mask bytes | bits/weight | entropy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | weights | lr | init sparsity | final sparsity | metric | other metrics | sampled | artifact bytes | raw mask bytes | bits/weight | entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(masks, key=lambda r: (r["task"], r["shuffled_weights"], r["init_sparsity"], r["lr"])):
         sampled = r.get("sampled")
         sampled_text = f"{sampled['mean']:.4f} ± {sampled['std']:.4f} (n={sampled['n']})" if sampled else "–"
         lines.append(f"| {r['task']} | {'shuffled' if r['shuffled_weights'] else 'pre-trained'} "
                      f"| {r['lr']:g} / {r.get('head_lr', r['lr']):g} | {r['init_sparsity']:.0%} "
-                     f"| {r['final_sparsity']:.2%} | {r['metric']:.4f} | {sampled_text} | {r['artifact_bytes']:,} "
+                     f"| {r['final_sparsity']:.2%} | {r['metric']:.4f} | {others(r)} | {sampled_text} | {r['artifact_bytes']:,} "
                      f"| {r['raw_mask_bytes']:,} | {r['bits_per_masked_weight']:.3f} | {entropy(r['final_sparsity']):.3f} |")
     baselines = [r for r in records if r["method"] in ("full", "bitfit") or (r["method"] == "dominant" and r.get("k") == 1
                                                                               and not r.get("transfer_from"))]
