@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -202,6 +203,11 @@ def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
     weight = dict(backbone.model.named_parameters())[f"{name}.weight"].detach()
     assert rows[f"{name}.weight"]["l1"] == pytest.approx(float(weight[~masks[name]].abs().sum()), rel=1e-5)
     assert distances({"w": torch.ones(4)}, {"w": -torch.ones(4)})[0]["angular"] == pytest.approx(1.0)
+    # fine-tuning's tiny angles do not round to 0 (as arccos of a float32 cosine does)
+    big = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    nudge = torch.zeros_like(big)
+    nudge[0] = 1e-3 * big.norm()
+    assert distances({"w": big}, {"w": big + nudge})[0]["angular"] == pytest.approx(math.atan(1e-3) / math.pi, rel=1e-3)
     figure = tmp_path / "sparsity.png"
     result = runner.invoke(app, ["ticket", "sparsity", "masked", "-o", str(figure), "--registry", registry, "--json"])
     assert result.exit_code == 0, result.output

@@ -88,12 +88,15 @@ def distances(reference: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]
     distance arccos(cos(θ, θ0))/π (the supermask paper's Table 2 measures)."""
     rows = []
     for name, theta in sorted(tuned.items()):
-        theta0 = reference[name].float().flatten()
-        theta = theta.float().flatten()
+        theta0 = reference[name].double().flatten()
+        theta = theta.double().flatten()
         l1 = float((theta - theta0).abs().sum())
-        cosine = float(torch.nn.functional.cosine_similarity(theta, theta0, dim=0).clamp(-1, 1))
+        # the angle from unit vectors' difference and sum: exact for the tiny angles of
+        # fine-tuning, where arccos(cosine) rounds to 0
+        a, b = theta / theta.norm(), theta0 / theta0.norm()
+        angle = 2 * torch.atan2((a - b).norm(), (a + b).norm())
         rows.append({"tensor": name, "l1": l1, "relative_l1": l1 / float(theta0.abs().sum()),
-                     "angular": float(torch.arccos(torch.tensor(cosine)) / torch.pi)})
+                     "angular": float(angle / torch.pi)})
     return rows
 
 
