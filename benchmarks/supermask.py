@@ -19,11 +19,12 @@ import math
 import statistics
 from pathlib import Path
 
-from quality import QUALITY, append, cli, read_jsonl, train_record
+from quality import QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_record
 
 HERE = Path(__file__).parent
 REPORT = HERE / "supermask.md"
 STUDY = "supermask"
+CHOSEN_LR = 0.5  # the grid's choice (benchmarks/supermask.md), used for the per-layer figures
 SHUFFLED = HERE / ".shuffled-minilm"
 
 
@@ -79,6 +80,44 @@ def others(record: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k != record["metric_name"]) or "–"
 
 
+def distance_section(records: list[dict]) -> list[str]:
+    """How far full fine-tuning moves each matrix (angular distance ×1e-3, per layer): the
+    paper's Table 2 measure, which the L0-close presets lean on."""
+    from ticketserve.ticket_report import SHORT, split_name
+
+    full = next((r for r in records if r["method"] == "full" and r["task"] == "mrpc"), None)
+    if full is None:
+        return []
+    rows = cli("ticket", "distance", full["artifact"], "--registry", str(REGISTRY))["distances"]
+    grid: dict[int, dict[str, float]] = {}
+    for row in rows:
+        matrix = row["tensor"].removeprefix("encoder.").removesuffix(".weight")
+        if row["tensor"].endswith(".weight") and matrix.startswith("layer.") and matrix.split(".", 2)[2] in SHORT:
+            layer, short = split_name("encoder." + matrix)
+            grid.setdefault(layer, {})[short] = row["angular"]
+    names = list(SHORT.values())
+    return ["", f"Angular distance ×1e-3 between full fine-tuning ({full['artifact']}) and MiniLM, per matrix"
+            " (`ticketserve ticket distance`):", "", "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+            *[f"| {layer} | " + " | ".join(f"{1e3 * grid[layer][n]:.2f}" for n in names) + " |" for layer in sorted(grid)]]
+
+
+def sparsity_section(masks: list[dict]) -> list[str]:
+    """Share of zeros per layer and matrix of each task's mask at init sparsity 0 (the paper's
+    Figure 4), with the figure `ticketserve ticket sparsity` draws."""
+    lines = []
+    for r in masks:
+        if r["init_sparsity"] or r["shuffled_weights"] or r["lr"] != CHOSEN_LR:
+            continue
+        figure = RESULTS / f"supermask-sparsity-{r['task']}.png"
+        layers = cli("ticket", "sparsity", r["artifact"], "-o", str(figure), "--registry", str(REGISTRY))["layers"]
+        names = [k for k in layers[0] if k != "layer"]
+        lines += ["", f"Zeros per layer and matrix, {r['artifact']} (init sparsity 0):", "",
+                  "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+                  *[f"| {row['layer']} | " + " | ".join(f"{row[n]:.2%}" for n in names) + " |" for row in layers],
+                  "", f"![zeros per layer, {r['task']}](results/{figure.name})"]
+    return lines
+
+
 def report() -> None:
     records = read_jsonl(QUALITY)
     masks = [r for r in records if r.get("study") == STUDY]
@@ -107,6 +146,7 @@ def report() -> None:
         for (task, method), runs in sorted(groups.items()):
             lines.append(f"| {task} | {method} | {statistics.mean(r['metric'] for r in runs):.4f} | {len(runs)} "
                          f"| {runs[0]['artifact_bytes']:,} |")
+    lines += distance_section(records) + sparsity_section(masks)
     discussion = HERE / "supermask_discussion.md"
     REPORT.write_text("\n".join(lines) + "\n" + ("\n" + discussion.read_text() if discussion.exists() else ""))
 
