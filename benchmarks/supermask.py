@@ -24,7 +24,6 @@ from quality import QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_r
 HERE = Path(__file__).parent
 REPORT = HERE / "supermask.md"
 STUDY = "supermask"
-CHOSEN_LR = 0.5  # the grid's choice (benchmarks/supermask.md), used for the per-layer figures
 SHUFFLED = HERE / ".shuffled-minilm"
 
 
@@ -105,8 +104,10 @@ def sparsity_section(masks: list[dict]) -> list[str]:
     """Share of zeros per layer and matrix of each task's mask at init sparsity 0 (the paper's
     Figure 4), with the figure `ticketserve ticket sparsity` draws."""
     lines = []
-    for r in masks:
-        if r["init_sparsity"] or r["shuffled_weights"] or r["lr"] != CHOSEN_LR:
+    unmasked = [r for r in masks if not r["init_sparsity"] and not r["shuffled_weights"]]
+    chosen = max(unmasked, key=lambda r: r["metric"] if r["task"] == "mrpc" else -1)["lr"] if unmasked else None
+    for r in unmasked:
+        if r["lr"] != chosen:
             continue
         figure = RESULTS / f"supermask-sparsity-{r['task']}.png"
         layers = cli("ticket", "sparsity", r["artifact"], "-o", str(figure), "--registry", str(REGISTRY))["layers"]
