@@ -6,8 +6,10 @@ One command runs the whole study (hours on 2 CPU cores; never part of the tests)
   2. Jaccard between search seeds and between tasks, vs random tickets → results/tickets.jsonl
   3. full FT, BitFit, Dominant-k, Random-k per task at the default learning rates, first seed
      → results/quality.jsonl
-  4. transfer: each task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
-  5. the learning-rate grid on the first seed, then the other seeds at the best rate on dev
+  4. transfer: each source task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
+  5. the learning-rate grid on the grid task (MRPC; seed 42; full, BitFit and the k = 1 ticket
+     methods — k = 3 inherits its method's rate), then the other seeds on mrpc/rte/cola at the
+     rate chosen there (2 CPU cores cannot afford a grid per task: ~5 min per run)
   6. benchmarks/dominant.md regenerated from the results files (also: --report-only)
 
     python benchmarks/dominant.py                       # everything, as the issue specifies
@@ -52,6 +54,7 @@ def search(task: str, seed: int, args) -> None:
                      "metrics": summary["metrics"], "sigma_quantile": args.sigma_quantile,
                      "sigma_used": details["sigma_used"], "outweighted_fraction": details["outweighted_fraction"],
                      "train_seconds": summary["train_seconds"], "seconds_per_step": details["seconds_per_step"],
+                     "torch_threads": details.get("torch_threads"),
                      "optimizer_state_bytes": details["optimizer_state_bytes"]})
 
 
@@ -104,7 +107,7 @@ def jaccards(args) -> None:
 def run(args) -> None:
     """Cheapest evidence first, so an interrupted study still answers the main questions:
     searches and Jaccard, every method at its default rate on the first seed, transfer, then
-    the learning-rate grid, then the other seeds at the chosen rate."""
+    the learning-rate grid on one task, then every seed at the rate chosen there."""
     for task, seed in itertools.product(args.tasks, args.search_seeds):
         search(task, seed, args)
     jaccards(args)
@@ -112,46 +115,80 @@ def run(args) -> None:
         for method, k in variants(args.methods, args.ks):
             train(task, method, k, args.seeds[0], None, args)
     if args.transfer:
-        for source, target in itertools.permutations(args.tasks, 2):
-            train(target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
-    for task in args.tasks:
+        for source, target in itertools.product(args.transfer_sources, args.tasks):
+            if source != target:
+                train(target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
+    chosen = {}
+    if args.grid:
         for method, k in variants(args.methods, args.ks):
-            lr = None
-            if args.grid:
-                grid = [train(task, method, k, args.seeds[0], lr, args) for lr in LR_GRID[method]]
-                lr = max(grid, key=lambda r: r["metric"])["lr"]
-            for seed in args.seeds[1:]:
-                train(task, method, k, seed, lr, args)
+            if (method, k) in chosen or k not in (None, min(args.ks)):
+                continue
+            grid = [train(args.grid_task, method, k, args.seeds[0], lr, args) for lr in LR_GRID[method]]
+            best = max(grid, key=lambda r: r["metric"])["lr"]
+            chosen |= {(method, kk): best for kk in ([None] if k is None else args.ks)}
+    for seed, task in itertools.product(args.seeds, args.seed_tasks):  # seed-major: every task gets a spread early
+        for method, k in variants(args.methods, args.ks):
+            train(task, method, k, seed, chosen.get((method, k)), args)
 
 
-def report() -> None:
+def label(r: dict) -> str:
+    return r["method"] + (f"-{r['k']}" if r.get("k") else "")
+
+
+def chosen_rates(quality: list[dict], args) -> dict[str, float]:
+    """Each method's rate: best dev metric on the grid task's first seed; k > 1 inherits the
+    k = 1 choice of its method; the default where no grid ran."""
+    grid: dict[str, dict[float, float]] = {}
+    for r in quality:
+        if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from"):
+            grid.setdefault(label(r), {})[r["lr"]] = r["metric"]
+    rates = {}
+    for method, k in variants(args.methods, args.ks):
+        points = grid.get(method + (f"-{min(args.ks)}" if k else ""), {})
+        rates[method + (f"-{k}" if k else "")] = (max(points, key=points.get) if len(points) > 1
+                                                  else methods()[method].default_lr)
+    return rates
+
+
+def _step(runs: list[dict]) -> str:
+    """Step time of the first run; the thread count says which runs it compares with (runs
+    recorded before the field existed used torch's default, 2 threads on these machines)."""
+    r = runs[0]
+    return f"{r['seconds_per_step']:.3f} ({r.get('torch_threads') or 2})" if r.get("seconds_per_step") else "–"
+
+
+def report(args) -> None:
     quality = [r for r in read_jsonl(QUALITY) if r.get("study") == STUDY or r["method"] in ("full", "bitfit")]
     tickets = [r for r in read_jsonl(TICKETS) if r.get("study") == STUDY]
+    rates = chosen_rates(quality, args)
     lines = ["# Dominant winning tickets on MiniLM-L6 (generated by `benchmarks/dominant.py`)", "",
              "Bundled MiniLM-L6 (6 layers, hidden 384, 22.7 M parameters), real GLUE dev sets from",
-             "`../shared/data/glue`, 2 CPU cores. Metric: accuracy (sst2, rte), F1 (mrpc), Matthews (cola).",
-             "Per (task, method): mean ± std over seeds at the chosen learning rate (best dev mean when a",
-             "grid ran); `params` = trainable parameters including the 770-parameter head.", ""]
+             "`../shared/data/glue`, 2 CPU cores, 3 epochs. Metric: accuracy (sst2, rte), F1 (mrpc), Matthews (cola).",
+             f"Per (task, method): mean ± std over seeds at the rate chosen on {args.grid_task} dev (grid below);",
+             "`params` = trainable parameters including the 770-parameter head; s/step (torch threads).", ""]
     lines += ["| task | method | metric | seeds | lr | params | artifact bytes | s/step | optimizer state |",
               "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in quality:
-        if r.get("transfer_from"):
-            continue
-        label = r["method"] + (f"-{r['k']}" if r.get("k") else "")
-        groups.setdefault((r["task"], label, r["lr"]), []).append(r)
-    best: dict[tuple, tuple] = {}
-    for (task, label, lr), runs in groups.items():
-        mean = statistics.mean(r["metric"] for r in runs)
-        if (task, label) not in best or mean > best[(task, label)][0]:
-            best[(task, label)] = (mean, lr, runs)
-    for (task, label), (mean, lr, runs) in sorted(best.items()):
+        if not r.get("transfer_from") and abs(r["lr"] - rates.get(label(r), -1)) < 1e-12:
+            groups.setdefault((r["task"], label(r)), []).append(r)
+    for (task, name), runs in sorted(groups.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
         spread = f" ± {statistics.stdev(r['metric'] for r in runs):.4f}" if len(runs) > 1 else ""
         r0 = runs[0]
         state = f"{r0['optimizer_state_bytes'] / 1e6:.2f} MB" if r0.get("optimizer_state_bytes") else "–"
-        step = f"{r0['seconds_per_step']:.3f}" if r0.get("seconds_per_step") else "–"
-        lines.append(f"| {task} | {label} | {mean:.4f}{spread} | {len(runs)} | {lr:g} | {r0['trainable_params']:,} "
-                     f"| {r0['artifact_bytes']:,} | {step} | {state} |")
+        lines.append(f"| {task} | {name} | {statistics.mean(r['metric'] for r in runs):.4f}{spread} | {len(runs)} "
+                     f"| {r0['lr']:g} | {r0['trainable_params']:,} | {r0['artifact_bytes']:,} | {_step(runs)} | {state} |")
+    grid = {(label(r), r["lr"]): r["metric"] for r in quality
+            if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from")}
+    lrs = sorted({lr for _, lr in grid})
+    if len({lr for name, lr in grid if name == "full"}) > 1:
+        lines += ["", f"## Learning-rate grid ({args.grid_task} dev, seed {args.seeds[0]}; chosen rate in bold)", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for name in sorted({name for name, _ in grid}):
+            cells = [(f"**{grid[(name, lr)]:.4f}**" if abs(lr - rates.get(name, -1)) < 1e-12 else f"{grid[(name, lr)]:.4f}")
+                     if (name, lr) in grid else "" for lr in lrs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     searches = [t for t in tickets if t["record"] == "search"]
     if searches:
         lines += ["", "## Ticket searches", "", "| task | seed | search dev metric | σ (quantile) | out-weighted share |",
@@ -184,7 +221,10 @@ def main() -> None:
     parser.add_argument("--methods", default="full,bitfit,dominant,random")
     parser.add_argument("--ks", default="1,3")
     parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--seed-tasks", default="mrpc,rte,cola", help="tasks that get every seed")
     parser.add_argument("--search-seeds", default="42,43")
+    parser.add_argument("--grid-task", default="mrpc", help="task whose dev set picks each method's rate")
+    parser.add_argument("--transfer-sources", default="mrpc", help="tasks whose tickets train the others")
     parser.add_argument("--sst2-train-samples", type=int, default=8000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sigma-quantile", type=float, default=0.99)
@@ -195,13 +235,14 @@ def main() -> None:
     parser.add_argument("--registry", type=Path, default=Path(__file__).parent / ".registry")
     args = parser.parse_args()
     args.tasks, args.methods = args.tasks.split(","), args.methods.split(",")
+    args.seed_tasks, args.transfer_sources = args.seed_tasks.split(","), args.transfer_sources.split(",")
     args.ks = [int(k) for k in args.ks.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.search_seeds = [int(s) for s in args.search_seeds.split(",")]
     args.train_samples = {"sst2": args.sst2_train_samples}
     if not args.report_only:
         run(args)
-    report()
+    report(args)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
             "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
             "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
             "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),
+            "torch_threads": torch.get_num_threads(),  # step times are only comparable at equal thread counts
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "data": str(data_dir) if data_dir is not None else spec.hub_dataset,
         },
