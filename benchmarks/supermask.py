@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from quality import QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_record
+from trainers import methods
 
 HERE = Path(__file__).parent
 REPORT = HERE / "supermask.md"
@@ -119,6 +120,35 @@ def sparsity_section(masks: list[dict]) -> list[str]:
     return lines
 
 
+def coding_section(masks: list[dict]) -> list[str]:
+    """Masks trained from a magnitude start, re-coded as their flips of that start (what the
+    trainer ships since that codec exists; masks trained before it were coded on their own)."""
+    from registry import open_store
+    from ticketserve import artifact
+    from ticketserve.backbone import load_backbone
+    from ticketserve.kinds.supermask import MASK, decode_masks, encode_masks, magnitude_mask, masked_names
+
+    started = sorted((r for r in masks if r["init_sparsity"] and not r["shuffled_weights"]),
+                     key=lambda r: (r["task"], r["init_sparsity"]))
+    if not started:
+        return []
+    backbone, store = load_backbone(None), open_store(str(REGISTRY))
+    params = dict(backbone.model.named_parameters())
+    lines = ["", "Masks from a magnitude start, coded on their own vs as flips of the start (`<matrix>.reference`):", "",
+             "| task | init sparsity | flipped vs start | bits/weight, own | bits/weight, flips |", "|---|---|---|---|---|"]
+    for r in started:
+        tensors = artifact.load(store, r["artifact"], backbone, expect_kind="supermask").tensors
+        weights = {n: params[f"{n}.weight"] for n in masked_names(tensors)}
+        masks_ = decode_masks(tensors, weights)
+        dropped = {n: round(r["init_sparsity"] * w.numel()) for n, w in weights.items()}
+        flipped = sum(int((masks_[n] ^ magnitude_mask(w, dropped[n])).sum()) for n, w in weights.items())
+        recoded = encode_masks(masks_, weights, dropped)
+        bits = 8 * sum(recoded[n + MASK].numel() for n in weights) / r["masked_weights"]
+        lines.append(f"| {r['task']} | {r['init_sparsity']:.0%} | {flipped / r['masked_weights']:.2%} "
+                     f"| {r['bits_per_masked_weight']:.3f} | {bits:.3f} |")
+    return lines
+
+
 def report() -> None:
     records = read_jsonl(QUALITY)
     masks = [r for r in records if r.get("study") == STUDY]
@@ -136,8 +166,9 @@ def report() -> None:
                      f"| {r['lr']:g} / {r.get('head_lr', r['lr']):g} | {r['init_sparsity']:.0%} "
                      f"| {r['final_sparsity']:.2%} | {r['metric']:.4f} | {others(r)} | {sampled_text} | {r['artifact_bytes']:,} "
                      f"| {r['raw_mask_bytes']:,} | {r['bits_per_masked_weight']:.3f} | {entropy(r['final_sparsity']):.3f} |")
-    baselines = [r for r in records if r["method"] in ("full", "bitfit") or (r["method"] == "dominant" and r.get("k") == 1
-                                                                              and not r.get("transfer_from"))]
+    baselines = [r for r in records if (r["method"] in ("full", "bitfit") or (r["method"] == "dominant" and r.get("k") == 1
+                                                                               and not r.get("transfer_from")))
+                 and abs(r["lr"] - methods()[r["method"]].default_lr) < 1e-12]
     if baselines:
         lines += ["", "Same-file baselines (default learning rates, mean over seeds):", "",
                   "| task | method | metric | runs | artifact bytes |", "|---|---|---|---|---|"]
@@ -147,7 +178,7 @@ def report() -> None:
         for (task, method), runs in sorted(groups.items()):
             lines.append(f"| {task} | {method} | {statistics.mean(r['metric'] for r in runs):.4f} | {len(runs)} "
                          f"| {runs[0]['artifact_bytes']:,} |")
-    lines += distance_section(records) + sparsity_section(masks)
+    lines += coding_section(masks) + distance_section(records) + sparsity_section(masks)
     discussion = HERE / "supermask_discussion.md"
     REPORT.write_text("\n".join(lines) + "\n" + ("\n" + discussion.read_text() if discussion.exists() else ""))
 

@@ -15,7 +15,8 @@ from ticketserve import artifact
 from ticketserve.backbone import dense_matrices, load_backbone
 from ticketserve.errors import CorruptArtifact
 from ticketserve.kinds import get_kind
-from ticketserve.kinds.supermask import CODECS, MaskCache, decode_mask, encode_mask, encode_masks
+from ticketserve.kinds.supermask import (CODECS, MaskCache, decode_mask, decode_masks, encode_mask, encode_masks,
+                                         magnitude_mask)
 from ticketserve.runtime import Runtime
 from ticketserve.tasks import get_task
 from trainers.config import TrainConfig
@@ -88,6 +89,44 @@ def test_low_sparsity_masks_compress_below_one_bit_per_weight():
     mask = torch.rand(384, 1536, generator=torch.Generator().manual_seed(0)) >= 0.05
     data, _ = encode_mask(mask)
     assert data.numel() * 8 / mask.numel() < 0.45
+
+
+@pytest.mark.parametrize("dropped", [0, 1, 5, 17, 48])
+def test_magnitude_mask_drops_the_smallest_with_ties_broken_by_position(dropped):
+    weight = torch.tensor([[0.3, -0.1, 0.2, 0.1], [-0.2, 0.1, 0.0, -0.3]]).repeat(3, 2)  # many exact ties
+    expected = torch.ones(weight.numel(), dtype=torch.bool)
+    expected[weight.abs().flatten().argsort(stable=True)[:dropped]] = False
+    assert torch.equal(magnitude_mask(weight, dropped), expected.reshape(weight.shape))
+
+
+def test_masks_from_a_magnitude_start_are_coded_as_their_flips():
+    generator = torch.Generator().manual_seed(0)
+    weights = {"m": torch.randn(384, 1536, generator=generator)}
+    dropped = {"m": weights["m"].numel() // 2}
+    mask = magnitude_mask(weights["m"], dropped["m"])
+    flips = torch.rand(mask.shape, generator=generator) < 0.01
+    trained = {"m": mask ^ flips}
+    plain, relative = encode_masks(trained), encode_masks(trained, weights, dropped)
+    assert "m.reference" in relative and "m.reference" not in plain
+    assert torch.equal(decode_masks(relative, weights)["m"], trained["m"])
+    assert relative["m.mask"].numel() * 4 < plain["m.mask"].numel()  # 1 % flips vs a 50 % mask
+    unrelated = {"m": torch.rand(mask.shape, generator=generator) >= 0.05}  # reference would not help: not used
+    assert "m.reference" not in encode_masks(unrelated, weights, dropped)
+
+
+def test_a_reference_out_of_range_is_refused(tiny_backbone):
+    params = dict(tiny_backbone.model.named_parameters())
+    masks = _random_masks(tiny_backbone, 3, zeros=0.5)
+    names = list(masks)
+    starts = {n: magnitude_mask(params[f"{n}.weight"], params[f"{n}.weight"].numel() // 2) for n in names}
+    tensors = encode_masks({n: starts[n] for n in names}, {n: params[f"{n}.weight"] for n in names},
+                           {n: params[f"{n}.weight"].numel() // 2 for n in names})
+    kind = get_kind("supermask")
+    kind.validate(tensors, tiny_backbone.model)
+    for bad in (torch.tensor([0]), torch.tensor([10**9]), torch.tensor([1], dtype=torch.int32)):
+        broken = dict(tensors) | {f"{names[0]}.reference": bad}
+        with pytest.raises(CorruptArtifact, match="reference"):
+            kind.validate(broken, tiny_backbone.model)
 
 
 def _random_masks(backbone, seed: int, zeros: float = 0.2) -> dict[str, torch.Tensor]:
@@ -166,6 +205,7 @@ def test_train_publish_load_predict_with_sampled_evaluation(store, tiny_checkpoi
     assert details["sampled"]["n"] == 3 and len(details["sampled"]["values"]) == 3
     assert 0.09 <= details["sparsity"] <= 0.2 and details["bits_per_masked_weight"] < 1.0
     assert len(details["sparsity_per_matrix"]) == 10  # 2 blocks × 5 matrices (no key)
+    assert any(key.endswith(".reference") for key in outcome.tensors)  # coded as flips of the 10 % start
     fresh = load_backbone(str(tiny_checkpoints["roberta"]))
     runtime = Runtime(fresh, device="cpu")
     loaded = runtime.add(artifact.load(store, outcome.version, fresh))

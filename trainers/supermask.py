@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ticketserve.backbone import MATRICES, dense_matrices
-from ticketserve.kinds.supermask import encode_masks
+from ticketserve.kinds.supermask import encode_masks, magnitude_mask
 from ticketserve.model import TaskModel
 from trainers import Method, RunContext, register_method
 from trainers.loop import FitResult
@@ -42,12 +42,9 @@ class ScoreMask(nn.Module):
 
     def __init__(self, weight: torch.Tensor, init_sparsity: float, init_score: float):
         super().__init__()
-        scores = torch.full_like(weight, init_score)
-        masked = int(round(init_sparsity * weight.numel()))
-        if masked:
-            smallest = weight.detach().abs().flatten().argsort()[:masked]
-            scores.view(-1)[smallest] = -init_score
-        self.scores = nn.Parameter(scores)
+        self.dropped = int(round(init_sparsity * weight.numel()))
+        start = magnitude_mask(weight, self.dropped).to(weight.device)
+        self.scores = nn.Parameter(torch.where(start, init_score, -init_score).to(weight.dtype))
         self.sample = False
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -104,7 +101,8 @@ class Supermask(Method):
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         masks = {name: m.deterministic() for name, m in self.masks.items()}
-        tensors = encode_masks(masks)
+        weights = {name: model.encoder.get_submodule(name).parametrizations.weight.original for name in masks}
+        tensors = encode_masks(masks, weights, {name: m.dropped for name, m in self.masks.items()})
         self.sparsity = {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}
         total = sum(mask.numel() for mask in masks.values())
         self.zeros = sum(int((~mask).sum()) for mask in masks.values())

@@ -4,6 +4,10 @@
 Payload per masked matrix (or the word embeddings): `<name>.mask` uint8 — the mask bits,
 packed and compressed — and `<name>.codec` uint8[1], which codec the saver picked as the
 smallest for that matrix (masks with 1–13 % zeros compress far below 1 bit/weight).
+Optional `<name>.reference` int64[1] = r: the stored bits are the mask XNOR the magnitude
+mask that drops the r smallest-|w| weights (the trainer's initial mask), so a mask trained
+from a 50 % magnitude start costs its few flips, not the start's 50 % zeros. The reference
+is recomputed from the backbone's own weights, which the fingerprint check pins.
 Serving never changes the shared weights: a task's masked weights are built on demand
 (unpack → multiply), kept in a byte-bounded LRU for hot tasks, and substituted into the
 shared encoder for that task's examples only (`torch.func.functional_call`).
@@ -26,7 +30,7 @@ from torch import nn
 from ticketserve.errors import CorruptArtifact
 from ticketserve.kinds import Kind, Tensors, register_kind
 
-MASK, CODEC = ".mask", ".codec"
+MASK, CODEC, REFERENCE = ".mask", ".codec", ".reference"
 DEFAULT_CACHE_BYTES = int(os.environ.get("TICKETSERVE_MASK_CACHE_BYTES", 512 * 2**20))
 
 
@@ -45,6 +49,25 @@ CODECS = {
     # bitarray's compressed-sparse format over the inverted mask: the zeros are the sparse part
     3: ("sparse-zeros", lambda packed, n: sc_encode(~_bits(packed, n)), lambda data, n: (~sc_decode(data)).tobytes()),
 }
+
+
+def magnitude_mask(weight: torch.Tensor, dropped: int, cut: tuple[float, int] | None = None) -> torch.Tensor:
+    """Keep-mask without the `dropped` smallest-|w| weights, ties broken by position (what a
+    stable argsort would give), in O(n) with one kthvalue. `cut` (from `magnitude_cut`) skips
+    the kthvalue: serving rebuilds the same reference for every task trained from it."""
+    magnitude = weight.detach().float().abs().flatten().cpu()
+    threshold, tied_dropped = cut or magnitude_cut(magnitude, dropped)
+    keep = magnitude > threshold
+    keep[(magnitude == threshold).nonzero().flatten()[tied_dropped:]] = True
+    return keep.reshape(weight.shape)
+
+
+def magnitude_cut(magnitude: torch.Tensor, dropped: int) -> tuple[float, int]:
+    """The threshold and how many weights exactly at it are dropped (the first ones)."""
+    if dropped <= 0:
+        return -1.0, 0
+    threshold = magnitude.kthvalue(dropped).values
+    return float(threshold), dropped - int((magnitude < threshold).sum())
 
 
 def encode_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +93,38 @@ def decode_mask(data: torch.Tensor, codec: torch.Tensor, shape: torch.Size, what
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
-def encode_masks(masks: dict[str, torch.Tensor]) -> Tensors:
+def encode_masks(masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
+                 dropped: dict[str, int] | None = None) -> Tensors:
+    """Encode each mask as is, or — where `dropped` names its start — relative to that
+    magnitude mask, whichever is smaller."""
     tensors: Tensors = {}
     for name, mask in masks.items():
-        tensors[name + MASK], tensors[name + CODEC] = encode_mask(mask)
+        choice = {name + MASK: encode_mask(mask)}
+        if (dropped or {}).get(name):
+            relative = encode_mask(~(mask.cpu() ^ magnitude_mask(weights[name], dropped[name])))
+            if relative[0].numel() < choice[name + MASK][0].numel():
+                choice = {name + MASK: relative, name + REFERENCE: torch.tensor([dropped[name]], dtype=torch.int64)}
+        tensors[name + MASK], tensors[name + CODEC] = choice[name + MASK]
+        if name + REFERENCE in choice:
+            tensors[name + REFERENCE] = choice[name + REFERENCE]
     return tensors
 
 
-def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: decode_mask(tensors[name + MASK], tensors[name + CODEC], weights[name].shape, name)
-            for name in masked_names(tensors)}
+def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor], cuts: dict | None = None) -> dict[str, torch.Tensor]:
+    """The masks; `cuts` memoises each reference's magnitude cut by (name, dropped)."""
+    cuts = {} if cuts is None else cuts
+    masks = {}
+    for name in masked_names(tensors):
+        stored = decode_mask(tensors[name + MASK], tensors[name + CODEC], weights[name].shape, name)
+        if name + REFERENCE in tensors:
+            dropped = int(tensors[name + REFERENCE][0])
+            if not 0 < dropped <= weights[name].numel():
+                raise CorruptArtifact(f"{name}: reference drops {dropped} of {weights[name].numel()} weights")
+            if (name, dropped) not in cuts:
+                cuts[name, dropped] = magnitude_cut(weights[name].detach().float().abs().flatten().cpu(), dropped)
+            stored = ~stored ^ magnitude_mask(weights[name], dropped, cuts[name, dropped])
+        masks[name] = stored
+    return masks
 
 
 def masked_names(tensors: Tensors) -> list[str]:
@@ -94,6 +139,7 @@ class MaskCache:
         self.entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.bytes = self.hits = self.misses = self.evictions = 0
         self.lock = threading.Lock()
+        self.cuts: dict[tuple[str, int], tuple[float, int]] = {}  # magnitude references of the shared weights
 
     @staticmethod
     def size(weights: dict[str, torch.Tensor]) -> int:
@@ -145,7 +191,7 @@ class MaskedEncoder(nn.Module):
 
         def build() -> dict[str, torch.Tensor]:
             names = {n: f"{n}.weight" for n in masked_names(self.tensors)}
-            masks = decode_masks(self.tensors, {n: params[w] for n, w in names.items()})
+            masks = decode_masks(self.tensors, {n: params[w] for n, w in names.items()}, cache_for(base).cuts)
             return {w: params[w].detach() * masks[n].to(params[w].device, params[w].dtype) for n, w in names.items()}
 
         return cache_for(base).get(self.slot, build)
@@ -162,14 +208,18 @@ class SupermaskKind(Kind):
         params = dict(encoder.named_parameters())
         names = masked_names(tensors)
         expected = {f"{n}{suffix}" for n in names for suffix in (MASK, CODEC)}
-        if not names or set(tensors) != expected:
-            raise CorruptArtifact("a supermask holds `<matrix>.mask` and `<matrix>.codec` per masked weight")
+        if not names or not expected <= set(tensors) <= expected | {n + REFERENCE for n in names}:
+            raise CorruptArtifact("a supermask holds `<matrix>.mask` and `<matrix>.codec` (and optionally "
+                                  "`<matrix>.reference`) per masked weight")
         for name in names:
             if f"{name}.weight" not in params:
                 raise CorruptArtifact(f"supermask names {name!r}, which this backbone does not have")
             if tensors[name + MASK].dtype != torch.uint8 or tensors[name + CODEC].shape != (1,):
                 raise CorruptArtifact(f"supermask {name}: mask must be uint8 bytes with a 1-byte codec id")
-        decode_masks(tensors, {n: params[f"{n}.weight"] for n in names})  # lengths and codecs, now not later
+            reference = tensors.get(name + REFERENCE)
+            if reference is not None and (reference.dtype != torch.int64 or reference.shape != (1,)):
+                raise CorruptArtifact(f"supermask {name}: reference must be one int64 count")
+        decode_masks(tensors, {n: params[f"{n}.weight"] for n in names}, cache_for(encoder).cuts)  # fail now, not later
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         return MaskedEncoder(encoder, slot, tensors)
@@ -179,5 +229,5 @@ class SupermaskKind(Kind):
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         params = dict(encoder.named_parameters())
-        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)})
+        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)}, cache_for(encoder).cuts)
         return {f"{n}.weight": params[f"{n}.weight"].detach() * m for n, m in masks.items()}
