@@ -48,7 +48,7 @@ def run(args) -> None:
                     continue
                 levels = [level for level in args.levels.split(",") if kind == "winning" or float(level) > 0]
                 result = cli("train", "--method", "superticket", "--task", task, "--seed", str(seed), "--ticket-type", kind,
-                             "--levels", ",".join(levels), "--importance", scores, "--name", name, *_data(task, args))
+                             "--levels", ",".join(levels), "--importance", scores, "--name", name, "--resume", *_data(task, args))
                 append(RECORDS, {"record": "sweep", "name": name, "task": task, "seed": seed, "ticket_type": kind, **result})
     for plain in (False, True):
         name = "study-mtl" if plain else "study-ticketshare"

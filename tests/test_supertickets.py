@@ -9,7 +9,7 @@ import torch
 
 from ticketserve import artifact
 from ticketserve.backbone import load_backbone
-from ticketserve.errors import BackboneMismatch
+from ticketserve.errors import BackboneMismatch, InvalidArgument
 from ticketserve.runtime import Runtime
 from ticketserve.tasks import custom_task, get_task
 from trainers.config import TrainConfig
@@ -79,6 +79,41 @@ def test_sweep_publishes_masks_per_level_and_the_best(store, tiny_checkpoints):
     keep_heads, keep_ffn = keep_masks(artifact.read(store, version).tensors, 0.5)
     assert (~keep_heads).sum() == 4 and (~keep_ffn).sum() == 1
     assert manifest.details["importance"].startswith("sst2-importance:1@")
+
+
+def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpoints, monkeypatch):
+    import trainers.run
+
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    real_train, trained = trainers.run.train, []
+
+    def dies_at_level_50(method, *args, **kwargs):
+        if method == "gated-full" and sum(1 - v for row in kwargs["options"]["heads"] for v in row) == 4:
+            raise KeyboardInterrupt  # the process is killed while fine-tuning level 50 %
+        trained.append(method)
+        return real_train(method, *args, **kwargs)
+
+    monkeypatch.setattr(trainers.run, "train", dies_at_level_50)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), name="sw", show_progress=False)
+    checkpoint = store.manifest("sw")
+    assert [p["level"] for p in checkpoint.details["levels"]] == [0.0, 0.25] and checkpoint.details["pending"] == [0.5]
+    with pytest.raises(InvalidArgument, match="ticket type"):  # another sweep under that name is not mixed in
+        sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), ticket_type="random",
+              name="sw", show_progress=False, resume=True)
+
+    monkeypatch.setattr(trainers.run, "train", real_train)
+    trained.clear()
+    monkeypatch.setattr(trainers.run, "train", lambda method, *a, **kw: trained.append(method) or real_train(method, *a, **kw))
+    version = sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), name="sw",
+                    show_progress=False, resume=True)
+    assert trained == ["gated-full"]  # only the level that was in flight; importance and 0 %, 25 % reused
+    done = store.manifest(version).details
+    assert [p["level"] for p in done["levels"]] == [0.0, 0.25, 0.5] and done["pending"] == []
+    assert done["levels"][:2] == checkpoint.details["levels"] and done["importance"] == checkpoint.details["importance"]
+    assert list(store.versions("sw")) == [version.version]  # the checkpoints are gone
+    tensors = artifact.read(store, version).tensors
+    assert all(f"level-{level}.gates.heads" in tensors for level in (0, 25, 50))
 
 
 def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_checkpoints, tmp_path):

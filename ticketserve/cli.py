@@ -92,6 +92,7 @@ def train(
     levels: Annotated[str, typer.Option(help="superticket: pruning levels in percent")] = "0,10,20,30,40,50",
     ticket_type: Annotated[str, typer.Option(help="superticket: winning | random | losing")] = "winning",
     importance: Annotated[Optional[str], typer.Option(help="superticket: a published importance entry to prune by")] = None,
+    resume: Annotated[bool, typer.Option(help="superticket: continue a killed sweep of the same --name from its last finished level")] = False,
     tasks: Annotated[Optional[str], typer.Option(help="ticketshare: comma-separated tasks")] = None,
     superticket: Annotated[Optional[list[str]], typer.Option(help="ticketshare: TASK=SWEEP (its best level's mask); repeatable")] = None,
     plain: Annotated[bool, typer.Option(help="ticketshare: plain multi-task learning, every gate open")] = False,
@@ -130,7 +131,7 @@ def train(
         from trainers.supertickets import sweep
 
         version = sweep(spec, load_backbone(backbone), config, _store(registry), data_dir, _levels(levels), ticket_type,
-                        importance, name, show_progress=not as_json)
+                        importance, name, show_progress=not as_json, resume=resume)
         curve = _store(registry).manifest(version).details
         _emit(as_json, {"artifact": str(version), "digest": version.digest, **curve}, lambda: out.print(
             f"published [bold]{version}[/]: best level {curve['best_level']:.0%}; "

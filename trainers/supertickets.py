@@ -13,6 +13,7 @@ from torch import nn
 from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
 from ticketserve import artifact
 from ticketserve.backbone import Backbone
+from ticketserve.errors import InvalidArgument
 from ticketserve.kinds import gates
 from ticketserve.kinds.gates import Gates, gating
 from ticketserve.kinds.routing import DEFAULT_SLOT
@@ -101,12 +102,21 @@ class GatedFineTuning(FullFineTuning):
 
 def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store, data_dir=None,
           levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), ticket_type: str = "winning",
-          importance_ref: str | None = None, name: str | None = None, show_progress: bool = True) -> ArtifactVersion:
+          importance_ref: str | None = None, name: str | None = None, show_progress: bool = True,
+          resume: bool = False) -> ArtifactVersion:
     """Prune at every level, rewind to θ0, fine-tune, evaluate; publish the sweep (kind
-    `superticket`: the keep-masks per level, the scores, the curve, the best level)."""
+    `superticket`: the keep-masks per level, the scores, the curve, the best level).
+
+    Each finished level is published at once (details `pending`: the levels still to run), so a
+    killed sweep loses at most the level in flight: `resume` continues from the latest such
+    checkpoint of `name` when it is the same sweep, and the checkpoints are removed at the end."""
     from trainers.run import train
 
+    name = name or f"{spec.name}-superticket-{ticket_type}"
+    previous = _checkpoint(store, name, spec, backbone, config, ticket_type, importance_ref) if resume else None
     theta0 = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+    if previous is not None:
+        importance_ref = previous.manifest.details["importance"]
     if importance_ref is None:
         scored = train("importance", spec, backbone, config, store, data_dir, name=f"{spec.name}-importance",
                        show_progress=show_progress)
@@ -115,27 +125,71 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
         found = artifact.load(store, importance_ref, backbone, expect_kind="importance")
         importance_ref, scores = f"{found.version}@{found.version.digest}", found.tensors
     tensors = {SCORES_HEADS: scores[SCORES_HEADS], SCORES_FFN: scores[SCORES_FFN]}
-    curve = []
+    curve, checkpoint = [], None
+    if previous is not None:
+        curve = [point for point in previous.manifest.details["levels"] if point["level"] in levels]
+        tensors |= {k: v for k, v in previous.tensors.items() if k.split(".")[0] in {_tag(p["level"]) for p in curve}}
+        checkpoint = previous.version
     for level in levels:
+        if any(point["level"] == level for point in curve):
+            continue
         backbone.model.load_state_dict(theta0)  # rewind the survivors to the pre-trained weights
         keep_heads, keep_ffn = gates.prune(scores[SCORES_HEADS], scores[SCORES_FFN], level, ticket_type, config.seed)
         outcome = train("gated-full", spec, backbone, config, store, data_dir, show_progress=show_progress,
                         options={"heads": keep_heads.int().tolist(), "ffn": keep_ffn.int().tolist()}, publish=False)
-        tag = f"level-{round(level * 100)}"
-        tensors |= {f"{tag}.{k}": v for k, v in to_tensors(keep_heads, keep_ffn).items()}
+        tensors |= {f"{_tag(level)}.{k}": v for k, v in to_tensors(keep_heads, keep_ffn).items()}
         curve.append({"level": level, "heads_pruned": int((~keep_heads).sum()), "ffn_pruned": int((~keep_ffn).sum()),
                       "metric": outcome.fit.metrics[spec.metric], "metrics": outcome.fit.metrics,
                       "train_seconds": outcome.fit.train_seconds})
+        pending = [lv for lv in levels if all(point["level"] != lv for point in curve)]
+        published = _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, pending)
+        if checkpoint is not None:
+            store.remove(checkpoint)  # only the latest checkpoint is kept
+        checkpoint = published
     backbone.model.load_state_dict(theta0)
+    if checkpoint is None or store.manifest(checkpoint).details["pending"]:  # resumed with every level done
+        final = _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, [])
+        if checkpoint is not None:
+            store.remove(checkpoint)
+        checkpoint = final
+    return checkpoint
+
+
+def _tag(level: float) -> str:
+    return f"level-{round(level * 100)}"
+
+
+def _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, pending) -> ArtifactVersion:
+    curve = sorted(curve, key=lambda point: point["level"])
     best = max(curve, key=lambda point: point["metric"])
-    manifest = Manifest(name=name or f"{spec.name}-superticket-{ticket_type}", kind="superticket", method="superticket",
+    manifest = Manifest(name=name, kind="superticket", method="superticket",
                         task=spec, head=HeadConfig(pooling=config.pooling, dropout=config.head_dropout),
                         backbone=backbone.ref(), hyperparameters=config.model_dump(), metrics=best["metrics"],
                         details={"ticket_type": ticket_type, "importance": importance_ref, "levels": curve,
-                                 "best_level": best["level"]})
+                                 "best_level": best["level"], "pending": pending})
     return artifact.publish(store, manifest, tensors)
 
 
+def _checkpoint(store, name, spec, backbone, config, ticket_type, importance_ref):
+    """The latest unfinished sweep of `name`, if it is this sweep (same task, backbone,
+    settings, ticket type and importance); a different one is an error, not silently redone."""
+    if not store.versions(name):
+        return None
+    found = artifact.read(store, name, expect_kind="superticket")
+    details = found.manifest.details
+    if not details.get("pending"):
+        return None
+    same = {"task": found.manifest.task.name == spec.name,
+            "backbone": found.manifest.backbone.fingerprint == backbone.fingerprint,
+            "settings": found.manifest.hyperparameters == config.model_dump(),
+            "ticket type": details["ticket_type"] == ticket_type,
+            "importance": importance_ref is None or store.resolve(importance_ref).digest == details["importance"].split("@")[1]}
+    if not all(same.values()):
+        differing = ", ".join(key for key, equal in same.items() if not equal)
+        raise InvalidArgument(f"cannot resume {found.version}: its {differing} differ from this sweep's")
+    return found
+
+
 def keep_masks(tensors: dict[str, torch.Tensor], level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    tag = f"level-{round(level * 100)}"
+    tag = _tag(level)
     return tensors[f"{tag}.{HEADS}"].bool(), tensors[f"{tag}.{FFN}"].bool()
