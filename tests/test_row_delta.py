@@ -12,7 +12,7 @@ from ticketserve.backbone import dense_matrices
 from ticketserve.errors import CorruptArtifact
 from ticketserve.kinds import get_kind
 from ticketserve.kinds.routing import Routing, route
-from ticketserve.kinds.row_delta import add_trainable, export, materialize
+from ticketserve.kinds.row_delta import RowDeltaLinear, add_trainable, export, materialize
 from ticketserve.runtime import Runtime
 
 TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again, ever"]
@@ -78,9 +78,38 @@ def test_replacing_and_removing_a_task_detaches_its_rows(tiny_backbone):
     first_slot = runtime.get("t").slot
     runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=2)))
     layers = dense_matrices(tiny_backbone.model).values()
-    assert all(str(first_slot) not in layer.tasks for layer in layers)
+    assert all(not layer.has_task(first_slot) for layer in layers)
     runtime.remove("t")
-    assert all(not layer.tasks for layer in layers)
+    assert all(not layer.table and not layer.trainable for layer in layers)
+
+
+def test_the_row_table_grows_reuses_freed_rows_and_widens_without_changing_results(tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    for i in range(20):  # past the first growth step
+        runtime.add(in_memory_artifact(tiny_backbone, f"t{i}", random_row_delta(tiny_backbone, k=1, seed=i), seed=i))
+    layer = next(iter(dense_matrices(tiny_backbone.model).values()))
+    rows_before = len(layer.table.tensors[0])
+    for i in range(5):
+        runtime.remove(f"t{i}")
+    for i in range(3):  # freed rows are reused; k = 4 widens the table in place of a rebuild per task
+        runtime.add(in_memory_artifact(tiny_backbone, f"w{i}", random_row_delta(tiny_backbone, k=4, seed=50 + i), seed=i))
+    index, delta = layer.table.tensors
+    assert len(index) == rows_before and index.shape[1] == 4 and delta.shape[1] == 5
+    names = ["w0", "t7", "w2", "t19", "t5", "w1"]
+    texts = TEXTS + TEXTS[:2]
+    mixed = runtime.logits(names, runtime.tokenize(texts))
+    for i, (name, text) in enumerate(zip(names, texts)):
+        torch.testing.assert_close(mixed[i], runtime.logits([name], runtime.tokenize([text]))[0], atol=1e-5, rtol=0)
+    reference = copy.deepcopy(tiny_backbone.model)  # a task written into a reused, widened row is exactly its payload
+    tensors = random_row_delta(tiny_backbone, k=4, seed=51)
+    for module in reference.modules():
+        if isinstance(module, RowDeltaLinear):
+            module.clear()
+    materialize(reference, tensors)
+    inputs = tiny_backbone.tokenizer(TEXTS[:1], return_tensors="pt")
+    with route(Routing.single(runtime.get("w1").slot, 1)):
+        served = hidden(tiny_backbone.model, inputs)
+    torch.testing.assert_close(served, hidden(reference, inputs), atol=1e-5, rtol=0)
 
 
 def test_trainable_rows_round_trip_through_the_payload(tiny_backbone):

@@ -141,4 +141,4 @@ def test_ticket_show_compare_plot_and_peft_export_commands(tmp_path, tiny_checkp
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     wrong = runner.invoke(app, ["registry", "export", "t1", "--format", "peft", "-o", str(tmp_path / "x"),
                                 "--registry", registry])
-    assert isinstance(wrong.exception, InvalidArgument) and "not a task" in str(wrong.exception)
+    assert isinstance(wrong.exception, InvalidArgument) and "PEFT export takes row_delta" in str(wrong.exception)

@@ -42,18 +42,24 @@ def _store(url: str | None):
     return open_store(url)
 
 
-def _runtime_for(ref: str, registry: str | None, backbone: str | None):
-    """Load the artifact's backbone (or the one given) and the artifact onto it."""
+def _artifact_for(ref: str, registry: str | None, backbone: str | None):
+    """The artifact's backbone (or the one given), and the artifact checked against it."""
     from ticketserve import artifact
     from ticketserve.backbone import load_backbone
-    from ticketserve.runtime import Runtime
 
     store = _store(registry)
     version = store.resolve(ref)
-    manifest = store.manifest(version)
-    runtime = Runtime(load_backbone(backbone or manifest.backbone.name, store))
-    task = runtime.add(artifact.load(store, version, runtime.backbone))
-    return runtime, task
+    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name, store)
+    return loaded_backbone, artifact.load(store, version, loaded_backbone)
+
+
+def _runtime_for(ref: str, registry: str | None, backbone: str | None):
+    """A runtime on the artifact's backbone (or the one given) serving the artifact."""
+    from ticketserve.runtime import Runtime
+
+    loaded_backbone, found = _artifact_for(ref, registry, backbone)
+    runtime = Runtime(loaded_backbone)
+    return runtime, runtime.add(found)
 
 
 @app.command()
@@ -237,7 +243,7 @@ def evaluate_cmd(
     spec = task.spec
     dataset = load_split(spec, split or spec.eval_split, data_dir, eval_samples, seed)
     metrics = evaluate(runtime, task.name, dataset)
-    result = {"artifact": str(task.artifact.version), "task": spec.name, "split": split or spec.eval_split,
+    result = {"artifact": str(task.version), "task": spec.name, "split": split or spec.eval_split,
               "examples": len(dataset), "metrics": metrics}
     _emit(as_json, result, lambda: out.print(
         f"{result['artifact']} on {spec.name} ({result['split']}, {len(dataset)} examples): "
@@ -275,7 +281,7 @@ def predict(
         if loaded.spec.text_pair_field and not pair:
             raise InvalidArgument(f"task {loaded.spec.name} takes text pairs: give --pair once per text")
         results = runtime.predict([loaded.name] * len(texts), texts, pair)
-        artifact_name, regression = str(loaded.artifact.version), loaded.spec.is_regression
+        artifact_name, regression = str(loaded.version), loaded.spec.is_regression
     rows = [{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities} for t, r in zip(texts, results)]
 
     def table() -> None:
@@ -513,9 +519,9 @@ def registry_export(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
     elif format == "peft":
         from ticketserve.peft_export import export_peft
 
-        runtime, task = _runtime_for(artifact_ref, registry, backbone)
-        export_peft(task.artifact, runtime.backbone, output)
-        version = task.artifact.version
+        loaded_backbone, found = _artifact_for(artifact_ref, registry, backbone)
+        export_peft(found, loaded_backbone, output)
+        version = found.version
     else:
         raise InvalidArgument(f"unknown export format {format!r} (bundle, peft)")
     _emit(as_json, {"artifact": str(version), "format": format, "output": str(output)},
@@ -592,15 +598,10 @@ def ticket_plot(ticket_ref: Annotated[str, typer.Argument(metavar="TICKET")],
 def ticket_distance(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT")], backbone: BackboneOpt = None,
                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
     """Per-matrix L1 and angular distance between a task's effective weights and its backbone."""
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
     from ticketserve.kinds import get_kind
     from ticketserve.ticket_report import distances
 
-    store = _store(registry)
-    version = store.resolve(artifact_ref)
-    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name, store)
-    found = artifact.load(store, version, loaded_backbone)
+    loaded_backbone, found = _artifact_for(artifact_ref, registry, backbone)
     tuned = get_kind(found.manifest.kind).dense_state(loaded_backbone.model, found.kind_tensors)
     rows = distances(loaded_backbone.model.state_dict(), tuned)
 

@@ -48,7 +48,7 @@ class ExportableEncoder(nn.Module):
         self.encoder = copy.deepcopy(encoder).eval()
         for module in self.encoder.modules():  # a clean copy: no task state of the live runtime
             if isinstance(module, RowDeltaLinear):
-                module.tasks.clear()
+                module.clear()
         if hasattr(self.encoder, "_ticketserve_gate_table"):
             self.encoder._ticketserve_gate_table.patterns.clear()
         self.names = list(dense_matrices(self.encoder))
@@ -144,8 +144,8 @@ class OnnxRuntime(Runtime):
                                np.ones((batch, config.num_hidden_layers, config.num_attention_heads), np.float32))
         feeds["ffn_gates"] = gated[1].expand(batch, -1).numpy() if gated else np.ones((batch, config.num_hidden_layers), np.float32)
         for name, layer in dense_matrices(self.encoder).items():
-            if isinstance(layer, RowDeltaLinear) and layer.tasks:
-                index, table = (t.detach() for t in layer.stacked().for_batch(routing))
+            if isinstance(layer, RowDeltaLinear) and layer.table:
+                index, table = layer.table.for_batch(routing)
                 delta, bias = table[:, :-1].contiguous(), table[:, -1].contiguous()
             else:
                 index, delta, bias = (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, layer.out_features),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from registry.manifest import TaskSpec
+from registry import ArtifactVersion
+from registry.manifest import Manifest, TaskSpec
 from ticketserve.artifact import Artifact
 from ticketserve.backbone import Backbone
 from ticketserve.errors import InvalidArgument, NotFound
@@ -25,15 +26,19 @@ from ticketserve.model import TaskHead, encode
 
 @dataclass
 class LoadedTask:
+    """A servable task. Its tensors live where its kind put them (the shared encoder's row or
+    gate tables, a mask set, a private encoder), not here: a resident task costs one copy."""
+
     name: str
-    artifact: Artifact
+    version: ArtifactVersion
+    manifest: Manifest
     slot: int
     encoder: nn.Module
     head: TaskHead
 
     @property
     def spec(self) -> TaskSpec:
-        return self.artifact.manifest.task
+        return self.manifest.task
 
 
 @dataclass
@@ -66,7 +71,8 @@ class Runtime:
             slot = next(self._slots)
             encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
             head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
-            old, self.tasks[name] = self.tasks.get(name), LoadedTask(name, artifact, slot, encoder, head)
+            loaded = LoadedTask(name, artifact.version, artifact.manifest, slot, encoder, head)
+            old, self.tasks[name] = self.tasks.get(name), loaded
         if old is not None:
             self.remove_slot(old)
         return self.tasks[name]
@@ -80,7 +86,7 @@ class Runtime:
 
     def remove_slot(self, task: LoadedTask) -> None:
         with self._forward_lock:  # never under a forward that resolved this task
-            get_kind(task.artifact.manifest.kind).detach(self.encoder, task.slot)
+            get_kind(task.manifest.kind).detach(self.encoder, task.slot)
 
     def get(self, name: str) -> LoadedTask:
         try:

@@ -48,7 +48,7 @@ class FullKind(Kind):
         vars(private).pop("_ticketserve_mask_cache", None)
         for module in private.modules():  # the copy serves this task only: drop shared-kind state
             if isinstance(module, RowDeltaLinear):
-                module.tasks.clear()
+                module.clear()
         private.load_state_dict({k.removeprefix(PREFIX): v for k, v in tensors.items()}, strict=False)
         return private.eval()
 

@@ -9,8 +9,6 @@ with at least one row (BitFit: the bias row only; Dominant-k: at most k rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -26,6 +24,7 @@ class RowDelta(nn.Module):
     def __init__(self, in_index: torch.Tensor, in_delta: torch.Tensor | None,
                  bias_delta: torch.Tensor | None, trainable: bool = False):
         super().__init__()
+        self.trainable = trainable
         self.register_buffer("in_index", in_index.long(), persistent=False)
         if trainable:
             self.in_delta = nn.Parameter(in_delta) if in_delta is not None else None
@@ -35,15 +34,7 @@ class RowDelta(nn.Module):
             self.register_buffer("bias_delta", bias_delta, persistent=False)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x·W + b with this task's rows, fused: the bias delta rides in the GEMM's bias and the
-        input rows accumulate into its output in place (no full-size temporaries or adds)."""
-        if self.bias_delta is not None:
-            bias = self.bias_delta.to(x.dtype) if bias is None else bias + self.bias_delta.to(x.dtype)
-        y = nn.functional.linear(x, weight, bias)
-        if self.in_delta is not None:
-            picked = x.index_select(-1, self.in_index)
-            y.view(-1, y.shape[-1]).addmm_(picked.reshape(-1, picked.shape[-1]), self.in_delta.to(x.dtype))
-        return y
+        return _fused_linear(x, weight, bias, self.in_index, self.in_delta, self.bias_delta)
 
     def to_payload(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices, rows = [], []
@@ -58,75 +49,139 @@ class RowDelta(nn.Module):
     @classmethod
     def from_payload(cls, index: torch.Tensor, delta: torch.Tensor, in_features: int,
                      trainable: bool = False) -> RowDelta:
-        index = index.long()
-        is_bias = index == in_features
-        in_index = index[~is_bias]
-        in_delta = delta[~is_bias].clone() if in_index.numel() else None
-        bias_delta = delta[is_bias][0].clone() if is_bias.any() else None
-        return cls(in_index, in_delta, bias_delta, trainable)
+        in_index, in_delta, bias_delta = split_payload(index, delta, in_features)
+        return cls(in_index, None if in_delta is None else in_delta.clone(),
+                   None if bias_delta is None else bias_delta.clone(), trainable)
 
 
-@dataclass
-class StackedRows:
-    """Every resident task's rows of one matrix, padded to the widest: table row 0 is "no
-    task" (all zero), so a mixed batch needs one lookup + gather + batched matmul per matrix.
-    `delta[:, K]` is each task's bias delta: a constant-1 input column picks it up in the same
-    matmul as the input rows."""
+def split_payload(index: torch.Tensor, delta: torch.Tensor, in_features: int):
+    """(input rows, their deltas or None, the bias delta or None) of one matrix's payload."""
+    index = index.long()
+    is_bias = index == in_features
+    in_index = index[~is_bias]
+    return in_index, (delta[~is_bias] if in_index.numel() else None), (delta[is_bias][0] if is_bias.any() else None)
 
-    row_of: dict[int, int]  # slot → table row
-    index: torch.Tensor  # (tasks + 1, K) input rows (0 where padded)
-    delta: torch.Tensor  # (tasks + 1, K + 1, out) row deltas (0 where padded), then the bias delta
+
+class RowTable:
+    """Every served task's rows of one matrix in one padded table, which is their only copy:
+    row 0 is "no task" (all zero), each task owns one row, `delta[:, K]` is its bias delta
+    (a constant-1 input column picks it up in the same matmul as the input rows). Rows are
+    written in place and the table grows by a quarter when full, so loading a task costs its
+    own rows, not a rebuild. Tensors are swapped as one tuple: a concurrent forward sees
+    either the old or the new table, never half of each."""
+
+    def __init__(self, out_features: int):
+        self.out_features = out_features
+        self.slots: dict[int, tuple[int, int, bool]] = {}  # slot → (table row, k, has bias)
+        self.free: list[int] = []
+        self.tensors = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, out_features))  # index, delta
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def put(self, slot: int, in_index: torch.Tensor, in_delta: torch.Tensor | None, bias_delta: torch.Tensor | None) -> None:
+        self.drop(slot)
+        k = in_index.numel() if in_delta is not None else 0
+        index, delta = self.tensors
+        width = index.shape[1]
+        if k > width or not self.free:
+            index, delta = self._resized(max(width, k), len(index) + (0 if self.free else max(16, len(index) // 4)), in_index.device)
+        row = self.free.pop()
+        with torch.no_grad():
+            if k:
+                index[row, :k], delta[row, :k] = in_index, in_delta
+            if bias_delta is not None:
+                delta[row, -1] = bias_delta
+        self.slots[slot] = (row, k, bias_delta is not None)
+
+    def _resized(self, width: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        old_index, old_delta = self.tensors
+        index = torch.zeros(rows, width, dtype=torch.long, device=device)
+        delta = torch.zeros(rows, width + 1, self.out_features, device=device)
+        old_rows, old_width = old_index.shape
+        index[:old_rows, :old_width] = old_index.to(device)
+        delta[:old_rows, :old_width] = old_delta[:, :-1].to(device)
+        delta[:old_rows, -1] = old_delta[:, -1].to(device)
+        self.free += range(rows - 1, old_rows - 1, -1)  # lowest first
+        self.tensors = (index, delta)
+        return index, delta
+
+    def drop(self, slot: int) -> None:
+        if slot in self.slots:
+            row = self.slots.pop(slot)[0]
+            index, delta = self.tensors
+            index[row], delta[row] = 0, 0
+            self.free.append(row)
 
     def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.tensor([self.row_of.get(s, 0) for s in routing.slot_list], device=self.index.device)
-        return self.index[rows], self.delta[rows]
+        """Each example's input rows (B, K) and row deltas + bias delta (B, K + 1, out)."""
+        index, delta = self.tensors
+        rows = torch.tensor([self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list], device=index.device)
+        return index[rows], delta[rows]
+
+    def linear(self, slot: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One task's x·W + b with its rows, fused as in `RowDelta.linear`, reading views of its table row."""
+        row, k, has_bias = self.slots[slot]
+        index, delta = self.tensors
+        return _fused_linear(x, weight, bias, index[row, :k], delta[row, :k] if k else None,
+                             delta[row, -1] if has_bias else None)
+
+
+def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_index: torch.Tensor,
+                  in_delta: torch.Tensor | None, bias_delta: torch.Tensor | None) -> torch.Tensor:
+    """x·W + b with one task's rows: the bias delta rides in the GEMM's bias and the input rows
+    accumulate into its output in place (no full-size temporaries or adds)."""
+    if bias_delta is not None:
+        bias = bias_delta.to(x.dtype) if bias is None else bias + bias_delta.to(x.dtype)
+    y = nn.functional.linear(x, weight, bias)
+    if in_delta is not None:
+        picked = x.index_select(-1, in_index)
+        y.view(-1, y.shape[-1]).addmm_(picked.reshape(-1, picked.shape[-1]), in_delta.to(x.dtype))
+    return y
 
 
 class RowDeltaLinear(nn.Linear):
     """A shared linear layer (same weight and bias Parameters, same state-dict names) plus
-    per-slot row deltas, applied per example according to the current routing."""
+    per-slot row deltas, applied per example according to the current routing: served tasks
+    live in one `RowTable`, a task being trained in `trainable` (its rows are Parameters)."""
 
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.tasks = nn.ModuleDict()
-        self._stacked: StackedRows | None = None
+        self.trainable = nn.ModuleDict()
+        self.table = RowTable(self.out_features)
 
-    def set_task(self, slot: int, rows: RowDelta) -> None:
-        self.tasks[str(slot)] = rows
-        self._stacked = None
+    def set_trainable(self, slot: int, rows: RowDelta) -> None:
+        self.drop_task(slot)
+        self.trainable[str(slot)] = rows
+
+    def serve(self, slot: int, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Put a payload's rows (`.index`, `.delta`) into the table under `slot`."""
+        self.drop_task(slot)
+        self.table.put(slot, *split_payload(index.to(self.weight.device), delta.to(self.weight.device, torch.float32),
+                                            self.in_features))
 
     def drop_task(self, slot: int) -> None:
-        if str(slot) in self.tasks:
-            del self.tasks[str(slot)]
-        self._stacked = None
+        if str(slot) in self.trainable:
+            del self.trainable[str(slot)]
+        self.table.drop(slot)
 
-    def stacked(self) -> StackedRows:
-        """The padded table of all tasks' rows (rebuilt after any task changes)."""
-        if self._stacked is None:
-            entries = list(self.tasks.items())
-            width = max([e.in_index.numel() for _, e in entries], default=0) or 1
-            device = self.weight.device
-            index = torch.zeros(len(entries) + 1, width, dtype=torch.long, device=device)
-            delta = torch.zeros(len(entries) + 1, width + 1, self.out_features, device=device)
-            with torch.no_grad():
-                for row, (_, entry) in enumerate(entries, start=1):
-                    k = entry.in_index.numel()
-                    if entry.in_delta is not None:
-                        index[row, :k], delta[row, :k] = entry.in_index, entry.in_delta
-                    if entry.bias_delta is not None:
-                        delta[row, width] = entry.bias_delta
-            self._stacked = StackedRows({int(slot): row for row, (slot, _) in enumerate(entries, start=1)}, index, delta)
-        return self._stacked
+    def has_task(self, slot: int) -> bool:
+        return str(slot) in self.trainable or slot in self.table.slots
+
+    def clear(self) -> None:
+        self.trainable.clear()
+        self.table = RowTable(self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = current()
         uniform = DEFAULT_SLOT if routing is None else routing.uniform
-        if uniform is not None or not self.tasks:  # one task (or training): its own rows only
-            rows = self.tasks[str(uniform)] if str(uniform) in self.tasks else None
-            return super().forward(x) if rows is None else rows.linear(x, self.weight, self.bias)
-        index, delta = self.stacked().for_batch(routing)
+        if uniform is not None or not self.table:  # one task (or training): its own rows only
+            if str(uniform) in self.trainable:
+                return self.trainable[str(uniform)].linear(x, self.weight, self.bias)
+            return self.table.linear(uniform, x, self.weight, self.bias) if uniform in self.table.slots else super().forward(x)
+        index, delta = self.table.for_batch(routing)
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
         picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
         y = super().forward(x)
@@ -156,7 +211,7 @@ def add_trainable(encoder: nn.Module, slot: int, rows: dict[str, list[int]]) -> 
         index = torch.tensor(chosen, dtype=torch.long, device=layer.weight.device)
         delta = RowDelta.from_payload(index, torch.zeros(len(chosen), layer.out_features, device=index.device),
                                       layer.in_features, trainable=True)
-        layer.set_task(slot, delta)
+        layer.set_trainable(slot, delta)
         params += [p for p in delta.parameters()]
     return params
 
@@ -164,8 +219,8 @@ def add_trainable(encoder: nn.Module, slot: int, rows: dict[str, list[int]]) -> 
 def export(encoder: nn.Module, slot: int) -> Tensors:
     tensors: Tensors = {}
     for name, layer in install(encoder).items():
-        if str(slot) in layer.tasks:
-            index, delta = layer.tasks[str(slot)].to_payload(layer.in_features)
+        if str(slot) in layer.trainable:
+            index, delta = layer.trainable[str(slot)].to_payload(layer.in_features)
             tensors[f"{name}.index"], tensors[f"{name}.delta"] = index, delta
     return tensors
 
@@ -215,14 +270,11 @@ class RowDeltaKind(Kind):
                 raise CorruptArtifact(f"row_delta {name}: indices must be distinct and within 0..{linear.in_features}")
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        wrapped = install(encoder)
-        device = next(encoder.parameters()).device
-        for name, layer in wrapped.items():
-            layer.drop_task(slot)
-            if f"{name}.index" in tensors:  # tensors moved first: no per-module .to()
-                layer.set_task(slot, RowDelta.from_payload(tensors[f"{name}.index"].to(device),
-                                                           tensors[f"{name}.delta"].to(device, torch.float32),
-                                                           layer.in_features))
+        for name, layer in install(encoder).items():
+            if f"{name}.index" in tensors:
+                layer.serve(slot, tensors[f"{name}.index"], tensors[f"{name}.delta"])
+            else:
+                layer.drop_task(slot)
         return encoder
 
     def detach(self, encoder: nn.Module, slot: int) -> None:

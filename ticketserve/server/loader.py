@@ -180,6 +180,6 @@ class TaskLoader:
         with self._lock:
             serving = {key: alias for alias, key in self.aliases.items()}
             rows = [{"name": h.version.name, "artifact": h.key, "digest": h.version.digest, "bytes": h.bytes,
-                     "manifest": h.loaded.artifact.manifest, "alias": serving.get(h.key)} for h in self.resident.values()]
+                     "manifest": h.loaded.manifest, "alias": serving.get(h.key)} for h in self.resident.values()]
             errored = dict(self.errors)
         return rows, errored

@@ -131,7 +131,7 @@ class TasksService(rpc.TasksServicer):
                                                                       _version(request))
         except TicketserveError as exc:
             await _abort(context, exc)
-        manifest = handle.loaded.artifact.manifest
+        manifest = handle.loaded.manifest
         return pb.LoadTaskResponse(task=_task_info(manifest, handle.key, handle.version.digest, pb.TASK_STATE_READY,
                                                    handle.bytes))
 
