@@ -150,3 +150,22 @@ def test_validate_rejects_payloads_that_do_not_fit(tiny_backbone, damage):
         del tensors[f"{name}.delta"]
     with pytest.raises(CorruptArtifact):
         get_kind("row_delta").validate(tensors, tiny_backbone.model)
+
+
+def test_a_full_task_shares_no_rows_and_leaves_the_row_tasks_intact(tiny_backbone):
+    from ticketserve.kinds.full import changed_tensors
+
+    tuned = copy.deepcopy(tiny_backbone.model)
+    reference = {k: v.clone() for k, v in tuned.state_dict().items()}
+    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime.add(in_memory_artifact(tiny_backbone, "rows", random_row_delta(tiny_backbone, seed=3)))
+    before = runtime.logits(["rows"], runtime.tokenize(TEXTS[:1]))[0]
+    with torch.no_grad():
+        tuned.encoder.layer[1].attention.self.query.weight.mul_(1.5)
+    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned, reference), kind="full"))
+    private = runtime.get("full").encoder
+    assert all(not m.table for m in private.modules() if isinstance(m, RowDeltaLinear))  # the copy serves no row task
+    inputs = runtime.tokenize(TEXTS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(private(**inputs).last_hidden_state, tuned(**inputs).last_hidden_state, atol=1e-6, rtol=0)
+    torch.testing.assert_close(runtime.logits(["rows"], inputs)[0], before, atol=0, rtol=0)

@@ -39,11 +39,15 @@ class FullKind(Kind):
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         # serving state of the shared encoder is not copied: its mask cache stays behind (it
-        # holds a lock) and the gate table is shared (the copy's gate hooks still read it)
+        # holds a lock), the gate table is shared (the copy's gate hooks still read it) and the
+        # row tables (every row-delta task's rows) are shared until the copy drops them
         memo = {id(v): None for k, v in vars(encoder).items() if k == "_ticketserve_mask_cache"}
         table = vars(encoder).get("_ticketserve_gate_table")
         if table is not None:
             memo[id(table)] = table
+        for module in encoder.modules():  # row tables are not copied either: the copy drops them below
+            if isinstance(module, RowDeltaLinear):
+                memo[id(module.table)] = module.table
         private = copy.deepcopy(encoder, memo)
         vars(private).pop("_ticketserve_mask_cache", None)
         for module in private.modules():  # the copy serves this task only: drop shared-kind state
