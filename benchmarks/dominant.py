@@ -208,9 +208,15 @@ def report(args) -> None:
         lines += [f"| {t['a']} | {t['b']} | {t['k']} | {t['jaccard']:.3f} | {t['random_jaccard']:.3f} |" for t in comparisons]
     transfers = [r for r in quality if r.get("transfer_from")]
     if transfers:
+        def same_seed(r: dict, name: str) -> str:  # the task's own Dominant-1 / its Random-1 at that seed and rate
+            found = [q for q in quality if q["task"] == r["task"] and label(q) == name and q["seed"] == r["seed"]
+                     and abs(q["lr"] - r["lr"]) < 1e-12 and not q.get("transfer_from")]
+            return f"{found[-1]['metric']:.4f}" if found else "–"
+
         lines += ["", "## Transfer (Dominant-1 trained with another task's ticket)", "",
-                  "| task | ticket from | metric |", "|---|---|---|"]
-        lines += [f"| {r['task']} | {r['transfer_from']} | {r['metric']:.4f} |" for r in transfers]
+                  "| task | ticket from | seed | metric | own ticket | Random-1 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['transfer_from']} | {r['seed']} | {r['metric']:.4f} | {same_seed(r, 'dominant-1')} "
+                  f"| {same_seed(r, 'random-1')} |" for r in transfers]
     REPORT.write_text("\n".join(lines) + "\n" + _discussion())
 
 
