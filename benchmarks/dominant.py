@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import os
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from quality import QUALITY, RESULTS, append, cli, read_jsonl, train_record
+from quality import QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs, train_record
 from trainers import methods
 
 TICKETS = RESULTS / "tickets.jsonl"
@@ -111,10 +109,8 @@ def run(args) -> None:
     """Cheapest evidence first, so an interrupted study still answers the main questions:
     searches and Jaccard, every method at its default rate on the first seed, transfer, then
     the learning-rate grid on one task, then every seed at the rate chosen there. Runs within
-    a stage are independent: `--jobs N` runs N at a time (each training process then gets
-    cores / N torch threads, which on 2 cores gives ~15 % more runs per hour than one
-    2-thread process)."""
-    stage = functools.partial(_stage, args.jobs)
+    a stage are independent: `--jobs N` runs N at a time."""
+    stage = functools.partial(run_stage, args.jobs)
     stage(functools.partial(search, task, seed, args) for task, seed in itertools.product(args.tasks, args.search_seeds))
     jaccards(args)
     stage(functools.partial(train, task, method, k, args.seeds[0], None, args)
@@ -133,12 +129,6 @@ def run(args) -> None:
             chosen |= {(method, kk): best for kk in ([None] if k is None else args.ks)}
     stage(functools.partial(train, task, method, k, seed, chosen.get((method, k)), args)  # seed-major: a spread early
           for seed, task in itertools.product(args.seeds, args.seed_tasks) for method, k in variants(args.methods, args.ks))
-
-
-def _stage(jobs: int, runs) -> list:
-    """Run one stage's independent runs, `jobs` at a time, in order; their results in order."""
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on `ticketserve` processes
-        return list(pool.map(lambda run: run(), list(runs)))
 
 
 def label(r: dict) -> str:
@@ -261,8 +251,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.search_seeds = [int(s) for s in args.search_seeds.split(",")]
     args.train_samples = {"sst2": args.sst2_train_samples}
-    if args.jobs > 1:  # inherited by every `ticketserve` process the study starts
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    set_jobs(args.jobs)
     if not args.report_only:
         run(args)
     report(args)

@@ -16,9 +16,10 @@ One command, resumable (runs already recorded are skipped); hours on 2 CPU cores
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
-from quality import RESULTS, append, cli, read_jsonl
+from quality import RESULTS, append, cli, read_jsonl, run_stage, set_jobs
 
 HERE = Path(__file__).parent
 RECORDS = RESULTS / "supertickets.jsonl"
@@ -35,31 +36,47 @@ def _data(task: str, args) -> list[str]:
 
 
 def run(args) -> None:
-    for task in args.tasks:
-        phase = task in args.phase_tasks
-        for seed in args.seeds if phase else args.seeds[:1]:
-            scores = f"study-{task}-importance-s{seed}"
-            if not _done(scores):
-                result = cli("ticket", "importance", "--task", task, "--seed", str(seed), "--name", scores, *_data(task, args))
-                append(RECORDS, {"record": "importance", "name": scores, "task": task, "seed": seed, **result})
-            for kind in args.types if phase else ["winning"]:
-                name = f"study-{task}-superticket-{kind}-s{seed}"
-                if _done(name):
-                    continue
-                levels = [level for level in args.levels.split(",") if kind == "winning" or float(level) > 0]
-                result = cli("train", "--method", "superticket", "--task", task, "--seed", str(seed), "--ticket-type", kind,
-                             "--levels", ",".join(levels), "--importance", scores, "--name", name, "--resume", *_data(task, args))
-                append(RECORDS, {"record": "sweep", "name": name, "task": task, "seed": seed, "ticket_type": kind, **result})
-    for plain in (False, True):
-        name = "study-mtl" if plain else "study-ticketshare"
-        if _done(name) or len(args.tasks) < 2:
-            continue
-        given = [f"{t}=study-{t}-superticket-winning-s{args.seeds[0]}" for t in args.tasks]
-        result = cli("train", "--method", "ticketshare", "--tasks", ",".join(args.tasks), "--data-root", str(args.data_root),
-                     "--epochs", str(args.epochs), "--seed", str(args.seeds[0]), "--name", name, "--registry", str(args.registry),
-                     *(["--plain"] if plain else sum((["--superticket", g] for g in given), [])),
-                     *(["--train-samples", str(args.sst2_train_samples)] if "sst2" in args.tasks else []))
-        append(RECORDS, {"record": "mtl" if plain else "ticketshare", "name": name, **result})
+    """Importance for every (task, seed), then every sweep, then Ticket-Share and plain MTL;
+    runs within a stage are independent (`--jobs N` runs N at a time)."""
+    stage = functools.partial(run_stage, args.jobs)
+    pairs = [(task, seed) for task in args.tasks for seed in (args.seeds if task in args.phase_tasks else args.seeds[:1])]
+    stage(functools.partial(_importance, task, seed, args) for task, seed in pairs)
+    stage(functools.partial(_sweep, task, seed, kind, args) for task, seed in pairs
+          for kind in (args.types if task in args.phase_tasks else ["winning"]))
+    if len(args.tasks) > 1:
+        stage(functools.partial(_shared, plain, args) for plain in (False, True))
+
+
+def _importance(task: str, seed: int, args) -> None:
+    name = f"study-{task}-importance-s{seed}"
+    if not _done(name):
+        result = cli("ticket", "importance", "--task", task, "--seed", str(seed), "--name", name, *_data(task, args))
+        append(RECORDS, {"record": "importance", "name": name, "task": task, "seed": seed, **result})
+
+
+def _sweep(task: str, seed: int, kind: str, args) -> None:
+    """One sweep; a killed one resumes from its last finished level (`--resume`)."""
+    name = f"study-{task}-superticket-{kind}-s{seed}"
+    if _done(name):
+        return
+    levels = [level for level in args.levels.split(",") if kind == "winning" or float(level) > 0]
+    result = cli("train", "--method", "superticket", "--task", task, "--seed", str(seed), "--ticket-type", kind,
+                 "--levels", ",".join(levels), "--importance", f"study-{task}-importance-s{seed}", "--name", name,
+                 "--resume", *_data(task, args))
+    append(RECORDS, {"record": "sweep", "name": name, "task": task, "seed": seed, "ticket_type": kind, **result})
+
+
+def _shared(plain: bool, args) -> None:
+    """Ticket-Share on every task's best winning level, or plain MTL (all gates open)."""
+    name = "study-mtl" if plain else "study-ticketshare"
+    if _done(name):
+        return
+    given = [f"{t}=study-{t}-superticket-winning-s{args.seeds[0]}" for t in args.tasks]
+    result = cli("train", "--method", "ticketshare", "--tasks", ",".join(args.tasks), "--data-root", str(args.data_root),
+                 "--epochs", str(args.epochs), "--seed", str(args.seeds[0]), "--name", name, "--registry", str(args.registry),
+                 *(["--plain"] if plain else sum((["--superticket", g] for g in given), [])),
+                 *(["--train-samples", str(args.sst2_train_samples)] if "sst2" in args.tasks else []))
+    append(RECORDS, {"record": "mtl" if plain else "ticketshare", "name": name, **result})
 
 
 def report(args) -> None:
@@ -120,11 +137,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sst2-train-samples", type=int, default=8000)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="training processes at a time (each gets cores / jobs threads)")
     parser.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data" / "glue")
     parser.add_argument("--registry", type=Path, default=HERE / ".registry")
     args = parser.parse_args()
     args.tasks, args.types, args.phase_tasks = args.tasks.split(","), args.types.split(","), args.phase_tasks.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    set_jobs(args.jobs)
     if not args.report_only:
         run(args)
     report(args)
