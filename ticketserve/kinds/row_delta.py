@@ -19,12 +19,12 @@ from ticketserve.kinds.routing import DEFAULT_SLOT, Routing, current
 
 
 class RowDelta(nn.Module):
-    """One task's rows for one matrix: input rows (index + delta) and an optional bias delta."""
+    """One task's rows for one matrix: input rows (index + delta) and an optional bias delta —
+    as Parameters while a trainer trains them (served tasks live in a `RowTable`)."""
 
     def __init__(self, in_index: torch.Tensor, in_delta: torch.Tensor | None,
                  bias_delta: torch.Tensor | None, trainable: bool = False):
         super().__init__()
-        self.trainable = trainable
         self.register_buffer("in_index", in_index.long(), persistent=False)
         if trainable:
             self.in_delta = nn.Parameter(in_delta) if in_delta is not None else None
