@@ -114,6 +114,9 @@ def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpo
     assert list(store.versions("sw")) == [version.version]  # the checkpoints are gone
     tensors = artifact.read(store, version).tensors
     assert all(f"level-{level}.gates.heads" in tensors for level in (0, 25, 50))
+    trained.clear()  # resuming a finished sweep returns it as it is
+    assert sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.5), name="sw", show_progress=False,
+                 resume=True) == version and trained == []
 
 
 def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_checkpoints, tmp_path):
@@ -172,6 +175,9 @@ def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
         swept = run("train", "--method", "superticket", "--levels", "0,50", "--ticket-type", kind,
                     "--importance", "sst2-importance", "--eval-samples", "16", *common)
         assert [p["heads_pruned"] for p in swept["levels"]] == [0, 4]
+        resumed = run("train", "--method", "superticket", "--levels", "0,50", "--ticket-type", kind, "--resume",
+                      "--importance", "sst2-importance", "--eval-samples", "16", *common)
+        assert resumed["artifact"] == swept["artifact"]  # finished: nothing is retrained or republished
     figure = tmp_path / "phase.png"
     plotted = run("ticket", "plot-phase", "sst2-superticket-winning", "sst2-superticket-losing", "-o", str(figure),
                   "--registry", registry, "--json")

@@ -108,12 +108,16 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
     `superticket`: the keep-masks per level, the scores, the curve, the best level).
 
     Each finished level is published at once (details `pending`: the levels still to run), so a
-    killed sweep loses at most the level in flight: `resume` continues from the latest such
-    checkpoint of `name` when it is the same sweep, and the checkpoints are removed at the end."""
+    killed sweep loses at most the level in flight. `resume` continues from the latest version
+    of `name` when it is the same sweep: its finished levels are kept, an unfinished checkpoint
+    is replaced, and a sweep that already has every level is returned as it is."""
     from trainers.run import train
 
     name = name or f"{spec.name}-superticket-{ticket_type}"
-    previous = _checkpoint(store, name, spec, backbone, config, ticket_type, importance_ref) if resume else None
+    previous = _previous(store, name, spec, backbone, config, ticket_type, importance_ref) if resume else None
+    done = {point["level"] for point in previous.manifest.details["levels"]} if previous is not None else set()
+    if previous is not None and not previous.manifest.details.get("pending") and set(levels) <= done:
+        return previous.version  # finished already
     theta0 = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     if previous is not None:
         importance_ref = previous.manifest.details["importance"]
@@ -125,11 +129,11 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
         found = artifact.load(store, importance_ref, backbone, expect_kind="importance")
         importance_ref, scores = f"{found.version}@{found.version.digest}", found.tensors
     tensors = {SCORES_HEADS: scores[SCORES_HEADS], SCORES_FFN: scores[SCORES_FFN]}
-    curve, checkpoint = [], None
+    curve, checkpoint = [], None  # checkpoint: this sweep's unfinished version, replaced by each newer one
     if previous is not None:
         curve = [point for point in previous.manifest.details["levels"] if point["level"] in levels]
         tensors |= {k: v for k, v in previous.tensors.items() if k.split(".")[0] in {_tag(p["level"]) for p in curve}}
-        checkpoint = previous.version
+        checkpoint = previous.version if previous.manifest.details.get("pending") else None
     for level in levels:
         if any(point["level"] == level for point in curve):
             continue
@@ -147,7 +151,7 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
             store.remove(checkpoint)  # only the latest checkpoint is kept
         checkpoint = published
     backbone.model.load_state_dict(theta0)
-    if checkpoint is None or store.manifest(checkpoint).details["pending"]:  # resumed with every level done
+    if checkpoint is None or store.manifest(checkpoint).details["pending"]:  # resumed with no level left to run
         final = _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, [])
         if checkpoint is not None:
             store.remove(checkpoint)
@@ -170,15 +174,13 @@ def _publish(store, name, spec, backbone, config, ticket_type, importance_ref, c
     return artifact.publish(store, manifest, tensors)
 
 
-def _checkpoint(store, name, spec, backbone, config, ticket_type, importance_ref):
-    """The latest unfinished sweep of `name`, if it is this sweep (same task, backbone,
-    settings, ticket type and importance); a different one is an error, not silently redone."""
+def _previous(store, name, spec, backbone, config, ticket_type, importance_ref):
+    """The latest sweep of `name`, if it is this sweep (same task, backbone, settings, ticket
+    type and importance); a different one is an error, not silently redone or mixed in."""
     if not store.versions(name):
         return None
     found = artifact.read(store, name, expect_kind="superticket")
     details = found.manifest.details
-    if not details.get("pending"):
-        return None
     same = {"task": found.manifest.task.name == spec.name,
             "backbone": found.manifest.backbone.fingerprint == backbone.fingerprint,
             "settings": found.manifest.hyperparameters == config.model_dump(),
