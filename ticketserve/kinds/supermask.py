@@ -53,21 +53,27 @@ CODECS = {
 
 def magnitude_mask(weight: torch.Tensor, dropped: int, cut: tuple[float, int] | None = None) -> torch.Tensor:
     """Keep-mask without the `dropped` smallest-|w| weights, ties broken by position (what a
-    stable argsort would give), in O(n) with one kthvalue. `cut` (from `magnitude_cut`) skips
-    the kthvalue: serving rebuilds the same reference for every task trained from it."""
-    magnitude = weight.detach().float().abs().flatten().cpu()
-    threshold, tied_dropped = cut or magnitude_cut(magnitude, dropped)
+    stable argsort would give). `cut` (from `magnitude_cut`) skips the kthvalue: serving
+    rebuilds the same reference for every task trained from it."""
+    magnitude = _magnitude(weight)
+    threshold, tied_dropped = cut or magnitude_cut(weight, dropped)
     keep = magnitude > threshold
     keep[(magnitude == threshold).nonzero().flatten()[tied_dropped:]] = True
     return keep.reshape(weight.shape)
 
 
-def magnitude_cut(magnitude: torch.Tensor, dropped: int) -> tuple[float, int]:
-    """The threshold and how many weights exactly at it are dropped (the first ones)."""
+def magnitude_cut(weight: torch.Tensor, dropped: int) -> tuple[float, int]:
+    """The threshold and how many weights exactly at it are dropped (the first ones), in O(n)
+    with one kthvalue."""
     if dropped <= 0:
         return -1.0, 0
+    magnitude = _magnitude(weight)
     threshold = magnitude.kthvalue(dropped).values
     return float(threshold), dropped - int((magnitude < threshold).sum())
+
+
+def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().abs().flatten().cpu()
 
 
 def encode_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,14 +105,13 @@ def encode_masks(masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
     magnitude mask, whichever is smaller."""
     tensors: Tensors = {}
     for name, mask in masks.items():
-        choice = {name + MASK: encode_mask(mask)}
-        if (dropped or {}).get(name):
-            relative = encode_mask(~(mask.cpu() ^ magnitude_mask(weights[name], dropped[name])))
-            if relative[0].numel() < choice[name + MASK][0].numel():
-                choice = {name + MASK: relative, name + REFERENCE: torch.tensor([dropped[name]], dtype=torch.int64)}
-        tensors[name + MASK], tensors[name + CODEC] = choice[name + MASK]
-        if name + REFERENCE in choice:
-            tensors[name + REFERENCE] = choice[name + REFERENCE]
+        data, codec = encode_mask(mask)
+        count = (dropped or {}).get(name)
+        if count:
+            relative = encode_mask(~(mask.cpu() ^ magnitude_mask(weights[name], count)))
+            if relative[0].numel() < data.numel():
+                (data, codec), tensors[name + REFERENCE] = relative, torch.tensor([count], dtype=torch.int64)
+        tensors[name + MASK], tensors[name + CODEC] = data, codec
     return tensors
 
 
@@ -121,7 +126,7 @@ def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor], cuts: dict 
             if not 0 < dropped <= weights[name].numel():
                 raise CorruptArtifact(f"{name}: reference drops {dropped} of {weights[name].numel()} weights")
             if (name, dropped) not in cuts:
-                cuts[name, dropped] = magnitude_cut(weights[name].detach().float().abs().flatten().cpu(), dropped)
+                cuts[name, dropped] = magnitude_cut(weights[name], dropped)
             stored = ~stored ^ magnitude_mask(weights[name], dropped, cuts[name, dropped])
         masks[name] = stored
     return masks
