@@ -69,7 +69,7 @@ def same_run(r: dict, task: str, method: str, k: int | None, seed: int, lr: floa
     """Resumability: a record of this configuration (from this study or a plain quality run) is reused."""
     samples = args.train_samples.get(task)
     return (r["task"], r["method"], r.get("k"), r["seed"], r.get("epochs"), r.get("transfer_from")) == (
-        task, method, k, seed, args.epochs, ticket_task) and abs(r["lr"] - lr) < 1e-12 and r.get("study") in (STUDY, None) \
+        task, method, k, seed, args.epochs, ticket_task) and same_lr(r["lr"], lr) and r.get("study") in (STUDY, None) \
         and (samples is None or r["train_samples"] == samples)
 
 
@@ -84,9 +84,8 @@ def train(task: str, method: str, k: int | None, seed: int, lr: float | None, ar
     previous = [r for r in read_jsonl(QUALITY) if same_run(r, task, method, k, seed, lr or default, args, ticket_task)]
     if previous:
         return previous[-1]
-    label = f"{method}{k or ''}" + (f"-from-{source}" if ticket_task else "") + (f"-lr{lr:g}" if lr else "")
-    name = f"study-{task}-{label}-s{seed}".lower()
-    record = train_record(task, method, seed, name=name,
+    tag = f"{method}{k or ''}" + (f"-from-{source}" if ticket_task else "") + (f"-lr{lr:g}" if lr else "")
+    record = train_record(task, method, seed, name=f"study-{task}-{tag}-s{seed}".lower(),
                           train_samples=args.train_samples.get(task), epochs=args.epochs, lr=lr, options=options,
                           data_root=args.data_root, registry=args.registry)
     record |= {"study": STUDY, "transfer_from": ticket_task}
@@ -120,35 +119,42 @@ def run(args) -> None:
     if args.transfer:
         stage(functools.partial(train, target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
               for source, target in itertools.product(args.transfer_sources, args.tasks) if source != target)
-    chosen = {}
+    grid = []
     if args.grid:
         searched = [(method, k) for method, k in variants(args.methods, args.ks) if k in (None, min(args.ks))]
         grid = stage(functools.partial(train, args.grid_task, method, k, args.seeds[0], lr, args)
                      for method, k in searched for lr in LR_GRID[method])
-        for method, k in searched:
-            runs = [r for r in grid if r["method"] == method and r.get("k") == k]
-            best = max(runs, key=lambda r: r["metric"])["lr"]
-            chosen |= {(method, kk): best for kk in ([None] if k is None else args.ks)}
-    stage(functools.partial(train, task, method, k, seed, chosen.get((method, k)), args)  # seed-major: a spread early
+    rates = chosen_rates(grid, args)
+    stage(functools.partial(train, task, method, k, seed, rates[name(method, k)], args)  # seed-major: a spread early
           for seed, task in itertools.product(args.seeds, args.seed_tasks) for method, k in variants(args.methods, args.ks))
 
 
+def name(method: str, k: int | None) -> str:
+    return method + (f"-{k}" if k else "")
+
+
 def label(r: dict) -> str:
-    return r["method"] + (f"-{r['k']}" if r.get("k") else "")
+    return name(r["method"], r.get("k"))
+
+
+def same_lr(a: float, b: float | None) -> bool:
+    return b is not None and abs(a - b) < 1e-12
+
+
+def grid_points(quality: list[dict], args) -> dict[tuple[str, float], float]:
+    """Dev metric by (method label, rate) on the grid task's first seed."""
+    return {(label(r), r["lr"]): r["metric"] for r in quality
+            if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from")}
 
 
 def chosen_rates(quality: list[dict], args) -> dict[str, float]:
     """Each method's rate: best dev metric on the grid task's first seed; k > 1 inherits the
     k = 1 choice of its method; the default where no grid ran."""
-    grid: dict[str, dict[float, float]] = {}
-    for r in quality:
-        if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from"):
-            grid.setdefault(label(r), {})[r["lr"]] = r["metric"]
+    grid = grid_points(quality, args)
     rates = {}
     for method, k in variants(args.methods, args.ks):
-        points = grid.get(method + (f"-{min(args.ks)}" if k else ""), {})
-        rates[method + (f"-{k}" if k else "")] = (max(points, key=points.get) if len(points) > 1
-                                                  else methods()[method].default_lr)
+        points = {lr: metric for (searched, lr), metric in grid.items() if searched == name(method, k and min(args.ks))}
+        rates[name(method, k)] = max(points, key=points.get) if len(points) > 1 else methods()[method].default_lr
     return rates
 
 
@@ -179,28 +185,27 @@ def report(args) -> None:
     for r in quality:
         if not r.get("transfer_from"):
             by_rate.setdefault((r["task"], label(r)), {}).setdefault(r["lr"], []).append(r)
-    for (task, name), rated in sorted(by_rate.items()):
-        default = methods()[name.split("-")[0]].default_lr
-        lr = next((lr for lr in rated if abs(lr - rates.get(name, -1)) < 1e-12),  # the chosen rate, where it ran
-                  next((lr for lr in rated if abs(lr - default) < 1e-12), None))  # else the default rate
+    for (task, method), rated in sorted(by_rate.items()):
+        default = methods()[method.split("-")[0]].default_lr
+        lr = next((lr for lr in rated if same_lr(lr, rates.get(method))),  # the chosen rate, where it ran
+                  next((lr for lr in rated if same_lr(lr, default)), None))  # else the default rate
         if lr is None:
             continue
         runs = sorted(rated[lr], key=lambda r: r["seed"])
         spread = f" ± {statistics.stdev(r['metric'] for r in runs):.4f}" if len(runs) > 1 else ""
         r0 = runs[0]
         state = f"{r0['optimizer_state_bytes'] / 1e6:.2f} MB" if r0.get("optimizer_state_bytes") else "–"
-        lines.append(f"| {task} | {name} | {statistics.mean(r['metric'] for r in runs):.4f}{spread} | {len(runs)} "
+        lines.append(f"| {task} | {method} | {statistics.mean(r['metric'] for r in runs):.4f}{spread} | {len(runs)} "
                      f"| {r0['lr']:g} | {r0['trainable_params']:,} | {r0['artifact_bytes']:,} | {_step(runs)} | {state} |")
-    grid = {(label(r), r["lr"]): r["metric"] for r in quality
-            if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from")}
+    grid = grid_points(quality, args)
     lrs = sorted({lr for _, lr in grid})
-    if len({lr for name, lr in grid if name == "full"}) > 1:
+    if len({lr for searched, lr in grid if searched == "full"}) > 1:
         lines += ["", f"## Learning-rate grid ({args.grid_task} dev, seed {args.seeds[0]}; chosen rate in bold)", "",
                   "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-        for name in sorted({name for name, _ in grid}):
-            cells = [(f"**{grid[(name, lr)]:.4f}**" if abs(lr - rates.get(name, -1)) < 1e-12 else f"{grid[(name, lr)]:.4f}")
-                     if (name, lr) in grid else "" for lr in lrs]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for searched in sorted({searched for searched, _ in grid}):
+            cells = [(f"**{grid[searched, lr]:.4f}**" if same_lr(lr, rates.get(searched)) else f"{grid[searched, lr]:.4f}")
+                     if (searched, lr) in grid else "" for lr in lrs]
+            lines.append(f"| {searched} | " + " | ".join(cells) + " |")
     searches = [t for t in tickets if t["record"] == "search"]
     if searches:
         lines += ["", "## Ticket searches", "", "| task | seed | search dev metric | σ (quantile) | out-weighted share |",
@@ -216,9 +221,9 @@ def report(args) -> None:
         lines += [f"| {t['a']} | {t['b']} | {t['k']} | {t['jaccard']:.3f} | {t['random_jaccard']:.3f} |" for t in comparisons]
     transfers = [r for r in quality if r.get("transfer_from")]
     if transfers:
-        def same_seed(r: dict, name: str) -> str:  # the task's own Dominant-1 / its Random-1 at that seed and rate
-            found = [q for q in quality if q["task"] == r["task"] and label(q) == name and q["seed"] == r["seed"]
-                     and abs(q["lr"] - r["lr"]) < 1e-12 and not q.get("transfer_from")]
+        def same_seed(r: dict, wanted: str) -> str:  # the task's own Dominant-1 / its Random-1 at that seed and rate
+            found = [q for q in quality if q["task"] == r["task"] and label(q) == wanted and q["seed"] == r["seed"]
+                     and same_lr(q["lr"], r["lr"]) and not q.get("transfer_from")]
             return f"{found[-1]['metric']:.4f}" if found else "–"
 
         lines += ["", "## Transfer (Dominant-1 trained with another task's ticket)", "",
