@@ -8,8 +8,9 @@ One command runs the whole study (hours on 2 CPU cores; never part of the tests)
      → results/quality.jsonl
   4. transfer: each source task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
   5. the learning-rate grid on the grid task (MRPC; seed 42; full, BitFit and the k = 1 ticket
-     methods — k = 3 inherits its method's rate), then the other seeds on mrpc/rte/cola at the
-     rate chosen there (2 CPU cores cannot afford a grid per task: ~5 min per run)
+     methods — k = 3 inherits its method's rate), then every seed on mrpc/rte/cola at the
+     rate chosen there (2 CPU cores cannot afford a grid per task: ~5 min per run), and last
+     the first seed on sst2 at those rates
   6. benchmarks/dominant.md regenerated from the results files (also: --report-only)
 
     python benchmarks/dominant.py                       # everything, as the issue specifies
@@ -125,8 +126,10 @@ def run(args) -> None:
         grid = stage(functools.partial(train, args.grid_task, method, k, args.seeds[0], lr, args)
                      for method, k in searched for lr in LR_GRID[method])
     rates = chosen_rates(grid, args)
+    once = [(args.seeds[0], task) for task in args.tasks if task not in args.seed_tasks]  # last: one seed at the chosen rates
     stage(functools.partial(train, task, method, k, seed, rates[name(method, k)], args)  # seed-major: a spread early
-          for seed, task in itertools.product(args.seeds, args.seed_tasks) for method, k in variants(args.methods, args.ks))
+          for seed, task in [*itertools.product(args.seeds, args.seed_tasks), *once]
+          for method, k in variants(args.methods, args.ks))
 
 
 def name(method: str, k: int | None) -> str:
@@ -169,6 +172,48 @@ def _step(runs: list[dict]) -> str:
     return f"{r['seconds_per_step']:.3f} ({r.get('torch_threads') or 2})"
 
 
+def reported_runs(quality: list[dict], rates: dict[str, float]) -> dict[tuple[str, str], list[dict]]:
+    """The runs each (task, method) row reports, by seed: those at the method's chosen rate where
+    any ran, else those at its default rate (rows with neither are left out)."""
+    by_rate: dict[tuple, dict[float, list[dict]]] = {}
+    for r in quality:
+        if not r.get("transfer_from"):
+            by_rate.setdefault((r["task"], label(r)), {}).setdefault(r["lr"], []).append(r)
+    table = {}
+    for (task, method), rated in by_rate.items():
+        default = methods()[method.split("-")[0]].default_lr
+        lr = next((lr for lr in rated if same_lr(lr, rates.get(method))),
+                  next((lr for lr in rated if same_lr(lr, default)), None))
+        if lr is not None:
+            table[task, method] = sorted(rated[lr], key=lambda r: r["seed"])
+    return table
+
+
+# the paper's comparisons: a ticket against a random one of its shape, against BitFit's equal
+# budget, and against full fine-tuning
+PAIRS = [("dominant-1", "random-1"), ("dominant-3", "random-3"), ("dominant-1", "bitfit"), ("dominant-3", "full")]
+
+
+def paired_section(table: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """A − B per seed (a seed fixes the head's initialisation and the data order for both), so
+    that a claim rests on how often it holds, not on one mean."""
+    rows = []
+    for task in sorted({task for task, _ in table}):
+        for a, b in PAIRS:
+            by_seed = [{r["seed"]: r["metric"] for r in table.get((task, m), [])} for m in (a, b)]
+            seeds = sorted(by_seed[0].keys() & by_seed[1].keys())
+            if not seeds:
+                continue
+            diffs = [by_seed[0][s] - by_seed[1][s] for s in seeds]
+            rates = " / ".join(f"{table[task, m][0]['lr']:g}" for m in (a, b))
+            rows.append(f"| {task} | {a} − {b} | {rates} | {len(seeds)} | {sum(d > 0 for d in diffs)} / {sum(d == 0 for d in diffs)} "
+                        f"| {statistics.mean(diffs):+.4f} | {min(diffs):+.4f} … {max(diffs):+.4f} |")
+    if not rows:
+        return []
+    return ["", "## Paired by seed (rows of the table above)", "",
+            "| task | A − B | lr A / B | seeds | A better / tied | mean | range |", "|---|---|---|---|---|---|---|", *rows]
+
+
 def report(args) -> None:
     quality = [r for r in read_jsonl(QUALITY) if r.get("study") == STUDY or r["method"] in ("full", "bitfit")]
     tickets = [r for r in read_jsonl(TICKETS) if r.get("study") == STUDY]
@@ -181,22 +226,14 @@ def report(args) -> None:
              "`params` = trainable parameters including the 770-parameter head; s/step (torch threads).", ""]
     lines += ["| task | method | metric | seeds | lr | params | artifact bytes | s/step | optimizer state |",
               "|---|---|---|---|---|---|---|---|---|"]
-    by_rate: dict[tuple, dict[float, list[dict]]] = {}
-    for r in quality:
-        if not r.get("transfer_from"):
-            by_rate.setdefault((r["task"], label(r)), {}).setdefault(r["lr"], []).append(r)
-    for (task, method), rated in sorted(by_rate.items()):
-        default = methods()[method.split("-")[0]].default_lr
-        lr = next((lr for lr in rated if same_lr(lr, rates.get(method))),  # the chosen rate, where it ran
-                  next((lr for lr in rated if same_lr(lr, default)), None))  # else the default rate
-        if lr is None:
-            continue
-        runs = sorted(rated[lr], key=lambda r: r["seed"])
+    table = reported_runs(quality, rates)
+    for (task, method), runs in sorted(table.items()):
         spread = f" ± {statistics.stdev(r['metric'] for r in runs):.4f}" if len(runs) > 1 else ""
         r0 = runs[0]
         state = f"{r0['optimizer_state_bytes'] / 1e6:.2f} MB" if r0.get("optimizer_state_bytes") else "–"
         lines.append(f"| {task} | {method} | {statistics.mean(r['metric'] for r in runs):.4f}{spread} | {len(runs)} "
                      f"| {r0['lr']:g} | {r0['trainable_params']:,} | {r0['artifact_bytes']:,} | {_step(runs)} | {state} |")
+    lines += paired_section(table)
     grid = grid_points(quality, args)
     lrs = sorted({lr for _, lr in grid})
     if len({lr for searched, lr in grid if searched == "full"}) > 1:
