@@ -6,6 +6,8 @@ structure; the best level on dev is the super ticket. The sweep traces the phase
 
 from __future__ import annotations
 
+import os
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -110,7 +112,10 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
     Each finished level is published at once (details `pending`: the levels still to run), so a
     killed sweep loses at most the level in flight. `resume` continues from the latest version
     of `name` when it is the same sweep: its finished levels are kept, an unfinished checkpoint
-    is replaced, and a sweep that already has every level is returned as it is."""
+    is replaced, and a sweep that already has every level is returned as it is.
+
+    Level 0 prunes nothing, so when the importance run used this sweep's settings it *is* that
+    level (same θ0, seed and data order: equal metrics, tested) and is not trained again."""
     from trainers.run import train
 
     name = name or f"{spec.name}-superticket-{ticket_type}"
@@ -124,10 +129,9 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
     if importance_ref is None:
         scored = train("importance", spec, backbone, config, store, data_dir, name=f"{spec.name}-importance",
                        show_progress=show_progress)
-        importance_ref, scores = f"{scored.version}@{scored.version.digest}", scored.tensors
     else:
-        found = artifact.load(store, importance_ref, backbone, expect_kind="importance")
-        importance_ref, scores = f"{found.version}@{found.version.digest}", found.tensors
+        scored = artifact.load(store, importance_ref, backbone, expect_kind="importance")
+    importance_ref, scores = f"{scored.version}@{scored.version.digest}", scored.tensors
     tensors = {SCORES_HEADS: scores[SCORES_HEADS], SCORES_FFN: scores[SCORES_FFN]}
     curve, checkpoint = [], None  # checkpoint: this sweep's unfinished version, replaced by each newer one
     if previous is not None:
@@ -137,14 +141,21 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
     for level in levels:
         if any(point["level"] == level for point in curve):
             continue
-        backbone.model.load_state_dict(theta0)  # rewind the survivors to the pre-trained weights
         keep_heads, keep_ffn = gates.prune(scores[SCORES_HEADS], scores[SCORES_FFN], level, ticket_type, config.seed)
-        outcome = train("gated-full", spec, backbone, config, store, data_dir, show_progress=show_progress,
-                        options={"heads": keep_heads.int().tolist(), "ffn": keep_ffn.int().tolist()}, publish=False)
         tensors |= {f"{_tag(level)}.{k}": v for k, v in to_tensors(keep_heads, keep_ffn).items()}
-        curve.append({"level": level, "heads_pruned": int((~keep_heads).sum()), "ffn_pruned": int((~keep_ffn).sum()),
-                      "metric": outcome.fit.metrics[spec.metric], "metrics": outcome.fit.metrics,
-                      "train_seconds": outcome.fit.train_seconds})
+        point = {"level": level, "heads_pruned": int((~keep_heads).sum()), "ffn_pruned": int((~keep_ffn).sum())}
+        if level == 0 and _fine_tuned_alike(scored.manifest, spec, config, data_dir):
+            # pruning nothing is the importance run's own fine-tuning: same θ0, settings and seed
+            metrics = scored.manifest.metrics
+            point |= {"metric": metrics[spec.metric], "metrics": metrics, "reused": "importance",
+                      "train_seconds": scored.manifest.details.get("train_seconds")}
+        else:
+            backbone.model.load_state_dict(theta0)  # rewind the survivors to the pre-trained weights
+            outcome = train("gated-full", spec, backbone, config, store, data_dir, show_progress=show_progress,
+                            options={"heads": keep_heads.int().tolist(), "ffn": keep_ffn.int().tolist()}, publish=False)
+            point |= {"metric": outcome.fit.metrics[spec.metric], "metrics": outcome.fit.metrics,
+                      "train_seconds": outcome.fit.train_seconds}
+        curve.append(point)
         pending = [lv for lv in levels if all(point["level"] != lv for point in curve)]
         published = _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, pending)
         if checkpoint is not None:
@@ -157,6 +168,15 @@ def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store,
             store.remove(checkpoint)
         checkpoint = final
     return checkpoint
+
+
+def _fine_tuned_alike(manifest: Manifest, spec: TaskSpec, config: TrainConfig, data_dir) -> bool:
+    """Whether a published fine-tuning ran with the settings (rate resolved, process count
+    included) and on the data that this sweep's levels train with."""
+    wanted = config.model_dump() | {"lr": config.lr or GatedFineTuning.default_lr,
+                                    "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+    data = str(data_dir) if data_dir is not None else spec.hub_dataset
+    return manifest.hyperparameters == wanted and manifest.details.get("data") == data
 
 
 def _tag(level: float) -> str:
