@@ -1,7 +1,8 @@
 """Super tickets and Ticket-Share at MiniLM scale (issue: Liang et al. reproduction).
 
 One command, resumable (runs already recorded are skipped); hours on 2 CPU cores:
-  1. importance per task and seed                        (registry: study-<task>-importance-s<seed>)
+  1. importance per task and seed                        (registry: study-<task>-importance-s<seed>);
+     where the dominant study has fine-tuned that task and seed alike, that model is scored
   2. phase-transition sweeps on the phase tasks: winning / random / losing per seed; the other
      tasks get the winning sweep on the first seed (their super ticket for Ticket-Share).
      Level 0 (nothing pruned) is plain fine-tuning and the same run for every ticket type, so
@@ -19,11 +20,13 @@ import argparse
 import functools
 from pathlib import Path
 
-from quality import RESULTS, append, cli, read_jsonl, run_stage, set_jobs
+from quality import QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs
+from trainers import methods
 
 HERE = Path(__file__).parent
 RECORDS = RESULTS / "supertickets.jsonl"
 REPORT = HERE / "supertickets.md"
+FULL_DEFAULT_LR = methods()["full"].default_lr  # the importance run's rate
 
 
 def _done(name: str) -> bool:
@@ -49,9 +52,26 @@ def run(args) -> None:
 
 def _importance(task: str, seed: int, args) -> None:
     name = f"study-{task}-importance-s{seed}"
-    if not _done(name):
-        result = cli("ticket", "importance", "--task", task, "--seed", str(seed), "--name", name, *_data(task, args))
-        append(RECORDS, {"record": "importance", "name": name, "task": task, "seed": seed, **result})
+    if _done(name):
+        return
+    tuned = _fine_tuned(task, seed, args)
+    source = ["--fine-tuned", tuned] if tuned else []
+    result = cli("ticket", "importance", "--task", task, "--seed", str(seed), "--name", name, *source, *_data(task, args))
+    append(RECORDS, {"record": "importance", "name": name, "task": task, "seed": seed, "fine_tuned": tuned, **result})
+
+
+def _fine_tuned(task: str, seed: int, args) -> str | None:
+    """A full fine-tuning (e.g. the dominant study's) run exactly as the importance run would
+    fine-tune: it is scored instead of fine-tuning again."""
+    wanted = {"epochs": args.epochs, "seed": seed, "lr": FULL_DEFAULT_LR, "max_steps": None,
+              "train_samples": args.sst2_train_samples if task == "sst2" else None}
+    for r in reversed(read_jsonl(QUALITY)):
+        if (r["method"], r["task"], r["seed"]) == ("full", task, seed):
+            manifest = cli("registry", "show", r["artifact"], "--registry", str(args.registry))["manifest"]
+            settings = {key: manifest["hyperparameters"].get(key) for key in wanted}
+            if settings == wanted and manifest["details"].get("data") == str((args.data_root / task).resolve()):
+                return r["artifact"]
+    return None
 
 
 def _sweep(task: str, seed: int, kind: str, args) -> None:

@@ -13,7 +13,7 @@ from ticketserve.errors import BackboneMismatch, InvalidArgument
 from ticketserve.runtime import Runtime
 from ticketserve.tasks import custom_task, get_task
 from trainers.config import TrainConfig
-from trainers.supertickets import importance, keep_masks, sweep
+from trainers.supertickets import SCORES_FFN, SCORES_HEADS, importance, keep_masks, score_fine_tuned, sweep
 from trainers.ticketshare import StrictSharing, masked_slices, train_ticketshare
 
 CONFIG = TrainConfig(train_samples=32, eval_samples=16, batch_size=8, epochs=1, seed=3)
@@ -99,6 +99,31 @@ def test_level_0_is_the_importance_runs_fine_tuning_not_a_second_one(store, tiny
     other = sweep(get_task("sst2"), backbone, CONFIG.model_copy(update={"lr": 1e-4}), store, "sample", levels=(0.0,),
                   importance_ref="sst2-importance", name="other", show_progress=False)
     assert trained == ["gated-full"] and "reused" not in store.manifest(other).details["levels"][0]
+
+
+def test_importance_of_a_published_fine_tuning_is_that_of_fine_tuning_again(store, tiny_checkpoints, monkeypatch):
+    import trainers.run
+
+    backbone, spec = load_backbone(str(tiny_checkpoints["bert"])), get_task("sst2")
+    theta0 = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    trainers.run.train("full", spec, backbone, CONFIG, store, "sample", name="ft", show_progress=False)
+    backbone.model.load_state_dict(theta0)  # training fine-tunes the backbone in place
+    again = trainers.run.train("importance", spec, backbone, CONFIG, store, "sample", name="again", show_progress=False)
+    backbone.model.load_state_dict(theta0)
+    version, scores = score_fine_tuned("ft", spec, backbone, store, "sample", name="scored")
+    for key in (SCORES_HEADS, SCORES_FFN):
+        torch.testing.assert_close(scores[key], again.tensors[key], rtol=1e-5, atol=1e-7)
+    assert store.manifest(version).metrics == store.manifest("again").metrics
+    assert all(torch.equal(v, theta0[k]) for k, v in backbone.model.state_dict().items())  # scored on a copy
+
+    trained = []
+    monkeypatch.setattr(trainers.run, "train", lambda method, *a, **kw: trained.append(method))
+    swept = sweep(spec, backbone, CONFIG, store, "sample", levels=(0.0,), importance_ref="scored", show_progress=False)
+    assert trained == [] and store.manifest(swept).details["levels"][0]["reused"] == "importance"
+    with pytest.raises(InvalidArgument, match="trained on sample"):
+        score_fine_tuned("ft", spec, backbone, store, "elsewhere")
+    with pytest.raises(InvalidArgument, match="sst2 fine-tuning, not rte"):
+        score_fine_tuned("ft", get_task("rte"), backbone, store, "sample")
 
 
 def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpoints, monkeypatch):
@@ -191,6 +216,9 @@ def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
 
     scores = run("ticket", "importance", *common)
     assert len(scores["layers"]) == 2 and all(len(r["heads"]) == 4 for r in scores["layers"])
+    tuned = run("train", "--method", "full", "--name", "ft", "--eval-samples", "16", *common)
+    rescored = run("ticket", "importance", "--fine-tuned", tuned["artifact"], "--name", "from-ft", *common)
+    assert rescored["artifact"] == "from-ft:1" and len(rescored["layers"]) == 2
     for kind in ("winning", "losing"):
         swept = run("train", "--method", "superticket", "--levels", "0,50", "--ticket-type", kind,
                     "--importance", "sst2-importance", "--eval-samples", "16", *common)

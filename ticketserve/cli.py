@@ -646,28 +646,37 @@ def ticket_importance(
     data_dir: DataDirOpt = None, backbone: BackboneOpt = None,
     train_samples: Optional[int] = None, epochs: int = 3, max_steps: Optional[int] = None, seed: int = 42,
     lr: Optional[float] = None, name: Optional[str] = None, registry: RegistryOpt = None, as_json: JsonOpt = False,
+    fine_tuned: Annotated[Optional[str], typer.Option(
+        help="score this published full fine-tuning of the task instead of fine-tuning again "
+             "(its own settings apply; the training options above are not used)")] = None,
 ) -> None:
-    """Fine-tune, then score every attention head and FFN (mean |dL/dgate|); publishes an importance entry."""
+    """Fine-tune (or take --fine-tuned), then score every attention head and FFN (mean |dL/dgate|);
+    publishes an importance entry."""
     from ticketserve.backbone import load_backbone
     from ticketserve.tasks import get_task
     from ticketserve.ticket_report import importance_rows
     from trainers.config import TrainConfig
     from trainers.run import train as run_training
+    from trainers.supertickets import score_fine_tuned
 
-    config = TrainConfig(epochs=epochs, max_steps=max_steps, seed=seed, lr=lr, train_samples=train_samples)
-    outcome = run_training("importance", get_task(task), load_backbone(backbone), config, _store(registry), data_dir,
-                           name or f"{task}-importance", show_progress=not as_json)
-    if outcome.version is None:
-        return
-    rows = importance_rows(outcome.tensors)
+    spec, loaded, store, name = get_task(task), load_backbone(backbone), _store(registry), name or f"{task}-importance"
+    if fine_tuned:
+        version, scores = score_fine_tuned(fine_tuned, spec, loaded, store, data_dir, name)
+    else:
+        config = TrainConfig(epochs=epochs, max_steps=max_steps, seed=seed, lr=lr, train_samples=train_samples)
+        outcome = run_training("importance", spec, loaded, config, store, data_dir, name, show_progress=not as_json)
+        if outcome.version is None:
+            return
+        version, scores = outcome.version, outcome.tensors
+    rows = importance_rows(scores)
 
     def show() -> None:
-        grid = Table("layer", "heads (L2-normalised per layer)", "FFN", title=f"published {outcome.version}")
+        grid = Table("layer", "heads (L2-normalised per layer)", "FFN", title=f"published {version}")
         for row in rows:
             grid.add_row(str(row["layer"]), " ".join(f"{v:.2f}" for v in row["heads"]), f"{row['ffn']:.3g}")
         out.print(grid)
 
-    _emit(as_json, {"artifact": str(outcome.version), "layers": rows}, show)
+    _emit(as_json, {"artifact": str(version), "layers": rows}, show)
 
 
 @ticket_app.command("plot-phase")

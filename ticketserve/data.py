@@ -34,6 +34,11 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     )
 
 
+def data_source(spec: TaskSpec, data_dir: str | Path | None) -> str:
+    """Where a run's data came from, as its manifest records it (`details.data`)."""
+    return str(data_dir) if data_dir is not None else spec.hub_dataset
+
+
 def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None,
                samples: int | None = None, seed: int = 0):
     """One split of a task as a `datasets.Dataset` with columns text[, text_pair], label."""

@@ -84,6 +84,18 @@ def tokenize(dataset, tokenizer, max_length: int):
     return dataset.map(encode, batched=True, remove_columns=text_columns).rename_column("label", "labels")
 
 
+def _columns(dataset) -> list[str]:
+    return [c for c in (*MODEL_INPUTS, "labels") if c in dataset.column_names]
+
+
+def training_batches(train_ds, tokenizer, config: TrainConfig) -> DataLoader:
+    """The training data in length-grouped batches, padded per batch (`batch_sampler.set_epoch`
+    reshuffles them)."""
+    sampler = LengthGroupedBatches(list(train_ds["length"]), config.batch_size, config.seed)
+    return DataLoader(train_ds.select_columns(_columns(train_ds)), batch_sampler=sampler,
+                      collate_fn=DataCollatorWithPadding(tokenizer))
+
+
 def fit(accelerator: Accelerator, model: TaskModel, method: Method, params: list[nn.Parameter], train_ds, eval_ds,
         tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
     if len(train_ds) == 0 or len(eval_ds) == 0:
@@ -91,10 +103,8 @@ def fit(accelerator: Accelerator, model: TaskModel, method: Method, params: list
     trainable = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    collate = DataCollatorWithPadding(tokenizer)
-    columns = [c for c in (*MODEL_INPUTS, "labels") if c in train_ds.column_names]
-    sampler = LengthGroupedBatches(list(train_ds["length"]), config.batch_size, config.seed)
-    train_loader = DataLoader(train_ds.select_columns(columns), batch_sampler=sampler, collate_fn=collate)
+    train_loader = training_batches(train_ds, tokenizer, config)
+    sampler, collate, columns = train_loader.batch_sampler, train_loader.collate_fn, _columns(train_ds)
     with warnings.catch_warnings():  # pyarrow deprecation inside datasets' sort
         warnings.simplefilter("ignore", FutureWarning)
         eval_sorted = eval_ds.sort("length").select_columns(columns)

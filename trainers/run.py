@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
 from ticketserve import artifact
 from ticketserve.backbone import Backbone
-from ticketserve.data import load_split
+from ticketserve.data import data_source, load_split
 from ticketserve.model import TaskModel
 from ticketserve.kinds import get_kind
 from trainers import Method, RunContext, get_method
@@ -68,7 +68,7 @@ def train(method_name: str, spec: TaskSpec, backbone: Backbone, config: TrainCon
             "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),
             "torch_threads": torch.get_num_threads(),  # step times are only comparable at equal thread counts
             "optimizer_state_bytes": result.optimizer_state_bytes,
-            "data": str(data_dir) if data_dir is not None else spec.hub_dataset,
+            "data": data_source(spec, data_dir),
         },
     )
     version = artifact.publish(store, manifest, tensors, tags) if publish and accelerator.is_main_process else None

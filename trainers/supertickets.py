@@ -15,16 +15,18 @@ from torch import nn
 from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
 from ticketserve import artifact
 from ticketserve.backbone import Backbone
+from ticketserve.data import data_source, load_split
 from ticketserve.errors import InvalidArgument
-from ticketserve.kinds import gates
+from ticketserve.kinds import gates, get_kind
+from ticketserve.kinds.full import PREFIX
 from ticketserve.kinds.gates import Gates, gating
 from ticketserve.kinds.routing import DEFAULT_SLOT
 from ticketserve.kinds.structure_mask import FFN, HEADS, to_tensors
-from ticketserve.model import TaskModel
+from ticketserve.model import TaskHead, TaskModel
 from trainers import Method, RunContext, register_method
 from trainers.full import FullFineTuning
 from trainers.config import TrainConfig
-from trainers.loop import MODEL_INPUTS, FitResult
+from trainers.loop import MODEL_INPUTS, FitResult, tokenize, training_batches
 
 SCORES_HEADS, SCORES_FFN = "importance.heads", "importance.ffn"
 
@@ -72,6 +74,35 @@ class Importance(Method):
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         return {SCORES_HEADS: self.scores[0], SCORES_FFN: self.scores[1]}
+
+
+def score_fine_tuned(ref: str, spec: TaskSpec, backbone: Backbone, store: Store, data_dir=None,
+                     name: str | None = None) -> tuple[ArtifactVersion, dict[str, torch.Tensor]]:
+    """Importance of a published full fine-tuning of `spec`, scored on the data it was trained
+    on: the same scores as `importance` would give after fine-tuning again with its settings,
+    without that fine-tuning. The entry carries the run's settings and metrics, so a sweep
+    with those settings takes its level 0 from it."""
+    found = artifact.load(store, ref, backbone, expect_kind="full")
+    source = found.manifest
+    if source.task.name != spec.name:
+        raise InvalidArgument(f"{found.version} is a {source.task.name} fine-tuning, not {spec.name}")
+    if source.details.get("data") != data_source(spec, data_dir):
+        raise InvalidArgument(f"{found.version} was trained on {source.details.get('data')}, "
+                              f"not on {data_source(spec, data_dir)}: importance is scored on the training data")
+    config = TrainConfig(**{k: v for k, v in source.hyperparameters.items() if k in TrainConfig.model_fields})
+    encoder = get_kind("full").attach(backbone.model, DEFAULT_SLOT, {k: v for k, v in found.tensors.items() if k.startswith(PREFIX)})
+    model = TaskModel(encoder, spec, source.head)
+    model.head = TaskHead.from_tensors(found.tensors, source.head)
+    train_ds = tokenize(load_split(spec, spec.train_split, data_dir, config.train_samples, config.seed),
+                        backbone.tokenizer, config.max_length)
+    scores = importance(model, training_batches(train_ds, backbone.tokenizer, config))
+    tensors = {SCORES_HEADS: scores[0], SCORES_FFN: scores[1]}
+    manifest = Manifest(name=name or f"{spec.name}-importance", kind="importance", method="importance", task=spec,
+                        head=source.head, backbone=backbone.ref(), hyperparameters=source.hyperparameters,
+                        metrics=source.metrics, curves=source.curves, trainable_params=source.trainable_params,
+                        details={k: source.details[k] for k in ("train_seconds", "steps", "data") if k in source.details}
+                        | {"scored_on": "train", "fine_tuning": f"{found.version}@{found.version.digest}"})
+    return artifact.publish(store, manifest, tensors), tensors
 
 
 class StructureOptions(BaseModel):
@@ -175,8 +206,7 @@ def _fine_tuned_alike(manifest: Manifest, spec: TaskSpec, config: TrainConfig, d
     included) and on the data that this sweep's levels train with."""
     wanted = config.model_dump() | {"lr": config.lr or GatedFineTuning.default_lr,
                                     "world_size": int(os.environ.get("WORLD_SIZE", 1))}
-    data = str(data_dir) if data_dir is not None else spec.hub_dataset
-    return manifest.hyperparameters == wanted and manifest.details.get("data") == data
+    return manifest.hyperparameters == wanted and manifest.details.get("data") == data_source(spec, data_dir)
 
 
 def _tag(level: float) -> str:
