@@ -120,16 +120,20 @@ def run(args) -> None:
     if args.transfer:
         stage(functools.partial(train, target, "dominant", 1, args.seeds[0], None, args, ticket_task=source)
               for source, target in itertools.product(args.transfer_sources, args.tasks) if source != target)
-    grid = []
     if args.grid:
         searched = [(method, k) for method, k in variants(args.methods, args.ks) if k in (None, min(args.ks))]
-        grid = stage(functools.partial(train, args.grid_task, method, k, args.seeds[0], lr, args)
-                     for method, k in searched for lr in LR_GRID[method])
-    rates = chosen_rates(grid, args)
-    once = [(args.seeds[0], task) for task in args.tasks if task not in args.seed_tasks]  # last: one seed at the chosen rates
-    stage(functools.partial(train, task, method, k, seed, rates[name(method, k)], args)  # seed-major: a spread early
-          for seed, task in [*itertools.product(args.seeds, args.seed_tasks), *once]
-          for method, k in variants(args.methods, args.ks))
+        stage(functools.partial(train, args.grid_task, method, k, args.seeds[0], lr, args)
+              for method, k in searched for lr in LR_GRID[method])
+        # the grid task's choice is each other task's second grid point (first seed; sst2 last)
+        grid_choice = chosen_rates(read_jsonl(QUALITY), args, args.grid_task)
+        stage(functools.partial(train, task, method, k, args.seeds[0], grid_choice[name(method, k)], args)
+              for task in args.seed_tasks for method, k in variants(args.methods, args.ks))
+    rates = {task: chosen_rates(read_jsonl(QUALITY), args, task) for task in args.tasks}
+    stage(functools.partial(train, task, method, k, seed, rates[task][name(method, k)], args)  # seed-major: a spread early
+          for seed, task in itertools.product(args.seeds[1:], args.seed_tasks) for method, k in variants(args.methods, args.ks))
+    if args.grid:
+        stage(functools.partial(train, task, method, k, args.seeds[0], grid_choice[name(method, k)], args)
+              for task in args.tasks if task not in args.seed_tasks for method, k in variants(args.methods, args.ks))
 
 
 def name(method: str, k: int | None) -> str:
@@ -144,16 +148,17 @@ def same_lr(a: float, b: float | None) -> bool:
     return b is not None and abs(a - b) < 1e-12
 
 
-def grid_points(quality: list[dict], args) -> dict[tuple[str, float], float]:
-    """Dev metric by (method label, rate) on the grid task's first seed."""
+def grid_points(quality: list[dict], args, task: str) -> dict[tuple[str, float], float]:
+    """Dev metric by (method label, rate) on a task's first seed."""
     return {(label(r), r["lr"]): r["metric"] for r in quality
-            if r["task"] == args.grid_task and r["seed"] == args.seeds[0] and not r.get("transfer_from")}
+            if r["task"] == task and r["seed"] == args.seeds[0] and not r.get("transfer_from")}
 
 
-def chosen_rates(quality: list[dict], args) -> dict[str, float]:
-    """Each method's rate: best dev metric on the grid task's first seed; k > 1 inherits the
-    k = 1 choice of its method; the default where no grid ran."""
-    grid = grid_points(quality, args)
+def chosen_rates(quality: list[dict], args, task: str) -> dict[str, float]:
+    """Each method's rate on a task: the best dev metric among the rates it ran at on the first
+    seed (the grid on the grid task; the default and the grid task's choice elsewhere); k > 1
+    inherits its method's k = 1 choice; the default where only that ran."""
+    grid = grid_points(quality, args, task)
     rates = {}
     for method, k in variants(args.methods, args.ks):
         points = {lr: metric for (searched, lr), metric in grid.items() if searched == name(method, k and min(args.ks))}
@@ -172,9 +177,9 @@ def _step(runs: list[dict]) -> str:
     return f"{r['seconds_per_step']:.3f} ({r.get('torch_threads') or 2})"
 
 
-def reported_runs(quality: list[dict], rates: dict[str, float]) -> dict[tuple[str, str], list[dict]]:
-    """The runs each (task, method) row reports, by seed: those at the method's chosen rate where
-    any ran, else those at its default rate (rows with neither are left out)."""
+def reported_runs(quality: list[dict], rates: dict[str, dict[str, float]]) -> dict[tuple[str, str], list[dict]]:
+    """The runs each (task, method) row reports, by seed: those at the rate chosen for the method
+    on that task where any ran, else those at its default rate (rows with neither are left out)."""
     by_rate: dict[tuple, dict[float, list[dict]]] = {}
     for r in quality:
         if not r.get("transfer_from"):
@@ -182,7 +187,7 @@ def reported_runs(quality: list[dict], rates: dict[str, float]) -> dict[tuple[st
     table = {}
     for (task, method), rated in by_rate.items():
         default = methods()[method.split("-")[0]].default_lr
-        lr = next((lr for lr in rated if same_lr(lr, rates.get(method))),
+        lr = next((lr for lr in rated if same_lr(lr, rates.get(task, {}).get(method))),
                   next((lr for lr in rated if same_lr(lr, default)), None))
         if lr is not None:
             table[task, method] = sorted(rated[lr], key=lambda r: r["seed"])
@@ -217,12 +222,13 @@ def paired_section(table: dict[tuple[str, str], list[dict]]) -> list[str]:
 def report(args) -> None:
     quality = [r for r in read_jsonl(QUALITY) if r.get("study") == STUDY or r["method"] in ("full", "bitfit")]
     tickets = [r for r in read_jsonl(TICKETS) if r.get("study") == STUDY]
-    rates = chosen_rates(quality, args)
+    rates = {task: chosen_rates(quality, args, task) for task in args.tasks}
     lines = ["# Dominant winning tickets on MiniLM-L6 (generated by `benchmarks/dominant.py`)", "",
              "Bundled MiniLM-L6 (6 layers, hidden 384, 22.7 M parameters), real GLUE dev sets from",
              "`../shared/data/glue`, 2 CPU cores, 3 epochs. Metric: accuracy (sst2, rte), F1 (mrpc), Matthews (cola).",
-             f"Per (task, method): mean ± std over seeds at the rate chosen on {args.grid_task} dev (grid below) where",
-             "runs at that rate exist, else at the method's default rate (the lr column says which);",
+             "Per (task, method): mean ± std over seeds at the rate chosen on that task's dev set at the first seed",
+             f"(rates below: a grid on {args.grid_task}, elsewhere the default and {args.grid_task}'s choice) where runs",
+             "at that rate exist, else at the method's default rate (the lr column says which);",
              "`params` = trainable parameters including the 770-parameter head; s/step (torch threads).", ""]
     lines += ["| task | method | metric | seeds | lr | params | artifact bytes | s/step | optimizer state |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -234,15 +240,15 @@ def report(args) -> None:
         lines.append(f"| {task} | {method} | {statistics.mean(r['metric'] for r in runs):.4f}{spread} | {len(runs)} "
                      f"| {r0['lr']:g} | {r0['trainable_params']:,} | {r0['artifact_bytes']:,} | {_step(runs)} | {state} |")
     lines += paired_section(table)
-    grid = grid_points(quality, args)
-    lrs = sorted({lr for _, lr in grid})
-    if len({lr for searched, lr in grid if searched == "full"}) > 1:
-        lines += ["", f"## Learning-rate grid ({args.grid_task} dev, seed {args.seeds[0]}; chosen rate in bold)", "",
-                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    grids = {task: grid_points(quality, args, task) for task in args.tasks}
+    lrs = sorted({lr for grid in grids.values() for _, lr in grid})
+    lines += ["", f"## Learning-rate choice (dev, seed {args.seeds[0]}; chosen rate in bold)", "",
+              "| task | method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+    for task, grid in grids.items():
         for searched in sorted({searched for searched, _ in grid}):
-            cells = [(f"**{grid[searched, lr]:.4f}**" if same_lr(lr, rates.get(searched)) else f"{grid[searched, lr]:.4f}")
+            cells = [(f"**{grid[searched, lr]:.4f}**" if same_lr(lr, rates[task].get(searched)) else f"{grid[searched, lr]:.4f}")
                      if (searched, lr) in grid else "" for lr in lrs]
-            lines.append(f"| {searched} | " + " | ".join(cells) + " |")
+            lines.append(f"| {task} | {searched} | " + " | ".join(cells) + " |")
     searches = [t for t in tickets if t["record"] == "search"]
     if searches:
         lines += ["", "## Ticket searches", "", "| task | seed | search dev metric | σ (quantile) | out-weighted share |",
