@@ -8,9 +8,9 @@ One command runs the whole study (hours on 2 CPU cores; never part of the tests)
      → results/quality.jsonl
   4. transfer: each source task's ticket trains Dominant-1 on the other tasks → results/quality.jsonl
   5. the learning-rate grid on the grid task (MRPC; seed 42; full, BitFit and the k = 1 ticket
-     methods — k = 3 inherits its method's rate), then every seed on mrpc/rte/cola at the
-     rate chosen there (2 CPU cores cannot afford a grid per task: ~5 min per run), and last
-     the first seed on sst2 at those rates
+     methods — k = 3 inherits its method's rate); MRPC's choice is every other task's second
+     point (2 CPU cores cannot afford a full grid per task: ~5 min per run); then seeds 43–44
+     on mrpc/rte/cola, each at its own task's choice; sst2's second point last
   6. benchmarks/dominant.md regenerated from the results files (also: --report-only)
 
     python benchmarks/dominant.py                       # everything, as the issue specifies
@@ -110,8 +110,8 @@ def jaccards(args) -> None:
 def run(args) -> None:
     """Cheapest evidence first, so an interrupted study still answers the main questions:
     searches and Jaccard, every method at its default rate on the first seed, transfer, then
-    the learning-rate grid on one task, then every seed at the rate chosen there. Runs within
-    a stage are independent: `--jobs N` runs N at a time."""
+    the learning-rate grid on one task and its choice on the others, then every further seed
+    at each task's choice. Runs within a stage are independent: `--jobs N` runs N at a time."""
     stage = functools.partial(run_stage, args.jobs)
     stage(functools.partial(search, task, seed, args) for task, seed in itertools.product(args.tasks, args.search_seeds))
     jaccards(args)
