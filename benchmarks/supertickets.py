@@ -8,6 +8,7 @@ One command, resumable (runs already recorded are skipped); hours on 2 CPU cores
      Level 0 (nothing pruned) is plain fine-tuning and the same run for every ticket type, so
      random and losing sweeps skip it and share the winning sweep's point → results/supertickets.jsonl
   3. Ticket-Share on the tasks with each task's best winning level, and plain MTL → same file
+     (these start once every task's first-seed winning sweep is done, before the other curves)
   4. benchmarks/supertickets.md with the curves (benchmarks/results/phase-<task>.png)
 
     python benchmarks/supertickets.py
@@ -39,15 +40,22 @@ def _data(task: str, args) -> list[str]:
 
 
 def run(args) -> None:
-    """Importance for every (task, seed), then every sweep, then Ticket-Share and plain MTL;
-    runs within a stage are independent (`--jobs N` runs N at a time)."""
+    """Ordered so that each stage only needs earlier ones and Ticket-Share comes early: the
+    first seed's importance; its winning sweeps (every task's super ticket) with the other
+    seeds' importance; then Ticket-Share and plain MTL ahead of the remaining curves. Runs
+    within a stage are independent (`--jobs N` runs N at a time)."""
     stage = functools.partial(run_stage, args.jobs)
-    pairs = [(task, seed) for task in args.tasks for seed in (args.seeds if task in args.phase_tasks else args.seeds[:1])]
-    stage(functools.partial(_importance, task, seed, args) for task, seed in pairs)
-    stage(functools.partial(_sweep, task, seed, kind, args) for task, seed in pairs
-          for kind in (args.types if task in args.phase_tasks else ["winning"]))
-    if len(args.tasks) > 1:
-        stage(functools.partial(_shared, plain, args) for plain in (False, True))
+    first, later = args.seeds[0], args.seeds[1:]
+    phase_tasks = [task for task in args.tasks if task in args.phase_tasks]
+    phase = [(task, seed) for task in phase_tasks for seed in later]
+    stage(functools.partial(_importance, task, first, args) for task in args.tasks)
+    stage([*(functools.partial(_sweep, task, first, "winning", args) for task in args.tasks),
+           *(functools.partial(_importance, task, seed, args) for task, seed in phase)])
+    shared = [functools.partial(_shared, plain, args) for plain in (False, True)] if len(args.tasks) > 1 else []
+    stage([*shared,
+           *(functools.partial(_sweep, task, first, kind, args) for task in phase_tasks
+             for kind in args.types if kind != "winning"),
+           *(functools.partial(_sweep, task, seed, kind, args) for task, seed in phase for kind in args.types)])
 
 
 def _importance(task: str, seed: int, args) -> None:
