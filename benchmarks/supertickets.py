@@ -8,7 +8,8 @@ One command, resumable (runs already recorded are skipped); hours on 2 CPU cores
      Level 0 (nothing pruned) is plain fine-tuning and the same run for every ticket type, so
      random and losing sweeps skip it and share the winning sweep's point → results/supertickets.jsonl
   3. Ticket-Share on the tasks with each task's best winning level, and plain MTL → same file
-     (these start once every task's first-seed winning sweep is done, before the other curves)
+     (these start once every task's first-seed winning sweep is done, before the other curves);
+     last, each task of both fine-tuned further on its own (reported, not served)
   4. benchmarks/supertickets.md with the curves (benchmarks/results/phase-<task>.png)
 
     python benchmarks/supertickets.py
@@ -55,7 +56,9 @@ def run(args) -> None:
     stage([*shared,
            *(functools.partial(_sweep, task, first, kind, args) for task in phase_tasks
              for kind in args.types if kind != "winning"),
-           *(functools.partial(_sweep, task, seed, kind, args) for task, seed in phase for kind in args.types)])
+           *(functools.partial(_sweep, task, seed, kind, args) for task, seed in phase for kind in args.types),
+           *(functools.partial(_fine_tune, plain, task, args) for plain in (False, True) for task in args.tasks
+             if len(args.tasks) > 1)])
 
 
 def _importance(task: str, seed: int, args) -> None:
@@ -107,6 +110,18 @@ def _shared(plain: bool, args) -> None:
     append(RECORDS, {"record": "mtl" if plain else "ticketshare", "name": name, **result})
 
 
+def _fine_tune(plain: bool, task: str, args) -> None:
+    """The optional per-task fine-tuning after Ticket-Share (or plain MTL): that task's shared
+    encoder, head and mask, trained further on the task alone; reported, not served."""
+    base = "study-mtl" if plain else "study-ticketshare"
+    name = f"{base}-{task}-finetuned"
+    if _done(name):
+        return
+    result = cli("train", "--method", "gated-full", "--structure", f"{base}-{task}", "--seed", str(args.seeds[0]),
+                 "--name", name, *_data(task, args))
+    append(RECORDS, {"record": "finetune", "name": name, "base": "mtl" if plain else "ticketshare", **result})
+
+
 def report(args) -> None:
     from ticketserve.tasks import get_task
 
@@ -144,12 +159,17 @@ def report(args) -> None:
     shared = {kind: next((r for r in reversed(records) if r["record"] == kind), None) for kind in ("ticketshare", "mtl")}
     if any(shared.values()):
         tasks = list(next(r for r in shared.values() if r)["metrics"])
+        tuned = {(r["base"], r["task"]): r["metrics"] for r in records if r["record"] == "finetune"}
         lines += ["## Ticket-Share vs plain multi-task learning (one shared encoder, best epoch by mean dev metric)", "",
-                  "| task | metric | plain MTL | Ticket-Share |", "|---|---|---|---|"]
+                  "The fine-tuned columns train each task's shared encoder, head and mask further on that task",
+                  "alone (full-size results, reported, not served; – = not run yet).", "",
+                  "| task | metric | plain MTL | Ticket-Share | MTL, fine-tuned | Ticket-Share, fine-tuned |",
+                  "|---|---|---|---|---|---|"]
         for task in tasks:
             metric = get_task(task).metric
             cells = [f"{r['metrics'][task][metric]:.4f}" if r else "–" for r in (shared["mtl"], shared["ticketshare"])]
-            lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} |")
+            cells += [f"{tuned[(base, task)][metric]:.4f}" if (base, task) in tuned else "–" for base in ("mtl", "ticketshare")]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
     discussion = HERE / "supertickets_discussion.md"
     REPORT.write_text("\n".join(lines) + "\n" + (discussion.read_text() if discussion.exists() else ""))

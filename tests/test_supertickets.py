@@ -198,6 +198,29 @@ def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_
     with pytest.raises(BackboneMismatch):
         artifact.load(store, "ts-sst2", load_backbone(path))
 
+    # per-task fine-tuning afterwards starts from the task's shared encoder, head and mask: at
+    # a vanishing rate it evaluates exactly as Ticket-Share did
+    from typer.testing import CliRunner
+
+    from ticketserve.cli import app
+
+    settings = ["--train-samples", "32", "--eval-samples", "16", "--batch-size", "8", "--seed", "3",
+                "--registry", str(tmp_path / "registry"), "--json"]
+    result = CliRunner().invoke(app, ["train", "--method", "gated-full", "--structure", "ts-flipped", "--data-dir",
+                                      str(flipped), "--max-steps", "1", "--lr", "1e-12", "--name", "ts-flipped-ft", *settings])
+    assert result.exit_code == 0, result.output
+    tuned = json.loads(result.output)
+    assert tuned["task"] == "flipped" and tuned["metrics"] == outcome.metrics["flipped"]
+    manifest = store.manifest(store.resolve(tuned["artifact"]))
+    assert manifest.backbone.fingerprint == shared.fingerprint and manifest.kind == "full"
+    assert manifest.details["structure"] == f"{outcome.tasks['flipped']}@{outcome.tasks['flipped'].digest}"
+    wrong_task = CliRunner().invoke(app, ["train", "--method", "gated-full", "--structure", "ts-flipped", "--task", "sst2",
+                                          "--data-dir", "sample", "--max-steps", "1", *settings])
+    assert isinstance(wrong_task.exception, InvalidArgument) and "masks flipped, not sst2" in str(wrong_task.exception)
+    wrong_backbone = CliRunner().invoke(app, ["train", "--method", "gated-full", "--structure", "ts-sst2", "--backbone", path,
+                                              "--data-dir", "sample", "--max-steps", "1", *settings])
+    assert isinstance(wrong_backbone.exception, BackboneMismatch)
+
 
 def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
     from typer.testing import CliRunner

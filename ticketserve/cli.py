@@ -103,6 +103,7 @@ def train(
     superticket: Annotated[Optional[list[str]], typer.Option(help="ticketshare: TASK=SWEEP (its best level's mask); repeatable")] = None,
     plain: Annotated[bool, typer.Option(help="ticketshare: plain multi-task learning, every gate open")] = False,
     data_root: Annotated[Optional[str], typer.Option(help="ticketshare: directory with one data dir per task")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="gated-full: fine-tune one task of a Ticket-Share run further, from its structure_mask artifact (task, shared encoder, head and mask from it)")] = None,
     name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
     registry: RegistryOpt = None,
@@ -124,9 +125,16 @@ def train(
         _ticketshare(tasks, superticket or [], plain, data_root, data_dir, backbone, config, registry, name, levels,
                      ticket_type, as_json)
         return
+    if structure is not None:
+        if method != "gated-full":
+            raise InvalidArgument("--structure starts a per-task fine-tuning: use it with --method gated-full")
+        start = _store(registry).manifest(_store(registry).resolve(structure))
+        task, backbone = task or start.task.name, backbone or start.backbone.name
     if task is None:
         raise InvalidArgument("--task is required")
-    if text_field:
+    if structure is not None and task == start.task.name:
+        spec = start.task  # a custom task's spec travels with its artifacts
+    elif text_field:
         if data_dir is None:
             raise InvalidArgument("a custom task (--text-field) needs --data-dir")
         names = [] if labels == "regression" else (labels.split(",") if labels else infer_labels(data_dir, label_field))
@@ -145,9 +153,9 @@ def train(
         return
     given = {"k": k, "ticket": ticket, "lambda_l1": lambda_l1, "sigma": sigma, "sigma_quantile": sigma_quantile,
              "init_sparsity": init_sparsity, "layers": layers, "deep_blocks": deep_blocks,
-             "embeddings": mask_embeddings, "samples": samples, "head_lr": head_lr}
+             "embeddings": mask_embeddings, "samples": samples, "head_lr": head_lr, "structure": structure}
     options = {key: value for key, value in given.items() if value is not None}
-    outcome = run_training(method, spec, load_backbone(backbone), config, _store(registry), data_dir, name,
+    outcome = run_training(method, spec, load_backbone(backbone, _store(registry)), config, _store(registry), data_dir, name,
                            tuple(tag or ()), show_progress=not as_json, options=options)
     if outcome.version is None:  # a non-main process of a distributed run
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
@@ -108,29 +108,56 @@ def score_fine_tuned(ref: str, spec: TaskSpec, backbone: Backbone, store: Store,
 class StructureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    heads: list[list[int]] = Field(description="keep mask per layer and head (1 = kept)")
-    ffn: list[int] = Field(description="keep mask per layer (1 = kept)")
+    heads: list[list[int]] | None = Field(None, description="keep mask per layer and head (1 = kept)")
+    ffn: list[int] | None = Field(None, description="keep mask per layer (1 = kept)")
+    structure: str | None = Field(None, description="a structure_mask artifact: its mask, and its head as the start")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StructureOptions:
+        if (self.structure is None) == (self.heads is None or self.ffn is None):
+            raise ValueError("give either heads and ffn, or a structure artifact")
+        return self
 
 
 @register_method
 class GatedFineTuning(FullFineTuning):
-    """Full fine-tuning with a fixed structure mask (a super ticket at one pruning level)."""
+    """Full fine-tuning with a fixed structure mask: one level of a super-ticket sweep, or —
+    from a `structure_mask` artifact on its shared encoder — the optional per-task fine-tuning
+    after Ticket-Share, which starts from that task's shared encoder and head. Its result is
+    full-size: a reported figure, not the serving artifact."""
 
     name = "gated-full"
-    description = "full fine-tuning with some heads/FFNs gated off (one level of a super-ticket sweep)"
+    description = "full fine-tuning with some heads/FFNs gated off (a super-ticket level; after Ticket-Share: --structure)"
     Options = StructureOptions
 
     def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
-        params = super().trainable(model, context)
         device = next(model.parameters()).device
+        heads, ffn = self.options.heads, self.options.ffn
+        if self.options.structure is not None:
+            heads, ffn = self._start_from(self.options.structure, model, context)
         gates.install(model.encoder).patterns[DEFAULT_SLOT] = (
-            torch.tensor(self.options.heads, dtype=torch.float32, device=device),
-            torch.tensor(self.options.ffn, dtype=torch.float32, device=device))
-        return params
+            torch.tensor(heads, dtype=torch.float32, device=device), torch.tensor(ffn, dtype=torch.float32, device=device))
+        return super().trainable(model, context)
+
+    def _start_from(self, ref: str, model: TaskModel, context: RunContext) -> tuple[list, list]:
+        """The artifact's mask; its head replaces the fresh one (checked: task, backbone, head shape)."""
+        found = artifact.load(context.store, ref, context.backbone, expect_kind="structure_mask")
+        if found.manifest.task.name != context.spec.name:
+            raise InvalidArgument(f"{found.version} masks {found.manifest.task.name}, not {context.spec.name}")
+        if found.manifest.head != model.head.config:
+            raise InvalidArgument(f"{found.version}'s head ({found.manifest.head}) differs from this run's "
+                                  f"({model.head.config}): pass the same --pooling")
+        model.head = TaskHead.from_tensors(found.tensors, found.manifest.head).train().to(next(model.parameters()).device)
+        self.options.structure = f"{found.version}@{found.version.digest}"  # recorded in the details
+        return found.tensors[HEADS].int().tolist(), found.tensors[FFN].int().tolist()
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         gates.install(model.encoder).patterns.pop(DEFAULT_SLOT, None)
         return super().export(model)
+
+    def details(self) -> dict:
+        """The mask itself is only worth recording when it came from no artifact."""
+        return self.options.model_dump(exclude_none=True, exclude={"heads", "ffn"} if self.options.structure else set())
 
 
 def sweep(spec: TaskSpec, backbone: Backbone, config: TrainConfig, store: Store, data_dir=None,
