@@ -146,6 +146,12 @@ def report(args) -> None:
                 best = max(r["levels"], key=lambda p: p["metric"])
                 best_rows.append(f"| {task} | {r['seed']} | {at[0]:.4f} | {best['metric']:.4f} | {round(best['level'] * 100)} % "
                                  f"| {best['heads_pruned']} / {best['ffn_pruned']} | {best['metric'] - at[0]:+.4f} |")
+        for kind in dict.fromkeys(r["ticket_type"] for r in runs):
+            seeds = [{p["level"]: p["metric"] for p in r["levels"]} for r in runs if r["ticket_type"] == kind]
+            if len(seeds) > 1:  # the curve over seeds: a level counts where every seed has it
+                lines.append(f"| {kind} | mean of {len(seeds)} | " + " | ".join(
+                    f"{sum(at[level] for at in seeds) / len(seeds):.4f}" if all(level in at for at in seeds) else "(shared)"
+                    for level in levels) + " | |")
         for seed in dict.fromkeys(r["seed"] for r in runs):
             figure = RESULTS / f"phase-{task}-s{seed}.png"
             cli("ticket", "plot-phase", *[r["artifact"] for r in runs if r["seed"] == seed], "-o", str(figure),
