@@ -171,11 +171,15 @@ def report(args) -> None:
                   "alone (full-size results, reported, not served; – = not run yet).", "",
                   "| task | metric | plain MTL | Ticket-Share | MTL, fine-tuned | Ticket-Share, fine-tuned |",
                   "|---|---|---|---|---|---|"]
-        for task in tasks:
-            metric = get_task(task).metric
-            cells = [f"{r['metrics'][task][metric]:.4f}" if r else "–" for r in (shared["mtl"], shared["ticketshare"])]
-            cells += [f"{tuned[(base, task)][metric]:.4f}" if (base, task) in tuned else "–" for base in ("mtl", "ticketshare")]
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+        columns = [[r["metrics"][task][get_task(task).metric] if r else None for task in tasks]
+                   for r in (shared["mtl"], shared["ticketshare"])]
+        columns += [[tuned[(base, task)][get_task(task).metric] if (base, task) in tuned else None for task in tasks]
+                    for base in ("mtl", "ticketshare")]
+        for i, task in enumerate(tasks):
+            lines.append(f"| {task} | {get_task(task).metric} | " + " | ".join(
+                f"{column[i]:.4f}" if column[i] is not None else "–" for column in columns) + " |")
+        lines.append("| average | | " + " | ".join(
+            f"{sum(column) / len(column):.4f}" if None not in column else "–" for column in columns) + " |")
         lines.append("")
     discussion = HERE / "supertickets_discussion.md"
     REPORT.write_text("\n".join(lines) + "\n" + (discussion.read_text() if discussion.exists() else ""))
