@@ -128,7 +128,8 @@ def train(
     if structure is not None:
         if method != "gated-full":
             raise InvalidArgument("--structure starts a per-task fine-tuning: use it with --method gated-full")
-        start = _store(registry).manifest(_store(registry).resolve(structure))
+        store = _store(registry)
+        start = store.manifest(store.resolve(structure))
         task, backbone = task or start.task.name, backbone or start.backbone.name
     if task is None:
         raise InvalidArgument("--task is required")
