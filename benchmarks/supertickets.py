@@ -52,13 +52,13 @@ def run(args) -> None:
     stage(functools.partial(_importance, task, first, args) for task in args.tasks)
     stage([*(functools.partial(_sweep, task, first, "winning", args) for task in args.tasks),
            *(functools.partial(_importance, task, seed, args) for task, seed in phase)])
-    shared = [functools.partial(_shared, plain, args) for plain in (False, True)] if len(args.tasks) > 1 else []
-    stage([*shared,
+    multi_task = len(args.tasks) > 1
+    stage([*(functools.partial(_shared, plain, args) for plain in (False, True) if multi_task),
            *(functools.partial(_sweep, task, first, kind, args) for task in phase_tasks
              for kind in args.types if kind != "winning"),
            *(functools.partial(_sweep, task, seed, kind, args) for task, seed in phase for kind in args.types),
            *(functools.partial(_fine_tune, plain, task, args) for plain in (False, True) for task in args.tasks
-             if len(args.tasks) > 1)])
+             if multi_task)])
 
 
 def _importance(task: str, seed: int, args) -> None:
@@ -99,7 +99,7 @@ def _sweep(task: str, seed: int, kind: str, args) -> None:
 
 def _shared(plain: bool, args) -> None:
     """Ticket-Share on every task's best winning level, or plain MTL (all gates open)."""
-    name = "study-mtl" if plain else "study-ticketshare"
+    name = _shared_name(plain)
     if _done(name):
         return
     given = [f"{t}=study-{t}-superticket-winning-s{args.seeds[0]}" for t in args.tasks]
@@ -110,10 +110,14 @@ def _shared(plain: bool, args) -> None:
     append(RECORDS, {"record": "mtl" if plain else "ticketshare", "name": name, **result})
 
 
+def _shared_name(plain: bool) -> str:
+    return "study-mtl" if plain else "study-ticketshare"
+
+
 def _fine_tune(plain: bool, task: str, args) -> None:
     """The optional per-task fine-tuning after Ticket-Share (or plain MTL): that task's shared
     encoder, head and mask, trained further on the task alone; reported, not served."""
-    base = "study-mtl" if plain else "study-ticketshare"
+    base = _shared_name(plain)
     name = f"{base}-{task}-finetuned"
     if _done(name):
         return
