@@ -29,6 +29,7 @@ from trainers import methods
 HERE = Path(__file__).parent
 RECORDS = RESULTS / "supertickets.jsonl"
 REPORT = HERE / "supertickets.md"
+STUDY = "supertickets"  # its records in quality.jsonl
 FULL_DEFAULT_LR = methods()["full"].default_lr  # the importance run's rate
 
 
@@ -125,9 +126,6 @@ def _fine_tune(plain: bool, task: str, args) -> None:
     result = cli("train", "--method", "gated-full", "--structure", f"{base}-{task}", "--seed", str(args.seeds[0]),
                  "--name", name, *_data(task, args))
     append(RECORDS, {"record": "finetune", "name": name, "base": "mtl" if plain else "ticketshare", **result})
-
-
-STUDY = "supertickets"
 
 
 def _sync_quality(records: list[dict], args) -> None:
