@@ -109,11 +109,16 @@ def _shared(plain: bool, args) -> None:
                  "--epochs", str(args.epochs), "--seed", str(args.seeds[0]), "--name", name, "--registry", str(args.registry),
                  *(["--plain"] if plain else sum((["--superticket", g] for g in given), [])),
                  *(["--train-samples", str(args.sst2_train_samples)] if "sst2" in args.tasks else []))
-    append(RECORDS, {"record": "mtl" if plain else "ticketshare", "name": name, **result})
+    append(RECORDS, {"record": _shared_kind(plain), "name": name, **result})
+
+
+def _shared_kind(plain: bool) -> str:
+    """The record kind of a shared-encoder run; its registry names start with study-<kind>."""
+    return "mtl" if plain else "ticketshare"
 
 
 def _shared_name(plain: bool) -> str:
-    return "study-mtl" if plain else "study-ticketshare"
+    return f"study-{_shared_kind(plain)}"
 
 
 def _fine_tune(plain: bool, task: str, args) -> None:
@@ -125,7 +130,7 @@ def _fine_tune(plain: bool, task: str, args) -> None:
         return
     result = cli("train", "--method", "gated-full", "--structure", f"{base}-{task}", "--seed", str(args.seeds[0]),
                  "--name", name, *_data(task, args))
-    append(RECORDS, {"record": "finetune", "name": name, "base": "mtl" if plain else "ticketshare", **result})
+    append(RECORDS, {"record": "finetune", "name": name, "base": _shared_kind(plain), **result})
 
 
 def _sync_quality(records: list[dict], args) -> None:
