@@ -4,17 +4,21 @@ Layout under the root:
     blobs/sha256/<ab>/<hex>        every manifest and payload file, named by its hash
     refs/<name>/versions/<n>       the manifest digest of version n
     refs/<name>/tags/<tag>         a version number
-    tmp/                           files being written (removed by gc when stale)
+    tmp/                           files being written, each locked by its writer (gc removes
+                                   those no live process holds)
     locks/<name>.lock              serialises version numbering per name
 
 Every write goes to tmp/, is fsynced and renamed into place, so a killed process leaves
-at most unreferenced blobs or temp files, never a visible half-written version. Version
+at most unreferenced blobs or temp files, never a visible half-written version. A version's
+pointer and its tags are staged together before any is renamed, so a full disk fails the
+publish with nothing new visible. Version
 numbers are allocated under an OS file lock (released by the kernel if the holder dies).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import time
 import uuid
@@ -22,10 +26,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from registry.store import DEFAULT_TAG, ArtifactVersion, Store, check_name, check_tag, register_store, sha256_digest
+from registry.store import (DEFAULT_TAG, NAME_RE, TAG_RE, ArtifactVersion, Store, check_name, check_tag, is_version,
+                            parse_digest, parse_version, register_store, sha256_digest)
 from ticketserve.errors import NotFound, StorageError
 
 STALE_TMP_SECONDS = 3600
+TMP_GRACE_SECONDS = 10.0
 
 
 @register_store("file")
@@ -38,21 +44,68 @@ class LocalStore(Store):
 
     # -- low-level writes ------------------------------------------------------------------
 
+    def _stage(self, data: bytes) -> _Staged:
+        """Write `data` to a new temp file, fsynced and locked until it is committed or
+        dropped: a writer killed mid-way leaves an unlocked file that gc recognises."""
+        path = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        fd = -1
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            path.unlink(missing_ok=True)
+            raise self._storage_error(path, exc) from exc
+        return _Staged(path, fd)
+
+    def _storage_error(self, path: Path, exc: OSError) -> StorageError:
+        reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        return StorageError(f"cannot write {path} in registry {self.url}: {reason}")
+
+    def _write_all(self, writes: dict[Path, bytes]) -> None:
+        """Put several files in place, all or none: every one is staged first (where a full
+        disk fails, nothing is visible yet), then each is renamed into place in order; if a
+        rename fails, those already renamed get their previous content back."""
+        staged: list[tuple[Path, _Staged]] = []
+        try:
+            for path, data in writes.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staged.append((path, self._stage(data)))
+        except OSError as exc:
+            for _, tmp in staged:
+                tmp.drop()
+            raise self._storage_error(path, exc) from exc
+        except StorageError:
+            for _, tmp in staged:
+                tmp.drop()
+            raise
+        previous = {path: path.read_bytes() if path.exists() else None for path in writes}
+        done: list[Path] = []
+        try:
+            for path, tmp in staged:
+                os.replace(tmp.path, path)
+                done.append(path)
+            for folder in {path.parent for path in writes}:
+                _fsync_dir(folder)
+        except OSError as exc:
+            for path in done:  # best effort: renames and unlinks need no free space
+                if previous[path] is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_bytes(previous[path])
+            raise self._storage_error(path, exc) from exc
+        finally:
+            for _, tmp in staged:
+                tmp.drop()
+
     def _write_atomic(self, path: Path, data: bytes) -> None:
         """tmp + fsync + rename; on failure (e.g. disk full) nothing is left behind."""
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise StorageError(f"cannot write {path} in registry {self.url}: {reason}") from exc
+        self._write_all({path: data})
 
     def _blob_path(self, digest: str) -> Path:
         hexdigest = digest.removeprefix("sha256:")
@@ -82,25 +135,22 @@ class LocalStore(Store):
         refs = self._refs(name)
         with FileLock(self.root / "locks" / f"{name}.lock"):
             version = max(self.versions(name), default=0) + 1
-            self._write_atomic(refs / "versions" / str(version), digest.encode())
-            for tag in (DEFAULT_TAG, *tags):
-                self._write_atomic(refs / "tags" / tag, str(version).encode())
+            pointer = {refs / "versions" / str(version): digest.encode()}
+            self._write_all(pointer | {refs / "tags" / tag: str(version).encode() for tag in (DEFAULT_TAG, *tags)})
         return version
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "refs").iterdir() if (p / "versions").is_dir() and self.versions(p.name))
+        return sorted(p.name for p in (self.root / "refs").iterdir()
+                      if NAME_RE.fullmatch(p.name) and any(_version_files(p / "versions")))
 
     def versions(self, name: str) -> dict[int, str]:
-        folder = self._refs(name) / "versions"
-        if not folder.is_dir():
-            return {}
-        return {int(p.name): p.read_text().strip() for p in folder.iterdir() if p.name.isdigit()}
+        return {int(p.name): parse_digest(p.read_bytes(), p) for p in _version_files(self._refs(name) / "versions")}
 
     def tags(self, name: str) -> dict[str, int]:
         folder = self._refs(name) / "tags"
         if not folder.is_dir():
             return {}
-        return {p.name: int(p.read_text().strip()) for p in folder.iterdir() if not p.name.startswith(".")}
+        return {p.name: parse_version(p.read_bytes(), p) for p in folder.iterdir() if TAG_RE.fullmatch(p.name)}
 
     def set_tag(self, name: str, tag: str, version: int) -> None:
         check_tag(tag)
@@ -124,17 +174,63 @@ class LocalStore(Store):
 
     def gc(self, min_age_seconds: float = STALE_TMP_SECONDS) -> dict[str, int]:
         live = self.live_digests()
-        removed_blobs = removed_tmp = 0
-        cutoff = time.time() - min_age_seconds  # younger files may belong to a publish in flight
+        removed_blobs = 0
+        cutoff = time.time() - min_age_seconds  # younger blobs may belong to a publish in flight
         for path in (self.root / "blobs" / "sha256").glob("*/*"):
-            if "sha256:" + path.name not in live and path.stat().st_mtime < cutoff:
+            if "sha256:" + path.name not in live and _mtime(path) < cutoff:
                 path.unlink(missing_ok=True)
                 removed_blobs += 1
+        leftovers = self.leftovers(min(min_age_seconds, TMP_GRACE_SECONDS))
+        for path, _ in leftovers:
+            path.unlink(missing_ok=True)
+        return {"blobs_removed": removed_blobs, "tmp_removed": len(leftovers), "blobs_kept": len(live)}
+
+    def leftovers(self, grace_seconds: float = TMP_GRACE_SECONDS) -> list[tuple[Path, int]]:
+        """Temp files whose writer is gone: no process holds their lock (a live writer holds it
+        from creation to rename; the kernel drops it when the writer dies, `kill -9` included)."""
+        found = []
+        grace = time.time() - grace_seconds  # a file is created an instant before it is locked
         for path in (self.root / "tmp").iterdir():
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed_tmp += 1
-        return {"blobs_removed": removed_blobs, "tmp_removed": removed_tmp, "blobs_kept": len(live)}
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # renamed or dropped meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer
+            else:
+                info = os.fstat(fd)
+                if info.st_mtime < grace:
+                    found.append((path, info.st_size))
+            finally:
+                os.close(fd)
+        return found
+
+
+class _Staged:
+    """A fully written, fsynced temp file whose lock says its writer is alive."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def drop(self) -> None:
+        """Release the lock and remove the temp file if it was not renamed into place."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def _version_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if is_version(p.name)] if folder.is_dir() else []
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _fsync_dir(path: Path) -> None:

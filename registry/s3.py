@@ -20,7 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from registry.store import DEFAULT_TAG, ArtifactVersion, Store, check_name, check_tag, register_store, sha256_digest
+from registry.store import (DEFAULT_TAG, NAME_RE, TAG_RE, ArtifactVersion, Store, check_name, check_tag, is_version,
+                            parse_digest, parse_version, register_store, sha256_digest)
 from ticketserve.errors import NotFound, StorageError
 
 MAX_VERSION_RACES = 64
@@ -103,34 +104,43 @@ class S3Store(Store):
                 continue
         else:
             raise StorageError(f"could not allocate a version of {name} after {MAX_VERSION_RACES} races")
-        for tag in tags:
-            self._put(str(version).encode(), "refs", name, "tags", tag)
+        try:
+            for tag in tags:
+                self._put(str(version).encode(), "refs", name, "tags", tag)
+        except StorageError:  # all or nothing: the version goes with its tags
+            self.fs.rm(self._path("refs", name, "versions", str(version)))
+            raise
         return version
 
     def names(self) -> list[str]:
-        return sorted(n for n in self._names_under("refs") if self.versions(n))
+        return sorted(n for n in self._names_under("refs")
+                      if NAME_RE.fullmatch(n) and any(is_version(v) for v in self._names_under("refs", n, "versions")))
 
     def versions(self, name: str) -> dict[int, str]:
         found = {}
         for entry in self._names_under("refs", check_name(name), "versions"):
-            if not entry.isdigit():
+            if not is_version(entry):
                 continue
             key = (name, int(entry))
             if key not in self._digests:
                 try:
-                    self._digests[key] = self.fs.cat(self._path("refs", name, "versions", entry)).decode().strip()
+                    data = self.fs.cat(self._path("refs", name, "versions", entry))
                 except FileNotFoundError:  # removed while listing
                     continue
+                self._digests[key] = parse_digest(data, f"{self.url}/refs/{name}/versions/{entry}")
             found[int(entry)] = self._digests[key]
         return found
 
     def tags(self, name: str) -> dict[str, int]:
         tags = {}
         for tag in self._names_under("refs", check_name(name), "tags"):
+            if not TAG_RE.fullmatch(tag):
+                continue
             try:
-                tags[tag] = int(self.fs.cat(self._path("refs", name, "tags", tag)).decode().strip())
+                data = self.fs.cat(self._path("refs", name, "tags", tag))
             except FileNotFoundError:
                 continue
+            tags[tag] = parse_version(data, f"{self.url}/refs/{name}/tags/{tag}")
         versions = self.versions(name)
         if versions:
             tags[DEFAULT_TAG] = max(versions)

@@ -19,30 +19,61 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.manifest import FileEntry, Manifest
-from ticketserve.errors import CorruptArtifact, InvalidArgument, NotFound
+from ticketserve.errors import CorruptArtifact, InvalidArgument, NotFound, StorageError, excerpt
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-TAG_RE = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+# every pattern is matched whole (fullmatch): `$` alone would let a trailing newline through
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+TAG_RE = re.compile(r"[a-z][a-z0-9._-]{0,63}")
+VERSION_RE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes '²', '٣', '𝟏'
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 DEFAULT_TAG = "latest"
-_REF_RE = re.compile(r"^(?P<name>[^:@]+)(?::(?P<tag>[^:@]+))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+_REF_RE = re.compile(r"(?P<name>[^:@]+)(?::(?P<tag>[^:@]+))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
-            f"invalid artifact name {name!r}: use lowercase letters, digits, '.', '_' or '-'"
+            f"invalid artifact name {excerpt(name)}: use lowercase letters, digits, '.', '_' or '-' (at most 128)"
         )
     return name
 
 
 def check_tag(tag: str) -> str:
-    if not TAG_RE.match(tag):
-        raise InvalidArgument(f"invalid tag {tag!r}: start with a letter; letters, digits, '.', '_', '-'")
+    if not TAG_RE.fullmatch(tag):
+        raise InvalidArgument(f"invalid tag {excerpt(tag)}: start with a letter; letters, digits, '.', '_', '-' (at most 64)")
     return tag
+
+
+def is_version(selector: str) -> bool:
+    """A version number (ASCII digits, at most 9 of them) rather than a tag."""
+    return VERSION_RE.fullmatch(selector) is not None
+
+
+def check_selector(selector: str) -> str:
+    """A version number or a tag, as a request may name one."""
+    if not is_version(selector) and not TAG_RE.fullmatch(selector):
+        raise InvalidArgument(f"invalid version {excerpt(selector)}: a version number (up to 9 ASCII digits) or a tag")
+    return selector
 
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def parse_version(data: bytes, where: object) -> int:
+    """A tag file's content: one version number; anything else names the broken file."""
+    text = data.decode("ascii", "replace").strip()
+    if not is_version(text):
+        raise CorruptArtifact(f"tag file {where} holds {excerpt(text)}, not a version number")
+    return int(text)
+
+
+def parse_digest(data: bytes, where: object) -> str:
+    """A version pointer's content: one manifest digest; anything else names the broken file."""
+    text = data.decode("ascii", "replace").strip()
+    if not DIGEST_RE.fullmatch(text):
+        raise CorruptArtifact(f"version file {where} holds {excerpt(text)}, not a sha256 digest")
+    return text
 
 
 @dataclass(frozen=True)
@@ -55,13 +86,20 @@ class Reference:
 
     @classmethod
     def parse(cls, text: str) -> Reference:
-        match = _REF_RE.match(text.strip())
+        match = _REF_RE.fullmatch(text)
         if not match:
-            raise InvalidArgument(f"invalid artifact reference {text!r}: expected NAME[:VERSION|:TAG][@sha256:DIGEST]")
-        name, selector = check_name(match["name"]), match["tag"]
-        if selector is not None and not selector.isdigit():
-            check_tag(selector)
-        return cls(name, selector, match["digest"])
+            raise InvalidArgument(f"invalid artifact reference {excerpt(text)}: expected NAME[:VERSION|:TAG][@sha256:DIGEST]")
+        return cls.of(match["name"], match["tag"], match["digest"])
+
+    @classmethod
+    def of(cls, name: str, selector: str | None = None, digest: str | None = None) -> Reference:
+        """A reference from its parts (e.g. a request's task and version fields), each checked."""
+        return cls(check_name(name), None if selector is None else check_selector(selector), digest)
+
+    @property
+    def pinned(self) -> bool:
+        """Names one immutable version (a number or a digest), never following a tag."""
+        return self.digest is not None or (self.selector is not None and is_version(self.selector))
 
     def __str__(self) -> str:
         return self.name + (f":{self.selector}" if self.selector else "") + (f"@{self.digest}" if self.digest else "")
@@ -132,10 +170,20 @@ class Store(ABC):
     def _read_blob(self, digest: str) -> bytes:
         """Raw bytes stored under a digest (`sha256:…`); NotFound if absent."""
 
+    def leftovers(self) -> list[tuple[object, int]]:
+        """Temporary files (path, bytes) that writers which are gone left behind; `gc` removes them."""
+        return []
+
     # -- resolution and verified reads, shared by every store -----------------------------
 
     def resolve(self, ref: Reference | str) -> ArtifactVersion:
         ref = Reference.parse(ref) if isinstance(ref, str) else ref
+        try:
+            return self._resolve(ref)
+        except OSError as exc:
+            raise StorageError(f"cannot read {ref.name}'s versions in registry {self.url}: {exc}") from exc
+
+    def _resolve(self, ref: Reference) -> ArtifactVersion:
         versions = self.versions(ref.name)
         if not versions:
             raise NotFound(f"no artifact named {ref.name!r} in registry {self.url}")
@@ -145,7 +193,7 @@ class Store(ABC):
                 raise NotFound(f"{ref.name}@{ref.digest} not found in registry {self.url}")
             return ArtifactVersion(ref.name, max(matches), ref.digest)
         selector = ref.selector or DEFAULT_TAG
-        if selector.isdigit():
+        if is_version(selector):
             version = int(selector)
         else:
             tags = self.tags(ref.name)
@@ -160,7 +208,10 @@ class Store(ABC):
         return resolved
 
     def read_verified(self, digest: str, what: str) -> bytes:
-        data = self._read_blob(digest)
+        try:
+            data = self._read_blob(digest)
+        except OSError as exc:
+            raise StorageError(f"{what}: cannot read {digest} from registry {self.url}: {exc}") from exc
         actual = sha256_digest(data)
         if actual != digest:
             raise CorruptArtifact(f"{what}: checksum mismatch (expected {digest}, stored bytes hash to {actual})")

@@ -52,7 +52,7 @@ def test_registry_commands(tmp_path, tiny_checkpoints):
     assert shown["manifest"]["backbone"]["fingerprint"].startswith("sha256:")
     cli("registry", "tag", "sst2-bitfit:1", "prod", registry=registry)
     assert as_json(cli("registry", "show", "sst2-bitfit:prod", "--json", registry=registry))["artifact"] == "sst2-bitfit:1"
-    assert all(r["ok"] for r in as_json(cli("registry", "verify", "--json", registry=registry)))
+    assert all(r["ok"] for r in as_json(cli("registry", "verify", "--json", registry=registry))["artifacts"])
 
     bundle = tmp_path / "bundle.tar"
     cli("registry", "export", "sst2-bitfit:prod", "-o", str(bundle), registry=registry)

@@ -118,16 +118,16 @@ def test_concurrent_publishers_from_several_processes_lose_nothing(tmp_path):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
+    import registry.local
     from registry import open_store
-    from registry.local import LocalStore
     from tests.test_registry import manifest
     store = open_store(sys.argv[1])
-    original = LocalStore._write_atomic
-    def crash_on_version_pointer(self, path, data):
-        if "versions" in path.parts:   # everything else is written: die before the version appears
+    original = os.replace
+    def crash_on_version_pointer(source, target):
+        if "versions" in str(target):   # blobs are in place, pointer and tags staged: die before they appear
             os.kill(os.getpid(), signal.SIGKILL)
-        original(self, path, data)
-    LocalStore._write_atomic = crash_on_version_pointer
+        original(source, target)
+    registry.local.os.replace = crash_on_version_pointer
     store.publish(manifest(metrics={"crash": 1}), {"p": b"half-published" * 1000})
 """)
 
@@ -140,7 +140,8 @@ def test_process_killed_mid_publish_leaves_previous_versions_intact(tmp_path):
     assert result.returncode == -signal.SIGKILL
     assert store.versions("demo") == {1: good.digest}
     assert store.resolve("demo") == good
-    assert store.gc(min_age_seconds=0)["blobs_removed"] == 2  # the orphaned payload and manifest
+    assert len(store.leftovers(0)) == 2  # the staged version pointer and `latest`, no longer locked
+    assert store.gc(min_age_seconds=0) == {"blobs_removed": 2, "tmp_removed": 2, "blobs_kept": 2}
     store.verify(good)
     assert store.publish(manifest(), {"p": b"next"}).version == 2  # the lock died with the process
 

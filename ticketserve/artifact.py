@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 from registry import ArtifactVersion, Manifest, Reference, Store
 from ticketserve import __version__
 from ticketserve.backbone import Backbone
-from ticketserve.errors import BackboneMismatch, CorruptArtifact, InvalidArgument
+from ticketserve.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.kinds import get_kind
 from ticketserve.model import HEAD_PREFIX
 
@@ -62,23 +62,39 @@ def load(store: Store, ref: str | Reference | ArtifactVersion, backbone: Backbon
     """Fetch and check an artifact for `backbone`; every failure is a clear TicketserveError."""
     artifact = read(store, ref, expect_kind)
     version, manifest = artifact.version, artifact.manifest
+    check_backbone(version, manifest, backbone)
+    kind = get_kind(manifest.kind)
+    try:
+        if kind.is_task:
+            _check_head(artifact, backbone)
+        kind.validate(artifact.kind_tensors, backbone.model)
+    except TicketserveError:
+        raise
+    except Exception as exc:  # a check tripping over tensors it did not foresee: still a bad artifact
+        raise CorruptArtifact(f"{version}: its tensors do not fit a {manifest.kind} artifact "
+                              f"({type(exc).__name__}: {excerpt(str(exc), 300)})") from exc
+    return artifact
+
+
+def check_backbone(version: ArtifactVersion, manifest: Manifest, backbone: Backbone) -> None:
     if manifest.backbone.fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
             f"{version} was trained on backbone {manifest.backbone.name!r} ({manifest.backbone.fingerprint[:19]}…), "
             f"not on {backbone.name!r} ({backbone.fingerprint[:19]}…)"
         )
-    kind = get_kind(manifest.kind)
-    if kind.is_task:
-        _check_head(artifact, backbone)
-    kind.validate(artifact.kind_tensors, backbone.model)
-    return artifact
 
 
 def _check_head(artifact: Artifact, backbone: Backbone) -> None:
-    version, manifest, tensors = artifact.version, artifact.manifest, artifact.tensors
-    head = {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
-    if not head <= tensors.keys():
-        raise CorruptArtifact(f"{version}: payload lacks the task head ({', '.join(sorted(head))})")
-    weight = tensors[HEAD_PREFIX + "weight"]
-    if tuple(weight.shape) != (manifest.task.num_outputs, backbone.config.hidden_size):
-        raise CorruptArtifact(f"{version}: head shape {tuple(weight.shape)} does not fit task and backbone")
+    """Exactly a weight and a bias, floating point, shaped for the task's outputs and the
+    backbone's width — whatever `TaskHead.from_tensors` would fail on later fails here."""
+    version, manifest, tensors = artifact.version, artifact.manifest, artifact.head_tensors
+    outputs, hidden = manifest.task.num_outputs, backbone.config.hidden_size
+    expected = {HEAD_PREFIX + "weight": (outputs, hidden), HEAD_PREFIX + "bias": (outputs,)}
+    if tensors.keys() != expected.keys():
+        raise CorruptArtifact(f"{version}: the task head must be exactly {', '.join(expected)} "
+                              f"(payload has {', '.join(sorted(tensors)) or 'none'})")
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if not tensor.is_floating_point() or tuple(tensor.shape) != shape:
+            raise CorruptArtifact(f"{version}: {key} is {tensor.dtype} {tuple(tensor.shape)}; the task "
+                                  f"({outputs} outputs) on this backbone (width {hidden}) needs floating point {shape}")

@@ -329,6 +329,7 @@ def serve(
     max_queue_size: int = 256,
     max_texts_per_request: int = 32,
     max_tokens_per_text: int = 256,
+    max_text_bytes: Annotated[int, typer.Option(help="UTF-8 bytes per text; longer ones are refused (INVALID_ARGUMENT)")] = 256 * 1024,
     truncate: Annotated[bool, typer.Option("--truncate/--reject-long", help="truncate or refuse texts over the token limit")] = True,
     max_message_bytes: int = 4 << 20,
     token_file: Annotated[Optional[str], typer.Option(help="require this bearer token (first line of the file)")] = None,
@@ -338,7 +339,7 @@ def serve(
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics on this port")] = None,
-    drain_seconds: Annotated[float, typer.Option(help="on SIGTERM, how long queued requests may take")] = 30.0,
+    drain_seconds: Annotated[float, typer.Option(help="on SIGTERM, how long requests in flight may take (new ones get UNAVAILABLE)")] = 30.0,
 ) -> None:
     """Serve every task in the registry over gRPC from one shared backbone."""
     from ticketserve.engine import EngineConfig
@@ -350,7 +351,7 @@ def serve(
     engine = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                           max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
                           max_texts_per_request=max_texts_per_request, max_tokens_per_text=max_tokens_per_text,
-                          truncate=truncate)
+                          max_text_bytes=max_text_bytes, truncate=truncate)
     run_server(ServeConfig(
         host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, cache_bytes=cache_bytes,
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
@@ -434,24 +435,39 @@ def pb_state(state: int) -> str:
 @registry_app.command("list")
 def registry_list(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
     """Every artifact name with its versions and tags."""
+    from registry import ArtifactVersion
+
     store = _store(registry)
     rows = []
-    for name in store.names():
-        tags = store.tags(name)
-        for version, digest in sorted(store.versions(name).items()):
-            manifest = store.manifest(f"{name}:{version}")
-            rows.append({"name": name, "version": version, "tags": sorted(t for t, v in tags.items() if v == version),
-                         "kind": manifest.kind, "method": manifest.method, "task": manifest.task.name,
-                         "metrics": manifest.metrics, "payload_bytes": manifest.payload_bytes,
-                         "backbone": manifest.backbone.name, "digest": digest})
+    for name in store.names():  # a broken entry is listed as broken; it never hides the others
+        try:
+            tags, versions = store.tags(name), store.versions(name)
+        except TicketserveError as exc:
+            rows.append({"name": name, "version": None, "error": str(exc)})
+            continue
+        for version, digest in sorted(versions.items()):
+            row = {"name": name, "version": version, "tags": sorted(t for t, v in tags.items() if v == version),
+                   "digest": digest}
+            try:
+                manifest = store.manifest(ArtifactVersion(name, version, digest))
+            except TicketserveError as exc:
+                rows.append(row | {"error": str(exc)})
+                continue
+            rows.append(row | {"kind": manifest.kind, "method": manifest.method, "task": manifest.task.name,
+                               "metrics": manifest.metrics, "payload_bytes": manifest.payload_bytes,
+                               "backbone": manifest.backbone.name})
 
     def table() -> None:
         grid = Table(title=store.url)
         for column in ("artifact", "tags", "kind", "method", "task", "metric", "bytes", "backbone"):
             grid.add_column(column, overflow="fold")
         for r in rows:
+            artifact = r["name"] if r["version"] is None else f"{r['name']}:{r['version']}"
+            if "error" in r:
+                grid.add_row(artifact, ",".join(r.get("tags", [])), "[red]broken[/]", "", "", r["error"], "", "")
+                continue
             metric = ", ".join(f"{k} {v:.4f}" for k, v in list(r["metrics"].items())[:1])
-            grid.add_row(f"{r['name']}:{r['version']}", ",".join(r["tags"]), r["kind"], r["method"], r["task"],
+            grid.add_row(artifact, ",".join(r["tags"]), r["kind"], r["method"], r["task"],
                          metric, f"{r['payload_bytes']:,}", Path(r["backbone"]).name)
         out.print(grid)
 
@@ -472,18 +488,34 @@ def registry_show(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFACT"
 @registry_app.command("verify")
 def registry_verify(artifact_refs: Annotated[Optional[list[str]], typer.Argument(metavar="[ARTIFACT]...", help="default: every version")] = None,
                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash manifests and payloads; exit 1 if anything is corrupt or missing."""
+    """Re-hash manifests and payloads (exit 1 if anything is corrupt or missing); report temp
+    files that writers which are gone left behind (`registry gc` removes them)."""
     store = _store(registry)
-    refs = artifact_refs or [f"{n}:{v}" for n in store.names() for v in sorted(store.versions(n))]
     results = []
+    refs = artifact_refs or []
+    for name in [] if artifact_refs else store.names():
+        try:
+            refs += [f"{name}:{v}" for v in sorted(store.versions(name))]
+        except TicketserveError as exc:
+            results.append({"artifact": name, "ok": False, "error": str(exc)})
     for ref in refs:
         try:
             store.verify(ref)
             results.append({"artifact": ref, "ok": True})
         except TicketserveError as exc:
             results.append({"artifact": ref, "ok": False, "error": str(exc)})
-    _emit(as_json, results, lambda: [out.print(f"{'[green]ok[/]' if r['ok'] else '[red]FAILED[/]'} {r['artifact']}"
-                                               + (f": {r['error']}" if not r["ok"] else "")) for r in results])
+    leftovers = store.leftovers()
+    payload = {"artifacts": results, "leftover_temp_files": len(leftovers),
+               "leftover_temp_bytes": sum(size for _, size in leftovers)}
+
+    def report() -> None:
+        for r in results:
+            out.print(f"{'[green]ok[/]' if r['ok'] else '[red]FAILED[/]'} {r['artifact']}" + (f": {r['error']}" if not r["ok"] else ""))
+        if leftovers:
+            out.print(f"[yellow]{len(leftovers)} temp files ({payload['leftover_temp_bytes']:,} bytes) left by writers "
+                      "that are gone[/]: `ticketserve registry gc` removes them")
+
+    _emit(as_json, payload, report)
     if not all(r["ok"] for r in results):
         raise typer.Exit(1)
 

@@ -1,6 +1,7 @@
 """Dynamic micro-batching across concurrent requests, mixing tasks in one forward pass.
 
-Requests are tokenized by the caller, queued, and served by one inference thread that
+Requests are bounded (bytes per text; cut before tokenizing, so a huge text costs no more
+than one of `max_tokens` tokens), tokenized by the caller, queued, and served by one inference thread that
 gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
 `max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
 unbounded memory); expired or cancelled requests are dropped before they cost a forward.
@@ -21,6 +22,12 @@ from ticketserve.errors import DeadlineExceeded, InvalidArgument, Overloaded, Un
 from ticketserve.runtime import Prediction, Runtime
 
 
+# A text is cut to this many characters per allowed token before tokenizing: far above what
+# real text needs (English averages 4–5 per WordPiece/BPE token), so truncation gives the same
+# tokens as tokenizing the whole text; only junk (a token per 24+ characters) sees fewer.
+CHARS_PER_TOKEN = 24
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +37,8 @@ class EngineConfig(BaseModel):
     max_queue_size: int = Field(256, gt=0, description="queued requests before RESOURCE_EXHAUSTED")
     max_texts_per_request: int = Field(32, gt=0)
     max_tokens_per_text: int = Field(256, gt=1)
+    max_text_bytes: int = Field(256 * 1024, gt=0, description="UTF-8 bytes per text (and per text pair); "
+                                "longer ones are refused")
     truncate: bool = Field(True, description="truncate longer texts (true) or refuse them (false)")
 
     @model_validator(mode="after")
@@ -68,10 +77,10 @@ class Engine:
         self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
         self.max_tokens = min(self.config.max_tokens_per_text, runtime.backbone.tokenizer.model_max_length,
                               runtime.backbone.config.max_position_embeddings - 2)
+        self.max_chars = self.max_tokens * CHARS_PER_TOKEN
         self._queue: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = True
-        self._busy = False
         self._stopped = False
         self._thread = threading.Thread(target=self._serve_forever, name="ticketserve-inference", daemon=True)
         self._thread.start()
@@ -94,6 +103,9 @@ class Engine:
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
         if not spec.text_pair_field and any(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
+        texts = [self._bounded(text, i, "text") for i, text in enumerate(texts)]
+        if spec.text_pair_field:
+            pairs = [self._bounded(pair, i, "text_pair") for i, pair in enumerate(pairs)]
         encoded = self.runtime.backbone.tokenizer(
             texts, pairs if spec.text_pair_field else None, truncation=self.config.truncate,
             max_length=self.max_tokens if self.config.truncate else None)
@@ -110,6 +122,22 @@ class Engine:
         self._observe_queue()
         return request.future
 
+    def _bounded(self, text: str, i: int, field: str) -> str:
+        """The text within the byte limit, cut to what its first `max_tokens` tokens can come
+        from before the tokenizer sees it (the tokenizer's cost grows with the whole text): at
+        most CHARS_PER_TOKEN characters per token, ending at a word boundary when one is near."""
+        if len(text) * 4 > self.config.max_text_bytes and len(text.encode()) > self.config.max_text_bytes:
+            raise InvalidArgument(f"input {i}: {field} has {len(text.encode()):,} bytes; the limit is "
+                                  f"{self.config.max_text_bytes:,}")
+        if len(text) <= self.max_chars:
+            return text
+        if not self.config.truncate:
+            raise InvalidArgument(f"input {i}: {field} has {len(text):,} characters, more than {self.max_tokens} "
+                                  f"tokens can hold ({self.max_chars:,}); shorten it or ask a server that truncates")
+        window = text[:self.max_chars]
+        space = max(window.rfind(c, 3 * self.max_chars // 4) for c in " \t\n\r")
+        return window[:space] if space > 0 else window
+
     # -- the inference thread ---------------------------------------------------------------
 
     def _serve_forever(self) -> None:
@@ -123,10 +151,6 @@ class Engine:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
-            finally:
-                with self._wake:
-                    self._busy = False
-                    self._wake.notify_all()
 
     def _next_batch(self) -> list[_Request] | None:
         with self._wake:
@@ -134,7 +158,6 @@ class Engine:
                 if self._stopped:
                     return None
                 self._wake.wait()
-            self._busy = True
             batch = [self._queue.popleft()]
             flush_at = time.monotonic() + self.config.max_queue_delay_ms / 1000
             while True:
@@ -191,18 +214,6 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
-
-    def drain(self, timeout: float) -> bool:
-        """Refuse new requests and wait until every queued one is served; True if it emptied."""
-        self._accepting = False
-        deadline = time.monotonic() + timeout
-        with self._wake:
-            while self._queue or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._wake.wait(remaining)
-        return True
 
     def close(self) -> None:
         self._accepting = False

@@ -47,3 +47,11 @@ class Unavailable(TicketserveError):
 
 class DeadlineExceeded(TicketserveError):
     """The request's deadline passed before it could be served."""
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """`text` as an error may echo it: quoted, at most `limit` characters of it, and its length
+    when cut (a caller's 20 KB name must not come back inside the error)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"

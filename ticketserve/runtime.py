@@ -18,7 +18,7 @@ from registry import ArtifactVersion
 from registry.manifest import Manifest, TaskSpec
 from ticketserve.artifact import Artifact
 from ticketserve.backbone import Backbone
-from ticketserve.errors import InvalidArgument, NotFound
+from ticketserve.errors import CorruptArtifact, InvalidArgument, NotFound, TicketserveError, excerpt
 from ticketserve.kinds import get_kind
 from ticketserve.kinds.routing import Routing, route
 from ticketserve.model import TaskHead, encode
@@ -69,8 +69,15 @@ class Runtime:
         kind = get_kind(artifact.manifest.kind)
         with self._lock:
             slot = next(self._slots)
-            encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
-            head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
+            try:
+                encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
+                head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
+            except Exception as exc:  # no forward routes to this slot yet: undo whatever attach did
+                kind.detach(self.encoder, slot)
+                if isinstance(exc, TicketserveError):
+                    raise
+                raise CorruptArtifact(f"{artifact.version} passed its checks but cannot be attached "
+                                      f"({type(exc).__name__}: {excerpt(str(exc), 300)})") from exc
             loaded = LoadedTask(name, artifact.version, artifact.manifest, slot, encoder, head)
             old, self.tasks[name] = self.tasks.get(name), loaded
         if old is not None:

@@ -36,6 +36,8 @@ class FullKind(Kind):
                 raise CorruptArtifact(f"full artifact holds {key!r}, which this backbone does not have")
             if tensor.shape != state[name].shape:
                 raise CorruptArtifact(f"full artifact {key}: shape {tuple(tensor.shape)} != {tuple(state[name].shape)}")
+            if tensor.is_floating_point() != state[name].is_floating_point():
+                raise CorruptArtifact(f"full artifact {key}: dtype {tensor.dtype} cannot stand for {state[name].dtype}")
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         # serving state of the shared encoder is not copied: its mask cache stays behind (it

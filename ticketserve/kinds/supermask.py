@@ -219,7 +219,8 @@ class SupermaskKind(Kind):
         for name in names:
             if f"{name}.weight" not in params:
                 raise CorruptArtifact(f"supermask names {name!r}, which this backbone does not have")
-            if tensors[name + MASK].dtype != torch.uint8 or tensors[name + CODEC].shape != (1,):
+            mask, codec = tensors[name + MASK], tensors[name + CODEC]
+            if mask.dtype != torch.uint8 or mask.dim() != 1 or codec.dtype != torch.uint8 or codec.shape != (1,):
                 raise CorruptArtifact(f"supermask {name}: mask must be uint8 bytes with a 1-byte codec id")
             reference = tensors.get(name + REFERENCE)
             if reference is not None and (reference.dtype != torch.int64 or reference.shape != (1,)):

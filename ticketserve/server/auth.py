@@ -1,6 +1,6 @@
-"""Optional bearer-token auth: `authorization: Bearer <token>` metadata, compared in constant
-time. Admin calls (LoadTask, UnloadTask) take the admin token when one is configured.
-Health checks stay open so orchestrators can probe without secrets."""
+"""Optional bearer-token auth: exactly one `authorization: Bearer <token>` header, compared in
+constant time. Admin calls (LoadTask, UnloadTask) take only the admin token. Health checks
+stay open so orchestrators can probe without secrets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from ticketserve.errors import InvalidArgument
+from ticketserve.server.handlers import rewrap
 
 ADMIN_METHODS = ("/ticketserve.v1.Tasks/LoadTask", "/ticketserve.v1.Tasks/UnloadTask")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -32,42 +33,58 @@ def read_token(path: str | None, env: str | None) -> str | None:
 
 
 def _denied_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as `handler` that only aborts."""
+    """A handler of the same shape as `handler` that only aborts."""
 
-    async def unary(request, context):
-        await context.abort(code, message)
+    def unary(_behaviour):
+        async def call(request, context):
+            await context.abort(code, message)
 
-    async def streaming(request, context):
-        await context.abort(code, message)
-        yield  # an async generator, as response-streaming handlers are
+        return call
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    return grpc.unary_unary_rpc_method_handler(unary)
+    def streaming(_behaviour):
+        async def call(request, context):
+            await context.abort(code, message)
+            yield  # an async generator, as response-streaming handlers are
+
+        return call
+
+    return rewrap(handler, unary, streaming)
+
+
+def _bearer(metadata) -> str | None:
+    """The token of the one `authorization: Bearer …` header; None when absent, several or not Bearer."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
+        return None
+    return values[0].removeprefix("Bearer ").strip() or None
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
+    """With a user token, every call but health checks needs it (or the admin token); admin
+    calls need the admin token, and with auth on but no admin token configured they are
+    refused outright — a user token never loads or unloads tasks."""
+
     def __init__(self, token: str | None, admin_token: str | None = None):
         self.token, self.admin_token = token, admin_token
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         method = details.method
-        if method.startswith(OPEN_PREFIXES):
-            return await continuation(details)
-        required = self.admin_token if (method in ADMIN_METHODS and self.admin_token) else self.token
         handler = await continuation(details)
-        if required is None or handler is None:
+        if method.startswith(OPEN_PREFIXES) or handler is None:
             return handler
-        header = dict(details.invocation_metadata or ()).get("authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not given:
-            return _denied_like(handler, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
-        if not hmac.compare_digest(given.encode(), required.encode()):
-            admin = method in ADMIN_METHODS and self.admin_token
-            return _denied_like(handler, grpc.StatusCode.PERMISSION_DENIED if admin else grpc.StatusCode.UNAUTHENTICATED,
-                                "invalid token")
+        admin = method in ADMIN_METHODS
+        accepted = [t for t in ((self.admin_token,) if admin else (self.token, self.admin_token)) if t]
+        if not admin and self.token is None:
+            return handler  # only an admin token is configured: user calls stay open
+        if admin and self.admin_token is None:
+            return _denied_like(handler, grpc.StatusCode.PERMISSION_DENIED,
+                                "admin calls need the admin token, and this server has none configured")
+        given = _bearer(details.invocation_metadata)
+        if given is None:
+            return _denied_like(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                "missing bearer token (one `authorization: Bearer <token>` header)")
+        if not any(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
+            if admin:
+                return _denied_like(handler, grpc.StatusCode.PERMISSION_DENIED, "this call needs the admin token")
+            return _denied_like(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         return handler

@@ -4,8 +4,10 @@ Requests name a task (`name`, `name:tag` or `name:version`). Unpinned names and 
 *aliases* that follow the registry: `refresh()` (the watch loop) re-resolves them and, when a
 new version appears, loads it beside the old one, then switches the alias — requests in
 flight keep the version they acquired, and the old version unloads once none holds it. A
-failed load marks the alias errored and leaves the old version serving. Resident versions
-form an LRU bounded by bytes; a version in use is never evicted.
+failed load is rolled back, marks the alias (and that version) errored, is retried with
+back-off and leaves the old version serving. Resident versions form an LRU bounded by bytes;
+a version in use — or being handed to a request — is never evicted, so a working set larger
+than the budget runs over it (reported) instead of failing requests.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from registry import ArtifactVersion, Reference, Store
-from registry.store import DEFAULT_TAG
+from registry.store import DEFAULT_TAG, check_name
 from ticketserve import artifact
-from ticketserve.errors import NotFound, TicketserveError
+from ticketserve.errors import TicketserveError
 from ticketserve.runtime import LoadedTask, Runtime
 
 log = logging.getLogger("ticketserve.loader")
+RETRY_BASE_SECONDS = 1.0  # a failed version is tried again after 1, 2, 4, … seconds
+RETRY_MAX_SECONDS = 60.0
 
 
 @dataclass
@@ -38,43 +42,63 @@ class TaskHandle:
         return str(self.version)
 
 
+@dataclass
+class LoadFailure:
+    """Why a version did not load, and when it may be tried again (immutable versions rarely
+    heal, but storage outages do: exponential back-off, logged once)."""
+
+    error: TicketserveError
+    attempts: int
+    retry_at: float
+
+    def again(self) -> TicketserveError:
+        return type(self.error)(str(self.error))
+
+
 class TaskLoader:
     def __init__(self, store: Store, runtime: Runtime, cache_bytes: int, observer=None):
         self.store, self.runtime, self.cache_bytes = store, runtime, cache_bytes
-        self.observer = observer  # optional: .cache(event) with hit/miss/eviction, .resident(bytes, count)
+        # optional observer: .cache(event) with hit/miss/eviction, .resident(bytes, count, over_budget),
+        # .task_resident(handle, resident: bool)
+        self.observer = observer
         self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
         self.aliases: dict[str, str] = {}  # "name:tag" → resident key
         self.errors: dict[str, str] = {}  # alias → why its last load failed
+        self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
 
     # -- requests -----------------------------------------------------------------------------
 
     def acquire(self, name: str, version: str | None = None) -> TaskHandle:
-        """The handle to serve a request with; the caller must `release` it."""
-        ref = Reference.parse(f"{name}:{version}" if version else name)
+        """The handle to serve a request with, already held: the caller must `release` it."""
+        ref = Reference.of(name, version)
         alias = self._alias(ref)
         with self._lock:
             key = self.aliases.get(alias) if alias else str(ref)
             handle = self.resident.get(key) if key else None
             if handle is not None:
                 return self._hold(handle, hit=True)
-        handle = self._load(self.store.resolve(ref))
+        handle = self._load(self.store.resolve(ref))  # held from the moment it is resident
         with self._lock:
             if alias and alias not in self.aliases:
                 self.aliases[alias] = handle.key
-            return self._hold(handle, hit=False)
+        self._report("miss")
+        return handle
 
     def release(self, handle: TaskHandle) -> None:
         with self._lock:
             handle.refs -= 1
             if handle.retired and handle.refs == 0:
                 self._unload(handle)
+            elif handle.refs == 0:
+                self._evict()  # a working set that ran over budget shrinks back as soon as it can
 
     # -- the watch loop and admin calls -------------------------------------------------------
 
     def refresh(self) -> None:
-        """Follow every alias to the version its tag names now; swap what moved."""
+        """Follow every alias to the version its tag names now; swap what moved. One alias's
+        failure (whatever it is) never stops the others."""
         with self._lock:
             aliases = dict(self.aliases)
         for alias, current in aliases.items():
@@ -84,15 +108,20 @@ class TaskLoader:
                     self.errors.pop(alias, None)
                     continue
                 handle = self._load(target)
-            except TicketserveError as exc:  # keep serving what we have
-                self.errors[alias] = str(exc)
-                log.warning("reload of %s failed; %s keeps serving: %s", alias, current, exc)
+            except Exception as exc:  # keep serving what we have
+                expected = isinstance(exc, TicketserveError)
+                reason = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
+                if self.errors.get(alias) != reason:
+                    log.warning("reload of %s failed; %s keeps serving: %s", alias, current, reason,
+                                exc_info=None if expected else exc)
+                self.errors[alias] = reason
                 continue
             with self._lock:
                 self.errors.pop(alias, None)
                 self.aliases[alias] = handle.key
                 if current not in self.aliases.values() and current in self.resident:
                     self._retire(self.resident[current])
+            self.release(handle)
             log.info("%s now serves %s (was %s)", alias, handle.key, current)
 
     def preload(self, name: str, version: str | None = None) -> TaskHandle:
@@ -101,11 +130,13 @@ class TaskLoader:
         return handle
 
     def unload(self, name: str) -> bool:
-        """Drop every resident version of `name` and its aliases (idempotent)."""
+        """Drop every resident version of `name` and its aliases (idempotent). Requests that
+        hold a version finish on it; it goes when the last one releases it."""
+        check_name(name)
         with self._lock:
             for alias in [a for a in self.aliases if a.split(":")[0] == name]:
                 del self.aliases[alias]
-            handles = [h for h in self.resident.values() if h.version.name == name]
+            handles = [h for h in self.resident.values() if h.version.name == name and not h.retired]
             for handle in handles:
                 self._retire(handle)
         return bool(handles)
@@ -114,43 +145,71 @@ class TaskLoader:
 
     @staticmethod
     def _alias(ref: Reference) -> str | None:
-        if ref.selector is not None and ref.selector.isdigit() or ref.digest is not None:
-            return None  # pinned: never moves
-        return f"{ref.name}:{ref.selector or DEFAULT_TAG}"
+        return None if ref.pinned else f"{ref.name}:{ref.selector or DEFAULT_TAG}"
 
     def _hold(self, handle: TaskHandle, hit: bool) -> TaskHandle:
         handle.refs += 1
         self.resident.move_to_end(handle.key)
-        self._report("hit" if hit else "miss")
+        if hit:
+            self._report("hit")
         return handle
 
     def _load(self, version: ArtifactVersion) -> TaskHandle:
+        """The resident handle of `version`, loading it if needed; returned held (refs + 1)
+        so that no eviction or unload can take it before the caller uses it."""
         key = str(version)
         with self._lock:
             gate = self._loading.setdefault(key, threading.Lock())
         with gate:  # one load per version; concurrent first requests wait for it
             with self._lock:
                 if key in self.resident and not self.resident[key].retired:
-                    return self.resident[key]
+                    return self._hold(self.resident[key], hit=False)
+                failure = self.failures.get(key)
+                if failure is not None and time.monotonic() < failure.retry_at:
+                    raise failure.again()
             started = time.perf_counter()
-            found = artifact.load(self.store, version, self.runtime.backbone)
-            loaded = self.runtime.add(found, name=key)
+            try:
+                found = artifact.load(self.store, version, self.runtime.backbone)
+                loaded = self.runtime.add(found, name=key)  # rolls itself back if it fails
+            except TicketserveError as exc:
+                self._failed(key, exc)
+                raise
             size = sum(t.numel() * t.element_size() for t in found.tensors.values())
             handle = TaskHandle(version, loaded, size)
             with self._lock:
+                self.failures.pop(key, None)
                 self.resident[key] = handle
+                self._hold(handle, hit=False)
                 self._evict()
+            if self.observer is not None:
+                self.observer.task_resident(handle, True)
             log.info("loaded %s (%s, %d bytes) in %.1f ms", key, found.manifest.kind, size,
                      (time.perf_counter() - started) * 1000)
             return handle
 
+    def _failed(self, key: str, exc: TicketserveError) -> None:
+        """Record a failed load; log it the first time only (a watched broken version is retried
+        with back-off, not re-reported at every poll)."""
+        with self._lock:
+            previous = self.failures.get(key)
+            attempts = previous.attempts + 1 if previous else 1
+            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
+            self.failures[key] = LoadFailure(exc, attempts, time.monotonic() + delay)
+        if previous is None:
+            unexpected = exc.__cause__ is not None and not isinstance(exc.__cause__, TicketserveError)
+            log.warning("%s cannot be served: %s", key, exc, exc_info=exc if unexpected else None)
+        else:
+            log.debug("%s still cannot be served (attempt %d): %s", key, attempts, exc)
+
     def _evict(self) -> None:
+        """Unload least recently used versions nobody holds until the budget fits. When every
+        resident version is in use the cache stays over budget (requests never fail for it)."""
         total = sum(h.bytes for h in self.resident.values())
         for key in list(self.resident):
             if total <= self.cache_bytes:
                 break
             handle = self.resident[key]
-            if handle.refs == 0 and len(self.resident) > 1:
+            if handle.refs == 0:
                 total -= handle.bytes
                 self._unload(handle)
                 for alias in [a for a, k in self.aliases.items() if k == key]:
@@ -166,6 +225,8 @@ class TaskLoader:
         if self.resident.get(handle.key) is handle:
             del self.resident[handle.key]
             self.runtime.remove(handle.key)
+            if self.observer is not None:
+                self.observer.task_resident(handle, False)
         self._report(None)
 
     def _report(self, event: str | None) -> None:
@@ -173,13 +234,20 @@ class TaskLoader:
             return
         if event:
             self.observer.cache(event)
-        self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
+        total = sum(h.bytes for h in self.resident.values())
+        self.observer.resident(total, len(self.resident), max(0, total - self.cache_bytes))
 
     def describe(self) -> tuple[list[dict], dict[str, str]]:
         """Resident versions (with the alias each serves, if any) and the aliases whose last load failed."""
         with self._lock:
             serving = {key: alias for alias, key in self.aliases.items()}
             rows = [{"name": h.version.name, "artifact": h.key, "digest": h.version.digest, "bytes": h.bytes,
-                     "manifest": h.loaded.manifest, "alias": serving.get(h.key)} for h in self.resident.values()]
+                     "manifest": h.loaded.manifest, "alias": serving.get(h.key)}
+                    for h in self.resident.values() if not h.retired]
             errored = dict(self.errors)
         return rows, errored
+
+    def failed(self) -> dict[str, str]:
+        """Version key → why its last load failed."""
+        with self._lock:
+            return {key: str(failure.error) for key, failure in self.failures.items()}

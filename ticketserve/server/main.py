@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -21,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry import open_store
 from ticketserve.backbone import load_backbone
 from ticketserve.engine import Engine, EngineConfig
+from ticketserve.errors import TicketserveError
 from ticketserve.runtime import Runtime
 from ticketserve.server.auth import TokenAuth, read_token
 from ticketserve.server.loader import TaskLoader
 from ticketserve.server.malformed import RejectMalformed
 from ticketserve.server.metrics import Metrics
-from ticketserve.server.service import InferenceService, InfoService, TasksService
+from ticketserve.server.observe import Observe
+from ticketserve.server.service import Admission, InferenceService, InfoService, TasksService
 from ticketserve.v1 import pb, rpc
 
 log = logging.getLogger("ticketserve.server")
@@ -54,7 +57,7 @@ class ServeConfig(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint; 0 picks a free port")
-    drain_seconds: float = Field(30.0, ge=0)
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take")
 
 
 class JsonFormatter(logging.Formatter):
@@ -82,7 +85,7 @@ class Server:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.cache_bytes)
         self.store = open_store(config.registry)
         backbone = load_backbone(config.backbone, self.store)
         if config.backend == "onnx":
@@ -93,6 +96,8 @@ class Server:
             self.runtime = Runtime(backbone, device=config.device)
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
+        self.admission = Admission(config.engine.max_queue_size)
+        self.observe = Observe(self.metrics)
         self.health = health_aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -101,17 +106,21 @@ class Server:
 
     async def start(self) -> None:
         c = self.config
-        for ref in c.preload:
+        for ref in c.preload:  # a task the operator requires: failing to load it fails the start
             name, _, version = ref.partition(":")
-            self.loader.preload(name, version or None)
+            try:
+                self.loader.preload(name, version or None)
+            except TicketserveError as exc:
+                raise type(exc)(f"--preload {ref}: {exc}") from None
         token = read_token(c.token_file, c.token_env)
         admin = read_token(c.admin_token_file, c.admin_token_env)
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes)]
-        interceptors = [TokenAuth(token, admin)] if token or admin else []
-        self._grpc = grpc.aio.server(options=options, interceptors=[*interceptors, RejectMalformed()])
-        rpc.add_InferenceServicer_to_server(InferenceService(self.engine, self.loader, self.metrics), self._grpc)
-        rpc.add_TasksServicer_to_server(TasksService(self.loader), self._grpc)
+        auth = [TokenAuth(token, admin)] if token or admin else []
+        self._grpc = grpc.aio.server(options=options, interceptors=[self.observe, *auth, RejectMalformed()])
+        rpc.add_InferenceServicer_to_server(InferenceService(self.engine, self.loader, self.metrics, self.admission),
+                                            self._grpc)
+        rpc.add_TasksServicer_to_server(TasksService(self.loader, self.admission), self._grpc)
         rpc.add_InfoServicer_to_server(InfoService(self.engine, self.store.url, c.max_message_bytes), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
@@ -133,25 +142,29 @@ class Server:
                  self.runtime.backbone.name, self.store.url)
 
     async def _watch_registry(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.watch_seconds)
             try:
-                await loop.run_in_executor(None, self.loader.refresh)
+                await self.admission.run(self.admission.loading, self.loader.refresh)
             except Exception:  # the watch must outlive any one bad poll
                 log.exception("registry watch failed")
 
     async def stop(self) -> None:
-        """Graceful drain: report NOT_SERVING, refuse new requests, finish queued ones, stop."""
-        await self.health.enter_graceful_shutdown()
-        loop = asyncio.get_running_loop()
-        drained = await loop.run_in_executor(None, self.engine.drain, self.config.drain_seconds)
-        log.info("drained: %s", "all requests served" if drained else "timed out")
+        """Graceful drain, bounded by `drain_seconds`: health says NOT_SERVING, new requests are
+        answered UNAVAILABLE (clients retry elsewhere), requests in flight are served, then
+        the server stops (what is still running after the bound is cancelled)."""
+        started = time.monotonic()
+        self.observe.draining = self.admission.draining = True
         if self._watch:
             self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        drained = await self.observe.wait_idle(self.config.drain_seconds)
+        log.info("drained: %s in %.2f s", "all requests served" if drained else
+                 f"timed out, {self.observe.in_flight} requests cancelled", time.monotonic() - started)
         if self._grpc:
-            await self._grpc.stop(grace=1.0)
-        await loop.run_in_executor(None, self.engine.close)
+            await self._grpc.stop(grace=0.5)
+        await asyncio.to_thread(self.engine.close)
+        self.admission.close()
 
     async def wait(self) -> None:
         await self._grpc.wait_for_termination()

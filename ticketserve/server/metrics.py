@@ -1,17 +1,25 @@
-"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+"""Prometheus metrics of one server (its own registry, so several servers can share a process).
+
+Label values are bounded: `task` is an artifact name the server resolved (anything else a
+request names counts under `OTHER_TASK`), `method` a method the server implements."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+OTHER_TASK = "_other"  # requests naming no task this server knows
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, cache_budget_bytes: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ticketserve_requests", "Predict requests by task and status code", ["task", "code"], registry=r)
+        self.responses = Counter("ticketserve_responses", "Answers of every RPC by method and status code",
+                                 ["method", "code"], registry=r)
+        self.unexpected_errors = Counter("ticketserve_unexpected_errors", "RPCs that failed on an unexpected "
+                                         "exception (logged with traceback and request id)", ["method"], registry=r)
         self.examples = Counter("ticketserve_examples", "Examples predicted by task", ["task"], registry=r)
         self.latency = Histogram("ticketserve_request_seconds", "Predict latency by task", ["task"],
                                  buckets=LATENCY_BUCKETS, registry=r)
@@ -24,6 +32,12 @@ class Metrics:
         self.cache_events = Counter("ticketserve_task_cache", "Task cache hits, misses and evictions", ["event"], registry=r)
         self.resident_bytes = Gauge("ticketserve_resident_bytes", "Bytes of resident task artifacts", registry=r)
         self.resident_tasks = Gauge("ticketserve_resident_tasks", "Resident task versions", registry=r)
+        self.cache_budget = Gauge("ticketserve_cache_budget_bytes", "The task cache's budget (--cache-bytes)", registry=r)
+        self.over_budget = Gauge("ticketserve_cache_over_budget_bytes", "Resident bytes above the budget: every "
+                                 "resident task is in use, so none could be evicted", registry=r)
+        self.task_bytes = Gauge("ticketserve_task_resident_bytes", "Resident bytes per task version",
+                                ["task", "version"], registry=r)
+        self.cache_budget.set(cache_budget_bytes)
 
     # engine observer
     def batch(self, size: int, tasks: int, seconds: float) -> None:
@@ -38,9 +52,20 @@ class Metrics:
     def cache(self, event: str) -> None:
         self.cache_events.labels(event).inc()
 
-    def resident(self, size: int, count: int) -> None:
+    def resident(self, size: int, count: int, over_budget: int = 0) -> None:
         self.resident_bytes.set(size)
         self.resident_tasks.set(count)
+        self.over_budget.set(over_budget)
+
+    def task_resident(self, handle, resident: bool) -> None:
+        labels = (handle.version.name, str(handle.version.version))
+        if resident:
+            self.task_bytes.labels(*labels).set(handle.bytes)
+        else:
+            try:
+                self.task_bytes.remove(*labels)
+            except KeyError:
+                pass
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         server, _ = start_http_server(port, addr=host, registry=self.registry)

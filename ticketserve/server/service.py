@@ -4,62 +4,97 @@ No batching, loading or model logic lives here."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from registry import Reference
 from ticketserve import __version__
 from ticketserve.engine import Engine, Result
-from ticketserve.errors import InvalidArgument, TicketserveError
+from ticketserve.errors import InvalidArgument, Overloaded, TicketserveError, Unavailable
+from ticketserve.server.catalog import offers
 from ticketserve.server.loader import TaskLoader
-from ticketserve.server.metrics import Metrics
-from ticketserve.server.status import status_of
+from ticketserve.server.metrics import OTHER_TASK, Metrics
+from ticketserve.server.status import abort, status_of
 from ticketserve.v1 import pb, rpc
-
-log = logging.getLogger("ticketserve.server")
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: TicketserveError) -> None:
-    await context.abort(status_of(exc), str(exc))
 
 
 def _version(request) -> str | None:
     return request.version if request.HasField("version") and request.version else None
 
 
-def _task_info(manifest, artifact: str, digest: str, state, resident_bytes: int = 0, error: str = "") -> pb.TaskInfo:
+def _task_info(artifact: str, digest: str, manifest, state, resident_bytes: int = 0, error: str = "") -> pb.TaskInfo:
+    if manifest is None:  # a registry entry that cannot be read
+        return pb.TaskInfo(name=artifact.split(":")[0], artifact=artifact, state=state, error=error)
     return pb.TaskInfo(name=manifest.name, artifact=artifact, digest=digest, kind=manifest.kind, method=manifest.method,
                        task=manifest.task.name, labels=manifest.task.labels, state=state,
                        resident_bytes=resident_bytes, error=error)
 
 
-class InferenceService(rpc.InferenceServicer):
-    def __init__(self, engine: Engine, loader: TaskLoader, metrics: Metrics):
-        self.engine, self.loader, self.metrics = engine, loader, metrics
+class Admission:
+    """Requests between arrival and the engine's queue. Their blocking steps (finding or
+    loading the task, tokenizing) run on the server's own threads, and at most `limit` of
+    them wait for those: past it a request is refused at once (RESOURCE_EXHAUSTED), so no
+    unbounded queue forms in front of the engine's bounded one. Only the event loop counts."""
 
-    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+    def __init__(self, limit: int, load_threads: int = 8, tokenize_threads: int = 2):
+        self.limit, self.pending = limit, 0
+        self.draining = False  # set by the server's drain: e.g. a stream's next request is refused
+        self.loading = ThreadPoolExecutor(load_threads, thread_name_prefix="ticketserve-load")
+        self.tokenizing = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="ticketserve-tokenize")
+
+    def __enter__(self) -> Admission:
+        if self.draining:
+            raise Unavailable("the server is draining; retry on another replica")
+        if self.pending >= self.limit:
+            raise Overloaded(f"{self.pending} requests are being admitted (limit {self.limit}); retry later")
+        self.pending += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pending -= 1
+
+    async def run(self, executor: ThreadPoolExecutor, call, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
+
+    def close(self) -> None:
+        self.loading.shutdown(wait=False, cancel_futures=True)
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+
+
+class InferenceService(rpc.InferenceServicer):
+    def __init__(self, engine: Engine, loader: TaskLoader, metrics: Metrics, admission: Admission):
+        self.engine, self.loader, self.metrics, self.admission = engine, loader, metrics, admission
+
+    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext,
+                       known: list[str]) -> pb.PredictResponse:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         if not request.task:
             raise InvalidArgument("task is required")
-        handle = await loop.run_in_executor(None, self.loader.acquire, request.task, _version(request))
-        try:
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            texts = [i.text for i in request.inputs]
-            pairs = [i.text_pair if i.HasField("text_pair") else None for i in request.inputs]
-            future = await loop.run_in_executor(None, self.engine.submit, handle.key, texts, pairs, deadline)
+        with self.admission as admission:
+            handle = await admission.run(admission.loading, self.loader.acquire, request.task, _version(request))
             try:
-                result: Result = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                future.cancel()  # a cancelled RPC never costs a forward pass
+                known.append(handle.version.name)
+                remaining = context.time_remaining()
+                deadline = time.monotonic() + remaining if remaining is not None else None
+                texts = [i.text for i in request.inputs]
+                pairs = [i.text_pair if i.HasField("text_pair") else None for i in request.inputs]
+                future = await admission.run(admission.tokenizing, self.engine.submit, handle.key, texts, pairs, deadline)
+            except BaseException:
+                self.loader.release(handle)
                 raise
+        try:
+            result: Result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # a cancelled RPC never costs a forward pass
+            raise
         finally:
             self.loader.release(handle)
-        self.metrics.latency.labels(request.task).observe(time.perf_counter() - started)
-        self.metrics.examples.labels(request.task).inc(len(texts))
+        task = handle.version.name
+        self.metrics.latency.labels(task).observe(time.perf_counter() - started)
+        self.metrics.examples.labels(task).inc(len(texts))
         return pb.PredictResponse(
             predictions=[pb.Prediction(label=p.label or "", score=p.score, probabilities=p.probabilities,
                                        **({"value": p.score} if p.label is None else {})) for p in result.predictions],
@@ -69,13 +104,14 @@ class InferenceService(rpc.InferenceServicer):
                                  batch_size=result.batch_size, batch_tasks=result.batch_tasks))
 
     async def _answer(self, request, context) -> pb.PredictResponse:
-        """Predict, count the outcome by status code, turn errors into their status."""
+        """Predict, count the outcome by task (only names this server resolved) and status."""
+        known: list[str] = []
         try:
-            response = await self._predict(request, context)
+            response = await self._predict(request, context, known)
         except TicketserveError as exc:
-            self.metrics.requests.labels(request.task, status_of(exc).name).inc()
-            await _abort(context, exc)
-        self.metrics.requests.labels(request.task, "OK").inc()
+            self.metrics.requests.labels(known[0] if known else OTHER_TASK, status_of(exc).name).inc()
+            await abort(context, exc)
+        self.metrics.requests.labels(known[0], "OK").inc()
         return response
 
     async def Predict(self, request, context):
@@ -87,58 +123,64 @@ class InferenceService(rpc.InferenceServicer):
 
 
 class TasksService(rpc.TasksServicer):
-    def __init__(self, loader: TaskLoader):
-        self.loader = loader
+    def __init__(self, loader: TaskLoader, admission: Admission):
+        self.loader, self.admission = loader, admission
+
+    async def _blocking(self, call, *args):
+        return await self.admission.run(self.admission.loading, call, *args)
 
     async def ListTasks(self, request, context):
         rows, errored = self.loader.describe()
-        tasks = [_task_info(r["manifest"], r["artifact"], r["digest"], pb.TASK_STATE_READY, r["bytes"],
+        tasks = [_task_info(r["artifact"], r["digest"], r["manifest"], pb.TASK_STATE_READY, r["bytes"],
                             errored.get(r["alias"] or "", "")) for r in rows]
         if request.include_registry:
-            store = self.loader.store
             loaded = {r["artifact"] for r in rows}
             try:
-                for name in await asyncio.get_running_loop().run_in_executor(None, store.names):
-                    latest = store.resolve(name)
-                    if str(latest) not in loaded and store.manifest(latest).kind != "ticket":
-                        tasks.append(_task_info(store.manifest(latest), str(latest), latest.digest,
-                                                pb.TASK_STATE_AVAILABLE, error=errored.get(f"{name}:latest", "")))
+                found = await self._blocking(offers, self.loader.store, self.loader.runtime.backbone, self.loader.failed())
             except TicketserveError as exc:
-                await _abort(context, exc)
+                await abort(context, exc)
+            tasks += [_task_info(o.artifact, o.digest, o.manifest,
+                                 pb.TASK_STATE_ERRORED if o.error else pb.TASK_STATE_AVAILABLE, error=o.error)
+                      for o in found if o.artifact not in loaded]
         return pb.ListTasksResponse(tasks=tasks)
 
     async def GetTask(self, request, context):
+        store = self.loader.store
         try:
-            store = self.loader.store
-            ref = f"{request.task}:{_version(request)}" if _version(request) else request.task
-            version = await asyncio.get_running_loop().run_in_executor(None, store.resolve, ref)
-            manifest = store.manifest(version)
+            ref = Reference.of(request.task, _version(request))
+            version = await self._blocking(store.resolve, ref)
+            manifest = await self._blocking(store.manifest, version)
         except TicketserveError as exc:
-            await _abort(context, exc)
+            await abort(context, exc)
         rows, errored = self.loader.describe()
         resident = {r["artifact"]: r["bytes"] for r in rows}
         state = pb.TASK_STATE_READY if str(version) in resident else pb.TASK_STATE_AVAILABLE
-        error = next((e for a, e in errored.items() if a.split(":")[0] == request.task), "")
+        error = self.loader.failed().get(str(version)) or next(
+            (e for a, e in errored.items() if a.split(":")[0] == request.task), "")
         if error and state != pb.TASK_STATE_READY:
             state = pb.TASK_STATE_ERRORED
-        return pb.GetTaskResponse(task=_task_info(manifest, str(version), version.digest, state,
+        return pb.GetTaskResponse(task=_task_info(str(version), version.digest, manifest, state,
                                                   resident.get(str(version), 0), error),
                                   manifest_json=manifest.model_dump_json())
 
     async def LoadTask(self, request, context):
         try:
-            handle = await asyncio.get_running_loop().run_in_executor(None, self.loader.preload, request.task,
-                                                                      _version(request))
+            if not request.task:
+                raise InvalidArgument("task is required")
+            handle = await self._blocking(self.loader.preload, request.task, _version(request))
         except TicketserveError as exc:
-            await _abort(context, exc)
-        manifest = handle.loaded.manifest
-        return pb.LoadTaskResponse(task=_task_info(manifest, handle.key, handle.version.digest, pb.TASK_STATE_READY,
-                                                   handle.bytes))
+            await abort(context, exc)
+        return pb.LoadTaskResponse(task=_task_info(handle.key, handle.version.digest, handle.loaded.manifest,
+                                                   pb.TASK_STATE_READY, handle.bytes))
 
     async def UnloadTask(self, request, context):
-        if not request.task:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task is required")
-        return pb.UnloadTaskResponse(unloaded=self.loader.unload(request.task))
+        try:
+            if not request.task:
+                raise InvalidArgument("task is required")
+            unloaded = await self._blocking(self.loader.unload, request.task)
+        except TicketserveError as exc:
+            await abort(context, exc)
+        return pb.UnloadTaskResponse(unloaded=unloaded)
 
 
 class InfoService(rpc.InfoServicer):
@@ -153,4 +195,4 @@ class InfoService(rpc.InfoServicer):
             limits=pb.Limits(max_texts_per_request=config.max_texts_per_request, max_tokens_per_text=self.engine.max_tokens,
                              truncate=config.truncate, max_batch_size=config.max_batch_size,
                              max_batch_tokens=config.max_batch_tokens, max_queue_size=config.max_queue_size,
-                             max_message_bytes=self.max_message_bytes))
+                             max_message_bytes=self.max_message_bytes, max_text_bytes=config.max_text_bytes))

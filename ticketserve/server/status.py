@@ -1,4 +1,4 @@
-"""The one table from ticketserve errors to gRPC status codes."""
+"""The one table from ticketserve errors to gRPC status codes, and the abort that uses it."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ STATUS: dict[type[errors.TicketserveError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+MAX_DETAILS = 1024  # characters of an error's message in the status (grpc-message travels as a header)
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -26,3 +27,11 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
         if cls in STATUS:
             return STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: errors.TicketserveError) -> None:
+    """End the RPC with the error's status and its message, cut to fit a header."""
+    message = str(exc)
+    if len(message) > MAX_DETAILS:
+        message = message[:MAX_DETAILS] + "…"
+    await context.abort(status_of(exc), message)
