@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = str(Path(sys.executable).parent / "ticketserve")
+SAMPLE = Path(__file__).resolve().parent.parent / "ticketserve" / "data" / "sst2"  # 0/1 labels
 
 
 def cli(*args: str, registry: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -73,6 +74,10 @@ def test_registry_commands(tmp_path, tiny_checkpoints):
     (["train", "--method", "bitfit", "--task", "rte"], "pass --data-dir"),
     (["train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample", "--batch-size", "0"], "batch_size"),
     (["registry", "import", "/nonexistent.tar"], "no bundle file"),
+    (["train", "--method", "bitfit", "--task", "moods", "--data-dir", str(SAMPLE), "--text-field", "sentence",
+      "--labels", "neg,neu,pos"], "--labels names 3 classes (neg, neu, pos), but the labels in"),
+    (["train", "--method", "bitfit", "--task", "moods", "--data-dir", str(SAMPLE), "--text-field", "sentence",
+      "--labels", "regression", "--label-field", "sentence"], "--labels regression, but"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     result = cli(*args, registry=tmp_path / "registry", check=False)

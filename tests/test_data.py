@@ -94,3 +94,15 @@ def test_metrics_match_their_definitions():
     values = np.array([0.1, 0.4, 0.35, 0.8])
     stsb = compute_metrics(get_task("stsb"), values * 2 + 1, values)
     assert stsb["pearson"] == pytest.approx(1.0) and stsb["spearman"] == pytest.approx(1.0)
+
+
+def test_given_labels_must_match_the_data(tmp_path):
+    from ticketserve.data import check_labels
+
+    rows = [{"review": "great", "stars": "good"}, {"review": "awful", "stars": "bad"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    check_labels(tmp_path, "stars", ["good", "bad"])  # any order: names are the data's own values
+    with pytest.raises(InvalidArgument, match="not in the data: meh"):
+        check_labels(tmp_path, "stars", ["good", "bad", "meh"])
+    with pytest.raises(InvalidArgument, match="not named: bad"):
+        check_labels(tmp_path, "stars", ["good"])

@@ -49,10 +49,112 @@ def test_unknown_names_versions_and_tags_are_not_found(store):
         store.set_tag("demo", "prod", 9)
 
 
-@pytest.mark.parametrize("text", ["Demo", "a/b", "x:1:2", "../etc", "demo:Latest", ""])
+@pytest.mark.parametrize("text", ["Demo", "a/b", "x:1:2", "../etc", "demo:Latest", "", "demo\n", "demo:1\n",
+                                  "demo:²", "demo:①", "demo:٣", "demo:𝟏", "demo:" + "1" * 5000, "d" * 129])
 def test_malformed_references_are_invalid(text):
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgument) as info:
         Reference.parse(text)
+    assert len(str(info.value)) < 300  # a long input is echoed as a short excerpt
+
+
+def test_versions_are_ascii_digits_and_unicode_digits_never_resolve(store):
+    store.publish(manifest(), {"p": b"x"})
+    assert store.resolve("demo:1").version == 1
+    for selector in ("٣", "𝟏", "²"):
+        with pytest.raises(InvalidArgument):
+            Reference.of("demo", selector)
+    assert Reference.of("demo", "1").pinned and not Reference.of("demo", "prod").pinned
+
+
+def test_full_disk_while_committing_leaves_no_new_version(store, monkeypatch):
+    """The version pointer is staged, `latest` hits ENOSPC: the publish fails, nothing new is visible."""
+    import errno
+
+    import registry.local
+
+    v1 = store.publish(manifest(), {"p": b"one"})
+    original = registry.local.os.write
+
+    def full_on_the_tag(fd, data):
+        if data == b"2":  # the `latest` tag's content, staged after the version pointer
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(fd, data)
+
+    monkeypatch.setattr(registry.local.os, "write", full_on_the_tag)
+    with pytest.raises(StorageError, match="disk full"):
+        store.publish(manifest(metrics={"f1": 1.0}), {"p": b"two"})
+    monkeypatch.undo()
+    assert store.versions("demo") == {1: v1.digest} and store.resolve("demo") == v1
+    assert not list((Path(store.url) / "tmp").iterdir())
+    assert store.publish(manifest(metrics={"f1": 1.0}), {"p": b"two"}).version == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs; needs root), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_really_full_disk_fails_the_publish_with_latest_unchanged(small_disk):
+    store = open_store(str(small_disk / "registry"))
+    again = manifest(metrics={"f1": 0.5})
+    v1 = store.publish(again, {"p": b"payload"})
+    stat = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * ((stat.f_bavail - 1) * stat.f_bsize))  # one block left
+    assert os.statvfs(small_disk).f_bavail == 1
+    with pytest.raises(StorageError, match="disk full"):  # blobs exist already; pointer + tag need 2 blocks
+        store.publish(again, {"p": b"payload"})
+    assert store.versions("demo") == {1: v1.digest}
+    assert store.resolve("demo") == v1 and store.tags("demo") == {"latest": 1}
+    (small_disk / "filler").unlink()
+    assert store.publish(again, {"p": b"payload"}).version == 2
+
+
+def test_garbage_tag_or_version_file_is_a_clear_error_naming_it(store):
+    store.publish(manifest(), {"p": b"x"})
+    store.publish(manifest(name="other"), {"p": b"y"})
+    refs = Path(store.url) / "refs"
+    (refs / "demo" / "tags" / "latest").write_text("")
+    with pytest.raises(CorruptArtifact, match=r"tag file .*demo/tags/latest holds ''"):
+        store.resolve("demo")
+    assert store.resolve("demo:1").version == 1  # pinned versions still resolve
+    (refs / "other" / "versions" / "1").write_text("garbage")
+    with pytest.raises(CorruptArtifact, match=r"version file .*other/versions/1 holds 'garbage'"):
+        store.resolve("other:1")
+    assert store.names() == ["demo", "other"]  # listing names survives both
+
+
+def test_temp_files_of_killed_writers_are_found_and_collected(store):
+    root = Path(store.url)
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import registry.local
+        from registry import open_store
+        store = open_store(sys.argv[1])
+        original = registry.local.os.fsync
+        def die_after_writing(fd):   # the blob's bytes are in its locked temp file: die before the rename
+            os.kill(os.getpid(), signal.SIGKILL)
+        registry.local.os.fsync = die_after_writing
+        store._put_blob(b"x" * 5_000_000)
+    """)
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", script, store.url], cwd=Path(__file__).parent.parent)
+        assert result.returncode == -signal.SIGKILL
+    live = store._stage(b"a live writer's file")  # still locked by this process
+    try:
+        for path in (root / "tmp").iterdir():
+            os.utime(path, (time.time() - 60, time.time() - 60))  # past the creation grace
+        found = store.leftovers()
+        assert len(found) == 3 and sum(size for _, size in found) == 15_000_000
+        assert store.gc() == {"blobs_removed": 0, "tmp_removed": 3, "blobs_kept": 0}  # default age: no need to wait an hour
+        assert [p.name for p in (root / "tmp").iterdir()] == [live.path.name]
+    finally:
+        live.drop()
 
 
 def test_remove_moves_latest_back_and_gc_drops_only_unreferenced_blobs(store):

@@ -111,7 +111,7 @@ def train(
 ) -> None:
     """Train a task artifact and publish it to the registry."""
     from ticketserve.backbone import load_backbone
-    from ticketserve.data import infer_labels
+    from ticketserve.data import check_labels, infer_labels
     from ticketserve.tasks import custom_task, get_task
     from trainers.config import TrainConfig
     from trainers.run import train as run_training
@@ -138,7 +138,11 @@ def train(
     elif text_field:
         if data_dir is None:
             raise InvalidArgument("a custom task (--text-field) needs --data-dir")
-        names = [] if labels == "regression" else (labels.split(",") if labels else infer_labels(data_dir, label_field))
+        if labels is None:
+            names = infer_labels(data_dir, label_field)
+        else:
+            names = [] if labels == "regression" else [n.strip() for n in labels.split(",")]
+            check_labels(data_dir, label_field, names)
         spec = custom_task(task, text_field, text_pair_field, label_field, names, metric)
     else:
         spec = get_task(task)

@@ -93,7 +93,7 @@ def _label_mapper(spec: TaskSpec, split: str):
                 labels.append(float(value))
             elif isinstance(value, str) and value in index:
                 labels.append(index[value])
-            elif isinstance(value, (int, str)) and str(value).lstrip("-").isdigit() and 0 <= int(value) < len(index):
+            elif isinstance(value, (int, str)) and _is_index(str(value)) and 0 <= int(value) < len(index):
                 labels.append(int(value))
             else:
                 raise InvalidArgument(
@@ -106,8 +106,7 @@ def _label_mapper(spec: TaskSpec, split: str):
     return convert
 
 
-def infer_labels(data_dir: str | Path, label_field: str, split: str = "train") -> list[str]:
-    """Label names for a custom task: the sorted distinct values of its training labels."""
+def _label_values(data_dir: str | Path, label_field: str, split: str = "train") -> tuple[Path, set[str]]:
     import datasets
 
     path = find_split_file(Path(data_dir).expanduser(), split)
@@ -115,6 +114,42 @@ def infer_labels(data_dir: str | Path, label_field: str, split: str = "train") -
     ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **kwargs)
     if label_field not in ds.column_names:
         raise InvalidArgument(f"{path} has no field {label_field!r}; columns are {', '.join(ds.column_names)}")
-    values = {str(v) for v in ds[label_field]}
-    numeric = all(v.lstrip("-").isdigit() for v in values)
+    return path, {str(v) for v in ds[label_field]}
+
+
+def _is_index(value: str) -> bool:
+    return value.isascii() and value.lstrip("-").isdigit()
+
+
+def infer_labels(data_dir: str | Path, label_field: str, split: str = "train") -> list[str]:
+    """Label names for a custom task: the sorted distinct values of its training labels."""
+    _, values = _label_values(data_dir, label_field, split)
+    numeric = all(_is_index(v) for v in values)
     return sorted(values, key=int) if numeric else sorted(values)
+
+
+def check_labels(data_dir: str | Path, label_field: str, names: list[str], split: str = "train") -> None:
+    """The label names a user gave must be what the training data holds: its label values
+    themselves, or — for integer labels — one name per index 0…n-1; an empty list
+    (regression) needs numbers. Anything else would train a head of the wrong shape."""
+    path, values = _label_values(data_dir, label_field, split)
+    shown = ", ".join(sorted(values, key=lambda v: (len(v), v))[:10]) + (", …" if len(values) > 10 else "")
+    if not names:
+        try:
+            [float(v) for v in values]
+        except ValueError:
+            raise InvalidArgument(f"--labels regression, but {path} holds non-numeric labels ({shown})") from None
+        return
+    if all(_is_index(v) for v in values):
+        expected = {str(i) for i in range(len(names))}
+        if values != expected:
+            raise InvalidArgument(
+                f"--labels names {len(names)} classes ({', '.join(names)}), but the labels in {path} are {shown} "
+                f"({len(values)} distinct): give one name per label index 0…{len(values) - 1}")
+        return
+    if values != set(names):
+        missing, unknown = set(names) - values, values - set(names)
+        raise InvalidArgument(
+            f"--labels {', '.join(names)} does not match the labels in {path} ({shown})"
+            + (f"; not in the data: {', '.join(sorted(missing))}" if missing else "")
+            + (f"; not named: {', '.join(sorted(unknown)[:10])}" if unknown else ""))

@@ -82,13 +82,17 @@ class Runtime:
             old, self.tasks[name] = self.tasks.get(name), loaded
         if old is not None:
             self.remove_slot(old)
-        return self.tasks[name]
+        return loaded
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str | LoadedTask) -> None:
+        """Stop serving a task, by name, or exactly this loaded task (a no-op if its name
+        already serves another one)."""
         with self._lock:
-            task = self.tasks.pop(name, None)
-        if task is None:
-            raise NotFound(f"task {name!r} is not loaded")
+            task = self.tasks.get(name) if isinstance(name, str) else name
+            if task is None:
+                raise NotFound(f"task {name!r} is not loaded")
+            if self.tasks.get(task.name) is task:
+                del self.tasks[task.name]
         self.remove_slot(task)
 
     def remove_slot(self, task: LoadedTask) -> None:

@@ -28,11 +28,15 @@ def offers(store: Store, backbone: Backbone, failed: dict[str, str]) -> list[Off
     for name in store.names():
         try:
             version = store.resolve(name)
+        except TicketserveError as exc:
+            found.append(Offer(name, "", None, str(exc)))
+            continue
+        try:
             manifest = store.manifest(version)
             if not get_kind(manifest.kind).is_task:
                 continue
         except TicketserveError as exc:
-            found.append(Offer(name, "", None, str(exc)))
+            found.append(Offer(str(version), version.digest, None, str(exc)))
             continue
         error = failed.get(str(version), "")
         if not error:

@@ -104,17 +104,19 @@ class TaskLoader:
         for alias, current in aliases.items():
             try:
                 target = self.store.resolve(alias)
-                if str(target) == current:
-                    self.errors.pop(alias, None)
-                    continue
-                handle = self._load(target)
             except Exception as exc:  # keep serving what we have
-                expected = isinstance(exc, TicketserveError)
-                reason = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
-                if self.errors.get(alias) != reason:
-                    log.warning("reload of %s failed; %s keeps serving: %s", alias, current, reason,
-                                exc_info=None if expected else exc)
-                self.errors[alias] = reason
+                self._alias_failed(alias, current, exc)
+                continue
+            if str(target) == current:
+                self.errors.pop(alias, None)
+                continue
+            try:
+                handle = self._load(target)
+            except TicketserveError as exc:  # `_load` logged it, once per version
+                self.errors[alias] = str(exc)
+                continue
+            except Exception as exc:
+                self._alias_failed(alias, current, exc)
                 continue
             with self._lock:
                 self.errors.pop(alias, None)
@@ -123,6 +125,15 @@ class TaskLoader:
                     self._retire(self.resident[current])
             self.release(handle)
             log.info("%s now serves %s (was %s)", alias, handle.key, current)
+
+    def _alias_failed(self, alias: str, current: str, exc: Exception) -> None:
+        """Record why an alias cannot follow its tag; log each new reason once (a bug with its traceback)."""
+        expected = isinstance(exc, TicketserveError)
+        reason = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
+        if self.errors.get(alias) != reason:
+            log.warning("%s cannot follow the registry; %s keeps serving: %s", alias, current, reason,
+                        exc_info=None if expected else exc)
+        self.errors[alias] = reason
 
     def preload(self, name: str, version: str | None = None) -> TaskHandle:
         handle = self.acquire(name, version)
@@ -162,7 +173,8 @@ class TaskLoader:
             gate = self._loading.setdefault(key, threading.Lock())
         with gate:  # one load per version; concurrent first requests wait for it
             with self._lock:
-                if key in self.resident and not self.resident[key].retired:
+                if key in self.resident:  # loaded meanwhile, or retired but still attached: serve it again
+                    self.resident[key].retired = False
                     return self._hold(self.resident[key], hit=False)
                 failure = self.failures.get(key)
                 if failure is not None and time.monotonic() < failure.retry_at:
@@ -224,7 +236,7 @@ class TaskLoader:
     def _unload(self, handle: TaskHandle) -> None:
         if self.resident.get(handle.key) is handle:
             del self.resident[handle.key]
-            self.runtime.remove(handle.key)
+            self.runtime.remove(handle.loaded)
             if self.observer is not None:
                 self.observer.task_resident(handle, False)
         self._report(None)
@@ -246,6 +258,11 @@ class TaskLoader:
                     for h in self.resident.values() if not h.retired]
             errored = dict(self.errors)
         return rows, errored
+
+    def serves(self, name: str) -> bool:
+        """Whether some version of the artifact `name` is resident."""
+        with self._lock:
+            return any(h.version.name == name for h in self.resident.values())
 
     def failed(self) -> dict[str, str]:
         """Version key → why its last load failed."""

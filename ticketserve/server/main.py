@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -149,10 +150,10 @@ class Server:
             except Exception:  # the watch must outlive any one bad poll
                 log.exception("registry watch failed")
 
-    async def stop(self) -> None:
+    async def drain(self) -> bool:
         """Graceful drain, bounded by `drain_seconds`: health says NOT_SERVING, new requests are
-        answered UNAVAILABLE (clients retry elsewhere), requests in flight are served, then
-        the server stops (what is still running after the bound is cancelled)."""
+        answered UNAVAILABLE (clients retry elsewhere), requests in flight are served. True
+        when every one was."""
         started = time.monotonic()
         self.observe.draining = self.admission.draining = True
         if self._watch:
@@ -160,7 +161,12 @@ class Server:
         await self.health.enter_graceful_shutdown()
         drained = await self.observe.wait_idle(self.config.drain_seconds)
         log.info("drained: %s in %.2f s", "all requests served" if drained else
-                 f"timed out, {self.observe.in_flight} requests cancelled", time.monotonic() - started)
+                 f"timed out with {self.observe.in_flight} requests in flight", time.monotonic() - started)
+        return drained
+
+    async def stop(self) -> None:
+        """Drain, then stop gRPC (what still runs is cancelled) and the engine."""
+        await self.drain()
         if self._grpc:
             await self._grpc.stop(grace=0.5)
         await asyncio.to_thread(self.engine.close)
@@ -179,10 +185,16 @@ async def _serve(config: ServeConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("signal received: draining")
-    await server.stop()
+    await server.drain()
+    # End the process here, loop running: gRPC's own stop answers calls still queued inside
+    # its core CANCELLED (grpc/grpc#41785), and so does cancelling their tasks when the loop
+    # closes; a closed connection is UNAVAILABLE to every client, which retries elsewhere.
+    logging.shutdown()
+    os._exit(0)
 
 
 def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM/SIGINT, drain (bounded by `drain_seconds`), exit."""
     configure_logging()
     asyncio.run(_serve(config))
 

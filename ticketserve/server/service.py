@@ -109,7 +109,8 @@ class InferenceService(rpc.InferenceServicer):
         try:
             response = await self._predict(request, context, known)
         except TicketserveError as exc:
-            self.metrics.requests.labels(known[0] if known else OTHER_TASK, status_of(exc).name).inc()
+            task = known[0] if known else request.task if self.loader.serves(request.task) else OTHER_TASK
+            self.metrics.requests.labels(task, status_of(exc).name).inc()
             await abort(context, exc)
         self.metrics.requests.labels(known[0], "OK").inc()
         return response
