@@ -12,11 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from registry import open_store
 from ticketserve.backbone import load_backbone, resolve_source
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests drive a real server: no per-example deadline, module-scoped fixtures allowed.
+# The default profile keeps the default run about a minute; `--hypothesis-profile fuzz-long` is 40× longer.
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=False)
+settings.register_profile("default", max_examples=150, **_FUZZ)
+settings.register_profile("fuzz-long", max_examples=6000, **_FUZZ)
+settings.load_profile("default")
 
 
 def write_tiny_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:

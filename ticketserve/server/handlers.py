@@ -16,10 +16,13 @@ async def settle(result):
 
 
 async def stream(result):
-    """Iterate a response-streaming behaviour's result, async or plain generator alike."""
+    """Iterate a response-streaming behaviour's result: an async or plain generator, or a
+    coroutine that writes its responses itself with `context.write` (grpc's aio health Watch)."""
     if hasattr(result, "__aiter__"):
         async for item in result:
             yield item
+    elif inspect.isawaitable(result):
+        await result
     else:
         for item in result:
             yield item
