@@ -68,3 +68,22 @@ def minilm():
 @pytest.fixture
 def store(tmp_path):
     return open_store(str(tmp_path / "registry"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tiny_checkpoints) -> str:
+    return str(tiny_checkpoints["bert"])
+
+
+@pytest.fixture
+def registry(tmp_path, tiny_bert):
+    """A registry for serving tests: alpha, beta, gamma (row deltas), masked (supermask), pairs (MRPC)."""
+    from tests.helpers import ROW_TASKS, publish_mask_task, publish_row_task
+
+    store = open_store(str(tmp_path / "registry"))
+    backbone = load_backbone(tiny_bert)
+    for seed, name in enumerate(ROW_TASKS):
+        publish_row_task(store, backbone, name, seed)
+    publish_mask_task(store, backbone, "masked", 7)
+    publish_row_task(store, backbone, "pairs", 9, task="mrpc")
+    return store

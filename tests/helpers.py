@@ -1,12 +1,14 @@
-"""Small builders shared by tests (manifests, row-delta payloads)."""
+"""Small builders shared by tests (manifests, row-delta payloads, published tasks)."""
 
 from __future__ import annotations
 
 import torch
 
 from registry import HeadConfig, Manifest
+from ticketserve import artifact
 from ticketserve.artifact import Artifact
 from ticketserve.backbone import Backbone, dense_matrices
+from ticketserve.kinds.supermask import encode_masks
 from ticketserve.tasks import get_task
 from registry.store import ArtifactVersion
 
@@ -37,3 +39,19 @@ def random_head(backbone: Backbone, outputs: int = 2, seed: int = 0) -> dict:
 def in_memory_artifact(backbone: Backbone, name: str, tensors: dict, seed: int = 0, kind: str = "row_delta") -> Artifact:
     return Artifact(ArtifactVersion(name, 1, "sha256:" + "0" * 64), manifest_for(backbone, name, kind),
                     tensors | random_head(backbone, seed=seed))
+
+
+TEXTS = ["a moving, funny film", "tedious and long", "I loved every minute", "not worth it", "fine", "meh, at best"]
+ROW_TASKS = ["alpha", "beta", "gamma"]
+
+
+def publish_row_task(store, backbone: Backbone, name: str, seed: int, task: str = "sst2"):
+    tensors = random_row_delta(backbone, k=2, seed=seed, scale=0.5) | random_head(backbone, seed=seed)
+    return artifact.publish(store, manifest_for(backbone, name, task=task), tensors)
+
+
+def publish_mask_task(store, backbone: Backbone, name: str, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.3 for n, m in dense_matrices(backbone.model).items()}
+    return artifact.publish(store, manifest_for(backbone, name, kind="supermask"),
+                            encode_masks(masks) | random_head(backbone, seed=seed))

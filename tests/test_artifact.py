@@ -56,11 +56,20 @@ def test_payload_that_does_not_fit_the_kind_or_head_is_refused(store, tiny_backb
     with pytest.raises(CorruptArtifact, match="delta shape"):
         artifact.load(store, "bad-delta", tiny_backbone)
     artifact.publish(store, manifest_for(tiny_backbone, "no-head"), random_row_delta(tiny_backbone))
-    with pytest.raises(CorruptArtifact, match="lacks the task head"):
+    with pytest.raises(CorruptArtifact, match="the task head must be exactly head.weight, head.bias"):
         artifact.load(store, "no-head", tiny_backbone)
     artifact.publish(store, manifest_for(tiny_backbone, "wide-head"), random_head(tiny_backbone, outputs=5))
-    with pytest.raises(CorruptArtifact, match="head shape"):
+    with pytest.raises(CorruptArtifact, match=r"head.weight is torch.float32 \(5, 32\); the task \(2 outputs\)"):
         artifact.load(store, "wide-head", tiny_backbone)
+    for key, bad in {"head.bias": torch.zeros(7), "head.weight": torch.zeros(2, 32, dtype=torch.int64)}.items():
+        artifact.publish(store, manifest_for(tiny_backbone, "odd-head"), random_row_delta(tiny_backbone)
+                         | random_head(tiny_backbone) | {key: bad})
+        with pytest.raises(CorruptArtifact, match=f"{key} is"):  # verified bytes that would not attach
+            artifact.load(store, "odd-head", tiny_backbone)
+    artifact.publish(store, manifest_for(tiny_backbone, "extra"), random_row_delta(tiny_backbone)
+                     | random_head(tiny_backbone) | {"head.scale": torch.ones(1)})
+    with pytest.raises(CorruptArtifact, match="payload has head.bias, head.scale, head.weight"):
+        artifact.load(store, "extra", tiny_backbone)
 
 
 def test_non_safetensors_payload_and_unknown_kind_are_refused(store, tiny_backbone):

@@ -10,7 +10,6 @@ import torch
 from tests.helpers import in_memory_artifact, random_row_delta
 from ticketserve.kinds import gates
 from ticketserve.kinds.gates import Gates, gating, level_counts, prune
-from ticketserve.kinds.routing import Routing, route
 from ticketserve.kinds.structure_mask import to_tensors
 from ticketserve.runtime import Runtime
 

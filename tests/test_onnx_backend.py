@@ -67,7 +67,8 @@ def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
 
 def test_server_with_the_onnx_backend(tiny_checkpoints, tmp_path):
     from registry import open_store
-    from tests.test_server import in_process, publish_row_task
+    from tests.helpers import publish_row_task
+    from tests.test_server import in_process
     from ticketserve.client import Client
     from ticketserve.server.main import BackgroundServer, ServeConfig
 

@@ -87,7 +87,7 @@ def test_bundles_move_between_local_and_s3(s3_url, tmp_path):
 
 
 def test_replicas_sharing_an_s3_registry_converge_without_restarts(s3_url, tiny_checkpoints):
-    from tests.test_server import TEXTS, publish_row_task
+    from tests.helpers import TEXTS, publish_row_task
     from ticketserve.backbone import load_backbone
     from ticketserve.client import Client
     from ticketserve.server.main import BackgroundServer, ServeConfig

@@ -15,51 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from registry import open_store
-from tests.helpers import manifest_for, random_head, random_row_delta
+from tests.helpers import ROW_TASKS, TEXTS, publish_row_task
 from ticketserve import artifact
-from ticketserve.backbone import dense_matrices, load_backbone
+from ticketserve.backbone import load_backbone
 from ticketserve.client import Client
 from ticketserve.engine import EngineConfig
-from ticketserve.kinds.supermask import encode_masks
 from ticketserve.runtime import Runtime
 from ticketserve.server.main import BackgroundServer, ServeConfig
 from ticketserve.v1 import pb
-
-TEXTS = ["a moving, funny film", "tedious and long", "I loved every minute", "not worth it", "fine", "meh, at best"]
-ROW_TASKS = ["alpha", "beta", "gamma"]
-
-
-def publish_row_task(store, backbone, name: str, seed: int, task: str = "sst2"):
-    tensors = random_row_delta(backbone, k=2, seed=seed, scale=0.5) | random_head(backbone, seed=seed)
-    return artifact.publish(store, manifest_for(backbone, name, task=task), tensors)
-
-
-def publish_mask_task(store, backbone, name: str, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.3 for n, m in dense_matrices(backbone.model).items()}
-    return artifact.publish(store, manifest_for(backbone, name, kind="supermask"),
-                            encode_masks(masks) | random_head(backbone, seed=seed))
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tiny_checkpoints):
-    return str(tiny_checkpoints["bert"])
-
-
-@pytest.fixture
-def registry(tmp_path, tiny_bert):
-    store = open_store(str(tmp_path / "registry"))
-    backbone = load_backbone(tiny_bert)
-    for seed, name in enumerate(ROW_TASKS):
-        publish_row_task(store, backbone, name, seed)
-    publish_mask_task(store, backbone, "masked", 7)
-    publish_row_task(store, backbone, "pairs", 9, task="mrpc")
-    return store
-
 
 def config(registry, tiny_bert, **overrides) -> ServeConfig:
     return ServeConfig(port=0, registry=registry.url, backbone=tiny_bert, watch_seconds=0.2, metrics_port=0,

@@ -21,9 +21,8 @@ import grpc
 import pytest
 import torch
 
-from tests.helpers import manifest_for, random_head, random_row_delta
-from tests.test_server import (ROW_TASKS, TEXTS, _code, assert_same, config, in_process, publish_row_task,  # noqa: F401
-                               registry, tiny_bert)
+from tests.helpers import ROW_TASKS, TEXTS, manifest_for, publish_row_task, random_head, random_row_delta
+from tests.test_server import _code, assert_same, config, in_process
 from ticketserve import artifact
 from ticketserve.backbone import load_backbone
 from ticketserve.client import Client

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from registry import open_store
-from tests.test_server import ROW_TASKS, _code, publish_mask_task, publish_row_task
+from tests.helpers import ROW_TASKS, publish_mask_task, publish_row_task
+from tests.test_server import _code
 from ticketserve.backbone import load_backbone
 from ticketserve.client import Client
 from ticketserve.engine import EngineConfig

@@ -65,9 +65,12 @@ class _Request:
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
-    @property
-    def longest(self) -> int:
-        return max(len(f["input_ids"]) for f in self.features)
+    longest: int = field(init=False)  # tokens of its longest and shortest text
+    shortest: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        lengths = [len(f["input_ids"]) for f in self.features]
+        self.longest, self.shortest = max(lengths), min(lengths)
 
 
 class Engine:
@@ -153,6 +156,8 @@ class Engine:
                         request.future.set_exception(exc)
 
     def _next_batch(self) -> list[_Request] | None:
+        """The oldest request and every queued one that fits beside it, waiting up to the
+        queue delay for company unless other requests are already waiting."""
         with self._wake:
             while not self._queue:
                 if self._stopped:
@@ -161,19 +166,30 @@ class Engine:
             batch = [self._queue.popleft()]
             flush_at = time.monotonic() + self.config.max_queue_delay_ms / 1000
             while True:
-                while self._queue and self._fits(batch, self._queue[0]):
-                    batch.append(self._queue.popleft())
+                self._gather(batch)
                 remaining = flush_at - time.monotonic()
-                if remaining <= 0 or self._stopped or (self._queue and not self._fits(batch, self._queue[0])):
+                if remaining <= 0 or self._stopped or self._queue:  # what is left waits for the next batch
                     break
                 self._wake.wait(remaining)
         self._observe_queue()
         return [r for r in batch if self._live(r)]
 
+    def _gather(self, batch: list[_Request]) -> None:
+        """Move queued requests that fit the batch into it, oldest first; the others keep their order."""
+        left: collections.deque[_Request] = collections.deque()
+        for request in self._queue:
+            (batch if self._fits(batch, request) else left).append(request)
+        self._queue = left
+
     def _fits(self, batch: list[_Request], candidate: _Request) -> bool:
+        """Within the batch limits, and of a like length: padding a short text to a long one
+        would make every short request pay for the longest (a flood of long texts must not
+        slow the short ones down), so lengths in one batch stay within 2× (+8 tokens)."""
         examples = sum(len(r.features) for r in batch) + len(candidate.features)
         longest = max(candidate.longest, *(r.longest for r in batch))
-        return examples <= self.config.max_batch_size and examples * longest <= self.config.max_batch_tokens
+        shortest = min(candidate.shortest, *(r.shortest for r in batch))
+        return (examples <= self.config.max_batch_size and examples * longest <= self.config.max_batch_tokens
+                and longest <= 2 * shortest + 8)
 
     @staticmethod
     def _live(request: _Request) -> bool:

@@ -10,7 +10,6 @@ that need their own weights (supermask, full) run on the torch path, grouped per
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 

@@ -1,0 +1,445 @@
+"""Chaos run: the server under everything at once, as an operator tries it before trusting it
+with traffic. One bounded command (about 4 minutes on 2 cores):
+
+    python benchmarks/chaos.py [--seconds 60] [--clients 32]
+
+A `ticketserve serve` subprocess on 127.0.0.1 with the bundled MiniLM and a fresh registry of
+12 row-delta tasks, its cache holding 4 of them. Phases, each with 32 clients predicting
+short SST-2 sentences over all 12 tasks:
+  warm-up  a few swaps and a short flood, so that steady-state allocations exist
+  calm     plus a hot swap every 2 s of one of 4 served names (in turn a valid, a corrupt, a
+           foreign-backbone and an unattachable version), a fuzzer (raw bytes, mutated and
+           hostile messages on every method) and a publisher of other names
+  flood    all of the above, plus 2 clients sending 8 maximum-size texts per request
+  drain    SIGTERM under all of it
+Targets: no unexpected error (UNKNOWN/INTERNAL answers, server-side unexpected exceptions);
+small requests' p99 under the flood ≤ 3× calm; RSS at the end ≤ 1.1× after warm-up; each
+swapped name serves only its valid versions, never an older one after a newer one; the drain
+answers only OK or UNAVAILABLE and ends within its bound.
+Results: benchmarks/results/chaos.json and benchmarks/chaos.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import torch
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "chaos.json"
+REPORT = HERE / "chaos.md"
+SST2_DEV = HERE.parent / "ticketserve" / "data" / "sst2" / "validation.jsonl"
+TASKS, CACHED, SWAPPED = 12, 4, 4
+DRAIN_SECONDS = 10.0
+MAX_TEXT_BYTES = 256 * 1024
+UNEXPECTED = {"UNKNOWN", "INTERNAL"}
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+def row_task(backbone, seed: int, outputs: int = 2) -> dict[str, torch.Tensor]:
+    """A synthetic Dominant-style task: 4 rows + bias per matrix, and a head."""
+    from ticketserve.backbone import dense_matrices
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, linear in dense_matrices(backbone.model).items():
+        rows = torch.cat([torch.randperm(linear.in_features, generator=generator)[:4], torch.tensor([linear.in_features])])
+        tensors[f"{name}.index"] = rows.int()
+        tensors[f"{name}.delta"] = torch.randn(len(rows), linear.out_features, generator=generator) * 0.02
+    hidden = backbone.config.hidden_size
+    return tensors | {"head.weight": torch.randn(outputs, hidden, generator=generator) * 0.1,
+                      "head.bias": torch.zeros(outputs)}
+
+
+def foreign_backbone(root: Path):
+    """A tiny random BERT with the MiniLM tokenizer: artifacts for it must be refused."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from ticketserve.backbone import load_backbone, resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(None)[1])
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    AutoModel.from_config(config, add_pooling_layer=False).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return load_backbone(str(root))
+
+
+class Registry:
+    """The run's registry, and every version it publishes, in order, with whether it is valid."""
+
+    def __init__(self, root: Path):
+        from registry import open_store
+        from ticketserve.backbone import load_backbone
+
+        self.store = open_store(str(root / "registry"))
+        self.backbone = load_backbone()
+        self.foreign = foreign_backbone(root / "foreign")
+        self.published: list[dict] = []
+        self.lock = threading.Lock()
+
+    def task_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in row_task(self.backbone, 0).values())
+
+
+def _manifest(backbone, name: str):
+    from registry import HeadConfig, Manifest
+    from ticketserve.tasks import get_task
+
+    return Manifest(name=name, kind="row_delta", method="chaos", task=get_task("sst2"), head=HeadConfig(),
+                    backbone=backbone.ref())
+
+
+def publish(reg: Registry, name: str, seed: int, how: str = "valid") -> dict:
+    """Publish one version: valid, corrupt (a payload byte flipped after publishing), foreign
+    (trained on another backbone) or unattachable (a head bias of the wrong size)."""
+    from ticketserve import artifact
+
+    backbone = reg.foreign if how == "foreign" else reg.backbone
+    tensors = row_task(backbone, seed)
+    if how == "unattachable":
+        tensors["head.bias"] = torch.zeros(7)
+    version = artifact.publish(reg.store, _manifest(backbone, name), tensors)
+    if how == "corrupt":
+        sha = reg.store.manifest(version).files[artifact.PAYLOAD].sha256
+        blob = Path(reg.store.url) / "blobs" / "sha256" / sha[:2] / sha
+        data = bytearray(blob.read_bytes())
+        data[-3] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    record = {"artifact": str(version), "how": how, "at": time.monotonic()}
+    with reg.lock:
+        reg.published.append(record)
+    return record
+
+
+# -- load generators ---------------------------------------------------------------------------
+
+class Recorder:
+    """Every answer: (time, phase, who, code, seconds, artifact)."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+        self.phase = "warm-up"
+        self.lock = threading.Lock()
+
+    def add(self, who: str, code: str, seconds: float, artifact: str = "") -> None:
+        with self.lock:
+            self.rows.append((time.monotonic(), self.phase, who, code, seconds, artifact))
+
+
+def _timed(call) -> tuple[str, float, object]:
+    started = time.monotonic()
+    try:
+        result = call()
+        return "OK", time.monotonic() - started, result
+    except grpc.RpcError as exc:
+        return exc.code().name, time.monotonic() - started, None
+
+
+def small_client(target: str, names: list[str], texts: list[str], record: Recorder, stop: threading.Event, seed: int):
+    from ticketserve.client import Client
+
+    rng = random.Random(seed)
+    with Client(target, retries=1, timeout=60) as client:
+        while not stop.is_set():
+            name = rng.choice(names)
+            code, seconds, result = _timed(lambda: client.predict(name, rng.sample(texts, rng.randint(1, 2))))
+            record.add("small", code, seconds, result.artifact if result else "")
+
+
+def flood_client(target: str, names: list[str], huge: str, record: Recorder, stop: threading.Event, on: threading.Event):
+    from ticketserve.client import Client
+
+    with Client(target, retries=1, timeout=120) as client:
+        while not stop.is_set():
+            if not on.wait(0.2):
+                continue
+            code, seconds, _ = _timed(lambda: client.predict(random.choice(names), [huge] * 8))
+            record.add("flood", code, seconds)
+
+
+def fuzzer(target: str, record: Recorder, stop: threading.Event, seed: int):
+    """Raw bytes, mutated valid messages and hostile fields on every method of ours."""
+    from ticketserve.v1 import pb
+
+    rng = random.Random(seed)
+    valid = {"/ticketserve.v1.Inference/Predict": pb.PredictRequest(task="chaos-00", inputs=[pb.TextInput(text="x")]),
+             "/ticketserve.v1.Tasks/GetTask": pb.GetTaskRequest(task="chaos-01", version="1"),
+             "/ticketserve.v1.Tasks/ListTasks": pb.ListTasksRequest(include_registry=True),
+             "/ticketserve.v1.Tasks/LoadTask": pb.LoadTaskRequest(task="chaos-02"),
+             "/ticketserve.v1.Info/ServerInfo": pb.ServerInfoRequest()}
+    hostile = ["", "chaos-00\n", "Chaos", "x" * 20_000, "chaos-00:²", "chaos-00:٣", "chaos-00:" + "9" * 5000, "../x"]
+    with grpc.insecure_channel(target) as channel:
+        while not stop.is_set():
+            method = rng.choice(sorted(valid))
+            pick = rng.random()
+            if pick < 0.3:
+                payload = rng.randbytes(rng.randint(0, 512))
+            elif pick < 0.6:
+                data = bytearray(valid[method].SerializeToString())
+                for _ in range(rng.randint(1, 3)):
+                    if data:
+                        data[rng.randrange(len(data))] ^= rng.randint(1, 255)
+                payload = bytes(data)
+            else:
+                method = "/ticketserve.v1.Inference/Predict"
+                payload = pb.PredictRequest(task=rng.choice(hostile), inputs=[pb.TextInput(text="x")]).SerializeToString()
+            code, seconds, _ = _timed(lambda: channel.unary_unary(method)(payload, timeout=30))
+            record.add("fuzz", code, seconds)
+            time.sleep(0.01)
+
+
+def swapper(reg: Registry, stop: threading.Event, every: float, record: Recorder):
+    """A new version of one served name every `every` seconds; every 4th kind of fault in turn."""
+    hows = ["valid", "corrupt", "valid", "foreign", "valid", "unattachable"]
+    i = 0
+    while not stop.wait(every):
+        name = f"chaos-{i % SWAPPED:02d}"
+        publish(reg, name, 1000 + i, hows[i % len(hows)])
+        i += 1
+
+
+def publisher(reg: Registry, stop: threading.Event):
+    i = 0
+    while not stop.wait(0.5):
+        publish(reg, f"other-{i % 3}", 5000 + i)
+        i += 1
+
+
+# -- the server --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def served_in_order(rows: list[tuple], published: list[dict]) -> dict:
+    """Per swapped name: the versions served, by time of answer; none invalid, none older after newer."""
+    valid = {p["artifact"] for p in published if p["how"] == "valid"}
+    invalid_served, backwards = [], []
+    sequences = {}
+    for i in range(SWAPPED):
+        name = f"chaos-{i:02d}"
+        seen = [r[5] for r in sorted(rows) if r[2] == "small" and r[3] == "OK" and r[5].split(":")[0] == name]
+        versions = [int(a.split(":")[1]) for a in seen]
+        invalid_served += sorted({a for a in seen if a not in valid})
+        backwards += [f"{name}: {a} after {b}" for a, b in zip(versions[1:], versions) if a < b]
+        sequences[name] = sorted(set(versions))
+    return {"served_versions": sequences, "invalid_served": invalid_served, "went_backwards": backwards[:10],
+            "in_order": not invalid_served and not backwards}
+
+
+def run(args) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="ts-chaos-"))
+    reg = Registry(root)
+    names = [f"chaos-{i:02d}" for i in range(TASKS)]
+    for i, name in enumerate(names):
+        publish(reg, name, i)
+    cache = CACHED * reg.task_bytes()
+    port, metrics_port = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", reg.store.url, "--port", str(port),
+         "--metrics-port", str(metrics_port), "--cache-bytes", str(cache), "--watch-seconds", "1",
+         "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS)], stderr=log)
+    subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", target, "--wait", "300"],
+                   check=True, capture_output=True)
+    texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
+    huge = ""
+    while len(huge) < MAX_TEXT_BYTES - 200:
+        huge += random.choice(texts) + " "
+    huge = huge[:MAX_TEXT_BYTES - 200]
+
+    record, stop, flood_on = Recorder(), threading.Event(), threading.Event()
+    threads = [threading.Thread(target=small_client, args=(target, names, texts, record, stop, i), daemon=True)
+               for i in range(args.clients)]
+    threads += [threading.Thread(target=flood_client, args=(target, names, huge, record, stop, flood_on), daemon=True)
+                for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    rss = []
+    sampling = threading.Thread(target=lambda: [rss.append((time.monotonic(), record.phase, rss_bytes(server.pid)))
+                                                for _ in iter(lambda: stop.wait(1.0), True)], daemon=True)
+    sampling.start()
+
+    def phase(name: str, seconds: float) -> None:
+        record.phase = name
+        print(f"{time.strftime('%H:%M:%S')} phase {name} ({seconds:.0f} s)", flush=True)
+        time.sleep(seconds)
+
+    # warm-up: everything once, briefly
+    side_stop = threading.Event()
+    side = [threading.Thread(target=swapper, args=(reg, side_stop, 2.0, record), daemon=True),
+            threading.Thread(target=fuzzer, args=(target, record, side_stop, 1), daemon=True),
+            threading.Thread(target=publisher, args=(reg, side_stop), daemon=True)]
+    for thread in side:
+        thread.start()
+    flood_on.set()
+    phase("warm-up", args.warmup / 2)
+    flood_on.clear()
+    phase("warm-up", args.warmup / 2)
+    rss_after_warmup = rss_bytes(server.pid)
+    phase("calm", args.seconds)
+    flood_on.set()
+    phase("flood", args.seconds)
+    rss_end = rss_bytes(server.pid)
+    metrics = scrape(metrics_port)
+
+    # drain under load (the flood keeps going)
+    record.phase = "drain"
+    signalled = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    exit_code = server.wait(timeout=DRAIN_SECONDS + 30)
+    shutdown = time.monotonic() - signalled
+    time.sleep(1.0)  # clients see the closed port too
+    stop.set()
+    side_stop.set()
+    for thread in threads + side:
+        thread.join(timeout=130)
+    log.close()
+    server_log = (root / "server.log").read_text()
+
+    rows = record.rows
+    by_phase = collections.defaultdict(collections.Counter)
+    for _, ph, who, code, _, _ in rows:
+        by_phase[f"{ph}/{who}"][code] += 1
+    small = {ph: [r[4] for r in rows if r[1] == ph and r[2] == "small" and r[3] == "OK"] for ph in ("calm", "flood")}
+    latency = {ph: {"p50": percentile(v, 0.5), "p99": percentile(v, 0.99), "n": len(v)} for ph, v in small.items()}
+    unexpected_answers = sum(1 for r in rows if r[3] in UNEXPECTED)
+    unexpected_server = sum(v for k, v in metrics.items() if k.startswith("ticketserve_unexpected_errors_total"))
+    error_lines = [line for line in server_log.splitlines() if '"level": "ERROR"' in line]
+    drain_codes = collections.Counter(r[3] for r in rows if r[1] == "drain" and r[2] != "fuzz")
+    drained_line = next((json.loads(line)["message"] for line in server_log.splitlines() if '"drained:' in line), "")
+    result = {
+        "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "clients": args.clients,
+        "seconds_per_phase": args.seconds, "tasks": TASKS, "cache_bytes": cache, "cache_tasks": CACHED,
+        "answers": {k: dict(v) for k, v in sorted(by_phase.items())},
+        "unexpected": {"answers": unexpected_answers, "server_exceptions": unexpected_server,
+                       "error_log_lines": len(error_lines), "first_error_lines": error_lines[:3]},
+        "small_latency_s": latency,
+        "p99_flood_over_calm": latency["flood"]["p99"] / latency["calm"]["p99"],
+        "flood_requests_ok": by_phase["flood/flood"]["OK"],
+        "rss_bytes": {"after_warmup": rss_after_warmup, "end": rss_end, "max": max(v for _, _, v in rss)},
+        "rss_growth": rss_end / rss_after_warmup - 1,
+        "publishes": collections.Counter(p["how"] for p in reg.published),
+        "versions": served_in_order(rows, reg.published),
+        "cache": {k.split('"')[1]: v for k, v in metrics.items() if k.startswith("ticketserve_task_cache_total")},
+        "drain": {"exit_code": exit_code, "seconds": shutdown, "bound_seconds": DRAIN_SECONDS, "log": drained_line,
+                  "answers_after_sigterm": dict(drain_codes)},
+    }
+    result["targets"] = {
+        "no unexpected errors": unexpected_answers == 0 and unexpected_server == 0 and not error_lines,
+        "p99 under flood <= 3x calm": result["p99_flood_over_calm"] <= 3.0,
+        "RSS growth <= 10%": result["rss_growth"] <= 0.10,
+        "versions served in publish order": result["versions"]["in_order"],
+        "drain: only OK/UNAVAILABLE, exit 0 within bound": exit_code == 0 and shutdown <= DRAIN_SECONDS + 2
+        and set(drain_codes) <= {"OK", "UNAVAILABLE"},
+    }
+    return result
+
+
+def report(result: dict) -> str:
+    t = result["targets"]
+    lat = result["small_latency_s"]
+    lines = [
+        "# Chaos run",
+        "",
+        "`python benchmarks/chaos.py` — a `ticketserve serve` subprocess (bundled MiniLM) under "
+        f"{result['clients']} clients over {result['tasks']} row-delta tasks with a cache for {result['cache_tasks']}, "
+        "hot swaps every 2 s (valid, corrupt, foreign-backbone and unattachable versions in turn), a fuzzer, a "
+        "concurrent publisher, then a flood of maximum-size texts (2 clients × 8 texts of 256 KiB per request), "
+        f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores. "
+        f"Run {result['run']}; raw numbers in `results/chaos.json`.",
+        "",
+        "| target | result | met |",
+        "|---|---|---|",
+        f"| no unexpected errors | {result['unexpected']['answers']} UNKNOWN/INTERNAL answers, "
+        f"{result['unexpected']['server_exceptions']:.0f} server-side unexpected exceptions, "
+        f"{result['unexpected']['error_log_lines']} ERROR log lines | {'yes' if t['no unexpected errors'] else '**no**'} |",
+        f"| small requests' p99 under the flood ≤ 3× calm | calm p50 {lat['calm']['p50'] * 1000:.0f} ms / "
+        f"p99 {lat['calm']['p99'] * 1000:.0f} ms; flood p50 {lat['flood']['p50'] * 1000:.0f} ms / "
+        f"p99 {lat['flood']['p99'] * 1000:.0f} ms: {result['p99_flood_over_calm']:.2f}× | "
+        f"{'yes' if t['p99 under flood <= 3x calm'] else '**no**'} |",
+        f"| RSS growth ≤ 10 % | {result['rss_bytes']['after_warmup'] / 2**20:.0f} MiB after warm-up → "
+        f"{result['rss_bytes']['end'] / 2**20:.0f} MiB at the end ({result['rss_growth']:+.1%}; max "
+        f"{result['rss_bytes']['max'] / 2**20:.0f} MiB) | {'yes' if t['RSS growth <= 10%'] else '**no**'} |",
+        f"| versions served in publish order | {', '.join(f'{k}: {v}' for k, v in result['versions']['served_versions'].items())}; "
+        f"invalid versions served: {len(result['versions']['invalid_served'])} | "
+        f"{'yes' if t['versions served in publish order'] else '**no**'} |",
+        f"| drain | exit {result['drain']['exit_code']} after {result['drain']['seconds']:.2f} s "
+        f"(bound {result['drain']['bound_seconds']:.0f} s); answers after SIGTERM: "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(result['drain']['answers_after_sigterm'].items()))}; "
+        f"server: \"{result['drain']['log']}\" | "
+        f"{'yes' if t['drain: only OK/UNAVAILABLE, exit 0 within bound'] else '**no**'} |",
+        "",
+        "## Answers by phase and source",
+        "",
+        "| phase / source | answers by status |",
+        "|---|---|",
+    ]
+    for key, codes in result["answers"].items():
+        lines.append(f"| {key} | {', '.join(f'{c} {n:,}' for c, n in sorted(codes.items(), key=lambda x: -x[1]))} |")
+    lines += ["", f"Publishes: {', '.join(f'{k} {v}' for k, v in result['publishes'].items())}. "
+                  f"Task cache: {', '.join(f'{k} {v:,.0f}' for k, v in result['cache'].items())}. "
+                  f"Flood requests served: {result['flood_requests_ok']}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the calm and the flood phases")
+    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run(args)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    REPORT.write_text(report(result))
+    print(json.dumps(result["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
