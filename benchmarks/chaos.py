@@ -6,7 +6,7 @@ with traffic. One bounded command (about 4 minutes on 2 cores):
 A `ticketserve serve` subprocess on 127.0.0.1 with the bundled MiniLM and a fresh registry of
 12 row-delta tasks, its cache holding 4 of them. Phases, each with 32 clients predicting
 short SST-2 sentences over all 12 tasks:
-  warm-up  a few swaps and a short flood, so that steady-state allocations exist
+  warm-up  everything below, the flood for two thirds of it, so steady-state allocations exist
   calm     plus a hot swap every 2 s of one of 4 served names (in turn a valid, a corrupt, a
            foreign-backbone and an unattachable version), a fuzzer (raw bytes, mutated and
            hostile messages on every method) and a publisher of other names
@@ -204,13 +204,13 @@ def fuzzer(target: str, record: Recorder, stop: threading.Event, seed: int):
             time.sleep(0.01)
 
 
-def swapper(reg: Registry, stop: threading.Event, every: float, record: Recorder):
-    """A new version of one served name every `every` seconds; every 4th kind of fault in turn."""
+def swapper(reg: Registry, stop: threading.Event, every: float):
+    """A new version of one of the swapped names every `every` seconds, in turn; each name
+    gets, in turn, a valid, corrupt, valid, foreign-backbone, valid and unattachable version."""
     hows = ["valid", "corrupt", "valid", "foreign", "valid", "unattachable"]
     i = 0
     while not stop.wait(every):
-        name = f"chaos-{i % SWAPPED:02d}"
-        publish(reg, name, 1000 + i, hows[i % len(hows)])
+        publish(reg, f"chaos-{i % SWAPPED:02d}", 1000 + i, hows[(i // SWAPPED) % len(hows)])
         i += 1
 
 
@@ -254,17 +254,24 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def served_in_order(rows: list[tuple], published: list[dict]) -> dict:
-    """Per swapped name: the versions served, by time of answer; none invalid, none older after newer."""
+    """Per swapped name: only valid versions are served, and never one older than a version
+    some client had already received when the request started (requests in flight during a
+    swap may still finish on the version they began with)."""
     valid = {p["artifact"] for p in published if p["how"] == "valid"}
-    invalid_served, backwards = [], []
-    sequences = {}
+    invalid_served, backwards, sequences = [], [], {}
     for i in range(SWAPPED):
         name = f"chaos-{i:02d}"
-        seen = [r[5] for r in sorted(rows) if r[2] == "small" and r[3] == "OK" and r[5].split(":")[0] == name]
-        versions = [int(a.split(":")[1]) for a in seen]
-        invalid_served += sorted({a for a in seen if a not in valid})
-        backwards += [f"{name}: {a} after {b}" for a, b in zip(versions[1:], versions) if a < b]
-        sequences[name] = sorted(set(versions))
+        answers = sorted((r[0], r[0] - r[4], int(r[5].split(":")[1])) for r in rows
+                         if r[2] == "small" and r[3] == "OK" and r[5].split(":")[0] == name)
+        invalid_served += sorted({f"{name}:{v}" for _, _, v in answers if f"{name}:{v}" not in valid})
+        received, newest = 0, 0
+        for answered, started, version in sorted(answers, key=lambda a: a[1]):
+            while received < len(answers) and answers[received][0] < started:
+                newest = max(newest, answers[received][2])
+                received += 1
+            if version < newest:
+                backwards.append(f"{name}:{version} started after {name}:{newest} was received")
+        sequences[name] = sorted({v for _, _, v in answers})
     return {"served_versions": sequences, "invalid_served": invalid_served, "went_backwards": backwards[:10],
             "in_order": not invalid_served and not backwards}
 
@@ -298,9 +305,14 @@ def run(args) -> dict:
                 for _ in range(2)]
     for thread in threads:
         thread.start()
-    rss = []
-    sampling = threading.Thread(target=lambda: [rss.append((time.monotonic(), record.phase, rss_bytes(server.pid)))
-                                                for _ in iter(lambda: stop.wait(1.0), True)], daemon=True)
+    rss: list[tuple[float, str, int]] = []
+    started = time.monotonic()
+
+    def sample() -> None:
+        while not stop.wait(1.0) and server.poll() is None:
+            rss.append((round(time.monotonic() - started, 1), record.phase, rss_bytes(server.pid)))
+
+    sampling = threading.Thread(target=sample, daemon=True)
     sampling.start()
 
     def phase(name: str, seconds: float) -> None:
@@ -310,15 +322,15 @@ def run(args) -> dict:
 
     # warm-up: everything once, briefly
     side_stop = threading.Event()
-    side = [threading.Thread(target=swapper, args=(reg, side_stop, 2.0, record), daemon=True),
+    side = [threading.Thread(target=swapper, args=(reg, side_stop, 2.0), daemon=True),
             threading.Thread(target=fuzzer, args=(target, record, side_stop, 1), daemon=True),
             threading.Thread(target=publisher, args=(reg, side_stop), daemon=True)]
     for thread in side:
         thread.start()
     flood_on.set()
-    phase("warm-up", args.warmup / 2)
+    phase("warm-up", args.warmup * 2 / 3)
     flood_on.clear()
-    phase("warm-up", args.warmup / 2)
+    phase("warm-up", args.warmup / 3)
     rss_after_warmup = rss_bytes(server.pid)
     phase("calm", args.seconds)
     flood_on.set()
@@ -360,7 +372,10 @@ def run(args) -> dict:
         "small_latency_s": latency,
         "p99_flood_over_calm": latency["flood"]["p99"] / latency["calm"]["p99"],
         "flood_requests_ok": by_phase["flood/flood"]["OK"],
-        "rss_bytes": {"after_warmup": rss_after_warmup, "end": rss_end, "max": max(v for _, _, v in rss)},
+        "rss_bytes": {"after_warmup": rss_after_warmup, "end": rss_end, "max": max(v for _, _, v in rss),
+                      "by_phase": {ph: [min(v for _, p, v in rss if p == ph), max(v for _, p, v in rss if p == ph)]
+                                   for ph in ("warm-up", "calm", "flood") if any(p == ph for _, p, _ in rss)},
+                      "samples": rss},
         "rss_growth": rss_end / rss_after_warmup - 1,
         "publishes": collections.Counter(p["how"] for p in reg.published),
         "versions": served_in_order(rows, reg.published),
@@ -429,7 +444,7 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the calm and the flood phases")
-    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=30.0, help="two thirds with the flood, one third without")
     parser.add_argument("--clients", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -128,6 +128,24 @@ def test_unattachable_version_is_refused_rolled_back_reported_and_never_stops_th
     assert len(warnings) == 1, [r.getMessage() for r in warnings]  # logged once, retried with back-off
 
 
+def test_a_broken_newest_version_keeps_the_old_one_serving_even_after_eviction(registry, tiny_bert):
+    backbone = load_backbone(tiny_bert)
+    budget = int(_task_bytes(registry, "alpha") * 1.5)  # one task at a time
+    with BackgroundServer(config(registry, tiny_bert, cache_bytes=budget)) as server, \
+            Client(f"127.0.0.1:{server.port}", retries=1) as client:
+        assert client.predict("alpha", TEXTS[:1]).artifact == "alpha:1"
+        publish_bad_head(registry, backbone, "alpha")  # alpha:2 cannot be served
+        time.sleep(0.6)  # the watch tries it and keeps alpha:1
+        for _ in range(3):
+            assert client.predict("beta", TEXTS[:1]).artifact == "beta:1"  # evicts alpha:1
+            assert client.predict("alpha", TEXTS[:1]).artifact == "alpha:1"  # loaded again, not alpha:2
+        publish_row_task(registry, backbone, "alpha", 40)  # a good alpha:3 takes over
+        deadline = time.monotonic() + 20
+        while client.predict("alpha", TEXTS[:1]).artifact != "alpha:3":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def test_a_failing_attach_is_rolled_back_and_typed(tiny_checkpoints, monkeypatch):
     from ticketserve.errors import CorruptArtifact
     from tests.helpers import in_memory_artifact

@@ -5,7 +5,8 @@ Requests name a task (`name`, `name:tag` or `name:version`). Unpinned names and 
 new version appears, loads it beside the old one, then switches the alias — requests in
 flight keep the version they acquired, and the old version unloads once none holds it. A
 failed load is rolled back, marks the alias (and that version) errored, is retried with
-back-off and leaves the old version serving. Resident versions form an LRU bounded by bytes;
+back-off and leaves the old version serving — also when that one was evicted meanwhile: an
+alias remembers the last version it served. Resident versions form an LRU bounded by bytes;
 a version in use — or being handed to a request — is never evicted, so a working set larger
 than the budget runs over it (reported) instead of failing requests.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from registry import ArtifactVersion, Reference, Store
 from registry.store import DEFAULT_TAG, check_name
 from ticketserve import artifact
-from ticketserve.errors import TicketserveError
+from ticketserve.errors import BackboneMismatch, CorruptArtifact, TicketserveError
 from ticketserve.runtime import LoadedTask, Runtime
 
 log = logging.getLogger("ticketserve.loader")
@@ -64,6 +65,7 @@ class TaskLoader:
         self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
         self.aliases: dict[str, str] = {}  # "name:tag" → resident key
         self.errors: dict[str, str] = {}  # alias → why its last load failed
+        self.last_good: dict[str, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
         self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
@@ -79,12 +81,26 @@ class TaskLoader:
             handle = self.resident.get(key) if key else None
             if handle is not None:
                 return self._hold(handle, hit=True)
-        handle = self._load(self.store.resolve(ref))  # held from the moment it is resident
+        target = self.store.resolve(ref)
+        try:
+            handle = self._load(target)  # held from the moment it is resident
+        except (CorruptArtifact, BackboneMismatch) as exc:
+            handle = self._last_good(alias, target, exc)
         with self._lock:
             if alias and alias not in self.aliases:
                 self.aliases[alias] = handle.key
+                self.last_good[alias] = handle.version
         self._report("miss")
         return handle
+
+    def _last_good(self, alias: str | None, target: ArtifactVersion, exc: TicketserveError) -> TaskHandle:
+        """The version an alias served before its tag moved to one that cannot be served —
+        what hot swap keeps serving, so it keeps doing so after an eviction too."""
+        previous = self.last_good.get(alias) if alias else None
+        if previous is None or previous == target:
+            raise exc
+        self.errors[alias] = str(exc)
+        return self._load(previous)
 
     def release(self, handle: TaskHandle) -> None:
         with self._lock:
@@ -121,6 +137,7 @@ class TaskLoader:
             with self._lock:
                 self.errors.pop(alias, None)
                 self.aliases[alias] = handle.key
+                self.last_good[alias] = handle.version
                 if current not in self.aliases.values() and current in self.resident:
                     self._retire(self.resident[current])
             self.release(handle)
