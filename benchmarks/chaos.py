@@ -291,7 +291,7 @@ def run(args) -> dict:
     server = subprocess.Popen(
         [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", reg.store.url, "--port", str(port),
          "--metrics-port", str(metrics_port), "--cache-bytes", str(cache), "--watch-seconds", "1",
-         "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS)], stderr=log)
+         "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS), *args.serve_arg], stderr=log)
     subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", target, "--wait", "300"],
                    check=True, capture_output=True)
     texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
@@ -375,6 +375,7 @@ def run(args) -> dict:
     drained_line = next((json.loads(line)["message"] for line in server_log.splitlines() if '"drained:' in line), "")
     result = {
         "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "clients": args.clients,
+        "serve_args": args.serve_arg,
         "seconds_per_phase": args.seconds, "tasks": TASKS, "cache_bytes": cache, "cache_tasks": CACHED,
         "answers": {k: dict(v) for k, v in sorted(by_phase.items())},
         "unexpected": {"answers": unexpected_answers, "server_exceptions": unexpected_server,
@@ -458,6 +459,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=30.0, help="two thirds with the flood, one third without")
     parser.add_argument("--settle", type=float, default=15.0, help="after the flood, before RSS is read again")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `ticketserve serve` option, repeatable")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

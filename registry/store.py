@@ -184,6 +184,11 @@ class Store(ABC):
             raise StorageError(f"cannot read {ref.name}'s versions in registry {self.url}: {exc}") from exc
 
     def _resolve(self, ref: Reference) -> ArtifactVersion:
+        selector = ref.selector or DEFAULT_TAG
+        # tags before versions: a publish writes the version before it moves a tag, so the
+        # version a tag names is always among versions listed after it (not so the other way)
+        by_tag = not is_version(selector) and not (ref.selector is None and ref.digest is not None)
+        tags = self.tags(ref.name) if by_tag else {}
         versions = self.versions(ref.name)
         if not versions:
             raise NotFound(f"no artifact named {ref.name!r} in registry {self.url}")
@@ -192,11 +197,9 @@ class Store(ABC):
             if not matches:
                 raise NotFound(f"{ref.name}@{ref.digest} not found in registry {self.url}")
             return ArtifactVersion(ref.name, max(matches), ref.digest)
-        selector = ref.selector or DEFAULT_TAG
         if is_version(selector):
             version = int(selector)
         else:
-            tags = self.tags(ref.name)
             if selector not in tags:
                 raise NotFound(f"{ref.name} has no tag {selector!r} (tags: {', '.join(sorted(tags)) or 'none'})")
             version = tags[selector]

@@ -66,6 +66,32 @@ def test_versions_are_ascii_digits_and_unicode_digits_never_resolve(store):
     assert Reference.of("demo", "1").pinned and not Reference.of("demo", "prod").pinned
 
 
+def test_resolving_while_publishing_never_misses_the_version_a_tag_names(store):
+    """A publish lands between reading a name's versions and its tags: `latest` must still resolve."""
+    import threading
+
+    store.publish(manifest(), {"p": b"0"}, tags=("prod",))
+    done, misses = threading.Event(), []
+
+    def resolve_all_the_time() -> None:
+        while not done.is_set():
+            for ref in ("demo", "demo:prod", "demo:latest"):
+                try:
+                    store.resolve(ref)
+                except NotFound as exc:
+                    misses.append(str(exc))
+
+    reader = threading.Thread(target=resolve_all_the_time)
+    reader.start()
+    for i in range(150):
+        store.publish(manifest(metrics={"f1": float(i)}), {"p": str(i).encode()}, tags=("prod",))
+    done.set()
+    reader.join()
+    assert not misses, misses[:3]
+    newest = store.resolve("demo:prod")
+    assert store.resolve(f"demo:prod@{newest.digest}") == newest == store.resolve(f"demo:151@{newest.digest}")
+
+
 def test_full_disk_while_committing_leaves_no_new_version(store, monkeypatch):
     """The version pointer is staged, `latest` hits ENOSPC: the publish fails, nothing new is visible."""
     import errno

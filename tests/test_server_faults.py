@@ -366,3 +366,13 @@ def test_admin_calls_need_the_admin_token_and_one_authorization_header(registry,
             request = pb.PredictRequest(task="alpha", inputs=[pb.TextInput(text="x")])
             assert _code(lambda: user.inference.Predict(request, metadata=twice)) == grpc.StatusCode.UNAUTHENTICATED
             assert user.predict("alpha", ["x"]).artifact == "alpha:1"  # nothing was unloaded
+
+
+def test_malloc_settings_for_the_server_process_leave_the_environments_alone(monkeypatch):
+    from ticketserve.server.memory import tune_malloc
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    applied = tune_malloc()
+    assert "MALLOC_ARENA_MAX" not in applied
+    if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert applied == {"MALLOC_MMAP_THRESHOLD_": 1 << 20}

@@ -53,7 +53,7 @@ class LoadFailure:
     retry_at: float
 
     def again(self) -> TicketserveError:
-        return type(self.error)(str(self.error))
+        return type(self.error)(str(self.error))  # a fresh exception: raising one instance twice grows its traceback
 
 
 class TaskLoader:
@@ -223,7 +223,8 @@ class TaskLoader:
             previous = self.failures.get(key)
             attempts = previous.attempts + 1 if previous else 1
             delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
-            self.failures[key] = LoadFailure(exc, attempts, time.monotonic() + delay)
+            # kept without its traceback: that holds the failed load's frames and tensors
+            self.failures[key] = LoadFailure(type(exc)(str(exc)), attempts, time.monotonic() + delay)
         if previous is None:
             unexpected = exc.__cause__ is not None and not isinstance(exc.__cause__, TicketserveError)
             log.warning("%s cannot be served: %s", key, exc, exc_info=exc if unexpected else None)

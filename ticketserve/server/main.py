@@ -4,6 +4,7 @@ health, reflection, auth, TLS, metrics and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from ticketserve.runtime import Runtime
 from ticketserve.server.auth import TokenAuth, read_token
 from ticketserve.server.loader import TaskLoader
 from ticketserve.server.malformed import RejectMalformed
+from ticketserve.server.memory import tune_malloc
 from ticketserve.server.metrics import Metrics
 from ticketserve.server.observe import Observe
 from ticketserve.server.service import Admission, InferenceService, InfoService, TasksService
@@ -179,6 +181,12 @@ class Server:
 async def _serve(config: ServeConfig) -> None:
     server = Server(config)
     await server.start()
+    # What exists now (backbone, libraries: ~400k objects) lives as long as the process: keep it
+    # out of the cycle collector. Full collections then take microseconds instead of ~0.2 s and
+    # run often enough that the cycles every aborted RPC leaves (gRPC keeps the abort exception,
+    # whose traceback holds the call's frames) never pile up into hundreds of MB.
+    gc.collect()
+    gc.freeze()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -196,6 +204,7 @@ async def _serve(config: ServeConfig) -> None:
 def serve(config: ServeConfig) -> None:
     """Run until SIGTERM/SIGINT, drain (bounded by `drain_seconds`), exit."""
     configure_logging()
+    tune_malloc()  # before the backbone and the server's threads allocate
     asyncio.run(_serve(config))
 
 

@@ -56,8 +56,10 @@ class Observe(grpc.aio.ServerInterceptor):
                 await self._refuse_if_draining(own, context)
                 try:
                     return await settle(behaviour(request, context))
+                except grpc.aio.AbortError:
+                    raise
                 except Exception as exc:
-                    await self._fail(method, context, exc, request_id)
+                    await self._unexpected(method, context, exc, request_id)
 
         return call
 
@@ -68,8 +70,10 @@ class Observe(grpc.aio.ServerInterceptor):
                 try:
                     async for response in stream(behaviour(request, context)):
                         yield response
+                except grpc.aio.AbortError:
+                    raise
                 except Exception as exc:
-                    await self._fail(method, context, exc, request_id)
+                    await self._unexpected(method, context, exc, request_id)
 
         return call
 
@@ -79,9 +83,7 @@ class Observe(grpc.aio.ServerInterceptor):
         if own and self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining; retry on another replica")
 
-    async def _fail(self, method: str, context, exc: Exception, request_id: str) -> None:
-        if isinstance(exc, grpc.aio.AbortError):
-            raise exc
+    async def _unexpected(self, method: str, context, exc: Exception, request_id: str) -> None:
         log.error("unexpected error in %s (request id %s)", method, request_id, exc_info=exc)
         self.metrics.unexpected_errors.labels(method).inc()
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
