@@ -230,6 +230,35 @@ def test_huge_texts_are_cut_before_tokenizing_with_the_same_prediction(tiny_chec
         engine.close()
 
 
+@pytest.mark.parametrize("ms_per_token, first", [(1.0, "short"), (0.0, "long")])
+def test_cheap_requests_go_before_costly_ones_that_came_a_little_earlier(tiny_checkpoints, ms_per_token, first):
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    runtime = Runtime(backbone, device="cpu")
+    runtime.add(artifact_for(backbone))
+    engine = Engine(runtime, EngineConfig(max_queue_delay_ms=0, queue_ms_per_token=ms_per_token))
+    started, release, batches = threading.Event(), threading.Event(), []
+    forward = runtime.logits
+
+    def recording(names, inputs):
+        batches.append(tuple(inputs["input_ids"].shape))
+        started.set()
+        release.wait(10)  # the first batch holds the inference thread while the others queue
+        return forward(names, inputs)
+
+    runtime.logits = recording
+    try:
+        busy = engine.submit("ok", ["warm"])
+        assert started.wait(10)
+        long = engine.submit("ok", ["word " * 300] * 4)  # 4 × 126 tokens, queued first
+        short = engine.submit("ok", ["short"])  # 3 tokens, a moment later
+        release.set()
+        for future in (busy, long, short):
+            future.result(timeout=30)
+    finally:
+        engine.close()
+    assert batches[1] == ((1, 3) if first == "short" else (4, 126))  # like lengths only: never one batch
+
+
 def artifact_for(backbone):
     from tests.helpers import in_memory_artifact
 

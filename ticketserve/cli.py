@@ -330,6 +330,7 @@ def serve(
     max_batch_size: int = 32,
     max_batch_tokens: int = 8192,
     max_queue_delay_ms: float = 5.0,
+    queue_ms_per_token: Annotated[float, typer.Option(help="queue order: a request's turn comes this much later per padded token (0: first come, first served)")] = 1.0,
     max_queue_size: int = 256,
     max_texts_per_request: int = 32,
     max_tokens_per_text: int = 256,
@@ -353,7 +354,8 @@ def serve(
     if bool(tls_cert) != bool(tls_key):
         raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
     engine = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                          max_queue_delay_ms=max_queue_delay_ms, max_queue_size=max_queue_size,
+                          max_queue_delay_ms=max_queue_delay_ms, queue_ms_per_token=queue_ms_per_token,
+                          max_queue_size=max_queue_size,
                           max_texts_per_request=max_texts_per_request, max_tokens_per_text=max_tokens_per_text,
                           max_text_bytes=max_text_bytes, truncate=truncate)
     run_server(ServeConfig(

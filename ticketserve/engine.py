@@ -34,6 +34,8 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(32, gt=0, description="examples per forward pass")
     max_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward pass")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    queue_ms_per_token: float = Field(1.0, ge=0, description="queue order: a request's turn comes this much later "
+                                      "per padded token it costs (0: first come, first served)")
     max_queue_size: int = Field(256, gt=0, description="queued requests before RESOURCE_EXHAUSTED")
     max_texts_per_request: int = Field(32, gt=0)
     max_tokens_per_text: int = Field(256, gt=1)
@@ -156,14 +158,16 @@ class Engine:
                         request.future.set_exception(exc)
 
     def _next_batch(self) -> list[_Request] | None:
-        """The oldest request and every queued one that fits beside it, waiting up to the
+        """The request whose turn it is and every queued one that fits beside it, waiting up to the
         queue delay for company unless other requests are already waiting."""
         with self._wake:
             while not self._queue:
                 if self._stopped:
                     return None
                 self._wake.wait()
-            batch = [self._queue.popleft()]
+            head = min(self._queue, key=self._turn)
+            self._queue.remove(head)
+            batch = [head]
             flush_at = time.monotonic() + self.config.max_queue_delay_ms / 1000
             while True:
                 self._gather(batch)
@@ -175,11 +179,18 @@ class Engine:
         return [r for r in batch if self._live(r)]
 
     def _gather(self, batch: list[_Request]) -> None:
-        """Move queued requests that fit the batch into it, oldest first; the others keep their order."""
+        """Move queued requests that fit the batch into it, in turn; the others keep their order."""
         left: collections.deque[_Request] = collections.deque()
-        for request in self._queue:
+        for request in sorted(self._queue, key=self._turn):
             (batch if self._fits(batch, request) else left).append(request)
         self._queue = left
+
+    def _turn(self, request: _Request) -> float:
+        """When a request's turn comes: its arrival, pushed back in proportion to its padded
+        tokens, so cheap requests go before costly ones that came only a little earlier and a
+        flood of long texts cannot take the server from short ones (every request still gets
+        its turn: the push-back is bounded by its own size)."""
+        return request.enqueued + request.longest * len(request.features) * self.config.queue_ms_per_token / 1000
 
     def _fits(self, batch: list[_Request], candidate: _Request) -> bool:
         """Within the batch limits, and of a like length: padding a short text to a long one
