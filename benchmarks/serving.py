@@ -391,8 +391,7 @@ def grpc_part(texts: list[str], seconds: float, clients: list[int], port: int) -
     names = [f"grpc-d1-{i:03d}" for i in range(TASKS)]
     publish(store, backbone, "row_delta", names)
     work = batches(backbone.tokenizer, texts)
-    engine = {"1 task": ours(None, store, "row_delta", names[:1], work),
-              f"{TASKS} tasks random": ours(None, store, "row_delta", names, work)}
+    engine = rates({"1 task": ours(None, store, names[:1]), f"{TASKS} tasks random": ours(None, store, names)}, work)
     records = [{"part": "grpc-engine", "workload": k, "examples_per_s": v, "batch": BATCH} for k, v in engine.items()]
     server = subprocess.Popen([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(port),
                                *sum((["--preload", n] for n in names), [])], stderr=subprocess.DEVNULL)

@@ -54,6 +54,26 @@ def test_publish_resolve_tags_remove_and_gc(s3_url):
         store.resolve("demo:2")
 
 
+def test_a_tag_that_cannot_be_written_takes_its_version_back(s3_url, monkeypatch):
+    from registry.s3 import S3Store
+    from ticketserve.errors import StorageError
+
+    store = open_store(s3_url)
+    v1 = store.publish(manifest(), {"p": b"one"}, tags=("prod",))
+    original = S3Store._put
+
+    def full_on_tags(self, data, *parts, exclusive=False):
+        if "tags" in parts:
+            raise StorageError("cannot write the tag: quota exceeded")
+        return original(self, data, *parts, exclusive=exclusive)
+
+    with monkeypatch.context() as patched, pytest.raises(StorageError):
+        patched.setattr(S3Store, "_put", full_on_tags)
+        store.publish(manifest(metrics={"f1": 1.0}), {"p": b"two"}, tags=("prod",))
+    fresh = open_store(s3_url)
+    assert fresh.versions("demo") == {1: v1.digest} and fresh.resolve("demo:prod") == v1 == fresh.resolve("demo")
+
+
 def test_concurrent_publishers_from_several_processes_lose_nothing(s3_url):
     assert_concurrent_publishers_lose_nothing(s3_url, workers=4, each=4)
 

@@ -193,14 +193,15 @@ class Engine:
         return request.enqueued + request.longest * len(request.features) * self.config.queue_ms_per_token / 1000
 
     def _fits(self, batch: list[_Request], candidate: _Request) -> bool:
-        """Within the batch limits, and of a like length: padding a short text to a long one
+        """Within the batch limits, and of a like length: padding short texts to a long one
         would make every short request pay for the longest (a flood of long texts must not
-        slow the short ones down), so lengths in one batch stay within 2× (+8 tokens)."""
+        slow the short ones down), so the longest stays within 4× the shortest + 32 tokens —
+        loose enough that sentences of ordinary lengths still share batches."""
         examples = sum(len(r.features) for r in batch) + len(candidate.features)
         longest = max(candidate.longest, *(r.longest for r in batch))
         shortest = min(candidate.shortest, *(r.shortest for r in batch))
         return (examples <= self.config.max_batch_size and examples * longest <= self.config.max_batch_tokens
-                and longest <= 2 * shortest + 8)
+                and longest <= 4 * shortest + 32)
 
     @staticmethod
     def _live(request: _Request) -> bool:
