@@ -32,7 +32,8 @@ from ticketserve.server.malformed import RejectMalformed
 from ticketserve.server.memory import tune_malloc
 from ticketserve.server.metrics import Metrics
 from ticketserve.server.observe import Observe
-from ticketserve.server.service import Admission, InferenceService, InfoService, TasksService
+from ticketserve.server.admission import Admission
+from ticketserve.server.service import InferenceService, InfoService, TasksService
 from ticketserve.v1 import pb, rpc
 
 log = logging.getLogger("ticketserve.server")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from registry import Reference
 from ticketserve import __version__
 from ticketserve.engine import Engine, Result
-from ticketserve.errors import InvalidArgument, Overloaded, TicketserveError, Unavailable
+from ticketserve.errors import InvalidArgument, TicketserveError
+from ticketserve.server.admission import Admission
 from ticketserve.server.catalog import offers
 from ticketserve.server.loader import TaskLoader
 from ticketserve.server.metrics import OTHER_TASK, Metrics
@@ -31,37 +31,6 @@ def _task_info(artifact: str, digest: str, manifest, state, resident_bytes: int 
     return pb.TaskInfo(name=manifest.name, artifact=artifact, digest=digest, kind=manifest.kind, method=manifest.method,
                        task=manifest.task.name, labels=manifest.task.labels, state=state,
                        resident_bytes=resident_bytes, error=error)
-
-
-class Admission:
-    """Requests between arrival and the engine's queue. Their blocking steps (finding or
-    loading the task, tokenizing) run on the server's own threads, and at most `limit` of
-    them wait for those: past it a request is refused at once (RESOURCE_EXHAUSTED), so no
-    unbounded queue forms in front of the engine's bounded one. Only the event loop counts."""
-
-    def __init__(self, limit: int, load_threads: int = 8, tokenize_threads: int = 2):
-        self.limit, self.pending = limit, 0
-        self.draining = False  # set by the server's drain: e.g. a stream's next request is refused
-        self.loading = ThreadPoolExecutor(load_threads, thread_name_prefix="ticketserve-load")
-        self.tokenizing = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="ticketserve-tokenize")
-
-    def __enter__(self) -> Admission:
-        if self.draining:
-            raise Unavailable("the server is draining; retry on another replica")
-        if self.pending >= self.limit:
-            raise Overloaded(f"{self.pending} requests are being admitted (limit {self.limit}); retry later")
-        self.pending += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pending -= 1
-
-    async def run(self, executor: ThreadPoolExecutor, call, *args):
-        return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
-
-    def close(self) -> None:
-        self.loading.shutdown(wait=False, cancel_futures=True)
-        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
 
 class InferenceService(rpc.InferenceServicer):
