@@ -74,12 +74,11 @@ class LocalStore(Store):
         staged: list[tuple[Path, _Staged]] = []
         try:
             for path, data in writes.items():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise self._storage_error(path, exc) from exc
                 staged.append((path, self._stage(data)))
-        except OSError as exc:
-            for _, tmp in staged:
-                tmp.drop()
-            raise self._storage_error(path, exc) from exc
         except StorageError:
             for _, tmp in staged:
                 tmp.drop()

@@ -27,7 +27,7 @@ TAG_RE = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes '²', '٣', '𝟏'
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 DEFAULT_TAG = "latest"
-_REF_RE = re.compile(r"(?P<name>[^:@]+)(?::(?P<tag>[^:@]+))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
+_REF_RE = re.compile(rf"(?P<name>[^:@]+)(?::(?P<tag>[^:@]+))?(?:@(?P<digest>{DIGEST_RE.pattern}))?")
 
 
 def check_name(name: str) -> str:

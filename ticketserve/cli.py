@@ -497,13 +497,13 @@ def registry_verify(artifact_refs: Annotated[Optional[list[str]], typer.Argument
     """Re-hash manifests and payloads (exit 1 if anything is corrupt or missing); report temp
     files that writers which are gone left behind (`registry gc` removes them)."""
     store = _store(registry)
-    results = []
-    refs = artifact_refs or []
-    for name in [] if artifact_refs else store.names():
-        try:
-            refs += [f"{name}:{v}" for v in sorted(store.versions(name))]
-        except TicketserveError as exc:
-            results.append({"artifact": name, "ok": False, "error": str(exc)})
+    results, refs = [], list(artifact_refs or [])
+    if not artifact_refs:  # every version of every name; a name whose versions cannot be read is a failure
+        for name in store.names():
+            try:
+                refs += [f"{name}:{v}" for v in sorted(store.versions(name))]
+            except TicketserveError as exc:
+                results.append({"artifact": name, "ok": False, "error": str(exc)})
     for ref in refs:
         try:
             store.verify(ref)

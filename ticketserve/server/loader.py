@@ -59,7 +59,7 @@ class LoadFailure:
 class TaskLoader:
     def __init__(self, store: Store, runtime: Runtime, cache_bytes: int, observer=None):
         self.store, self.runtime, self.cache_bytes = store, runtime, cache_bytes
-        # optional observer: .cache(event) with hit/miss/eviction, .resident(bytes, count, over_budget),
+        # optional observer: .cache(event) with hit/miss/eviction, .resident(bytes, count),
         # .task_resident(handle, resident: bool)
         self.observer = observer
         self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
@@ -264,8 +264,7 @@ class TaskLoader:
             return
         if event:
             self.observer.cache(event)
-        total = sum(h.bytes for h in self.resident.values())
-        self.observer.resident(total, len(self.resident), max(0, total - self.cache_bytes))
+        self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
 
     def describe(self) -> tuple[list[dict], dict[str, str]]:
         """Resident versions (with the alias each serves, if any) and the aliases whose last load failed."""

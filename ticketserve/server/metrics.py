@@ -37,6 +37,7 @@ class Metrics:
                                  "resident task is in use, so none could be evicted", registry=r)
         self.task_bytes = Gauge("ticketserve_task_resident_bytes", "Resident bytes per task version",
                                 ["task", "version"], registry=r)
+        self.cache_budget_bytes = cache_budget_bytes
         self.cache_budget.set(cache_budget_bytes)
 
     # engine observer
@@ -52,10 +53,10 @@ class Metrics:
     def cache(self, event: str) -> None:
         self.cache_events.labels(event).inc()
 
-    def resident(self, size: int, count: int, over_budget: int = 0) -> None:
+    def resident(self, size: int, count: int) -> None:
         self.resident_bytes.set(size)
         self.resident_tasks.set(count)
-        self.over_budget.set(over_budget)
+        self.over_budget.set(max(0, size - self.cache_budget_bytes))
 
     def task_resident(self, handle, resident: bool) -> None:
         labels = (handle.version.name, str(handle.version.version))

@@ -37,30 +37,27 @@ class InferenceService(rpc.InferenceServicer):
     def __init__(self, engine: Engine, loader: TaskLoader, metrics: Metrics, admission: Admission):
         self.engine, self.loader, self.metrics, self.admission = engine, loader, metrics, admission
 
-    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext,
-                       known: list[str]) -> pb.PredictResponse:
+    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         started = time.perf_counter()
         if not request.task:
             raise InvalidArgument("task is required")
-        with self.admission as admission:
-            handle = await admission.run(admission.loading, self.loader.acquire, request.task, _version(request))
-            try:
-                known.append(handle.version.name)
+        handle = None
+        try:
+            with self.admission as admission:
+                handle = await admission.run(admission.loading, self.loader.acquire, request.task, _version(request))
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + remaining if remaining is not None else None
                 texts = [i.text for i in request.inputs]
                 pairs = [i.text_pair if i.HasField("text_pair") else None for i in request.inputs]
                 future = await admission.run(admission.tokenizing, self.engine.submit, handle.key, texts, pairs, deadline)
-            except BaseException:
-                self.loader.release(handle)
+            try:
+                result: Result = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                future.cancel()  # a cancelled RPC never costs a forward pass
                 raise
-        try:
-            result: Result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()  # a cancelled RPC never costs a forward pass
-            raise
         finally:
-            self.loader.release(handle)
+            if handle is not None:
+                self.loader.release(handle)
         task = handle.version.name
         self.metrics.latency.labels(task).observe(time.perf_counter() - started)
         self.metrics.examples.labels(task).inc(len(texts))
@@ -73,15 +70,15 @@ class InferenceService(rpc.InferenceServicer):
                                  batch_size=result.batch_size, batch_tasks=result.batch_tasks))
 
     async def _answer(self, request, context) -> pb.PredictResponse:
-        """Predict, count the outcome by task (only names this server resolved) and status."""
-        known: list[str] = []
+        """Predict, count the outcome by task and status. A request that resolved names its
+        task; a failed one is counted under its name only if that name is resident here."""
         try:
-            response = await self._predict(request, context, known)
+            response = await self._predict(request, context)
         except TicketserveError as exc:
-            task = known[0] if known else request.task if self.loader.serves(request.task) else OTHER_TASK
+            task = request.task if self.loader.serves(request.task) else OTHER_TASK
             self.metrics.requests.labels(task, status_of(exc).name).inc()
             await abort(context, exc)
-        self.metrics.requests.labels(known[0], "OK").inc()
+        self.metrics.requests.labels(request.task, "OK").inc()
         return response
 
     async def Predict(self, request, context):
