@@ -29,7 +29,7 @@ def test_overlay_renders_and_validates(overlay):
     from kubernetes_validate.utils import latest_version
 
     documents = render(overlay)
-    assert {d["kind"] for d in documents} == {"ConfigMap", "Secret", "Deployment", "Service",
+    assert {d["kind"] for d in documents} == {"ConfigMap", "Deployment", "Service",  # no Secret: no committed tokens
                                               "PodDisruptionBudget", "HorizontalPodAutoscaler"}
     for document in documents:
         kubernetes_validate.validate(document, latest_version(), strict=True)
@@ -40,6 +40,8 @@ def test_overlay_renders_and_validates(overlay):
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"]
+    tokens = next(v for v in pod["spec"]["volumes"] if v["name"] == "token")
+    assert tokens["secret"]["secretName"] == "ticketserve"  # the operator's own Secret
     if overlay == "gpu":
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--device=cuda" in container["args"]
         assert pod["spec"]["tolerations"] and pod["spec"]["nodeSelector"]
