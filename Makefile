@@ -9,10 +9,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo demo-serve test test-all bench-quality clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet -e '.[test]'  # the build's own env too (setup.py compiles protos/)
 	touch $(STAMP)
 
 install: $(STAMP)

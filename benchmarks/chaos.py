@@ -44,7 +44,7 @@ import torch
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "chaos.json"
 REPORT = HERE / "chaos.md"
-SST2_DEV = HERE.parent / "ticketserve" / "data" / "sst2" / "validation.jsonl"
+SST2_DEV = HERE.parent / "ticketserve" / "core" / "samples" / "sst2" / "validation.jsonl"
 TASKS, CACHED, SWAPPED = 12, 4, 4
 DRAIN_SECONDS = 10.0
 MAX_TEXT_BYTES = 256 * 1024
@@ -55,7 +55,7 @@ UNEXPECTED = {"UNKNOWN", "INTERNAL"}
 
 def row_task(backbone, seed: int, outputs: int = 2) -> dict[str, torch.Tensor]:
     """A synthetic Dominant-style task: 4 rows + bias per matrix, and a head."""
-    from ticketserve.backbone import dense_matrices
+    from ticketserve.core.backbone import dense_matrices
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -72,7 +72,7 @@ def foreign_backbone(root: Path):
     """A tiny random BERT with the MiniLM tokenizer: artifacts for it must be refused."""
     from transformers import AutoModel, AutoTokenizer, BertConfig
 
-    from ticketserve.backbone import load_backbone, resolve_source
+    from ticketserve.core.backbone import load_backbone, resolve_source
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(None)[1])
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -86,8 +86,8 @@ class Registry:
     """The run's registry, and every version it publishes, in order, with whether it is valid."""
 
     def __init__(self, root: Path):
-        from registry import open_store
-        from ticketserve.backbone import load_backbone
+        from ticketserve.core.backbone import load_backbone
+        from ticketserve.registry import open_store
 
         self.store = open_store(str(root / "registry"))
         self.backbone = load_backbone()
@@ -100,8 +100,8 @@ class Registry:
 
 
 def _manifest(backbone, name: str):
-    from registry import HeadConfig, Manifest
-    from ticketserve.tasks import get_task
+    from ticketserve.core.tasks import get_task
+    from ticketserve.registry import HeadConfig, Manifest
 
     return Manifest(name=name, kind="row_delta", method="chaos", task=get_task("sst2"), head=HeadConfig(),
                     backbone=backbone.ref())
@@ -110,7 +110,7 @@ def _manifest(backbone, name: str):
 def publish(reg: Registry, name: str, seed: int, how: str = "valid") -> dict:
     """Publish one version: valid, corrupt (a payload byte flipped after publishing), foreign
     (trained on another backbone) or unattachable (a head bias of the wrong size)."""
-    from ticketserve import artifact
+    from ticketserve.core import artifact
 
     backbone = reg.foreign if how == "foreign" else reg.backbone
     tensors = row_task(backbone, seed)
@@ -154,7 +154,7 @@ def _timed(call) -> tuple[str, float, object]:
 
 
 def small_client(target: str, names: list[str], texts: list[str], record: Recorder, stop: threading.Event, seed: int):
-    from ticketserve.client import Client
+    from ticketserve.runtime.client import Client
 
     rng = random.Random(seed)
     with Client(target, retries=1, timeout=60) as client:
@@ -165,7 +165,7 @@ def small_client(target: str, names: list[str], texts: list[str], record: Record
 
 
 def flood_client(target: str, names: list[str], huge: str, record: Recorder, stop: threading.Event, on: threading.Event):
-    from ticketserve.client import Client
+    from ticketserve.runtime.client import Client
 
     with Client(target, retries=1, timeout=120) as client:
         while not stop.is_set():

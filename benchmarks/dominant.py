@@ -26,7 +26,8 @@ import statistics
 from pathlib import Path
 
 from quality import QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs, train_record
-from trainers import methods
+
+from ticketserve.trainers import methods
 
 TICKETS = RESULTS / "tickets.jsonl"
 REPORT = Path(__file__).parent / "dominant.md"

@@ -41,7 +41,7 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "serving.jsonl"
 PROFILE = HERE / "results" / "serving-profile.txt"
 REPORT = HERE / "serving.md"
-SST2_DEV = HERE.parent / "ticketserve" / "data" / "sst2" / "validation.jsonl"
+SST2_DEV = HERE.parent / "ticketserve" / "core" / "samples" / "sst2" / "validation.jsonl"
 TASKS, BATCH, BATCHES = 100, 32, 12
 ROUNDS = 3
 
@@ -54,7 +54,7 @@ def head(backbone, generator) -> dict[str, torch.Tensor]:
 
 
 def dominant1(backbone, seed: int) -> dict[str, torch.Tensor]:
-    from ticketserve.backbone import dense_matrices
+    from ticketserve.core.backbone import dense_matrices
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -65,7 +65,7 @@ def dominant1(backbone, seed: int) -> dict[str, torch.Tensor]:
 
 
 def structure(backbone, seed: int) -> dict[str, torch.Tensor]:
-    from ticketserve.kinds.structure_mask import to_tensors
+    from ticketserve.core.kinds.structure_mask import to_tensors
 
     generator = torch.Generator().manual_seed(seed)
     c = backbone.config
@@ -80,8 +80,8 @@ _MASKS: dict[str, dict[str, torch.Tensor]] = {}
 def supermask(backbone, seed: int) -> dict[str, torch.Tensor]:
     """One encoded mask set per backbone, shared by all tasks (compressing is the slow part,
     and serving speed does not depend on which weights are masked); heads differ."""
-    from ticketserve.backbone import dense_matrices
-    from ticketserve.kinds.supermask import encode_masks
+    from ticketserve.core.backbone import dense_matrices
+    from ticketserve.core.kinds.supermask import encode_masks
 
     if backbone.fingerprint not in _MASKS:
         generator = torch.Generator().manual_seed(0)
@@ -100,9 +100,9 @@ BUILDERS = {"row_delta": dominant1, "structure_mask": structure, "supermask": su
 
 
 def publish(store, backbone, kind: str, names: list[str]) -> None:
-    from registry import HeadConfig, Manifest
-    from ticketserve import artifact
-    from ticketserve.tasks import get_task
+    from ticketserve.core import artifact
+    from ticketserve.core.tasks import get_task
+    from ticketserve.registry import HeadConfig, Manifest
 
     for seed, name in enumerate(names):
         manifest = Manifest(name=name, kind=kind, method="synthetic", task=get_task("sst2"), head=HeadConfig(),
@@ -159,18 +159,17 @@ def subset(inputs: dict, rows: list[int]) -> dict:
 
 def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_bytes: int | None = None):
     """A runtime on its own copy of the backbone serving `names`; returns its batch runner."""
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
-    from ticketserve.kinds.supermask import cache_for
-    from ticketserve.runtime import Runtime
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.core.kinds.supermask import cache_for
+    from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone(backbone_spec)
     runtime = (runtime_cls or Runtime)(backbone, device="cpu")
     if mask_cache_bytes is not None:
         cache_for(runtime.encoder).max_bytes = mask_cache_bytes
-    for name in names:
-        runtime.add(artifact.load(store, name, backbone))
-    return lambda inputs, tasks: runtime.logits([names[t % len(names)] for t in tasks], inputs)
+    loaded = [runtime.add(artifact.load(store, name, backbone)) for name in names]
+    return lambda inputs, tasks: runtime.logits([loaded[t % len(loaded)] for t in tasks], inputs)
 
 
 def peft_engines(backbone) -> dict:
@@ -217,8 +216,8 @@ def full_copies(backbone, resident: int = 10):
 
 
 def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES) -> list[dict]:
-    from registry import open_store
-    from ticketserve.backbone import load_backbone
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
 
     backbone = load_backbone(backbone_spec)
     store = open_store(tempfile.mkdtemp(prefix="ts-bench-"))
@@ -228,7 +227,7 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
     work = batches(backbone.tokenizer, texts, count=count)
     one_mask = sum(p.numel() * 4 for n, p in backbone.model.named_parameters() if n.endswith(".weight") and "layer." in n
                    and "LayerNorm" not in n)
-    from ticketserve.onnx_backend import OnnxRuntime
+    from ticketserve.runtime.onnx_backend import OnnxRuntime
 
     rows, masks = names["row_delta"], names["structure_mask"]
 
@@ -258,21 +257,21 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
 
 
 def profile(backbone_spec, store, names, work, label: str) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
-    from ticketserve.runtime import Runtime
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone(backbone_spec)
     runtime = Runtime(backbone, device="cpu")
-    for name in names:
-        runtime.add(artifact.load(store, name, backbone))
+    loaded = [runtime.add(artifact.load(store, name, backbone)) for name in names]
     inputs, tasks = work[0]
-    runtime.logits([names[t] for t in tasks], inputs)
+    runtime.logits([loaded[t] for t in tasks], inputs)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for inputs, tasks in work[:3]:
-            runtime.logits([names[t] for t in tasks], inputs)
+            runtime.logits([loaded[t] for t in tasks], inputs)
     with PROFILE.open("a") as handle:
         handle.write(f"== {label}: 100 Dominant-1 tasks mixed, 3 batches of {BATCH} ==\n")
         handle.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
@@ -281,11 +280,12 @@ def profile(backbone_spec, store, names, work, label: str) -> None:
 # -- cold load, resident bytes, memory growth -------------------------------------------------
 
 def load_part(texts: list[str]) -> list[dict]:
-    from registry import open_store
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
-    from ticketserve.runtime import Runtime
     from transformers import AutoModel
+
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone()
     store = open_store(tempfile.mkdtemp(prefix="ts-bench-load-"))
@@ -297,11 +297,11 @@ def load_part(texts: list[str]) -> list[dict]:
         times, resident = [], []
         for name in names:
             started = time.perf_counter()
-            runtime.add(artifact.load(store, name, backbone))
+            task = runtime.add(artifact.load(store, name, backbone))
             times.append(time.perf_counter() - started)
             found = artifact.read(store, name)
             resident.append(sum(t.numel() * t.element_size() for t in found.tensors.values()))
-            runtime.remove(name)
+            runtime.remove(task)
         records.append({"part": "load", "kind": kind, "cold_load_ms_median": 1000 * sorted(times)[len(times) // 2],
                         "resident_bytes_per_task": resident[0], "payload_bytes": store.manifest(names[0]).payload_bytes})
     checkpoint = Path(tempfile.mkdtemp(prefix="ts-bench-ckpt-"))
@@ -320,10 +320,10 @@ def load_part(texts: list[str]) -> list[dict]:
 
 def memory_growth(store_root: str, names: list[str], texts: list[str]) -> list[dict]:
     """RSS growth and mixed-batch throughput from 1 to 1000 resident Dominant-1 tasks."""
-    from registry import open_store
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
-    from ticketserve.runtime import Runtime
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.executor import Runtime
 
     backbone, store = load_backbone(), open_store(store_root)
     runtime = Runtime(backbone, device="cpu")
@@ -334,13 +334,11 @@ def memory_growth(store_root: str, names: list[str], texts: list[str]) -> list[d
     process = psutil.Process()
     gc.collect()
     base_rss = process.memory_info().rss
-    records, loaded = [], 0
+    records, loaded = [], []
     for count in (1, 10, 100, 1000):
-        for name in names[loaded:count]:
-            runtime.add(artifact.load(store, name, backbone))
-        loaded = count
+        loaded += [runtime.add(artifact.load(store, name, backbone)) for name in names[len(loaded):count]]
         gc.collect()
-        throughput = rate(lambda inputs, tasks: runtime.logits([names[(t * 10 + i) % count] for i, t in enumerate(tasks)],
+        throughput = rate(lambda inputs, tasks: runtime.logits([loaded[(t * 10 + i) % count] for i, t in enumerate(tasks)],
                                                                inputs), work)
         records.append({"part": "growth", "tasks": count, "rss_growth_bytes": process.memory_info().rss - base_rss,
                         "mixed_examples_per_s": throughput})
@@ -348,7 +346,7 @@ def memory_growth(store_root: str, names: list[str], texts: list[str]) -> list[d
 
 
 def drive(target: str, names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
-    from ticketserve.client import Client
+    from ticketserve.runtime.client import Client
 
     latencies: list[float] = []
     failures = [0]
@@ -382,8 +380,8 @@ def drive(target: str, names: list[str], texts: list[str], clients: int, seconds
 
 
 def grpc_part(texts: list[str], seconds: float, clients: list[int], port: int) -> list[dict]:
-    from registry import open_store
-    from ticketserve.backbone import load_backbone
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
 
     backbone = load_backbone()
     registry = tempfile.mkdtemp(prefix="ts-bench-grpc-")
@@ -450,7 +448,7 @@ def bert_base_like() -> Path:
     """A BERT-base-sized encoder with random weights and the MiniLM tokenizer (speed only)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ticketserve.backbone import resolve_source
+    from ticketserve.core.backbone import resolve_source
 
     path = HERE / ".bert-base-random"
     if not (path / "config.json").exists():

@@ -20,7 +20,8 @@ import statistics
 from pathlib import Path
 
 from quality import QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_record
-from trainers import methods
+
+from ticketserve.trainers import methods
 
 HERE = Path(__file__).parent
 REPORT = HERE / "supermask.md"
@@ -32,7 +33,7 @@ def shuffled_backbone(seed: int = 0) -> Path:
     """MiniLM with every dense matrix's entries permuted: same weight distribution, no structure."""
     import torch
 
-    from ticketserve.backbone import dense_matrices, load_backbone
+    from ticketserve.core.backbone import dense_matrices, load_backbone
 
     if (SHUFFLED / "config.json").exists():
         return SHUFFLED
@@ -83,7 +84,7 @@ def others(record: dict) -> str:
 def distance_section(records: list[dict]) -> list[str]:
     """How far full fine-tuning moves each matrix (angular distance ×1e-3, per layer): the
     paper's Table 2 measure, which the L0-close presets lean on."""
-    from ticketserve.ticket_report import SHORT, split_name
+    from ticketserve.trainers.ticket_report import SHORT, split_name
 
     full = next((r for r in records if r["method"] == "full" and r["task"] == "mrpc"), None)
     if full is None:
@@ -123,10 +124,10 @@ def sparsity_section(masks: list[dict]) -> list[str]:
 def coding_section(masks: list[dict]) -> list[str]:
     """Masks trained from a magnitude start, re-coded as their flips of that start (what the
     trainer ships since that codec exists; masks trained before it were coded on their own)."""
-    from registry import open_store
-    from ticketserve import artifact
-    from ticketserve.backbone import load_backbone
-    from ticketserve.kinds.supermask import MASK, decode_masks, encode_masks, magnitude_mask, masked_names
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.core.kinds.supermask import MASK, decode_masks, encode_masks, magnitude_mask, masked_names
+    from ticketserve.registry import open_store
 
     started = sorted((r for r in masks if r["init_sparsity"] and not r["shuffled_weights"]),
                      key=lambda r: (r["task"], r["init_sparsity"]))

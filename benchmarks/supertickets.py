@@ -24,7 +24,8 @@ import functools
 from pathlib import Path
 
 from quality import QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs
-from trainers import methods
+
+from ticketserve.trainers import methods
 
 HERE = Path(__file__).parent
 RECORDS = RESULTS / "supertickets.jsonl"
@@ -157,7 +158,7 @@ def _sync_quality(records: list[dict], args) -> None:
 
 
 def report(args) -> None:
-    from ticketserve.tasks import get_task
+    from ticketserve.core.tasks import get_task
 
     records = read_jsonl(RECORDS)
     _sync_quality(records, args)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from registry import open_store
-from ticketserve.backbone import load_backbone, resolve_source
+from ticketserve.core.backbone import load_backbone, resolve_source
+from ticketserve.registry import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 

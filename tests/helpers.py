@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from registry import HeadConfig, Manifest
-from ticketserve import artifact
-from ticketserve.artifact import Artifact
-from ticketserve.backbone import Backbone, dense_matrices
-from ticketserve.kinds.supermask import encode_masks
-from ticketserve.tasks import get_task
-from registry.store import ArtifactVersion
+from ticketserve.core import artifact
+from ticketserve.core.artifact import Artifact
+from ticketserve.core.backbone import Backbone, dense_matrices
+from ticketserve.core.kinds.supermask import encode_masks
+from ticketserve.core.tasks import get_task
+from ticketserve.registry import HeadConfig, Manifest
+from ticketserve.registry.store import ArtifactVersion
 
 
 def manifest_for(backbone: Backbone, name: str = "t", kind: str = "row_delta", task: str = "sst2") -> Manifest:
@@ -55,3 +55,37 @@ def publish_mask_task(store, backbone: Backbone, name: str, seed: int):
     masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.3 for n, m in dense_matrices(backbone.model).items()}
     return artifact.publish(store, manifest_for(backbone, name, kind="supermask"),
                             encode_masks(masks) | random_head(backbone, seed=seed))
+
+
+class ByName:
+    """Test convenience over a `Runtime` (which keeps no map of tasks): its tasks by the names
+    the test gives them (tasks themselves are taken too); adding a name again replaces (and
+    removes) the task it named."""
+
+    def __init__(self, runtime):
+        self.runtime, self.tasks = runtime, {}
+
+    def __getattr__(self, attribute):
+        return getattr(self.runtime, attribute)
+
+    def add(self, artifact, name=None):
+        task = self.runtime.add(artifact, name)
+        old, self.tasks[task.name] = self.tasks.get(task.name), task
+        if old is not None:
+            self.runtime.remove(old)
+        return task
+
+    def remove(self, name):
+        self.runtime.remove(self.tasks.pop(name))
+
+    def get(self, name):
+        return self.tasks[name]
+
+    def _tasks(self, names):
+        return [self.tasks[n] if isinstance(n, str) else n for n in names]
+
+    def logits(self, names, inputs):
+        return self.runtime.logits(self._tasks(names), inputs)
+
+    def predict(self, names, texts, pairs=None):
+        return self.runtime.predict(self._tasks(names), texts, pairs)

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from tests.helpers import manifest_for, random_head, random_row_delta
-from ticketserve import artifact
-from ticketserve.backbone import load_backbone
-from ticketserve.errors import BackboneMismatch, CorruptArtifact, NotFound
+from ticketserve.core import artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, NotFound
 
 
 def test_round_trip_keeps_every_tensor(store, tiny_backbone):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2Model
 
-from ticketserve.backbone import MATRICES, dense_matrices, fingerprint, load_backbone
-from ticketserve.errors import InvalidArgument, NotFound
+from ticketserve.core.backbone import MATRICES, dense_matrices, fingerprint, load_backbone
+from ticketserve.core.errors import InvalidArgument, NotFound
 
 
 def test_bundled_minilm_is_the_default(minilm):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = str(Path(sys.executable).parent / "ticketserve")
-SAMPLE = Path(__file__).resolve().parent.parent / "ticketserve" / "data" / "sst2"  # 0/1 labels
+SAMPLE = Path(__file__).resolve().parent.parent / "ticketserve" / "core" / "samples" / "sst2"  # 0/1 labels
 
 
 def cli(*args: str, registry: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from ticketserve.data import infer_labels, load_split
-from ticketserve.errors import DataUnavailable, InvalidArgument, NotFound
-from ticketserve.tasks import GLUE_TASKS, compute_metrics, custom_task, get_task
+from ticketserve.core.data import infer_labels, load_split
+from ticketserve.core.errors import DataUnavailable, InvalidArgument, NotFound
+from ticketserve.core.tasks import GLUE_TASKS, compute_metrics, custom_task, get_task
 
 PAIRS = [
     {"sentence1": "The cat sat.", "sentence2": "A cat was sitting.", "label": 1},
@@ -97,7 +97,7 @@ def test_metrics_match_their_definitions():
 
 
 def test_given_labels_must_match_the_data(tmp_path):
-    from ticketserve.data import check_labels
+    from ticketserve.core.data import check_labels
 
     rows = [{"review": "great", "stars": "good"}, {"review": "awful", "stars": "bad"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import in_memory_artifact, random_row_delta
-from ticketserve.kinds import gates
-from ticketserve.kinds.gates import Gates, gating, level_counts, prune
-from ticketserve.kinds.structure_mask import to_tensors
-from ticketserve.runtime import Runtime
+from tests.helpers import ByName, in_memory_artifact, random_row_delta
+from ticketserve.core import gates
+from ticketserve.core.gates import Gates, gating
+from ticketserve.core.kinds.structure_mask import to_tensors
+from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers.pruning import level_counts, prune
 
 TEXTS = ["the cast is wonderful", "a mess", "it has moments, but not many of them", "solid"]
 
@@ -55,7 +56,7 @@ def test_closed_head_equals_its_context_zeroed_and_closed_ffn_gives_layernorm_of
 
 
 def test_padding_stays_masked_and_patterns_mix_per_example(tiny_backbone):
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     layers, heads = tiny_backbone.config.num_hidden_layers, tiny_backbone.config.num_attention_heads
     generator = torch.Generator().manual_seed(0)
     for seed, name in enumerate(["s1", "s2"]):
@@ -70,6 +71,24 @@ def test_padding_stays_masked_and_patterns_mix_per_example(tiny_backbone):
         alone = runtime.logits([name], runtime.tokenize([TEXTS[i]]))[0]  # no padding at all
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(mixed[0], runtime.logits(["s2"], runtime.tokenize([TEXTS[0]]))[0], atol=1e-4)
+
+
+def test_gates_hold_when_row_delta_tasks_come_after_them(tiny_backbone):
+    """Row-delta tasks wrap the dense layers the gate hooks sit on; the hooks move with them
+    (a structure mask loaded before the first row-delta task was once silently ungated)."""
+    config = tiny_backbone.config
+    keep = torch.ones(config.num_hidden_layers, config.num_attention_heads, dtype=torch.bool)
+    keep[0, 1] = False
+    runtime = Runtime(tiny_backbone, device="cpu")
+    gated = runtime.add(in_memory_artifact(tiny_backbone, "gated", to_tensors(keep, torch.tensor([False, True])), seed=1,
+                                           kind="structure_mask"))
+    opened = runtime.add(in_memory_artifact(tiny_backbone, "open", to_tensors(torch.ones_like(keep), torch.ones(2)), seed=1,
+                                            kind="structure_mask"))
+    inputs = runtime.tokenize(TEXTS[:1])
+    before = runtime.logits([gated], inputs)[0]
+    assert not torch.allclose(before, runtime.logits([opened], inputs)[0], atol=1e-4)  # the gates do something
+    runtime.add(in_memory_artifact(tiny_backbone, "rows", random_row_delta(tiny_backbone), seed=2))
+    torch.testing.assert_close(runtime.logits([gated], inputs)[0], before, atol=0, rtol=0)
 
 
 def test_per_token_gates_carry_gradients():

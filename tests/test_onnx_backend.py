@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import in_memory_artifact, random_row_delta
+from tests.helpers import ByName, in_memory_artifact, random_row_delta
 from tests.test_supermask import _random_masks
-from ticketserve.backbone import load_backbone
-from ticketserve.kinds.structure_mask import to_tensors
-from ticketserve.kinds.supermask import encode_masks
-from ticketserve.onnx_backend import OnnxRuntime
-from ticketserve.runtime import Runtime
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.kinds.structure_mask import to_tensors
+from ticketserve.core.kinds.supermask import encode_masks
+from ticketserve.runtime.executor import Runtime
+from ticketserve.runtime.onnx_backend import OnnxRuntime
 
 TEXTS = ["a fine, moving film", "dreadful", "it could have been shorter, and funnier", "yes", "no way"]
 
@@ -38,8 +38,8 @@ def _tasks(backbone):
 def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints):
     for arch in ("bert", "roberta"):
         path = str(tiny_checkpoints[arch])
-        torch_runtime = Runtime(load_backbone(path), device="cpu")
-        onnx_runtime = OnnxRuntime(load_backbone(path))
+        torch_runtime = ByName(Runtime(load_backbone(path), device="cpu"))
+        onnx_runtime = ByName(OnnxRuntime(load_backbone(path)))
         for task in _tasks(torch_runtime.backbone):
             torch_runtime.add(task)
             onnx_runtime.add(task)
@@ -54,7 +54,7 @@ def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints):
 
 
 def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
-    from ticketserve.onnx_backend import cached_export
+    from ticketserve.runtime.onnx_backend import cached_export
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     first = cached_export(backbone)
@@ -66,11 +66,11 @@ def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
 
 
 def test_server_with_the_onnx_backend(tiny_checkpoints, tmp_path):
-    from registry import open_store
     from tests.helpers import publish_row_task
     from tests.test_server import in_process
-    from ticketserve.client import Client
-    from ticketserve.server.main import BackgroundServer, ServeConfig
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.client import Client
+    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 
     path = str(tiny_checkpoints["roberta"])
     store = open_store(str(tmp_path / "registry"))

@@ -7,9 +7,9 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from tests.helpers import in_memory_artifact, random_row_delta
-from ticketserve.kinds.routing import Routing, route
-from ticketserve.peft_export import export_peft
-from ticketserve.runtime import Runtime
+from ticketserve.core.routing import Routing, route
+from ticketserve.formats.peft import export_peft
+from ticketserve.runtime.executor import Runtime
 
 TEXTS = ["the acting is superb", "two hours I will never get back", "meh"]
 

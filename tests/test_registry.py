@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from registry import BackboneRef, HeadConfig, Manifest, Reference, open_store
-from registry.store import DEFAULT_TAG
-from ticketserve.errors import CorruptArtifact, InvalidArgument, NotFound, StorageError
-from ticketserve.tasks import get_task
+from ticketserve.core.errors import CorruptArtifact, InvalidArgument, NotFound, StorageError
+from ticketserve.core.tasks import get_task
+from ticketserve.registry import BackboneRef, HeadConfig, Manifest, Reference, open_store
+from ticketserve.registry.store import DEFAULT_TAG
 
 BACKBONE = BackboneRef(name="b", fingerprint="sha256:" + "1" * 64, model_type="bert", num_layers=1, hidden_size=4)
 
@@ -96,17 +96,17 @@ def test_full_disk_while_committing_leaves_no_new_version(store, monkeypatch):
     """The version pointer is staged, `latest` hits ENOSPC: the publish fails, nothing new is visible."""
     import errno
 
-    import registry.local
+    import ticketserve.registry.local
 
     v1 = store.publish(manifest(), {"p": b"one"})
-    original = registry.local.os.write
+    original = ticketserve.registry.local.os.write
 
     def full_on_the_tag(fd, data):
         if data == b"2":  # the `latest` tag's content, staged after the version pointer
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(fd, data)
 
-    monkeypatch.setattr(registry.local.os, "write", full_on_the_tag)
+    monkeypatch.setattr(ticketserve.registry.local.os, "write", full_on_the_tag)
     with pytest.raises(StorageError, match="disk full"):
         store.publish(manifest(metrics={"f1": 1.0}), {"p": b"two"})
     monkeypatch.undo()
@@ -159,13 +159,13 @@ def test_temp_files_of_killed_writers_are_found_and_collected(store):
     root = Path(store.url)
     script = textwrap.dedent("""
         import os, signal, sys
-        import registry.local
-        from registry import open_store
+        import ticketserve.registry.local
+        from ticketserve.registry import open_store
         store = open_store(sys.argv[1])
-        original = registry.local.os.fsync
+        original = ticketserve.registry.local.os.fsync
         def die_after_writing(fd):   # the blob's bytes are in its locked temp file: die before the rename
             os.kill(os.getpid(), signal.SIGKILL)
-        registry.local.os.fsync = die_after_writing
+        ticketserve.registry.local.os.fsync = die_after_writing
         store._put_blob(b"x" * 5_000_000)
     """)
     for _ in range(3):
@@ -246,8 +246,8 @@ def test_concurrent_publishers_from_several_processes_lose_nothing(tmp_path):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import registry.local
-    from registry import open_store
+    import ticketserve.registry.local
+    from ticketserve.registry import open_store
     from tests.test_registry import manifest
     store = open_store(sys.argv[1])
     original = os.replace
@@ -255,7 +255,7 @@ CRASH_SCRIPT = textwrap.dedent("""
         if "versions" in str(target):   # blobs are in place, pointer and tags staged: die before they appear
             os.kill(os.getpid(), signal.SIGKILL)
         original(source, target)
-    registry.local.os.replace = crash_on_version_pointer
+    ticketserve.registry.local.os.replace = crash_on_version_pointer
     store.publish(manifest(metrics={"crash": 1}), {"p": b"half-published" * 1000})
 """)
 
@@ -290,8 +290,8 @@ def test_random_time_kills_never_expose_a_partial_version(tmp_path):
 
 FULL_DISK_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
-    from registry import open_store
-    from ticketserve.errors import StorageError
+    from ticketserve.registry import open_store
+    from ticketserve.core.errors import StorageError
     from tests.test_registry import manifest
     store = open_store(sys.argv[1])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import in_memory_artifact, random_row_delta
-from ticketserve.backbone import dense_matrices
-from ticketserve.errors import CorruptArtifact
-from ticketserve.kinds import get_kind
-from ticketserve.kinds.routing import Routing, route
-from ticketserve.kinds.row_delta import RowDeltaLinear, add_trainable, export, materialize
-from ticketserve.runtime import Runtime
+from tests.helpers import ByName, in_memory_artifact, random_row_delta
+from ticketserve.core.backbone import dense_matrices
+from ticketserve.core.errors import CorruptArtifact
+from ticketserve.core.kinds import get_kind
+from ticketserve.core.kinds.row_delta import RowDeltaLinear, add_trainable, export, materialize
+from ticketserve.core.routing import Routing, route
+from ticketserve.runtime.executor import Runtime
 
 TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again, ever"]
 
@@ -55,7 +55,7 @@ def test_materialise_matches_the_math_convention(tiny_backbone):
 def test_mixed_task_batch_equals_each_task_alone(tiny_backbone):
     """Tasks of different shapes share one padded table: k = 4 with the bias row, k = 1 without
     it, the bias row only (BitFit), and rows in only the first matrices."""
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     some = random_row_delta(tiny_backbone, k=2, seed=3)
     shapes = {"alpha": random_row_delta(tiny_backbone, k=4, seed=0),
               "beta": random_row_delta(tiny_backbone, k=1, seed=1, bias=False),
@@ -73,7 +73,7 @@ def test_mixed_task_batch_equals_each_task_alone(tiny_backbone):
 
 
 def test_replacing_and_removing_a_task_detaches_its_rows(tiny_backbone):
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=1)))
     first_slot = runtime.get("t").slot
     runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=2)))
@@ -84,7 +84,7 @@ def test_replacing_and_removing_a_task_detaches_its_rows(tiny_backbone):
 
 
 def test_the_row_table_grows_reuses_freed_rows_and_widens_without_changing_results(tiny_backbone):
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     for i in range(20):  # past the first growth step
         runtime.add(in_memory_artifact(tiny_backbone, f"t{i}", random_row_delta(tiny_backbone, k=1, seed=i), seed=i))
     layer = next(iter(dense_matrices(tiny_backbone.model).values()))
@@ -153,11 +153,11 @@ def test_validate_rejects_payloads_that_do_not_fit(tiny_backbone, damage):
 
 
 def test_a_full_task_shares_no_rows_and_leaves_the_row_tasks_intact(tiny_backbone):
-    from ticketserve.kinds.full import changed_tensors
+    from ticketserve.core.kinds.full import changed_tensors
 
     tuned = copy.deepcopy(tiny_backbone.model)
     reference = {k: v.clone() for k, v in tuned.state_dict().items()}
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     runtime.add(in_memory_artifact(tiny_backbone, "rows", random_row_delta(tiny_backbone, seed=3)))
     before = runtime.logits(["rows"], runtime.tokenize(TEXTS[:1]))[0]
     with torch.no_grad():

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from registry import open_store
 from tests.test_registry import assert_concurrent_publishers_lose_nothing, manifest
-from ticketserve.errors import CorruptArtifact, NotFound
+from ticketserve.core.errors import CorruptArtifact, NotFound
+from ticketserve.registry import open_store
 
 pytest.importorskip("moto")
 
@@ -55,8 +55,8 @@ def test_publish_resolve_tags_remove_and_gc(s3_url):
 
 
 def test_a_tag_that_cannot_be_written_takes_its_version_back(s3_url, monkeypatch):
-    from registry.s3 import S3Store
-    from ticketserve.errors import StorageError
+    from ticketserve.core.errors import StorageError
+    from ticketserve.registry.s3 import S3Store
 
     store = open_store(s3_url)
     v1 = store.publish(manifest(), {"p": b"one"}, tags=("prod",))
@@ -108,9 +108,9 @@ def test_bundles_move_between_local_and_s3(s3_url, tmp_path):
 
 def test_replicas_sharing_an_s3_registry_converge_without_restarts(s3_url, tiny_checkpoints):
     from tests.helpers import TEXTS, publish_row_task
-    from ticketserve.backbone import load_backbone
-    from ticketserve.client import Client
-    from ticketserve.server.main import BackgroundServer, ServeConfig
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.runtime.client import Client
+    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 
     store = open_store(s3_url)
     path = str(tiny_checkpoints["bert"])

@@ -17,15 +17,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from registry import open_store
-from tests.helpers import ROW_TASKS, TEXTS, publish_row_task
-from ticketserve import artifact
-from ticketserve.backbone import load_backbone
-from ticketserve.client import Client
-from ticketserve.engine import EngineConfig
-from ticketserve.runtime import Runtime
-from ticketserve.server.main import BackgroundServer, ServeConfig
+from tests.helpers import ROW_TASKS, TEXTS, ByName, publish_row_task
+from ticketserve.core import artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.registry import open_store
+from ticketserve.runtime.client import Client
+from ticketserve.runtime.engine import EngineConfig
+from ticketserve.runtime.executor import Runtime
+from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 from ticketserve.v1 import pb
+
 
 def config(registry, tiny_bert, **overrides) -> ServeConfig:
     return ServeConfig(port=0, registry=registry.url, backbone=tiny_bert, watch_seconds=0.2, metrics_port=0,
@@ -34,7 +35,7 @@ def config(registry, tiny_bert, **overrides) -> ServeConfig:
 
 def in_process(registry, tiny_bert, name: str, texts: list[str], ref: str | None = None):
     backbone = load_backbone(tiny_bert)
-    runtime = Runtime(backbone, device="cpu")
+    runtime = ByName(Runtime(backbone, device="cpu"))
     runtime.add(artifact.load(registry, ref or name, backbone), name=name)
     return runtime.predict([name] * len(texts), texts)
 
@@ -199,7 +200,7 @@ def test_full_queue_pushes_back_with_resource_exhausted(registry, tiny_bert):
 def test_streaming_predictions_come_back_in_order(registry, tiny_bert):
     import asyncio
 
-    from ticketserve.client import AsyncClient
+    from ticketserve.runtime.client import AsyncClient
 
     async def run(port: int):
         async with AsyncClient(f"127.0.0.1:{port}") as client:

@@ -21,16 +21,16 @@ import grpc
 import pytest
 import torch
 
-from tests.helpers import ROW_TASKS, TEXTS, manifest_for, publish_row_task, random_head, random_row_delta
+from tests.helpers import ROW_TASKS, TEXTS, ByName, manifest_for, publish_row_task, random_head, random_row_delta
 from tests.test_server import _code, assert_same, config, in_process
-from ticketserve import artifact
-from ticketserve.backbone import load_backbone
-from ticketserve.client import Client
-from ticketserve.engine import Engine, EngineConfig
-from ticketserve.errors import InvalidArgument
-from ticketserve.kinds.row_delta import RowDeltaLinear
-from ticketserve.runtime import Runtime
-from ticketserve.server.main import BackgroundServer
+from ticketserve.core import artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.kinds.row_delta import RowDeltaLinear
+from ticketserve.runtime.client import Client
+from ticketserve.runtime.engine import Engine, EngineConfig
+from ticketserve.runtime.executor import Runtime
+from ticketserve.runtime.server.main import BackgroundServer
 from ticketserve.v1 import pb
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -147,11 +147,11 @@ def test_a_broken_newest_version_keeps_the_old_one_serving_even_after_eviction(r
 
 
 def test_a_failing_attach_is_rolled_back_and_typed(tiny_checkpoints, monkeypatch):
-    from ticketserve.errors import CorruptArtifact
     from tests.helpers import in_memory_artifact
+    from ticketserve.core.errors import CorruptArtifact
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    runtime = Runtime(backbone, device="cpu")
+    runtime = ByName(Runtime(backbone, device="cpu"))
     runtime.add(in_memory_artifact(backbone, "ok", random_row_delta(backbone)))
     before = _row_slots(runtime)
     calls = {"n": 0}
@@ -214,18 +214,18 @@ class _RecordingTokenizer:
 
 def test_huge_texts_are_cut_before_tokenizing_with_the_same_prediction(tiny_checkpoints):
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    runtime = Runtime(backbone, device="cpu", max_length=64)
+    runtime = ByName(Runtime(backbone, device="cpu", max_length=64))
     runtime.add(artifact_for(backbone))
     engine = Engine(runtime, EngineConfig(max_tokens_per_text=64))
     try:
         words = " ".join(random.Random(0).choice(["good", "bad", "plot", "actors", "film,"]) for _ in range(30_000))
         recorder = backbone.tokenizer = _RecordingTokenizer(backbone.tokenizer)
-        huge = engine.submit("ok", [words, words[:500]]).result(timeout=60).predictions
+        huge = engine.submit(runtime.get("ok"), [words, words[:500]]).result(timeout=60).predictions
         assert max(recorder.longest) <= 64 * 24 < len(words)  # the tokenizer never saw the whole text
         cut = words[:64 * 24].rsplit(" ", 1)[0]
         assert_same(huge, runtime.predict(["ok", "ok"], [cut, words[:500]]))
         with pytest.raises(InvalidArgument, match="bytes; the limit is 262,144"):
-            engine.submit("ok", ["é" * 140_000])  # 280,000 bytes in 140,000 characters
+            engine.submit(runtime.get("ok"), ["é" * 140_000])  # 280,000 bytes in 140,000 characters
     finally:
         engine.close()
 
@@ -233,7 +233,7 @@ def test_huge_texts_are_cut_before_tokenizing_with_the_same_prediction(tiny_chec
 @pytest.mark.parametrize("ms_per_token, first", [(1.0, "short"), (0.0, "long")])
 def test_cheap_requests_go_before_costly_ones_that_came_a_little_earlier(tiny_checkpoints, ms_per_token, first):
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    runtime = Runtime(backbone, device="cpu")
+    runtime = ByName(Runtime(backbone, device="cpu"))
     runtime.add(artifact_for(backbone))
     engine = Engine(runtime, EngineConfig(max_queue_delay_ms=0, queue_ms_per_token=ms_per_token))
     started, release, batches = threading.Event(), threading.Event(), []
@@ -247,10 +247,10 @@ def test_cheap_requests_go_before_costly_ones_that_came_a_little_earlier(tiny_ch
 
     runtime.logits = recording
     try:
-        busy = engine.submit("ok", ["warm"])
+        busy = engine.submit(runtime.get("ok"), ["warm"])
         assert started.wait(10)
-        long = engine.submit("ok", ["word " * 300] * 4)  # 4 × 126 tokens, queued first
-        short = engine.submit("ok", ["short"])  # 3 tokens, a moment later
+        long = engine.submit(runtime.get("ok"), ["word " * 300] * 4)  # 4 × 126 tokens, queued first
+        short = engine.submit(runtime.get("ok"), ["short"])  # 3 tokens, a moment later
         release.set()
         for future in (busy, long, short):
             future.result(timeout=30)
@@ -398,7 +398,7 @@ def test_admin_calls_need_the_admin_token_and_one_authorization_header(registry,
 
 
 def test_malloc_settings_for_the_server_process_leave_the_environments_alone(monkeypatch):
-    from ticketserve.server.memory import tune_malloc
+    from ticketserve.runtime.server.memory import tune_malloc
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     applied = tune_malloc()

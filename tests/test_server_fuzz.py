@@ -16,13 +16,13 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import open_store
 from tests.helpers import ROW_TASKS, publish_mask_task, publish_row_task
 from tests.test_server import _code
-from ticketserve.backbone import load_backbone
-from ticketserve.client import Client
-from ticketserve.engine import EngineConfig
-from ticketserve.server.main import BackgroundServer, ServeConfig
+from ticketserve.core.backbone import load_backbone
+from ticketserve.registry import open_store
+from ticketserve.runtime.client import Client
+from ticketserve.runtime.engine import EngineConfig
+from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 from ticketserve.v1 import pb
 
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}

@@ -10,18 +10,25 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tests.helpers import in_memory_artifact, manifest_for, random_head, random_row_delta
-from ticketserve import artifact
-from ticketserve.backbone import dense_matrices, load_backbone
-from ticketserve.errors import CorruptArtifact
-from ticketserve.kinds import get_kind
-from ticketserve.kinds.supermask import (CODECS, MaskCache, decode_mask, decode_masks, encode_mask, encode_masks,
-                                         magnitude_mask)
-from ticketserve.runtime import Runtime
-from ticketserve.tasks import get_task
-from trainers.config import TrainConfig
-from trainers.run import train
-from trainers.supermask import ScoreMask, SupermaskOptions, select_weights
+from tests.helpers import ByName, in_memory_artifact, manifest_for, random_head, random_row_delta
+from ticketserve.core import artifact
+from ticketserve.core.backbone import dense_matrices, load_backbone
+from ticketserve.core.errors import CorruptArtifact
+from ticketserve.core.kinds import get_kind
+from ticketserve.core.kinds.supermask import (
+    CODECS,
+    MaskCache,
+    decode_mask,
+    decode_masks,
+    encode_mask,
+    encode_masks,
+    magnitude_mask,
+)
+from ticketserve.core.tasks import get_task
+from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.run import train
+from ticketserve.trainers.supermask import ScoreMask, SupermaskOptions, select_weights
 
 TEXTS = ["what a ride", "boring from start to finish", "an honest, heartfelt story", "no"]
 
@@ -141,7 +148,7 @@ def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_bac
     with torch.no_grad():
         for name, module in dense_matrices(offline).items():
             module.weight.mul_(masks_a[name])
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     runtime.add(in_memory_artifact(tiny_backbone, "mask-a", encode_masks(masks_a), kind="supermask"))
     runtime.add(in_memory_artifact(tiny_backbone, "mask-b", encode_masks(masks_b), seed=1, kind="supermask"))
     runtime.add(in_memory_artifact(tiny_backbone, "rows", random_row_delta(tiny_backbone), seed=2))
@@ -207,15 +214,15 @@ def test_train_publish_load_predict_with_sampled_evaluation(store, tiny_checkpoi
     assert len(details["sparsity_per_matrix"]) == 10  # 2 blocks × 5 matrices (no key)
     assert any(key.endswith(".reference") for key in outcome.tensors)  # coded as flips of the 10 % start
     fresh = load_backbone(str(tiny_checkpoints["roberta"]))
-    runtime = Runtime(fresh, device="cpu")
+    runtime = ByName(Runtime(fresh, device="cpu"))
     loaded = runtime.add(artifact.load(store, outcome.version, fresh))
     assert runtime.predict([loaded.name], ["good"])[0].label in ("negative", "positive")
     # the shipped deterministic mask scores what training reported for it
-    from ticketserve.data import load_split
-    from ticketserve.evaluate import evaluate
+    from ticketserve.core.data import load_split
+    from ticketserve.runtime.evaluate import evaluate
 
     dev = load_split(get_task("sst2"), "validation", "sample", samples=32, seed=4)
-    assert evaluate(runtime, loaded.name, dev) == store.manifest(outcome.version).metrics
+    assert evaluate(runtime, runtime.get(loaded.name), dev) == store.manifest(outcome.version).metrics
 
 
 def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
@@ -223,9 +230,9 @@ def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
 
     from typer.testing import CliRunner
 
-    from registry import open_store
     from ticketserve.cli import app
-    from ticketserve.ticket_report import distances
+    from ticketserve.registry import open_store
+    from ticketserve.trainers.ticket_report import distances
 
     registry = str(tmp_path / "registry")
     path = str(tiny_checkpoints["bert"])
@@ -258,11 +265,11 @@ def test_distance_and_sparsity_commands(tmp_path, tiny_checkpoints):
 
 def test_full_task_loads_after_a_supermask_task(tiny_backbone):
     """Regression: copying the shared encoder for a full task must skip the mask cache."""
-    from ticketserve.kinds.full import changed_tensors
+    from ticketserve.core.kinds.full import changed_tensors
 
     tuned = copy.deepcopy(tiny_backbone.model)  # the "fine-tuned" model, copied before any task attaches
     reference = {k: v.clone() for k, v in tuned.state_dict().items()}
-    runtime = Runtime(tiny_backbone, device="cpu")
+    runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     runtime.add(in_memory_artifact(tiny_backbone, "masked", encode_masks(_random_masks(tiny_backbone, 1)), kind="supermask"))
     runtime.logits(["masked"], runtime.tokenize(TEXTS[:1]))  # the mask cache now exists
     with torch.no_grad():

@@ -7,21 +7,22 @@ import json
 import pytest
 import torch
 
-from ticketserve import artifact
-from ticketserve.backbone import load_backbone
-from ticketserve.errors import BackboneMismatch, InvalidArgument
-from ticketserve.runtime import Runtime
-from ticketserve.tasks import custom_task, get_task
-from trainers.config import TrainConfig
-from trainers.supertickets import SCORES_FFN, SCORES_HEADS, importance, keep_masks, score_fine_tuned, sweep
-from trainers.ticketshare import StrictSharing, masked_slices, train_ticketshare
+from tests.helpers import ByName
+from ticketserve.core import artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.errors import BackboneMismatch, InvalidArgument
+from ticketserve.core.tasks import custom_task, get_task
+from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.supertickets import SCORES_FFN, SCORES_HEADS, importance, keep_masks, score_fine_tuned, sweep
+from ticketserve.trainers.ticketshare import StrictSharing, masked_slices, train_ticketshare
 
 CONFIG = TrainConfig(train_samples=32, eval_samples=16, batch_size=8, epochs=1, seed=3)
 
 
 def test_importance_finds_the_one_head_that_matters(tiny_checkpoints):
-    from ticketserve.model import TaskModel
-    from registry import HeadConfig
+    from ticketserve.core.model import TaskModel
+    from ticketserve.registry import HeadConfig
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     encoder = backbone.model
@@ -82,11 +83,11 @@ def test_sweep_publishes_masks_per_level_and_the_best(store, tiny_checkpoints):
 
 
 def test_level_0_is_the_importance_runs_fine_tuning_not_a_second_one(store, tiny_checkpoints, monkeypatch):
-    import trainers.run
+    from ticketserve.trainers import supertickets as sweeping
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    real_train, trained = trainers.run.train, []
-    monkeypatch.setattr(trainers.run, "train", lambda method, *a, **kw: trained.append(method) or real_train(method, *a, **kw))
+    real_train, trained = sweeping.train, []
+    monkeypatch.setattr(sweeping, "train", lambda method, *a, **kw: trained.append(method) or real_train(method, *a, **kw))
     version = sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.5), show_progress=False)
     assert trained == ["importance", "gated-full"]
     level0 = store.manifest(version).details["levels"][0]
@@ -102,13 +103,13 @@ def test_level_0_is_the_importance_runs_fine_tuning_not_a_second_one(store, tiny
 
 
 def test_importance_of_a_published_fine_tuning_is_that_of_fine_tuning_again(store, tiny_checkpoints, monkeypatch):
-    import trainers.run
+    from ticketserve.trainers import supertickets as sweeping
 
     backbone, spec = load_backbone(str(tiny_checkpoints["bert"])), get_task("sst2")
     theta0 = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    trainers.run.train("full", spec, backbone, CONFIG, store, "sample", name="ft", show_progress=False)
+    sweeping.train("full", spec, backbone, CONFIG, store, "sample", name="ft", show_progress=False)
     backbone.model.load_state_dict(theta0)  # training fine-tunes the backbone in place
-    again = trainers.run.train("importance", spec, backbone, CONFIG, store, "sample", name="again", show_progress=False)
+    again = sweeping.train("importance", spec, backbone, CONFIG, store, "sample", name="again", show_progress=False)
     backbone.model.load_state_dict(theta0)
     version, scores = score_fine_tuned("ft", spec, backbone, store, "sample", name="scored")
     for key in (SCORES_HEADS, SCORES_FFN):
@@ -117,7 +118,7 @@ def test_importance_of_a_published_fine_tuning_is_that_of_fine_tuning_again(stor
     assert all(torch.equal(v, theta0[k]) for k, v in backbone.model.state_dict().items())  # scored on a copy
 
     trained = []
-    monkeypatch.setattr(trainers.run, "train", lambda method, *a, **kw: trained.append(method))
+    monkeypatch.setattr(sweeping, "train", lambda method, *a, **kw: trained.append(method))
     swept = sweep(spec, backbone, CONFIG, store, "sample", levels=(0.0,), importance_ref="scored", show_progress=False)
     assert trained == [] and store.manifest(swept).details["levels"][0]["reused"] == "importance"
     with pytest.raises(InvalidArgument, match="trained on sample"):
@@ -127,10 +128,10 @@ def test_importance_of_a_published_fine_tuning_is_that_of_fine_tuning_again(stor
 
 
 def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpoints, monkeypatch):
-    import trainers.run
+    from ticketserve.trainers import supertickets as sweeping
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    real_train, trained = trainers.run.train, []
+    real_train, trained = sweeping.train, []
 
     def dies_at_level_50(method, *args, **kwargs):
         if method == "gated-full" and sum(1 - v for row in kwargs["options"]["heads"] for v in row) == 4:
@@ -138,7 +139,7 @@ def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpo
         trained.append(method)
         return real_train(method, *args, **kwargs)
 
-    monkeypatch.setattr(trainers.run, "train", dies_at_level_50)
+    monkeypatch.setattr(sweeping, "train", dies_at_level_50)
     with pytest.raises(KeyboardInterrupt):
         sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), name="sw", show_progress=False)
     checkpoint = store.manifest("sw")
@@ -147,9 +148,9 @@ def test_a_killed_sweep_resumes_from_its_last_finished_level(store, tiny_checkpo
         sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), ticket_type="random",
               name="sw", show_progress=False, resume=True)
 
-    monkeypatch.setattr(trainers.run, "train", real_train)
+    monkeypatch.setattr(sweeping, "train", real_train)
     trained.clear()
-    monkeypatch.setattr(trainers.run, "train", lambda method, *a, **kw: trained.append(method) or real_train(method, *a, **kw))
+    monkeypatch.setattr(sweeping, "train", lambda method, *a, **kw: trained.append(method) or real_train(method, *a, **kw))
     version = sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.25, 0.5), name="sw",
                     show_progress=False, resume=True)
     assert trained == ["gated-full"]  # only the level that was in flight; importance and 0 %, 25 % reused
@@ -169,7 +170,7 @@ def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_
     backbone = load_backbone(path)
     flipped = tmp_path / "flipped"  # a second task: SST-2 sample sentences with labels swapped
     flipped.mkdir()
-    from ticketserve.data import sample_dir
+    from ticketserve.core.data import sample_dir
 
     for split in ("train", "validation"):
         lines = (sample_dir("sst2") / f"{split}.jsonl").read_text().splitlines()[:64]
@@ -187,7 +188,7 @@ def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_
 
     shared = load_backbone("registry:ts-backbone", store=store)
     assert shared.fingerprint == task_manifest.backbone.fingerprint == store.manifest(outcome.backbone).details["fingerprint"]
-    runtime = Runtime(shared, device="cpu")
+    runtime = ByName(Runtime(shared, device="cpu"))
     for name in ("ts-sst2", "ts-flipped"):
         runtime.add(artifact.load(store, name, shared))
     texts = ["lovely", "awful", "so-so", "great fun"]

@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from ticketserve import artifact, tickets
-from ticketserve.backbone import dense_matrices, load_backbone
-from ticketserve.errors import InvalidArgument
-from ticketserve.kinds.ticket import counts_of
-from ticketserve.runtime import Runtime
-from ticketserve.tasks import get_task
-from trainers import get_method
-from trainers.config import TrainConfig
-from trainers.run import train
+from tests.helpers import ByName
+from ticketserve.core import artifact
+from ticketserve.core.backbone import dense_matrices, load_backbone
+from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.kinds.ticket import counts_of
+from ticketserve.core.tasks import get_task
+from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers import get_method, tickets
+from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.run import train
 
 
 def test_tilde_puts_input_features_in_rows_and_the_bias_last():
@@ -86,7 +87,7 @@ def test_find_train_publish_load_predict(store, tiny_checkpoints, arch):
     for name, rows in chosen.items():
         got = task.tensors.get(f"{name}.index")
         assert sorted(got.tolist() if got is not None else []) == sorted(rows)
-    runtime = Runtime(fresh, device="cpu")
+    runtime = ByName(Runtime(fresh, device="cpu"))
     runtime.add(task)
     assert runtime.predict(["sst2-dominant"], ["nice"])[0].label in spec.labels
     with pytest.raises(InvalidArgument, match="not a task"):
@@ -113,8 +114,8 @@ def test_ticket_show_compare_plot_and_peft_export_commands(tmp_path, tiny_checkp
 
     from typer.testing import CliRunner
 
-    from registry import open_store
     from ticketserve.cli import app
+    from ticketserve.registry import open_store
 
     registry = str(tmp_path / "registry")
     backbone = str(tiny_checkpoints["bert"])

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers import in_memory_artifact, random_row_delta
-from ticketserve import artifact
-from ticketserve.backbone import dense_matrices, load_backbone
-from ticketserve.data import load_split
-from ticketserve.evaluate import evaluate
-from ticketserve.runtime import Runtime
-from ticketserve.tasks import get_task
-from trainers.config import TrainConfig
-from trainers.run import train
+from tests.helpers import ByName, in_memory_artifact, random_row_delta
+from ticketserve.core import artifact
+from ticketserve.core.backbone import dense_matrices, load_backbone
+from ticketserve.core.data import load_split
+from ticketserve.core.tasks import get_task
+from ticketserve.runtime.evaluate import evaluate
+from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.run import train
 
 SST2 = get_task("sst2")
 
@@ -32,11 +32,11 @@ def test_bitfit_on_minilm_publish_load_predict(store):
     fresh = load_backbone()
     loaded = artifact.load(store, outcome.version, fresh)
     assert all(loaded.tensors[f"{name}.index"].tolist() == [m.in_features] for name, m in matrices.items())
-    runtime = Runtime(fresh, device="cpu")
+    runtime = ByName(Runtime(fresh, device="cpu"))
     runtime.add(loaded)
     dev = load_split(SST2, "validation", "sample", samples=64, seed=3)
     # the best checkpoint was restored and the served artifact scores exactly what training measured
-    assert evaluate(runtime, loaded.manifest.name, dev) == manifest.metrics
+    assert evaluate(runtime, runtime.get(loaded.manifest.name), dev) == manifest.metrics
     predictions = runtime.predict(["sst2-bitfit"] * 2, ["a triumph of a film", "a dreary waste of time"])
     assert all(p.label in SST2.labels and abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
 
@@ -53,11 +53,11 @@ def test_full_finetuning_artifact_serves_next_to_row_delta_tasks(store, tiny_che
     assert any(key.endswith("attention.self.query.weight") for key in loaded.kind_tensors)
     assert "encoder.embeddings.word_embeddings.weight" in loaded.kind_tensors  # every changed tensor is kept
 
-    runtime = Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu")
+    runtime = ByName(Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu"))
     runtime.add(loaded)
     runtime.add(in_memory_artifact(runtime.backbone, "rows", random_row_delta(runtime.backbone)))
     dev = load_split(SST2, "validation", "sample", samples=48, seed=1)
-    assert evaluate(runtime, "sst2-full", dev) == manifest.metrics
+    assert evaluate(runtime, runtime.get("sst2-full"), dev) == manifest.metrics
     texts = list(dev["text"][:4])
     mixed = runtime.logits(["sst2-full", "rows", "sst2-full", "rows"], runtime.tokenize(texts))
     for i, name in enumerate(["sst2-full", "rows", "sst2-full", "rows"]):

@@ -1,0 +1,187 @@
+"""One suite for every registered task kind — and proof that a kind is one file.
+
+`ToyShift`, defined here and nowhere else, is a kind that shares the backbone and keeps
+per-task state of its own (a vector added to each example's embeddings). It registers itself
+like any kind, so every test below runs it next to the real kinds: served mixed with them in
+one batch, on torch and on ONNX (where it has no graph form and runs on torch, explicitly).
+A new kind joins by adding one sample payload to SAMPLES (a test checks that none is missing).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import TEXTS, in_memory_artifact, random_row_delta
+from ticketserve.core.backbone import dense_matrices, load_backbone
+from ticketserve.core.errors import CorruptArtifact
+from ticketserve.core.kinds import Kind, Tensors, get_kind, kinds, register_kind
+from ticketserve.core.kinds.full import PREFIX
+from ticketserve.core.kinds.structure_mask import to_tensors
+from ticketserve.core.kinds.supermask import encode_masks
+from ticketserve.core.routing import current
+from ticketserve.runtime.executor import Runtime
+from ticketserve.runtime.onnx_backend import OnnxRuntime
+
+SHIFT = "toy.shift"
+_SHIFTS: weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+@register_kind
+class ToyShift(Kind):
+    """Adds a per-task vector to the embeddings' output of the examples routed to its slots."""
+
+    name = "toy_shift"
+
+    def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
+        if set(tensors) != {SHIFT} or tensors[SHIFT].shape != (encoder.config.hidden_size,) \
+                or not tensors[SHIFT].is_floating_point():
+            raise CorruptArtifact(f"a toy_shift holds exactly {SHIFT}: float[hidden]")
+
+    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+        if encoder not in _SHIFTS:
+            _SHIFTS[encoder] = {}
+            encoder.embeddings.register_forward_hook(self._hook(_SHIFTS[encoder]))
+        _SHIFTS[encoder][slot] = tensors[SHIFT].clone()
+        return encoder
+
+    def detach(self, encoder: nn.Module, slot: int) -> None:
+        _SHIFTS.get(encoder, {}).pop(slot, None)
+
+    @staticmethod
+    def _hook(shifts: dict[int, torch.Tensor]):
+        def hook(module, args, output):
+            routing = current()
+            if routing is None or not any(s in shifts for s in routing.slot_list):
+                return None
+            add = torch.stack([shifts.get(s, torch.zeros(output.shape[-1])) for s in routing.slot_list])
+            return output + add.unsqueeze(1).to(output.dtype)
+
+        return hook
+
+
+def _masks(backbone, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(m.weight.shape, generator=generator) > 0.2 for n, m in dense_matrices(backbone.model).items()}
+
+
+def _full(backbone, seed: int) -> Tensors:
+    generator = torch.Generator().manual_seed(seed)
+    name = next(iter(dense_matrices(backbone.model)))
+    weight = backbone.model.get_parameter(f"{name}.weight")
+    return {f"{PREFIX}{name}.weight": (weight + 0.2 * torch.randn(weight.shape, generator=generator)).detach()}
+
+
+def _gates(backbone, seed: int) -> Tensors:
+    config = backbone.config
+    keep = torch.ones(config.num_hidden_layers, config.num_attention_heads, dtype=torch.bool)
+    keep[0, seed % config.num_attention_heads] = False
+    return to_tensors(keep, torch.tensor([seed % 2 == 0] + [True] * (config.num_hidden_layers - 1)))
+
+
+SAMPLES = {  # kind → a valid payload (without the head) for a backbone, varied by seed
+    "row_delta": lambda backbone, seed: random_row_delta(backbone, k=2, seed=seed, scale=0.3),
+    "supermask": lambda backbone, seed: encode_masks(_masks(backbone, seed)),
+    "structure_mask": _gates,
+    "full": _full,
+    "toy_shift": lambda backbone, seed: {SHIFT: torch.randn(backbone.config.hidden_size,
+                                                            generator=torch.Generator().manual_seed(seed))},
+}
+TASK_KINDS = sorted(name for name, kind in kinds().items() if kind.is_task)
+
+
+def _artifact(backbone, kind: str, seed: int, name: str | None = None):
+    return in_memory_artifact(backbone, name or f"{kind}-{seed}", SAMPLES[kind](backbone, seed), seed=seed, kind=kind)
+
+
+def _company(backbone) -> list:
+    """A task of every other real kind, to serve beside the one under test."""
+    return [_artifact(backbone, kind, 10 + i) for i, kind in enumerate(("row_delta", "structure_mask", "supermask", "full"))]
+
+
+def test_every_registered_task_kind_is_in_this_suite():
+    assert "toy_shift" in TASK_KINDS  # registered from this module alone
+    assert set(TASK_KINDS) <= set(SAMPLES), f"add a sample payload for {set(TASK_KINDS) - set(SAMPLES)}"
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS)
+def test_damaged_payloads_are_refused(kind, tiny_checkpoints):
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    good = SAMPLES[kind](backbone, 1)
+    get_kind(kind).validate(good, backbone.model)
+    first = next(iter(good))
+    damaged = {
+        "a foreign tensor": good | {"encoder.no.such.tensor": torch.zeros(3)},
+        "a wrong shape": good | {first: good[first].flatten()[:-1] if good[first].numel() > 1 else torch.zeros(2, 2)},
+        "a wrong dtype": good | {first: good[first].to(torch.int64 if good[first].is_floating_point() else torch.float32)},
+    }
+    for what, tensors in damaged.items():
+        with pytest.raises(CorruptArtifact):
+            get_kind(kind).validate(tensors, backbone.model)
+            pytest.fail(f"{kind} accepted {what}")
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS)
+def test_attach_then_detach_leaves_no_residue(kind, tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    company = [runtime.add(a) for a in _company(tiny_backbone)]
+    inputs = runtime.tokenize(TEXTS[:len(company)])
+    state = {k: v.clone() for k, v in runtime.encoder.state_dict().items()}
+    before = runtime.logits(company, inputs)
+
+    found = _artifact(tiny_backbone, kind, 3)
+    payload = [weakref.ref(t) for t in found.kind_tensors.values()]
+    task = runtime.add(found)
+    runtime.logits([task, *company[1:]], inputs)  # used in a mixed batch, so its kind built what it builds
+    own_encoder = None if task.encoder is runtime.encoder else weakref.ref(task.encoder)
+    runtime.remove(task)
+    del task, found
+    gc.collect()
+
+    assert all(ref() is None for ref in payload), f"{kind} keeps its payload after detach"
+    assert own_encoder is None or own_encoder() is None, f"{kind} keeps its encoder after detach"
+    for key, value in runtime.encoder.state_dict().items():
+        torch.testing.assert_close(value, state[key], atol=0, rtol=0)
+    for got, want in zip(runtime.logits(company, inputs), before):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS)
+def test_a_mixed_batch_equals_each_task_alone(kind, tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    tasks = [runtime.add(_artifact(tiny_backbone, kind, 1)), *(runtime.add(a) for a in _company(tiny_backbone)),
+             runtime.add(_artifact(tiny_backbone, kind, 2))]
+    texts = TEXTS[:len(tasks)]
+    mixed = runtime.logits(tasks, runtime.tokenize(texts))
+    for i, (task, text) in enumerate(zip(tasks, texts)):
+        alone = runtime.logits([task], runtime.tokenize([text]))[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[0], runtime.logits([tasks[-1]], runtime.tokenize(texts[:1]))[0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """One export per tiny backbone for the whole module (exports are cached by fingerprint)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "onnx-cache"))
+        yield
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS)
+def test_onnx_equals_torch(kind, tiny_checkpoints, onnx_cache):
+    for arch in ("bert", "roberta"):
+        path = str(tiny_checkpoints[arch])
+        torch_runtime, onnx_runtime = Runtime(load_backbone(path), device="cpu"), OnnxRuntime(load_backbone(path))
+        artifacts = [_artifact(torch_runtime.backbone, kind, 1), *_company(torch_runtime.backbone),
+                     _artifact(torch_runtime.backbone, kind, 2)]
+        expected = torch_runtime.logits([torch_runtime.add(a) for a in artifacts], torch_runtime.tokenize(TEXTS[:6]))
+        served = onnx_runtime.logits([onnx_runtime.add(a) for a in artifacts], onnx_runtime.tokenize(TEXTS[:6]))
+        for got, want in zip(served, expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        in_graph = {task.kind.name for task in (onnx_runtime.add(a) for a in artifacts[:1])
+                    if onnx_runtime.group(task)[0] == "graph"}
+        assert (kind in in_graph) == get_kind(kind).in_graph  # a kind without a graph form runs on torch

@@ -1,0 +1,3 @@
+from ticketserve.cli.app import main
+
+main()

@@ -1,0 +1,66 @@
+"""What the command groups share: consoles, common options, JSON-or-table output, and the
+registry/artifact/runtime a command works on."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from ticketserve.core.errors import TicketserveError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+RegistryOpt = Annotated[Optional[str], typer.Option("--registry", envvar="TICKETSERVE_REGISTRY",
+                                                    help="registry URL or directory (default: user cache)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="BERT/RoBERTa hub id or path; default: bundled MiniLM (for eval/predict: the artifact's)")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="directory with <split>.jsonl/.csv/.tsv, or 'sample' for the bundled sample")]
+
+
+def emit(as_json: bool, payload: Any, human) -> None:
+    if as_json:
+        out.print_json(json.dumps(payload, default=str))
+    else:
+        human()
+
+
+def store_at(url: str | None):
+    from ticketserve.registry import open_store
+
+    return open_store(url)
+
+
+def artifact_for(ref: str, registry: str | None, backbone: str | None):
+    """The artifact's backbone (or the one given), and the artifact checked against it."""
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+
+    store = store_at(registry)
+    version = store.resolve(ref)
+    loaded_backbone = load_backbone(backbone or store.manifest(version).backbone.name, store)
+    return loaded_backbone, artifact.load(store, version, loaded_backbone)
+
+
+def runtime_for(ref: str, registry: str | None, backbone: str | None):
+    """A runtime on the artifact's backbone (or the one given) serving the artifact."""
+    from ticketserve.runtime.executor import Runtime
+
+    loaded_backbone, found = artifact_for(ref, registry, backbone)
+    runtime = Runtime(loaded_backbone)
+    return runtime, runtime.add(found)
+
+
+
+
+def rpc(call):
+    """Run a client call; gRPC errors become one-line user errors."""
+    import grpc
+
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        raise TicketserveError(f"server said {exc.code().name}: {exc.details()}") from None

@@ -1,0 +1,71 @@
+"""Task specs (GLUE and custom) and their metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ticketserve.core.errors import InvalidArgument, NotFound
+from ticketserve.registry.manifest import TaskSpec
+
+_ENTAIL = ["entailment", "not_entailment"]
+
+
+def _glue(name: str, text: str, pair: str | None, labels: list[str], metric: str, extra=(), **kw) -> TaskSpec:
+    return TaskSpec(
+        name=name, text_field=text, text_pair_field=pair, labels=labels, metric=metric,
+        extra_metrics=list(extra), hub_dataset="nyu-mll/glue", hub_config=kw.pop("hub_config", name), **kw,
+    )
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _glue("sst2", "sentence", None, ["negative", "positive"], "accuracy"),
+        _glue("cola", "sentence", None, ["unacceptable", "acceptable"], "matthews", ["accuracy"]),
+        _glue("mrpc", "sentence1", "sentence2", ["not_equivalent", "equivalent"], "f1", ["accuracy"]),
+        _glue("stsb", "sentence1", "sentence2", [], "pearson", ["spearman"]),
+        _glue("qnli", "question", "sentence", _ENTAIL, "accuracy"),
+        _glue("qqp", "question1", "question2", ["not_duplicate", "duplicate"], "accuracy", ["f1"]),
+        _glue("rte", "sentence1", "sentence2", _ENTAIL, "accuracy"),
+        _glue("mnli", "premise", "hypothesis", ["entailment", "neutral", "contradiction"], "accuracy",
+              eval_split="validation_matched"),
+        _glue("mnli-mm", "premise", "hypothesis", ["entailment", "neutral", "contradiction"], "accuracy",
+              hub_config="mnli", eval_split="validation_mismatched"),
+    )
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return GLUE_TASKS[name]
+    except KeyError:
+        raise NotFound(
+            f"unknown task {name!r}: GLUE tasks are {', '.join(GLUE_TASKS)}; "
+            "for your own data pass --text-field/--label-field with --data-dir"
+        ) from None
+
+
+def custom_task(name: str, text_field: str, text_pair_field: str | None, label_field: str,
+                labels: list[str], metric: str | None = None) -> TaskSpec:
+    """A task over the user's own files; `labels` empty means regression."""
+    return TaskSpec(
+        name=name, text_field=text_field, text_pair_field=text_pair_field, label_field=label_field,
+        labels=labels, metric=metric or ("pearson" if not labels else "accuracy"),
+    )
+
+
+def compute_metrics(spec: TaskSpec, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """Primary + extra metrics. `predictions` are label ids, or values for regression."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    if len(references) == 0:
+        raise InvalidArgument(f"no examples to score for task {spec.name}")
+    scorers = {
+        "accuracy": lambda: accuracy_score(references, predictions),
+        "f1": lambda: f1_score(references, predictions, average="binary" if len(spec.labels) == 2 else "macro"),
+        "matthews": lambda: matthews_corrcoef(references, predictions),
+        "pearson": lambda: pearsonr(predictions, references)[0],
+        "spearman": lambda: spearmanr(predictions, references)[0],
+    }
+    return {m: float(np.nan_to_num(scorers[m]())) for m in [spec.metric, *spec.extra_metrics]}

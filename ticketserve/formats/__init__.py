@@ -1,0 +1,1 @@
+"""Artifacts to and from other tools' formats (PEFT adapters)."""

@@ -1,0 +1,18 @@
+"""Artifact registry: the schema of an artifact and the stores that keep them. No torch here."""
+
+from ticketserve.registry.manifest import BackboneRef, FileEntry, HeadConfig, Manifest, TaskSpec
+from ticketserve.registry.store import ArtifactVersion, Reference, Store, register_store
+from ticketserve.registry.stores import open_store
+
+__all__ = [
+    "ArtifactVersion",
+    "BackboneRef",
+    "FileEntry",
+    "HeadConfig",
+    "Manifest",
+    "Reference",
+    "Store",
+    "TaskSpec",
+    "open_store",
+    "register_store",
+]

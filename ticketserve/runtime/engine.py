@@ -1,0 +1,254 @@
+"""Dynamic micro-batching across concurrent requests, mixing tasks in one forward pass.
+
+Requests are bounded (bytes per text; cut before tokenizing, so a huge text costs no more
+than one of `max_tokens` tokens), tokenized by the caller, queued, and served by one inference thread that
+gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
+`max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
+unbounded memory); expired or cancelled requests are dropped before they cost a forward.
+The engine knows nothing of gRPC: callers get `concurrent.futures.Future`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ticketserve.core.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from ticketserve.runtime.executor import LoadedTask, Prediction, Runtime
+
+# A text is cut to this many characters per allowed token before tokenizing: far above what
+# real text needs (English averages 4–5 per WordPiece/BPE token), so truncation gives the same
+# tokens as tokenizing the whole text; only junk (a token per 24+ characters) sees fewer.
+CHARS_PER_TOKEN = 24
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, gt=0, description="examples per forward pass")
+    max_batch_tokens: int = Field(8192, gt=0, description="padded tokens per forward pass")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    queue_ms_per_token: float = Field(1.0, ge=0, description="queue order: a request's turn comes this much later "
+                                      "per padded token it costs (0: first come, first served)")
+    max_queue_size: int = Field(256, gt=0, description="queued requests before RESOURCE_EXHAUSTED")
+    max_texts_per_request: int = Field(32, gt=0)
+    max_tokens_per_text: int = Field(256, gt=1)
+    max_text_bytes: int = Field(256 * 1024, gt=0, description="UTF-8 bytes per text (and per text pair); "
+                                "longer ones are refused")
+    truncate: bool = Field(True, description="truncate longer texts (true) or refuse them (false)")
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> EngineConfig:
+        if self.max_texts_per_request > self.max_batch_size:
+            raise ValueError("max_texts_per_request must not exceed max_batch_size")
+        return self
+
+
+@dataclass
+class Result:
+    predictions: list[Prediction]
+    queue_seconds: float
+    inference_seconds: float
+    batch_size: int
+    batch_tasks: int
+
+
+@dataclass
+class _Request:
+    task: LoadedTask
+    features: list[dict[str, list[int]]]
+    deadline: float | None  # time.monotonic() seconds
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    longest: int = field(init=False)  # tokens of its longest and shortest text
+    shortest: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        lengths = [len(f["input_ids"]) for f in self.features]
+        self.longest, self.shortest = max(lengths), min(lengths)
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, config: EngineConfig | None = None, observer=None):
+        self.runtime = runtime
+        self.config = config or EngineConfig()
+        self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
+        self.max_tokens = min(self.config.max_tokens_per_text, runtime.backbone.tokenizer.model_max_length,
+                              runtime.backbone.config.max_position_embeddings - 2)
+        self.max_chars = self.max_tokens * CHARS_PER_TOKEN
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve_forever, name="ticketserve-inference", daemon=True)
+        self._thread.start()
+
+    # -- admission (caller's thread) --------------------------------------------------------
+
+    def submit(self, task: LoadedTask, texts: list[str], pairs: list[str | None] | None = None,
+               deadline: float | None = None) -> Future:
+        """Validate, tokenize and queue one request for a loaded task (which the caller keeps
+        loaded until the future is done)."""
+        if not self._accepting:
+            raise Unavailable("the server is shutting down")
+        spec = task.spec
+        if not texts:
+            raise InvalidArgument("a request needs at least one input")
+        if len(texts) > self.config.max_texts_per_request:
+            raise InvalidArgument(f"{len(texts)} inputs; at most {self.config.max_texts_per_request} per request")
+        pairs = pairs or [None] * len(texts)
+        has_pairs = [p is not None for p in pairs]
+        if spec.text_pair_field and not all(has_pairs):
+            raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
+        if not spec.text_pair_field and any(has_pairs):
+            raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
+        texts = [self._bounded(text, i, "text") for i, text in enumerate(texts)]
+        if spec.text_pair_field:
+            pairs = [self._bounded(pair, i, "text_pair") for i, pair in enumerate(pairs)]
+        encoded = self.runtime.backbone.tokenizer(
+            texts, pairs if spec.text_pair_field else None, truncation=self.config.truncate,
+            max_length=self.max_tokens if self.config.truncate else None)
+        features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+        for i, feature in enumerate(features):
+            if len(feature["input_ids"]) > self.max_tokens:
+                raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
+        request = _Request(task, features, deadline)
+        with self._wake:
+            if len(self._queue) >= self.config.max_queue_size:
+                raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
+            self._queue.append(request)
+            self._wake.notify()
+        self._observe_queue()
+        return request.future
+
+    def _bounded(self, text: str, i: int, field: str) -> str:
+        """The text within the byte limit, cut to what its first `max_tokens` tokens can come
+        from before the tokenizer sees it (the tokenizer's cost grows with the whole text): at
+        most CHARS_PER_TOKEN characters per token, ending at a word boundary when one is near."""
+        if len(text) * 4 > self.config.max_text_bytes and len(text.encode()) > self.config.max_text_bytes:
+            raise InvalidArgument(f"input {i}: {field} has {len(text.encode()):,} bytes; the limit is "
+                                  f"{self.config.max_text_bytes:,}")
+        if len(text) <= self.max_chars:
+            return text
+        if not self.config.truncate:
+            raise InvalidArgument(f"input {i}: {field} has {len(text):,} characters, more than {self.max_tokens} "
+                                  f"tokens can hold ({self.max_chars:,}); shorten it or ask a server that truncates")
+        window = text[:self.max_chars]
+        space = max(window.rfind(c, 3 * self.max_chars // 4) for c in " \t\n\r")
+        return window[:space] if space > 0 else window
+
+    # -- the inference thread ---------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except Exception as exc:  # a failed forward fails its requests, never the engine
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """The request whose turn it is and every queued one that fits beside it, waiting up to the
+        queue delay for company unless other requests are already waiting."""
+        with self._wake:
+            while not self._queue:
+                if self._stopped:
+                    return None
+                self._wake.wait()
+            head = min(self._queue, key=self._turn)
+            self._queue.remove(head)
+            batch = [head]
+            flush_at = time.monotonic() + self.config.max_queue_delay_ms / 1000
+            while True:
+                self._gather(batch)
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0 or self._stopped or self._queue:  # what is left waits for the next batch
+                    break
+                self._wake.wait(remaining)
+        self._observe_queue()
+        return [r for r in batch if self._live(r)]
+
+    def _gather(self, batch: list[_Request]) -> None:
+        """Move queued requests that fit the batch into it, in turn; the others keep their order."""
+        left: collections.deque[_Request] = collections.deque()
+        for request in sorted(self._queue, key=self._turn):
+            (batch if self._fits(batch, request) else left).append(request)
+        self._queue = left
+
+    def _turn(self, request: _Request) -> float:
+        """When a request's turn comes: its arrival, pushed back in proportion to its padded
+        tokens, so cheap requests go before costly ones that came only a little earlier and a
+        flood of long texts cannot take the server from short ones (every request still gets
+        its turn: the push-back is bounded by its own size)."""
+        return request.enqueued + request.longest * len(request.features) * self.config.queue_ms_per_token / 1000
+
+    def _fits(self, batch: list[_Request], candidate: _Request) -> bool:
+        """Within the batch limits, and of a like length: padding short texts to a long one
+        would make every short request pay for the longest (a flood of long texts must not
+        slow the short ones down), so the longest stays within 4× the shortest + 32 tokens —
+        loose enough that sentences of ordinary lengths still share batches."""
+        examples = sum(len(r.features) for r in batch) + len(candidate.features)
+        longest = max(candidate.longest, *(r.longest for r in batch))
+        shortest = min(candidate.shortest, *(r.shortest for r in batch))
+        return (examples <= self.config.max_batch_size and examples * longest <= self.config.max_batch_tokens
+                and longest <= 4 * shortest + 32)
+
+    @staticmethod
+    def _live(request: _Request) -> bool:
+        if request.future.cancelled():
+            return False
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            request.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+            return False
+        return request.future.set_running_or_notify_cancel()
+
+    def _run(self, batch: list[_Request]) -> None:
+        if not batch:
+            return
+        started = time.monotonic()
+        tasks = [r.task for r in batch for _ in r.features]
+        features = [f for r in batch for f in r.features]
+        inputs = self.runtime.backbone.tokenizer.pad(features, return_tensors="pt")
+        inputs = {k: v.to(self.runtime.device) for k, v in inputs.items()}
+        predictions = self.runtime.predictions(tasks, self.runtime.logits(tasks, inputs))
+        seconds = time.monotonic() - started
+        distinct = len({id(task) for task in tasks})
+        offset = 0
+        for request in batch:
+            count = len(request.features)
+            request.future.set_result(Result(predictions[offset:offset + count], started - request.enqueued,
+                                             seconds, len(tasks), distinct))
+            offset += count
+        if self.observer is not None:
+            self.observer.batch(len(tasks), distinct, seconds)
+
+    def _observe_queue(self) -> None:
+        if self.observer is not None:
+            self.observer.queue(len(self._queue))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        self._accepting = False
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+        for request in list(self._queue):
+            if not request.future.done():
+                request.future.set_exception(Unavailable("the server stopped"))
+

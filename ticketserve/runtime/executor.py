@@ -1,0 +1,148 @@
+"""In-process execution of tasks on one shared backbone.
+
+Tasks of backbone-sharing kinds attach to the shared encoder under a slot, so one forward
+pass serves a batch that mixes them; other kinds run on their own encoder. Each task keeps
+its own head. The gRPC server builds on this; the CLI's eval and predict use it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ticketserve.core.artifact import Artifact
+from ticketserve.core.backbone import Backbone
+from ticketserve.core.errors import CorruptArtifact, InvalidArgument, TicketserveError, excerpt
+from ticketserve.core.kinds import Kind, get_kind
+from ticketserve.core.model import TaskHead, encode
+from ticketserve.core.routing import Routing, route
+from ticketserve.registry import ArtifactVersion
+from ticketserve.registry.manifest import Manifest, TaskSpec
+
+
+@dataclass
+class LoadedTask:
+    """A servable task. Its tensors live where its kind put them (the shared encoder's row or
+    gate tables, a mask set, a private encoder), not here: a resident task costs one copy."""
+
+    name: str
+    version: ArtifactVersion
+    manifest: Manifest
+    slot: int
+    encoder: nn.Module
+    head: TaskHead
+    kind: Kind
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.manifest.task
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    score: float  # probability of the label, or the regression value
+    probabilities: dict[str, float]
+
+
+class Runtime:
+    """Applies loaded tasks to the shared backbone. It keeps no map of tasks: callers hold the
+    `LoadedTask` that `add` returned (the server's loader keeps the one map of resident tasks)
+    and pass those objects back in."""
+
+    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256):
+        self.backbone = backbone
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.encoder = backbone.model.to(self.device).eval()
+        self.max_length = max_length
+        self._slots = itertools.count(1)
+        self._lock = threading.Lock()
+        # forwards on the shared encoder run one at a time (supermask tasks substitute their
+        # weights into it for the duration of their forward; intra-op threads still apply),
+        # and a task is detached only between forwards
+        self._forward_lock = threading.Lock()
+
+    def add(self, artifact: Artifact, name: str | None = None) -> LoadedTask:
+        """Make an artifact servable; `name` (default: its artifact name) is what it is shown as."""
+        kind = get_kind(artifact.manifest.kind)
+        with self._lock:  # kinds change their shared state one task at a time
+            slot = next(self._slots)
+            try:
+                encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
+                head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
+            except Exception as exc:  # no forward routes to this slot yet: undo whatever attach did
+                kind.detach(self.encoder, slot)
+                if isinstance(exc, TicketserveError):
+                    raise
+                raise CorruptArtifact(f"{artifact.version} passed its checks but cannot be attached "
+                                      f"({type(exc).__name__}: {excerpt(str(exc), 300)})") from exc
+        return LoadedTask(name or artifact.manifest.name, artifact.version, artifact.manifest, slot, encoder, head, kind)
+
+    def remove(self, task: LoadedTask) -> None:
+        """Stop serving a task: its kind releases its slot, never under a forward that uses it."""
+        with self._forward_lock, self._lock:
+            task.kind.detach(self.encoder, task.slot)
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
+        encoded = self.backbone.tokenizer(texts, pairs, padding=True, truncation=True,
+                                          max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    @torch.inference_mode()
+    def logits(self, tasks: Sequence[LoadedTask], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One output row per example; examples may belong to different tasks. Examples that can
+        share a forward (`group`) run in one; each other group in its own."""
+        with self._forward_lock:
+            outputs: list[torch.Tensor | None] = [None] * len(tasks)
+            groups: dict[Hashable, list[int]] = {}
+            for i, task in enumerate(tasks):
+                groups.setdefault(self.group(task), []).append(i)
+            for rows in groups.values():
+                index = torch.tensor(rows, device=self.device)
+                sub = {k: v.index_select(0, index) for k, v in inputs.items()}
+                members = [tasks[i] for i in rows]
+                hidden = self.hidden(members, sub, Routing(torch.tensor([t.slot for t in members], device=self.device)))
+                by_task: dict[int, list[int]] = {}
+                for position, task in enumerate(members):
+                    by_task.setdefault(id(task), []).append(position)
+                for positions in by_task.values():
+                    at = torch.tensor(positions, device=self.device)
+                    out = members[positions[0]].head(hidden.index_select(0, at), sub["attention_mask"].index_select(0, at))
+                    for position, row in zip(positions, out):
+                        outputs[rows[position]] = row
+        return outputs  # type: ignore[return-value]
+
+    def group(self, task: LoadedTask) -> Hashable:
+        """Which examples run in one forward: those on the same encoder."""
+        return id(task.encoder)
+
+    def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
+        """Token states of one group of examples (the execution backend's job)."""
+        with route(routing):
+            return encode(tasks[0].encoder, inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+
+    def predict(self, tasks: Sequence[LoadedTask], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
+        if len(tasks) != len(texts):
+            raise InvalidArgument(f"{len(texts)} texts but {len(tasks)} tasks")
+        return self.predictions(tasks, self.logits(tasks, self.tokenize(texts, pairs)))
+
+    @staticmethod
+    def predictions(tasks: Sequence[LoadedTask], outputs: list[torch.Tensor]) -> list[Prediction]:
+        """Labels and probabilities (or values, for regression) from per-example outputs."""
+        results = []
+        for task, row in zip(tasks, outputs):
+            spec = task.spec
+            if spec.is_regression:
+                results.append(Prediction(None, float(row[0]), {}))
+                continue
+            probs = row.float().softmax(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            results.append(Prediction(spec.labels[best], probs[best], dict(zip(spec.labels, probs))))
+        return results

@@ -1,0 +1,171 @@
+"""ONNX Runtime execution of the shared encoder, with every task-dependent part a graph input.
+
+The backbone is exported once (dynamic batch, sequence and rows axes) and cached on disk by
+fingerprint. Per matrix the graph takes each example's row indices (B, K), row deltas
+(B, K, out) and bias delta (B, out), plus head gates (B, L, H) and FFN gates (B, L): the
+`GraphInputs` that kinds with `in_graph` fill for a batch (row deltas, structure masks), so
+one session run serves a batch that mixes their tasks. Every other kind — one with an
+encoder of its own, or per-task state the graph has no input for — runs on the torch path,
+explicitly, grouped as the torch runtime groups it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ticketserve.core import gates
+from ticketserve.core.backbone import Backbone, dense_matrices, fresh_copy
+from ticketserve.core.gates import Gates, gating
+from ticketserve.core.routing import Routing
+from ticketserve.runtime.executor import LoadedTask, Runtime
+
+_ROWS: ContextVar[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = ContextVar("onnx_rows", default=None)
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class BatchRowLinear(nn.Module):
+    """y = x·W + b + x[..., idx_e]·D_e + d_e for each example e, all given as tensors."""
+
+    def __init__(self, base: nn.Linear, name: str):
+        super().__init__()
+        self.base, self.name = base, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index, delta, bias = _ROWS.get()[self.name]
+        picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
+        return self.base(x) + torch.einsum("bsk,bko->bso", picked, delta) + bias.unsqueeze(1)
+
+
+class ExportableEncoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = fresh_copy(encoder)  # none of the live runtime's task state
+        self.names = list(dense_matrices(self.encoder))
+        for name, linear in dense_matrices(self.encoder).items():
+            parent, _, child = name.rpartition(".")
+            self.encoder.get_submodule(parent).register_module(child, BatchRowLinear(linear, name))
+        gates.install(self.encoder)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, head_gates, ffn_gates, *rows):
+        token = _ROWS.set({name: rows[3 * i:3 * i + 3] for i, name in enumerate(self.names)})
+        try:
+            with gating(Gates(head_gates, ffn_gates)):
+                return self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                    token_type_ids=token_type_ids).last_hidden_state
+        finally:
+            _ROWS.reset(token)
+
+
+def row_input_names(names: list[str]) -> list[str]:
+    return [f"{n}.{part}" for n in names for part in ("rows", "delta", "bias")]
+
+
+def export(backbone: Backbone, path: Path) -> Path:
+    """Export the backbone to `path` (an .onnx file, weights in .onnx.data beside it)."""
+    model = ExportableEncoder(backbone.model)
+    config = backbone.config
+    batch, seq, k = 2, 7, 2
+    sizes = {n: m.base.out_features for n, m in dense_matrices(model.encoder).items()}
+    example = [torch.randint(5, 100, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
+               torch.zeros(batch, seq, dtype=torch.long),
+               torch.ones(batch, config.num_hidden_layers, config.num_attention_heads),
+               torch.ones(batch, config.num_hidden_layers)]
+    for name in model.names:
+        out = sizes[name]
+        example += [torch.zeros(batch, k, dtype=torch.long), torch.zeros(batch, k, out), torch.zeros(batch, out)]
+    B, S, K = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("rows")
+    rows_dynamic = [shape for _ in model.names for shape in ({0: B, 1: K}, {0: B, 1: K}, {0: B})]
+    dynamic = [{0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, tuple(rows_dynamic)]  # *rows is one input
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, tuple(example), str(path), dynamo=True, external_data=True,
+                      input_names=[*INPUTS, "head_gates", "ffn_gates", *row_input_names(model.names)],
+                      output_names=["last_hidden_state"], dynamic_shapes=tuple(dynamic))
+    return path
+
+
+def cached_export(backbone: Backbone, cache_dir: Path | None = None) -> Path:
+    """The exported backbone, built once per fingerprint (concurrent processes wait for one export)."""
+    from filelock import FileLock
+    from platformdirs import user_cache_dir
+
+    root = Path(cache_dir or Path(user_cache_dir("ticketserve")) / "onnx") / backbone.fingerprint.removeprefix("sha256:")
+    path = root / "encoder.onnx"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".export.lock")):
+        if not path.exists():
+            staging = root / f"staging-{id(backbone)}"
+            export(backbone, staging / "encoder.onnx")
+            for produced in staging.iterdir():
+                produced.replace(root / produced.name)
+            staging.rmdir()
+    return path
+
+
+class OnnxRuntime(Runtime):
+    """The runtime with the shared encoder on ONNX Runtime: tasks attach exactly as on torch
+    (that state is read to build the graph inputs); only the shared forward changes."""
+
+    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
+                 cache_dir: Path | None = None):
+        import onnxruntime as ort
+
+        super().__init__(backbone, device="cpu", max_length=max_length)
+        self.onnx_path = cached_export(backbone, cache_dir)
+        available = ort.get_available_providers()
+        wanted = ["CUDAExecutionProvider"] if (device or "").startswith("cuda") or (
+            device is None and "CUDAExecutionProvider" in available) else []
+        self.session = ort.InferenceSession(str(self.onnx_path),
+                                            providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
+
+    def group(self, task: LoadedTask) -> Hashable:
+        """Tasks the graph can express share one session run; the rest run on torch."""
+        in_graph = task.encoder is self.encoder and task.kind.in_graph
+        return ("graph", None) if in_graph else ("torch", super().group(task))
+
+    def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
+        if self.group(tasks[0])[0] == "torch":
+            return super().hidden(tasks, inputs, routing)
+        feeds = Feeds(self.backbone, inputs, len(routing.slots))
+        for kind in {id(task.kind): task.kind for task in tasks}.values():
+            kind.feed_graph(self.encoder, routing, feeds)
+        (hidden,) = self.session.run(["last_hidden_state"], feeds.arrays())
+        return torch.from_numpy(hidden)
+
+
+class Feeds:
+    """The graph inputs of one batch: neutral (zero rows, open gates) until kinds fill them."""
+
+    def __init__(self, backbone: Backbone, inputs: dict[str, torch.Tensor], batch: int):
+        config = backbone.config
+        self.tokens = {name: inputs.get(name, torch.zeros_like(inputs["input_ids"])) for name in INPUTS}
+        self.heads = torch.ones(batch, config.num_hidden_layers, config.num_attention_heads)
+        self.ffn = torch.ones(batch, config.num_hidden_layers)
+        self.batch = batch
+        self.widths = {name: layer.out_features for name, layer in dense_matrices(backbone.model).items()}
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def add_rows(self, matrix: str, index: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> None:
+        index, delta, bias = index.cpu(), delta.cpu(), bias.cpu()
+        if matrix in self.rows:  # a second kind's rows for this matrix: side by side
+            old_index, old_delta, old_bias = self.rows[matrix]
+            index, delta, bias = torch.cat([old_index, index], 1), torch.cat([old_delta, delta], 1), old_bias + bias
+        self.rows[matrix] = (index, delta, bias)
+
+    def set_gates(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
+        self.heads, self.ffn = heads.cpu(), ffn.cpu()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        feeds = {name: t.cpu().numpy() for name, t in self.tokens.items()}
+        feeds["head_gates"], feeds["ffn_gates"] = self.heads.numpy(), self.ffn.numpy()
+        for name, width in self.widths.items():
+            index, delta, bias = self.rows.get(name) or (torch.zeros(self.batch, 1, dtype=torch.long),
+                                                         torch.zeros(self.batch, 1, width), torch.zeros(self.batch, width))
+            feeds[f"{name}.rows"], feeds[f"{name}.delta"], feeds[f"{name}.bias"] = (
+                index.numpy(), delta.contiguous().numpy(), bias.contiguous().numpy())
+        return feeds

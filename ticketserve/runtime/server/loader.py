@@ -1,0 +1,287 @@
+"""Which task versions are resident, and when they load, swap and go.
+
+Requests name a task (`name`, `name:tag` or `name:version`). Unpinned names and tags are
+*aliases* that follow the registry: `refresh()` (the watch loop) re-resolves them and, when a
+new version appears, loads it beside the old one, then switches the alias — requests in
+flight keep the version they acquired, and the old version unloads once none holds it. A
+failed load is rolled back, marks the alias (and that version) errored, is retried with
+back-off and leaves the old version serving — also when that one was evicted meanwhile: an
+alias remembers the last version it served. Resident versions form an LRU bounded by bytes;
+a version in use — or being handed to a request — is never evicted, so a working set larger
+than the budget runs over it (reported) instead of failing requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ticketserve.core import artifact
+from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, TicketserveError
+from ticketserve.registry import ArtifactVersion, Reference, Store
+from ticketserve.registry.store import DEFAULT_TAG, check_name
+from ticketserve.runtime.executor import LoadedTask, Runtime
+
+log = logging.getLogger("ticketserve.runtime.loader")
+RETRY_BASE_SECONDS = 1.0  # a failed version is tried again after 1, 2, 4, … seconds
+RETRY_MAX_SECONDS = 60.0
+
+
+@dataclass
+class TaskHandle:
+    version: ArtifactVersion
+    loaded: LoadedTask
+    bytes: int
+    refs: int = 0
+    retired: bool = False
+
+    @property
+    def key(self) -> str:
+        return str(self.version)
+
+
+@dataclass
+class LoadFailure:
+    """Why a version did not load, and when it may be tried again (immutable versions rarely
+    heal, but storage outages do: exponential back-off, logged once)."""
+
+    error: TicketserveError
+    attempts: int
+    retry_at: float
+
+    def again(self) -> TicketserveError:
+        return type(self.error)(str(self.error))  # a fresh exception: raising one instance twice grows its traceback
+
+
+class TaskLoader:
+    def __init__(self, store: Store, runtime: Runtime, cache_bytes: int, observer=None):
+        self.store, self.runtime, self.cache_bytes = store, runtime, cache_bytes
+        # optional observer: .cache(event) with hit/miss/eviction, .resident(bytes, count),
+        # .task_resident(handle, resident: bool)
+        self.observer = observer
+        self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
+        self.aliases: dict[str, str] = {}  # "name:tag" → resident key
+        self.errors: dict[str, str] = {}  # alias → why its last load failed
+        self.last_good: dict[str, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
+        self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
+        self._lock = threading.RLock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def acquire(self, name: str, version: str | None = None) -> TaskHandle:
+        """The handle to serve a request with, already held: the caller must `release` it."""
+        ref = Reference.of(name, version)
+        alias = self._alias(ref)
+        with self._lock:
+            key = self.aliases.get(alias) if alias else str(ref)
+            handle = self.resident.get(key) if key else None
+            if handle is not None:
+                return self._hold(handle, hit=True)
+        target = self.store.resolve(ref)
+        try:
+            handle = self._load(target)  # held from the moment it is resident
+        except (CorruptArtifact, BackboneMismatch) as exc:
+            handle = self._last_good(alias, target, exc)
+        with self._lock:
+            if alias and alias not in self.aliases:
+                self.aliases[alias] = handle.key
+                self.last_good[alias] = handle.version
+        self._report("miss")
+        return handle
+
+    def _last_good(self, alias: str | None, target: ArtifactVersion, exc: TicketserveError) -> TaskHandle:
+        """The version an alias served before its tag moved to one that cannot be served —
+        what hot swap keeps serving, so it keeps doing so after an eviction too."""
+        previous = self.last_good.get(alias) if alias else None
+        if previous is None or previous == target:
+            raise exc
+        self.errors[alias] = str(exc)
+        return self._load(previous)
+
+    def release(self, handle: TaskHandle) -> None:
+        with self._lock:
+            handle.refs -= 1
+            if handle.retired and handle.refs == 0:
+                self._unload(handle)
+            elif handle.refs == 0:
+                self._evict()  # a working set that ran over budget shrinks back as soon as it can
+
+    # -- the watch loop and admin calls -------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Follow every alias to the version its tag names now; swap what moved. One alias's
+        failure (whatever it is) never stops the others."""
+        with self._lock:
+            aliases = dict(self.aliases)
+        for alias, current in aliases.items():
+            try:
+                target = self.store.resolve(alias)
+            except Exception as exc:  # keep serving what we have
+                self._alias_failed(alias, current, exc)
+                continue
+            if str(target) == current:
+                self.errors.pop(alias, None)
+                continue
+            try:
+                handle = self._load(target)
+            except TicketserveError as exc:  # `_load` logged it, once per version
+                self.errors[alias] = str(exc)
+                continue
+            except Exception as exc:
+                self._alias_failed(alias, current, exc)
+                continue
+            with self._lock:
+                self.errors.pop(alias, None)
+                self.aliases[alias] = handle.key
+                self.last_good[alias] = handle.version
+                if current not in self.aliases.values() and current in self.resident:
+                    self._retire(self.resident[current])
+            self.release(handle)
+            log.info("%s now serves %s (was %s)", alias, handle.key, current)
+
+    def _alias_failed(self, alias: str, current: str, exc: Exception) -> None:
+        """Record why an alias cannot follow its tag; log each new reason once (a bug with its traceback)."""
+        expected = isinstance(exc, TicketserveError)
+        reason = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
+        if self.errors.get(alias) != reason:
+            log.warning("%s cannot follow the registry; %s keeps serving: %s", alias, current, reason,
+                        exc_info=None if expected else exc)
+        self.errors[alias] = reason
+
+    def preload(self, name: str, version: str | None = None) -> TaskHandle:
+        handle = self.acquire(name, version)
+        self.release(handle)
+        return handle
+
+    def unload(self, name: str) -> bool:
+        """Drop every resident version of `name` and its aliases (idempotent). Requests that
+        hold a version finish on it; it goes when the last one releases it."""
+        check_name(name)
+        with self._lock:
+            for alias in [a for a in self.aliases if a.split(":")[0] == name]:
+                del self.aliases[alias]
+            handles = [h for h in self.resident.values() if h.version.name == name and not h.retired]
+            for handle in handles:
+                self._retire(handle)
+        return bool(handles)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _alias(ref: Reference) -> str | None:
+        return None if ref.pinned else f"{ref.name}:{ref.selector or DEFAULT_TAG}"
+
+    def _hold(self, handle: TaskHandle, hit: bool) -> TaskHandle:
+        handle.refs += 1
+        self.resident.move_to_end(handle.key)
+        if hit:
+            self._report("hit")
+        return handle
+
+    def _load(self, version: ArtifactVersion) -> TaskHandle:
+        """The resident handle of `version`, loading it if needed; returned held (refs + 1)
+        so that no eviction or unload can take it before the caller uses it."""
+        key = str(version)
+        with self._lock:
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one load per version; concurrent first requests wait for it
+            with self._lock:
+                if key in self.resident:  # loaded meanwhile, or retired but still attached: serve it again
+                    self.resident[key].retired = False
+                    return self._hold(self.resident[key], hit=False)
+                failure = self.failures.get(key)
+                if failure is not None and time.monotonic() < failure.retry_at:
+                    raise failure.again()
+            started = time.perf_counter()
+            try:
+                found = artifact.load(self.store, version, self.runtime.backbone)
+                loaded = self.runtime.add(found, name=key)  # rolls itself back if it fails
+            except TicketserveError as exc:
+                self._failed(key, exc)
+                raise
+            size = sum(t.numel() * t.element_size() for t in found.tensors.values())
+            handle = TaskHandle(version, loaded, size)
+            with self._lock:
+                self.failures.pop(key, None)
+                self.resident[key] = handle
+                self._hold(handle, hit=False)
+                self._evict()
+            if self.observer is not None:
+                self.observer.task_resident(handle, True)
+            log.info("loaded %s (%s, %d bytes) in %.1f ms", key, found.manifest.kind, size,
+                     (time.perf_counter() - started) * 1000)
+            return handle
+
+    def _failed(self, key: str, exc: TicketserveError) -> None:
+        """Record a failed load; log it the first time only (a watched broken version is retried
+        with back-off, not re-reported at every poll)."""
+        with self._lock:
+            previous = self.failures.get(key)
+            attempts = previous.attempts + 1 if previous else 1
+            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempts - 1))
+            # kept without its traceback: that holds the failed load's frames and tensors
+            self.failures[key] = LoadFailure(type(exc)(str(exc)), attempts, time.monotonic() + delay)
+        if previous is None:
+            unexpected = exc.__cause__ is not None and not isinstance(exc.__cause__, TicketserveError)
+            log.warning("%s cannot be served: %s", key, exc, exc_info=exc if unexpected else None)
+        else:
+            log.debug("%s still cannot be served (attempt %d): %s", key, attempts, exc)
+
+    def _evict(self) -> None:
+        """Unload least recently used versions nobody holds until the budget fits. When every
+        resident version is in use the cache stays over budget (requests never fail for it)."""
+        total = sum(h.bytes for h in self.resident.values())
+        for key in list(self.resident):
+            if total <= self.cache_bytes:
+                break
+            handle = self.resident[key]
+            if handle.refs == 0:
+                total -= handle.bytes
+                self._unload(handle)
+                for alias in [a for a, k in self.aliases.items() if k == key]:
+                    del self.aliases[alias]
+                self._report("eviction")
+
+    def _retire(self, handle: TaskHandle) -> None:
+        handle.retired = True
+        if handle.refs == 0:
+            self._unload(handle)
+
+    def _unload(self, handle: TaskHandle) -> None:
+        if self.resident.get(handle.key) is handle:
+            del self.resident[handle.key]
+            self.runtime.remove(handle.loaded)
+            if self.observer is not None:
+                self.observer.task_resident(handle, False)
+        self._report(None)
+
+    def _report(self, event: str | None) -> None:
+        if self.observer is None:
+            return
+        if event:
+            self.observer.cache(event)
+        self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
+
+    def describe(self) -> tuple[list[dict], dict[str, str]]:
+        """Resident versions (with the alias each serves, if any) and the aliases whose last load failed."""
+        with self._lock:
+            serving = {key: alias for alias, key in self.aliases.items()}
+            rows = [{"name": h.version.name, "artifact": h.key, "digest": h.version.digest, "bytes": h.bytes,
+                     "manifest": h.loaded.manifest, "alias": serving.get(h.key)}
+                    for h in self.resident.values() if not h.retired]
+            errored = dict(self.errors)
+        return rows, errored
+
+    def serves(self, name: str) -> bool:
+        """Whether some version of the artifact `name` is resident."""
+        with self._lock:
+            return any(h.version.name == name for h in self.resident.values())
+
+    def failed(self) -> dict[str, str]:
+        """Version key → why its last load failed."""
+        with self._lock:
+            return {key: str(failure.error) for key, failure in self.failures.items()}

@@ -1,0 +1,133 @@
+"""Dominant winning tickets (Gong et al.; DESIGN.md §1): the L1 ticket search, Dominant-k
+training on a ticket's top rows, and the Random-k control with the same shape."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ticketserve.core import artifact
+from ticketserve.core.backbone import dense_matrices
+from ticketserve.core.kinds.ticket import counts_of, to_tensors
+from ticketserve.core.model import TaskModel
+from ticketserve.trainers import tickets
+from ticketserve.trainers.base import RunContext, register_method
+from ticketserve.trainers.rows import RowMethod, matrix_sizes
+from ticketserve.trainers.run import train
+from ticketserve.trainers.single import ArtifactMethod
+
+DEFAULT_SIGMA = 5e-5
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lambda_l1: float = Field(1e-3, ge=0, description="weight of the L1 pull Σ|θ − θ0| over the six matrices",
+                             json_schema_extra={"flag": "--lambda"})
+    sigma: float | None = Field(None, gt=0, description=f"out-weighted threshold on |Δ| (default {DEFAULT_SIGMA})")
+    sigma_quantile: float | None = Field(None, gt=0, lt=1, description="σ as this quantile of |Δ| instead")
+
+    @model_validator(mode="after")
+    def _one_sigma(self) -> SearchOptions:
+        if self.sigma is not None and self.sigma_quantile is not None:
+            raise ValueError("give sigma or sigma_quantile, not both")
+        return self
+
+
+@register_method
+class TicketSearch(ArtifactMethod):
+    """L1-regularised full fine-tuning → Δ → out-weighted counts per dimension (kind `ticket`)."""
+
+    name = "ticket-search"
+    kind = "ticket"
+    default_lr = 5e-5
+    description = "L1-regularised fine-tuning; publishes per-dimension out-weighted counts (a ticket)"
+    Options = SearchOptions
+
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
+        self.matrices = dense_matrices(model.encoder)
+        self.reference = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in self.matrices.items()}
+        self.theta0 = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
+        return list(model.parameters())
+
+    def penalty(self, model: TaskModel) -> torch.Tensor | None:
+        if not self.options.lambda_l1:
+            return None
+        total = sum((m.weight - w0).abs().sum() + (m.bias - b0).abs().sum()
+                    for m, (w0, b0) in zip(self.matrices.values(), self.reference.values()))
+        return self.options.lambda_l1 * total
+
+    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        deltas = {name: tickets.delta_tilde(m, self.theta0, name) for name, m in self.matrices.items()}
+        opts = self.options
+        self.sigma = (tickets.sigma_from_quantile(list(deltas.values()), opts.sigma_quantile)
+                      if opts.sigma_quantile is not None else (opts.sigma or DEFAULT_SIGMA))
+        counts = {name: tickets.count_outweighted(d, self.sigma) for name, d in deltas.items()}
+        self.outweighted = int(sum(c.sum() for c in counts.values()))
+        self.total = sum(d.numel() for d in deltas.values())
+        return to_tensors(counts)
+
+    def restore_theta0(self, model: TaskModel) -> None:
+        """Put the pre-trained weights back (the search fine-tuned the shared encoder in place)."""
+        model.encoder.load_state_dict(self.theta0)
+
+    def details(self) -> dict:
+        return super().details() | {"sigma_used": self.sigma, "outweighted": self.outweighted,
+                                    "outweighted_fraction": self.outweighted / self.total}
+
+
+class DominantOptions(SearchOptions):
+    k: int = Field(1, gt=0, description="dimensions per matrix (at most)")
+    ticket: str | None = Field(None, description="registry name of a ticket; default: search one on this task")
+
+
+@register_method
+class Dominant(RowMethod):
+    name = "dominant"
+    description = "Dominant-k: train the top-k out-weighted rows of each matrix of a ticket (+ head)"
+    Options = DominantOptions
+
+    def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
+        if self.options.ticket is not None:
+            found = artifact.load(context.store, self.options.ticket, context.backbone, expect_kind="ticket")
+            self.ticket, self.ticket_task = f"{found.version}@{found.version.digest}", found.manifest.task.name
+            counts = counts_of(found.tensors)
+        else:
+            counts = self._search(model, context)
+        return tickets.top_k(counts, self.options.k)
+
+    def _search(self, model: TaskModel, context: RunContext) -> dict[str, torch.Tensor]:
+        search_options = SearchOptions(**self.options.model_dump(include=set(SearchOptions.model_fields)))
+        outcome = train("ticket-search", context.spec, context.backbone, context.config, context.store,
+                        context.data_dir, name=f"{context.spec.name}-ticket", show_progress=context.show_progress,
+                        options=search_options.model_dump())
+        outcome.method.restore_theta0(model)
+        version = outcome.version
+        self.ticket = f"{version}@{version.digest}" if version else None  # None off the main process
+        self.ticket_task = context.spec.name
+        return counts_of(outcome.tensors)
+
+    def details(self) -> dict:
+        return {"k": self.options.k, "ticket": self.ticket, "ticket_task": self.ticket_task} | {
+            key: value for key, value in super().details().items() if key in ("rows", "matrices_with_rows")}
+
+
+class RandomOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(1, gt=0, description="dimensions per matrix, drawn uniformly (seeded by --seed)")
+
+
+@register_method
+class RandomK(RowMethod):
+    name = "random"
+    description = "Random-k: k uniformly drawn rows of each matrix (+ head); the control for Dominant-k"
+    Options = RandomOptions
+
+    def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
+        self.row_seed = context.config.seed
+        return tickets.random_k(matrix_sizes(model.encoder), self.options.k, self.row_seed)
+
+    def details(self) -> dict:
+        return super().details() | {"row_seed": self.row_seed}

@@ -1,0 +1,228 @@
+"""The training loop every method shares, on `accelerate` (one process, or many with
+`accelerate launch` / `torchrun`: DDP over gloo on CPU, NCCL on GPUs).
+
+AdamW over the parameters the method makes trainable, linear warm-up and decay, gradient
+clipping, length-grouped batches with dynamic padding, evaluation every epoch or N steps,
+early stopping, and the best evaluation's trainable weights restored at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+
+from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.model import TaskModel, predictions
+from ticketserve.core.tasks import compute_metrics
+from ticketserve.trainers.config import TrainConfig
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TrainingHooks(Protocol):
+    """What the loop asks of a method (trainers/single.py `ArtifactMethod`)."""
+
+    def penalty(self, model: TaskModel) -> torch.Tensor | None: ...
+
+    def weight_decay(self, param: nn.Parameter) -> bool: ...
+
+    def learning_rate(self, param: nn.Parameter, lr: float) -> float: ...
+
+
+def accelerator_for(**kwargs) -> Accelerator:
+    """The run's accelerator: the GPU (or MPS/XPU) when there is one, else multi-process CPU."""
+    has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(cpu=not has_device, **kwargs)  # cpu=True is what enables multi-process CPU (gloo)
+
+
+def adamw(groups: Iterable[tuple[list[nn.Parameter], float, bool]], config: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW over (parameters, peak rate, decayed?) groups, with the run's weight decay."""
+    return torch.optim.AdamW([{"params": params, "lr": group_lr, "weight_decay": config.weight_decay if decay else 0.0}
+                              for params, group_lr, decay in groups], lr=lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int):
+    """Linear warm-up over the run's warm-up share of `total` steps, then linear decay to 0."""
+    return get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+
+
+def scores(forward: Callable[[dict], torch.Tensor], loader, spec, accelerator: Accelerator) -> dict[str, float]:
+    """The task's metrics of `forward` (batch → logits) over a prepared evaluation loader."""
+    preds, refs = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
+            p, r = accelerator.gather_for_metrics((predictions(spec, logits), batch["labels"]))
+            preds.append(p.float().cpu().numpy())
+            refs.append(r.float().cpu().numpy())
+    return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length (less padding), in random order that changes every epoch:
+    shuffle, cut into mega-batches of 50 batches, sort each by length, split, shuffle batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    steps: int = 0
+    best_step: int = 0
+    train_seconds: float = 0.0
+    optimizer_state_bytes: int = 0
+    evaluate: Callable[[], dict[str, float]] | None = None  # scores the model as it is now
+    train_loader: object = None  # the prepared training batches (e.g. for importance scores)
+
+
+def tokenize(dataset, tokenizer, max_length: int):
+    """Token ids + `labels` + `length` columns; the text columns are dropped."""
+    has_pair = "text_pair" in dataset.column_names
+
+    def encode(batch):
+        encoded = tokenizer(batch["text"], batch["text_pair"] if has_pair else None,
+                            truncation=True, max_length=max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    text_columns = [c for c in ("text", "text_pair") if c in dataset.column_names]
+    return dataset.map(encode, batched=True, remove_columns=text_columns).rename_column("label", "labels")
+
+
+def _columns(dataset) -> list[str]:
+    return [c for c in (*MODEL_INPUTS, "labels") if c in dataset.column_names]
+
+
+def training_batches(train_ds, tokenizer, config: TrainConfig) -> DataLoader:
+    """The training data in length-grouped batches, padded per batch (`batch_sampler.set_epoch`
+    reshuffles them)."""
+    sampler = LengthGroupedBatches(list(train_ds["length"]), config.batch_size, config.seed)
+    return DataLoader(train_ds.select_columns(_columns(train_ds)), batch_sampler=sampler,
+                      collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+def evaluation_batches(eval_ds, tokenizer, config: TrainConfig) -> DataLoader:
+    """The evaluation data sorted by length (least padding), padded per batch."""
+    with warnings.catch_warnings():  # pyarrow deprecation inside datasets' sort
+        warnings.simplefilter("ignore", FutureWarning)
+        eval_sorted = eval_ds.sort("length").select_columns(_columns(eval_ds))
+    return DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, params: list[nn.Parameter], train_ds, eval_ds,
+        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        raise InvalidArgument(f"{model.spec.name}: empty training or evaluation data")
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    train_loader = training_batches(train_ds, tokenizer, config)
+    sampler = train_loader.batch_sampler
+    eval_loader = evaluation_batches(eval_ds, tokenizer, config)
+
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((method.weight_decay(p), method.learning_rate(p, lr)), []).append(p)
+    optimizer = adamw([(group, group_lr, decay) for (decay, group_lr), group in groups.items()], config, lr)
+    spec = model.spec
+    wrapped, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = len(train_loader)
+    total = config.max_steps or steps_per_epoch * config.epochs
+    scheduler = linear_schedule(optimizer, config, total)
+
+    def evaluate() -> dict[str, float]:
+        wrapped.eval()
+        metrics = scores(lambda inputs: wrapped(**inputs), eval_loader, spec, accelerator)
+        wrapped.train()
+        return metrics
+
+    result = FitResult(metrics={}, curves={"train_loss": [], "eval": []}, evaluate=evaluate, train_loader=train_loader)
+    best_score, best_state, stale = -math.inf, None, 0
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                        disable=not (show_progress and accelerator.is_main_process), transient=True)
+    started = time.perf_counter()
+    step, running, running_n = 0, 0.0, 0
+    wrapped.train()
+    with progress:
+        bar = progress.add_task(f"train {spec.name}", total=total, status="")
+        for epoch in range(math.ceil(total / steps_per_epoch)):
+            sampler.set_epoch(epoch)
+            for batch_index, batch in enumerate(train_loader):
+                logits = wrapped(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                loss = model.loss(logits, batch["labels"])
+                extra = method.penalty(model)
+                accelerator.backward(loss if extra is None else loss + extra)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                running += loss.item()
+                running_n += 1
+                if step % config.log_every == 0:
+                    result.curves["train_loss"].append({"step": step, "loss": running / running_n})
+                    running, running_n = 0.0, 0
+                end_of_epoch = batch_index == steps_per_epoch - 1
+                due = (step % config.eval_steps == 0) if config.eval_steps else end_of_epoch
+                if due or step == total:
+                    metrics = evaluate()
+                    result.curves["eval"].append({"step": step, "epoch": epoch + (batch_index + 1) / steps_per_epoch, **metrics})
+                    score = metrics[spec.metric]
+                    if score > best_score:
+                        best_score, stale = score, 0
+                        best_state = [p.detach().clone() for p in params]
+                        result.best_step, result.metrics = step, metrics
+                    else:
+                        stale += 1
+                    progress.update(bar, status=f"{spec.metric} {score:.4f} (best {best_score:.4f})")
+                progress.update(bar, advance=1)
+                if step == total or (config.patience and stale >= config.patience):
+                    break
+            else:
+                continue
+            break
+    if best_state is not None:
+        with torch.no_grad():
+            for p, best in zip(params, best_state):
+                p.copy_(best)
+    result.steps, result.train_seconds = step, time.perf_counter() - started
+    result.optimizer_state_bytes = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+    return result

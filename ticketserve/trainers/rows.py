@@ -1,0 +1,44 @@
+"""Methods that train a few rows of W̃ per matrix (+ head) and ship a `row_delta`.
+
+BitFit, Dominant-k and Random-k differ only in which rows they choose. Only the chosen rows
+exist as parameters — gradients and optimizer state cover them alone, never a dense mask.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import nn
+
+from ticketserve.core.backbone import dense_matrices
+from ticketserve.core.kinds import row_delta
+from ticketserve.core.model import TaskModel
+from ticketserve.core.routing import DEFAULT_SLOT
+from ticketserve.trainers.base import RunContext
+from ticketserve.trainers.single import ArtifactMethod
+
+
+def matrix_sizes(encoder: nn.Module) -> dict[str, int]:
+    """Rows of W̃ per matrix: in_features + 1 (the bias row)."""
+    return {name: linear.in_features + 1 for name, linear in dense_matrices(encoder).items()}
+
+
+class RowMethod(ArtifactMethod):
+    kind = "row_delta"
+    default_lr = 1e-3  # row methods need 10–100× the full fine-tuning rate
+
+    @abstractmethod
+    def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
+        """Which rows of W̃ to train, per matrix (row `in` = bias; an empty list = none)."""
+
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
+        self.chosen = self.rows(model, context)
+        return row_delta.add_trainable(model.encoder, DEFAULT_SLOT, self.chosen) + list(model.head.parameters())
+
+    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        return row_delta.export(model.encoder, DEFAULT_SLOT)
+
+    def details(self) -> dict:
+        return super().details() | {"rows": sum(len(r) for r in self.chosen.values()),
+                                    "matrices_with_rows": sum(bool(r) for r in self.chosen.values())}

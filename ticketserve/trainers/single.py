@@ -1,0 +1,116 @@
+"""Methods that train one artifact of one kind in the shared loop: data → model → method's
+trainable parameters → `loop.fit` → the method's tensors (+ the head) → one published artifact."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from ticketserve.core import artifact
+from ticketserve.core.data import data_source, load_split
+from ticketserve.core.kinds import get_kind
+from ticketserve.core.model import TaskModel
+from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest
+from ticketserve.trainers.base import Method, Outcome, RunContext
+from ticketserve.trainers.loop import FitResult, accelerator_for, fit, tokenize
+
+
+@dataclass
+class TrainOutcome(Outcome):
+    version: ArtifactVersion | None  # None on non-main processes of a distributed run
+    manifest: Manifest
+    fit: FitResult
+    tensors: dict[str, torch.Tensor]  # the payload (every process has it, published or not)
+    method: Method
+
+
+class ArtifactMethod(Method):
+    """A method whose run is the shared loop; subclasses say what trains and what ships."""
+
+    @abstractmethod
+    def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
+        """Prepare the model and return the parameters to train (the head's included)."""
+
+    @abstractmethod
+    def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
+        """The artifact's kind tensors (the head is added by the caller for task kinds)."""
+
+    def penalty(self, model: TaskModel) -> torch.Tensor | None:
+        """A term added to the task loss at every step (e.g. an L1 pull to θ0)."""
+        return None
+
+    def weight_decay(self, param: nn.Parameter) -> bool:
+        """Whether AdamW decays this parameter (default: matrices, not biases)."""
+        return param.dim() >= 2
+
+    def learning_rate(self, param: nn.Parameter, lr: float) -> float:
+        """This parameter's peak learning rate (default: the run's `--lr` for all)."""
+        return lr
+
+    def after_fit(self, model: TaskModel, fit: FitResult) -> dict:
+        """Extra work once training is done (`fit.evaluate`, `fit.train_loader`); returns facts
+        for the manifest's details."""
+        return {}
+
+    def run(self, context: RunContext) -> TrainOutcome:
+        spec, backbone, config = context.task, context.backbone, context.config
+        accelerator = accelerator_for()
+        set_seed(config.seed)
+        with accelerator.main_process_first():  # the first process fills the datasets cache
+            train_ds = tokenize(load_split(spec, spec.train_split, context.data_dir, config.train_samples, config.seed),
+                                backbone.tokenizer, config.max_length)
+            eval_ds = tokenize(load_split(spec, spec.eval_split, context.data_dir, config.eval_samples, config.seed),
+                               backbone.tokenizer, config.max_length)
+        head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
+        model = TaskModel(backbone.model, spec, head)
+        params = self.trainable(model, context)
+        lr = config.lr or self.default_lr
+        result = fit(accelerator, model, self, params, train_ds, eval_ds, backbone.tokenizer, config, lr,
+                     context.show_progress)
+        extra_details = self.after_fit(model, result)
+        model.eval()
+        tensors = self.export(model)
+        if get_kind(self.kind).is_task:
+            tensors |= model.head.tensors()
+        manifest = Manifest(
+            name=context.name or f"{spec.name}-{self.name}",
+            kind=self.kind,
+            method=self.name,
+            task=spec,
+            head=head,
+            backbone=backbone.ref(),
+            hyperparameters=config.model_dump() | {"lr": lr, "world_size": accelerator.num_processes},
+            metrics=result.metrics,
+            curves=result.curves,
+            trainable_params=sum(p.numel() for p in params),
+            details=self.details() | extra_details | {
+                "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
+                "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
+                "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),
+                "torch_threads": torch.get_num_threads(),  # step times are only comparable at equal thread counts
+                "optimizer_state_bytes": result.optimizer_state_bytes,
+                "data": data_source(spec, context.data_dir),
+            },
+        )
+        publish = context.publish and accelerator.is_main_process
+        version = artifact.publish(context.store, manifest, tensors, context.tags) if publish else None
+        accelerator.wait_for_everyone()
+        return TrainOutcome([version] if version else [], *self._report(version, manifest, result, context),
+                            version, manifest, result, tensors, self)
+
+    @staticmethod
+    def _report(version, manifest: Manifest, result: FitResult, context: RunContext) -> tuple[dict, str]:
+        if version is None:
+            return {}, ""
+        payload_bytes = context.store.manifest(version).payload_bytes
+        summary = {"artifact": str(version), "digest": version.digest, "kind": manifest.kind,
+                   "task": manifest.task.name, "method": manifest.method, "metrics": manifest.metrics,
+                   "trainable_params": manifest.trainable_params, "payload_bytes": payload_bytes,
+                   "train_seconds": round(result.train_seconds, 1), "steps": result.steps}
+        metric_text = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items())
+        return summary, (f"published [bold]{version}[/] ({manifest.kind}, {payload_bytes:,} bytes, "
+                         f"{manifest.trainable_params:,} trainable params): {metric_text} in {summary['train_seconds']}s")
