@@ -70,7 +70,7 @@ def _importance(task: str, seed: int, args) -> None:
         return
     tuned = _fine_tuned(task, seed, args)
     source = ["--fine-tuned", tuned] if tuned else []
-    result = cli("ticket", "importance", "--task", task, "--seed", str(seed), "--name", name, *source, *_data(task, args))
+    result = cli("train", "--method", "importance", "--task", task, "--seed", str(seed), "--name", name, *source, *_data(task, args))
     append(RECORDS, {"record": "importance", "name": name, "task": task, "seed": seed, "fine_tuned": tuned, **result})
 
 

@@ -238,10 +238,10 @@ def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
         assert result.exit_code == 0, result.output
         return json.loads(result.output) if result.output.strip().startswith(("{", "[")) else result.output
 
-    scores = run("ticket", "importance", *common)
+    scores = run("train", "--method", "importance", *common)
     assert len(scores["layers"]) == 2 and all(len(r["heads"]) == 4 for r in scores["layers"])
     tuned = run("train", "--method", "full", "--name", "ft", "--eval-samples", "16", *common)
-    rescored = run("ticket", "importance", "--fine-tuned", tuned["artifact"], "--name", "from-ft", *common)
+    rescored = run("train", "--method", "importance", "--fine-tuned", tuned["artifact"], "--name", "from-ft", *common)
     assert rescored["artifact"] == "from-ft:1" and len(rescored["layers"]) == 2
     for kind in ("winning", "losing"):
         swept = run("train", "--method", "superticket", "--levels", "0,50", "--ticket-type", kind,

@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketserve.cli.common import BackboneOpt, DataDirOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
-from ticketserve.cli.options import model_options, settings, with_flags
+from ticketserve.cli.common import BackboneOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
 from ticketserve.core.errors import InvalidArgument
 
-ticket_app = typer.Typer(help="Inspect and compare dominant tickets; score heads and FFNs.", no_args_is_help=True)
+ticket_app = typer.Typer(help="Inspect, compare and plot tickets, masks and super-ticket sweeps.", no_args_is_help=True)
 
 
 @ticket_app.command("show")
@@ -115,51 +114,6 @@ def ticket_sparsity(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
 
     emit(as_json, {"artifact": str(version), "overall": manifest.details["sparsity"], "layers": grid,
                     "figure": str(output) if output else None}, table)
-
-
-def _train_config_flags():
-    from ticketserve.trainers.config import TrainConfig
-
-    return model_options(TrainConfig)
-
-
-@ticket_app.command("importance", cls=with_flags(_train_config_flags))
-def ticket_importance(
-    ctx: typer.Context,
-    task: Annotated[str, typer.Option(help="GLUE task")],
-    data_dir: DataDirOpt = None, backbone: BackboneOpt = None,
-    name: Optional[str] = None, registry: RegistryOpt = None, as_json: JsonOpt = False,
-    fine_tuned: Annotated[Optional[str], typer.Option(
-        help="score this published full fine-tuning of the task instead of fine-tuning again "
-             "(its own settings apply; the training options are not used)")] = None,
-) -> None:
-    """Fine-tune (or take --fine-tuned), then score every attention head and FFN (mean |dL/dgate|);
-    publishes an importance entry."""
-    from ticketserve.core.backbone import load_backbone
-    from ticketserve.core.tasks import get_task
-    from ticketserve.trainers.config import TrainConfig
-    from ticketserve.trainers.run import train as run_training
-    from ticketserve.trainers.supertickets import score_fine_tuned
-    from ticketserve.trainers.ticket_report import importance_rows
-
-    spec, loaded, store, name = get_task(task), load_backbone(backbone), store_at(registry), name or f"{task}-importance"
-    if fine_tuned:
-        version, scores = score_fine_tuned(fine_tuned, spec, loaded, store, data_dir, name)
-    else:
-        config = TrainConfig(**settings(ctx))
-        outcome = run_training("importance", spec, loaded, config, store, data_dir, name, show_progress=not as_json)
-        if outcome.version is None:
-            return
-        version, scores = outcome.version, outcome.tensors
-    rows = importance_rows(scores)
-
-    def show() -> None:
-        grid = Table("layer", "heads (L2-normalised per layer)", "FFN", title=f"published {version}")
-        for row in rows:
-            grid.add_row(str(row["layer"]), " ".join(f"{v:.2f}" for v in row["heads"]), f"{row['ffn']:.3g}")
-        out.print(grid)
-
-    emit(as_json, {"artifact": str(version), "layers": rows}, show)
 
 
 @ticket_app.command("plot-phase")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ticketserve.core.backbone import Backbone
 from ticketserve.core.errors import InvalidArgument, NotFound
-from ticketserve.registry import ArtifactVersion, Store, TaskSpec
+from ticketserve.registry import ArtifactVersion, BackboneRef, HeadConfig, Manifest, Store, TaskSpec
 from ticketserve.trainers.config import TrainConfig
 
 
@@ -77,6 +77,17 @@ class Method(ABC):
     def details(self) -> dict:
         """Method facts recorded in the manifest (options, which rows, which ticket, ...)."""
         return self.options.model_dump(exclude_none=True)
+
+
+def run_manifest(name: str, kind: str, method: str, spec: TaskSpec, backbone: BackboneRef, config: TrainConfig, *,
+                 head: HeadConfig | None = None, hyperparameters: dict[str, Any] | None = None,
+                 **results: Any) -> Manifest:
+    """The manifest of what a training run publishes: its task, the backbone it ran on, the
+    run's settings (default: the config's), the head the config describes (unless given) and
+    its `results` (metrics, curves, trainable_params, details)."""
+    return Manifest(name=name, kind=kind, method=method, task=spec, backbone=backbone,
+                    head=head or HeadConfig(pooling=config.pooling, dropout=config.head_dropout),
+                    hyperparameters=config.model_dump() if hyperparameters is None else hyperparameters, **results)
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -15,7 +15,7 @@ from ticketserve.core.data import data_source, load_split
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.model import TaskModel
 from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest
-from ticketserve.trainers.base import Method, Outcome, RunContext
+from ticketserve.trainers.base import Method, Outcome, RunContext, run_manifest
 from ticketserve.trainers.loop import FitResult, accelerator_for, fit, tokenize
 
 
@@ -76,13 +76,8 @@ class ArtifactMethod(Method):
         tensors = self.export(model)
         if get_kind(self.kind).is_task:
             tensors |= model.head.tensors()
-        manifest = Manifest(
-            name=context.name or f"{spec.name}-{self.name}",
-            kind=self.kind,
-            method=self.name,
-            task=spec,
-            head=head,
-            backbone=backbone.ref(),
+        manifest = run_manifest(
+            context.name or f"{spec.name}-{self.name}", self.kind, self.name, spec, backbone.ref(), config, head=head,
             hyperparameters=config.model_dump() | {"lr": lr, "world_size": accelerator.num_processes},
             metrics=result.metrics,
             curves=result.curves,

@@ -23,14 +23,15 @@ from ticketserve.core.kinds.full import PREFIX
 from ticketserve.core.kinds.structure_mask import FFN, HEADS, to_tensors
 from ticketserve.core.model import TaskHead, TaskModel
 from ticketserve.core.routing import DEFAULT_SLOT
-from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest, Store, TaskSpec
-from ticketserve.trainers.base import Method, Outcome, RunContext, register_method
+from ticketserve.registry import ArtifactVersion, Manifest, Store, TaskSpec
+from ticketserve.trainers.base import Method, Outcome, RunContext, register_method, run_manifest
 from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.full import FullFineTuning
 from ticketserve.trainers.loop import MODEL_INPUTS, FitResult, tokenize, training_batches
 from ticketserve.trainers.pruning import prune
 from ticketserve.trainers.run import train
 from ticketserve.trainers.single import ArtifactMethod
+from ticketserve.trainers.ticket_report import importance_rows
 
 SCORES_HEADS, SCORES_FFN = "importance.heads", "importance.ffn"
 
@@ -60,6 +61,13 @@ def importance(model: TaskModel, batches) -> tuple[torch.Tensor, torch.Tensor]:
     return head_scores, ffn_total / max(examples, 1)
 
 
+class ImportanceOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fine_tuned: str | None = Field(None, description="score this published full fine-tuning of the task instead of "
+                                   "fine-tuning again (its own settings and data apply)")
+
+
 @register_method
 class Importance(ArtifactMethod):
     """Fine-tune, then score every head and FFN on the training data (kind `importance`)."""
@@ -67,7 +75,19 @@ class Importance(ArtifactMethod):
     name = "importance"
     kind = "importance"
     default_lr = 5e-5
-    description = "fine-tune, then head/FFN importance (mean |dL/dgate|); published as an importance entry"
+    description = "fine-tune (or take --fine-tuned), then head/FFN importance (mean |dL/dgate|): an importance entry"
+    Options = ImportanceOptions
+
+    def run(self, context: RunContext) -> Outcome:
+        if self.options.fine_tuned is None:
+            outcome = super().run(context)
+            if outcome.version is not None:
+                outcome.summary["layers"] = importance_rows(outcome.tensors)
+            return outcome
+        version, scores = score_fine_tuned(self.options.fine_tuned, context.task, context.backbone, context.store,
+                                           context.data_dir, context.name)
+        return Outcome([version], {"artifact": str(version), "digest": version.digest, "layers": importance_rows(scores)},
+                       f"published [bold]{version}[/]: head and FFN importance of {self.options.fine_tuned}")
 
     def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
         return list(model.parameters())
@@ -101,11 +121,11 @@ def score_fine_tuned(ref: str, spec: TaskSpec, backbone: Backbone, store: Store,
                         backbone.tokenizer, config.max_length)
     scores = importance(model, training_batches(train_ds, backbone.tokenizer, config))
     tensors = {SCORES_HEADS: scores[0], SCORES_FFN: scores[1]}
-    manifest = Manifest(name=name or f"{spec.name}-importance", kind="importance", method="importance", task=spec,
-                        head=source.head, backbone=backbone.ref(), hyperparameters=source.hyperparameters,
-                        metrics=source.metrics, curves=source.curves, trainable_params=source.trainable_params,
-                        details={k: source.details[k] for k in ("train_seconds", "steps", "data") if k in source.details}
-                        | {"scored_on": "train", "fine_tuning": f"{found.version}@{found.version.digest}"})
+    manifest = run_manifest(name or f"{spec.name}-importance", "importance", "importance", spec, backbone.ref(), config,
+                            head=source.head, hyperparameters=source.hyperparameters, metrics=source.metrics,
+                            curves=source.curves, trainable_params=source.trainable_params,
+                            details={k: source.details[k] for k in ("train_seconds", "steps", "data") if k in source.details}
+                            | {"scored_on": "train", "fine_tuning": f"{found.version}@{found.version.digest}"})
     return artifact.publish(store, manifest, tensors), tensors
 
 
@@ -302,11 +322,9 @@ def _tag(level: float) -> str:
 def _publish(store, name, spec, backbone, config, ticket_type, importance_ref, curve, tensors, pending) -> ArtifactVersion:
     curve = sorted(curve, key=lambda point: point["level"])
     best = max(curve, key=lambda point: point["metric"])
-    manifest = Manifest(name=name, kind="superticket", method="superticket",
-                        task=spec, head=HeadConfig(pooling=config.pooling, dropout=config.head_dropout),
-                        backbone=backbone.ref(), hyperparameters=config.model_dump(), metrics=best["metrics"],
-                        details={"ticket_type": ticket_type, "importance": importance_ref, "levels": curve,
-                                 "best_level": best["level"], "pending": pending})
+    manifest = run_manifest(name, "superticket", "superticket", spec, backbone.ref(), config, metrics=best["metrics"],
+                            details={"ticket_type": ticket_type, "importance": importance_ref, "levels": curve,
+                                     "best_level": best["level"], "pending": pending})
     return artifact.publish(store, manifest, tensors)
 
 

@@ -30,8 +30,8 @@ from ticketserve.core.kinds.structure_mask import to_tensors
 from ticketserve.core.model import TaskHead, encode, task_loss
 from ticketserve.core.routing import Routing, route
 from ticketserve.core.tasks import get_task
-from ticketserve.registry import ArtifactVersion, BackboneRef, HeadConfig, Manifest, Store, TaskSpec
-from ticketserve.trainers.base import Method, Outcome, RunContext, register_method
+from ticketserve.registry import ArtifactVersion, BackboneRef, HeadConfig, Store, TaskSpec
+from ticketserve.trainers.base import Method, Outcome, RunContext, register_method, run_manifest
 from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.loop import (
     MODEL_INPUTS,
@@ -204,9 +204,8 @@ def _publish(specs, backbone: Backbone, model: MultiTaskModel, masks: dict[str, 
         backbone.tokenizer.save_pretrained(scratch)
         encoder.config.to_json_file(str(Path(scratch) / "config.json"))
         files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
-    shared = artifact.publish(store, Manifest(
-        name=f"{name}-backbone", kind="backbone", method=method, task=specs[0], head=HeadConfig(),
-        backbone=backbone.ref(), hyperparameters=config.model_dump(), metrics={},
+    shared = artifact.publish(store, run_manifest(
+        f"{name}-backbone", "backbone", method, specs[0], backbone.ref(), config, head=HeadConfig(),
         details={"fingerprint": shared_fingerprint, "tasks": [s.name for s in specs], "train_seconds": round(seconds, 1),
                  "metrics": metrics}), encoder.state_dict(), files=files)
     shared_ref = BackboneRef(name=f"registry:{shared}", fingerprint=shared_fingerprint,
@@ -216,11 +215,10 @@ def _publish(specs, backbone: Backbone, model: MultiTaskModel, masks: dict[str, 
     for spec in specs:
         keep_heads, keep_ffn = masks[spec.name]
         head = model.heads[spec.name]
-        tasks[spec.name] = artifact.publish(store, Manifest(
-            name=f"{name}-{spec.name}", kind="structure_mask", method=method, task=spec, head=head.config,
-            backbone=shared_ref, hyperparameters=config.model_dump(), metrics=metrics[spec.name],
-            trainable_params=0, details={"shared_backbone": f"{shared}@{shared.digest}",
-                                         "heads_kept": int(keep_heads.sum()), "ffn_kept": int(keep_ffn.sum())}),
+        tasks[spec.name] = artifact.publish(store, run_manifest(
+            f"{name}-{spec.name}", "structure_mask", method, spec, shared_ref, config, head=head.config,
+            metrics=metrics[spec.name], details={"shared_backbone": f"{shared}@{shared.digest}",
+                                                 "heads_kept": int(keep_heads.sum()), "ffn_kept": int(keep_ffn.sum())}),
             to_tensors(keep_heads, keep_ffn) | head.tensors())
     return TicketShareOutcome(shared, tasks, metrics, seconds)
 
