@@ -73,6 +73,10 @@ def test_registry_commands(tmp_path, tiny_checkpoints):
     (["train", "--method", "magic", "--task", "sst2", "--data-dir", "sample"], "unknown method 'magic'"),
     (["train", "--method", "bitfit", "--task", "rte"], "pass --data-dir"),
     (["train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample", "--batch-size", "0"], "batch_size"),
+    (["train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample", "--k", "2"],
+     "method bitfit takes no option --k"),
+    (["train", "--method", "superticket", "--task", "sst2", "--levels", "0,120"], "levels must lie in [0, 100)"),
+    (["train", "--method", "ticketshare", "--data-dir", "sample"], "tasks: Field required"),
     (["registry", "import", "/nonexistent.tar"], "no bundle file"),
     (["train", "--method", "bitfit", "--task", "moods", "--data-dir", str(SAMPLE), "--text-field", "sentence",
       "--labels", "neg,neu,pos"], "--labels names 3 classes (neg, neu, pos), but the labels in"),
@@ -84,6 +88,26 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_flags_come_from_the_options_of_every_method(tmp_path):
+    """`train --help` shows each method's flags with the methods that take them and their defaults
+    (from the Options models), and `methods --json` lists the same options."""
+    from ticketserve.cli.options import flag
+    from ticketserve.trainers import methods
+
+    helped = subprocess.run([SCRIPT, "train", "--help"], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"COLUMNS": "250"})  # wide: no flag cut short
+    assert helped.returncode == 0, helped.stderr
+    text = " ".join(helped.stdout.replace("│", " ").split())
+    for name, cls in methods().items():
+        for field_name, field in cls.Options.model_fields.items():
+            if (field.json_schema_extra or {}).get("cli", True):
+                assert flag(field_name, field) in text, (name, field_name)
+    assert "dominant (default 1)" in text and "--lambda" in text and "--mask-embeddings" in text
+    listed = {row["method"]: row["options"] for row in as_json(cli("methods", "--json", registry=tmp_path))}
+    assert listed.keys() == methods().keys() and listed["dominant"]["--k"] == "default 1"
+    assert {"superticket", "ticketshare", "gated-full"} <= listed.keys()
 
 
 def test_corrupt_payload_fails_verify_and_predict(tmp_path, tiny_checkpoints):

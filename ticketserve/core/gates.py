@@ -16,6 +16,7 @@ Gates come from one of two places, per forward:
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -73,13 +74,15 @@ class GateTable:
         return heads, ffn
 
 
+_TABLES: weakref.WeakKeyDictionary[nn.Module, GateTable] = weakref.WeakKeyDictionary()  # kept here, not on the encoder
+
+
 def install(encoder: nn.Module) -> GateTable:
     """Hook every layer once; returns the encoder's gate table."""
-    table = getattr(encoder, "_ticketserve_gate_table", None)
+    table = _TABLES.get(encoder)
     if table is not None:
         return table
-    table = GateTable()
-    object.__setattr__(encoder, "_ticketserve_gate_table", table)  # bypass nn.Module attribute registration
+    table = _TABLES[encoder] = GateTable()
     num_heads = encoder.config.num_attention_heads
     for index, layer in enumerate(encoder_layers(encoder)):
         layer.attention.output.dense.register_forward_pre_hook(_head_hook(table, index, num_heads))
