@@ -83,6 +83,29 @@ def _gates(backbone, seed: int) -> Tensors:
     return to_tensors(keep, torch.tensor([seed % 2 == 0] + [True] * (config.num_hidden_layers - 1)))
 
 
+def _scores(backbone, seed: int) -> Tensors:
+    config, generator = backbone.config, torch.Generator().manual_seed(seed)
+    return {"importance.heads": torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=generator),
+            "importance.ffn": torch.rand(config.num_hidden_layers, generator=generator)}
+
+
+def _sweep(backbone, seed: int) -> Tensors:
+    levels = {f"level-{p}.{k}": v for p in (0, 20) for k, v in _gates(backbone, seed + p).items()}
+    return _scores(backbone, seed) | levels
+
+
+def _ticket(backbone, seed: int) -> Tensors:
+    generator = torch.Generator().manual_seed(seed)
+    return {f"{n}.counts": torch.randint(0, 5, (m.in_features + 1,), generator=generator, dtype=torch.int32)
+            for n, m in dense_matrices(backbone.model).items()}
+
+
+RECORDS = {  # kinds that are not tasks: records of analyses, and whole encoders
+    "importance": _scores,
+    "superticket": _sweep,
+    "ticket": _ticket,
+    "backbone": lambda backbone, seed: {k: v.clone() for k, v in backbone.model.state_dict().items()},
+}
 SAMPLES = {  # kind → a valid payload (without the head) for a backbone, varied by seed
     "row_delta": lambda backbone, seed: random_row_delta(backbone, k=2, seed=seed, scale=0.3),
     "supermask": lambda backbone, seed: encode_masks(_masks(backbone, seed)),
@@ -103,15 +126,16 @@ def _company(backbone) -> list:
     return [_artifact(backbone, kind, 10 + i) for i, kind in enumerate(("row_delta", "structure_mask", "supermask", "full"))]
 
 
-def test_every_registered_task_kind_is_in_this_suite():
+def test_every_registered_kind_is_in_this_suite():
     assert "toy_shift" in TASK_KINDS  # registered from this module alone
     assert set(TASK_KINDS) <= set(SAMPLES), f"add a sample payload for {set(TASK_KINDS) - set(SAMPLES)}"
+    assert set(kinds()) == set(SAMPLES) | set(RECORDS), f"add a sample for {set(kinds()) - set(SAMPLES) - set(RECORDS)}"
 
 
-@pytest.mark.parametrize("kind", TASK_KINDS)
+@pytest.mark.parametrize("kind", sorted(kinds()))
 def test_damaged_payloads_are_refused(kind, tiny_checkpoints):
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
-    good = SAMPLES[kind](backbone, 1)
+    good = (SAMPLES | RECORDS)[kind](backbone, 1)
     get_kind(kind).validate(good, backbone.model)
     first = next(iter(good))
     damaged = {

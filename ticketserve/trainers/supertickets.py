@@ -20,6 +20,8 @@ from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.gates import Gates, gating
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.kinds.full import PREFIX
+from ticketserve.core.kinds.importance import FFN as SCORES_FFN
+from ticketserve.core.kinds.importance import HEADS as SCORES_HEADS
 from ticketserve.core.kinds.structure_mask import FFN, HEADS, to_tensors
 from ticketserve.core.model import TaskHead, TaskModel
 from ticketserve.core.routing import DEFAULT_SLOT
@@ -32,8 +34,6 @@ from ticketserve.trainers.pruning import prune
 from ticketserve.trainers.run import train
 from ticketserve.trainers.single import ArtifactMethod
 from ticketserve.trainers.ticket_report import importance_rows
-
-SCORES_HEADS, SCORES_FFN = "importance.heads", "importance.ffn"
 
 
 def importance(model: TaskModel, batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,8 +21,9 @@ class BackboneKind(Kind):
         if tensors.keys() != state.keys():
             raise CorruptArtifact("a backbone entry must hold exactly the base encoder's tensors")
         for key, tensor in tensors.items():
-            if tensor.shape != state[key].shape:
-                raise CorruptArtifact(f"backbone entry {key}: shape {tuple(tensor.shape)} != {tuple(state[key].shape)}")
+            if tensor.shape != state[key].shape or tensor.dtype != state[key].dtype:
+                raise CorruptArtifact(f"backbone entry {key}: {tensor.dtype} {tuple(tensor.shape)} where the base encoder "
+                                      f"has {state[key].dtype} {tuple(state[key].shape)}")
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         raise InvalidArgument("a backbone entry is not a task: serve it with --backbone registry:NAME")

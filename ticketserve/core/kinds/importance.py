@@ -8,6 +8,8 @@ from torch import nn
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
 
+HEADS, FFN = "importance.heads", "importance.ffn"
+
 
 @register_kind
 class ImportanceKind(Kind):
@@ -15,10 +17,17 @@ class ImportanceKind(Kind):
     is_task = False
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
+        if set(tensors) != {HEADS, FFN}:
+            raise CorruptArtifact(f"an importance entry holds exactly {HEADS} and {FFN}")
+        self.check_scores(tensors, encoder)
+
+    def check_scores(self, tensors: Tensors, encoder: nn.Module) -> None:
         config = encoder.config
-        heads = tensors.get("importance.heads")
-        if heads is None or tuple(heads.shape) != (config.num_hidden_layers, config.num_attention_heads):
-            raise CorruptArtifact(f"{self.name} entry lacks importance scores that fit this backbone")
+        for key, shape in ((HEADS, (config.num_hidden_layers, config.num_attention_heads)),
+                           (FFN, (config.num_hidden_layers,))):
+            scores = tensors.get(key)
+            if scores is None or tuple(scores.shape) != shape or not scores.is_floating_point():
+                raise CorruptArtifact(f"{self.name} entry: {key} must be float{list(shape)} for this backbone")
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         raise InvalidArgument(f"a {self.name} entry is not a task")
