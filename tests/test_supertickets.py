@@ -223,6 +223,27 @@ def test_ticketshare_publishes_a_shared_backbone_and_servable_masks(store, tiny_
     assert isinstance(wrong_backbone.exception, BackboneMismatch)
 
 
+def test_ticketshare_runs_as_a_registered_method_through_the_one_entry_point(store, tiny_checkpoints):
+    """Ticket-Share with a given super ticket, and plain MTL, each one `train` call; both
+    publish a shared encoder and a structure mask per task, and report them."""
+    from ticketserve.trainers.run import train
+
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    swept = sweep(get_task("sst2"), backbone, CONFIG, store, "sample", levels=(0.0, 0.5), name="sst2-sweep",
+                  show_progress=False)
+    shared = train("ticketshare", None, backbone, CONFIG, store, "sample", name="ts", show_progress=False,
+                   options={"tasks": "sst2", "superticket": [f"sst2={swept}"]})
+    plain = train("ticketshare", None, load_backbone(str(tiny_checkpoints["bert"])), CONFIG, store, "sample",
+                  name="mtl", show_progress=False, options={"tasks": "sst2", "plain": True})
+    for outcome, prefix in ((shared, "ts"), (plain, "mtl")):
+        assert [str(v).split(":")[0] for v in outcome.published] == [f"{prefix}-backbone", f"{prefix}-sst2"]
+        assert outcome.summary["tasks"] == {"sst2": str(outcome.published[1])}
+    kept = keep_masks(artifact.read(store, swept).tensors, store.manifest(swept).details["best_level"])
+    mask = artifact.read(store, shared.published[1]).tensors
+    assert torch.equal(mask["gates.heads"].bool(), kept[0]) and torch.equal(mask["gates.ffn"].bool(), kept[1])
+    assert artifact.read(store, plain.published[1]).tensors["gates.heads"].all()  # plain MTL: every gate open
+
+
 def test_importance_sweep_and_phase_plot_commands(tmp_path, tiny_checkpoints):
     from typer.testing import CliRunner
 
