@@ -6,10 +6,15 @@ on sys.path), to run alternately on two checkouts (e.g. a `git worktree` of the 
 Prints JSON: examples/s per engine and ratios to the plain backbone, best of the passes. Knows
 the package layout before (02e7579) and after the one-package refactor. Results of that
 comparison: results/layout-ab.jsonl."""
-import json, random, sys, time
+import json
+import random
+import sys
+import time
+
 tree = sys.argv[1]
 sys.path.insert(0, tree)
 import torch
+
 try:  # after the refactor
     from ticketserve.core.artifact import Artifact
     from ticketserve.core.backbone import dense_matrices, load_backbone
@@ -23,10 +28,12 @@ except ImportError:
     from ticketserve.artifact import Artifact
     from ticketserve.backbone import dense_matrices, load_backbone
     from ticketserve.kinds.structure_mask import to_tensors
-    from ticketserve.runtime import Runtime
     from ticketserve.tasks import get_task
+
+    from ticketserve.runtime import Runtime
     NEW = False
 import ticketserve
+
 assert str(ticketserve.__file__).startswith(tree), ticketserve.__file__
 
 TASKS, BATCH, BATCHES, PASSES = 100, 32, 8, 3

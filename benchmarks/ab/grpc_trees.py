@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serving  # noqa: E402  (benchmarks/serving.py)
+
 from ticketserve.core.backbone import load_backbone
 from ticketserve.registry import open_store
 
