@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import ROW_TASKS, TEXTS, ByName, publish_row_task
 from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
+from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, NotFound, Unauthenticated
 from ticketserve.registry import open_store
 from ticketserve.runtime.client import Client
 from ticketserve.runtime.engine import EngineConfig
@@ -137,17 +138,21 @@ def test_corrupt_or_foreign_new_version_keeps_the_old_one_serving(registry, tiny
         assert client.predict("alpha", TEXTS[:1]).artifact == "alpha:1"
         task = client.get_task("alpha")
         assert task.task.state == pb.TASK_STATE_ERRORED and "checksum mismatch" in task.task.error
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(CorruptArtifact) as info:  # the server's error class, raised again by the client
             client.predict("alpha", TEXTS[:1], version="2")
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and isinstance(info.value, grpc.RpcError)
 
         roberta = load_backbone(str(tiny_checkpoints["roberta"]))
         publish_row_task(registry, roberta, "alpha", 12)  # alpha:3, for another backbone
         time.sleep(1.0)
         assert client.predict("alpha", TEXTS[:1]).artifact == "alpha:1"
-        with pytest.raises(grpc.RpcError) as info:
+        with pytest.raises(BackboneMismatch) as info:
             client.predict("alpha", TEXTS[:1], version="3")
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "trained on backbone" in info.value.details()
+        with pytest.raises(NotFound, match="no artifact named 'nobody'"):
+            client.predict("nobody", TEXTS[:1])
+        with pytest.raises(InvalidArgument):
+            client.predict("alpha", [])
 
 
 def _code(call) -> grpc.StatusCode:
@@ -222,6 +227,8 @@ def test_token_auth_and_admin_token(registry, tiny_bert, monkeypatch):
         with Client(target, retries=1) as anonymous, Client(target, token="wrong", retries=1) as wrong, \
                 Client(target, token="user-secret") as user, Client(target, token="admin-secret") as admin:
             assert _code(lambda: anonymous.predict("alpha", ["x"])) == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(Unauthenticated):  # an interceptor's answer: typed by its status
+                anonymous.predict("alpha", ["x"])
             assert _code(lambda: wrong.predict("alpha", ["x"])) == grpc.StatusCode.UNAUTHENTICATED
             assert _code(lambda: anonymous.server_info()) == grpc.StatusCode.UNAUTHENTICATED
             assert user.predict("alpha", ["x"]).artifact == "alpha:1"

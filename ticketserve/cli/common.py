@@ -57,10 +57,10 @@ def runtime_for(ref: str, registry: str | None, backbone: str | None):
 
 
 def rpc(call):
-    """Run a client call; gRPC errors become one-line user errors."""
+    """Run a client call; its typed errors become one-line user errors naming the status."""
     import grpc
 
     try:
         return call()
-    except grpc.RpcError as exc:
+    except grpc.RpcError as exc:  # the client's typed errors are RpcErrors too
         raise TicketserveError(f"server said {exc.code().name}: {exc.details()}") from None

@@ -1,7 +1,10 @@
 """Python client for a ticketserve server, sync (`Client`) and asyncio (`AsyncClient`).
 
 Transient UNAVAILABLE errors are retried with exponential backoff by gRPC's own retry policy
-(service config), so a rolling restart behind a load balancer is invisible to callers.
+(service config), so a rolling restart behind a load balancer is invisible to callers. A call
+that fails raises the error class the server answered with (`errors.NotFound`,
+`errors.InvalidArgument`, `errors.BackboneMismatch`, `errors.Unavailable`,
+`errors.Unauthenticated`, ...), which is also a `grpc.RpcError` with `.code()` and `.details()`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,21 @@ from pathlib import Path
 
 import grpc
 
+from ticketserve.core.errors import (
+    BackboneMismatch,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    TicketserveError,
+    Unauthenticated,
+    Unavailable,
+)
+from ticketserve.runtime.status import RemoteError, from_rpc
 from ticketserve.v1 import pb, rpc
+
+__all__ = ["AsyncClient", "BackboneMismatch", "Client", "InvalidArgument", "NotFound", "Overloaded", "PermissionDenied",
+           "Prediction", "PredictResult", "TicketserveError", "Unauthenticated", "Unavailable"]
 
 SERVICES = ("ticketserve.v1.Inference", "ticketserve.v1.Tasks", "ticketserve.v1.Info")
 
@@ -55,6 +72,24 @@ def _result(response: pb.PredictResponse) -> PredictResult:
     return PredictResult([Prediction.from_proto(p) for p in response.predictions], response.artifact, response.metadata)
 
 
+def _typed(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except RemoteError:
+        raise
+    except grpc.RpcError as exc:
+        raise from_rpc(exc) from None
+
+
+async def _typed_async(call, *args, **kwargs):
+    try:
+        return await call(*args, **kwargs)
+    except RemoteError:
+        raise
+    except grpc.RpcError as exc:
+        raise from_rpc(exc) from None
+
+
 class _Base:
     def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
                  timeout: float = 30.0, retries: int = 4):
@@ -76,26 +111,27 @@ class Client(_Base):
                                                  rpc.InfoStub(self.channel))
 
     def predict(self, task: str, texts: list[str], pairs: list[str] | None = None, version: str | None = None) -> PredictResult:
-        return _result(self.inference.Predict(_request(task, texts, pairs, version), timeout=self.timeout,
-                                              metadata=self.metadata))
+        return _result(_typed(self.inference.Predict, _request(task, texts, pairs, version), timeout=self.timeout,
+                              metadata=self.metadata))
 
     def list_tasks(self, include_registry: bool = False) -> list[pb.TaskInfo]:
-        return list(self.tasks.ListTasks(pb.ListTasksRequest(include_registry=include_registry),
-                                         timeout=self.timeout, metadata=self.metadata).tasks)
+        return list(_typed(self.tasks.ListTasks, pb.ListTasksRequest(include_registry=include_registry),
+                           timeout=self.timeout, metadata=self.metadata).tasks)
 
     def get_task(self, task: str, version: str | None = None) -> pb.GetTaskResponse:
-        return self.tasks.GetTask(pb.GetTaskRequest(task=task, **({"version": version} if version else {})),
-                                  timeout=self.timeout, metadata=self.metadata)
+        return _typed(self.tasks.GetTask, pb.GetTaskRequest(task=task, **({"version": version} if version else {})),
+                      timeout=self.timeout, metadata=self.metadata)
 
     def load_task(self, task: str, version: str | None = None) -> pb.TaskInfo:
-        return self.tasks.LoadTask(pb.LoadTaskRequest(task=task, **({"version": version} if version else {})),
-                                   timeout=self.timeout, metadata=self.metadata).task
+        return _typed(self.tasks.LoadTask, pb.LoadTaskRequest(task=task, **({"version": version} if version else {})),
+                      timeout=self.timeout, metadata=self.metadata).task
 
     def unload_task(self, task: str) -> bool:
-        return self.tasks.UnloadTask(pb.UnloadTaskRequest(task=task), timeout=self.timeout, metadata=self.metadata).unloaded
+        return _typed(self.tasks.UnloadTask, pb.UnloadTaskRequest(task=task), timeout=self.timeout,
+                      metadata=self.metadata).unloaded
 
     def server_info(self) -> pb.ServerInfoResponse:
-        return self.info.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        return _typed(self.info.ServerInfo, pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -119,18 +155,24 @@ class AsyncClient(_Base):
 
     async def predict(self, task: str, texts: list[str], pairs: list[str] | None = None,
                       version: str | None = None) -> PredictResult:
-        return _result(await self.inference.Predict(_request(task, texts, pairs, version), timeout=self.timeout,
-                                                    metadata=self.metadata))
+        return _result(await _typed_async(self.inference.Predict, _request(task, texts, pairs, version),
+                                          timeout=self.timeout, metadata=self.metadata))
 
     async def predict_stream(self, requests):
         """Yields one result per (task, texts[, pairs]) tuple of `requests`, in order."""
         stream = self.inference.PredictStream((_request(*r, *([None] * (4 - len(r)))) for r in requests),
                                               timeout=self.timeout, metadata=self.metadata)
-        async for response in stream:
-            yield _result(response)
+        try:
+            async for response in stream:
+                yield _result(response)
+        except RemoteError:
+            raise
+        except grpc.RpcError as exc:
+            raise from_rpc(exc) from None
 
     async def server_info(self) -> pb.ServerInfoResponse:
-        return await self.info.ServerInfo(pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        return await _typed_async(self.info.ServerInfo, pb.ServerInfoRequest(), timeout=self.timeout,
+                                  metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -17,7 +17,8 @@ from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.catalog import offers
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.metrics import OTHER_TASK, Metrics
-from ticketserve.runtime.server.status import abort, status_of
+from ticketserve.runtime.server.status import abort
+from ticketserve.runtime.status import status_of
 from ticketserve.v1 import pb, rpc
 
 
