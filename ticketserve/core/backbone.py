@@ -22,6 +22,7 @@ from ticketserve.registry import open_store
 from ticketserve.registry.manifest import BackboneRef
 
 DEFAULT_BACKBONE = "minilm"
+DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled checkpoint is, on the hub
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 # The six dense matrices of every transformer block (DESIGN.md: "matrix").
 MATRICES = (

@@ -4,19 +4,24 @@ A k-row delta is exactly a rank-k LoRA: A ∈ R^{k×in} selects the rows (one-ho
 scaling 1 (lora_alpha = r per module). The bias row has no LoRA factor, so it travels the
 way PEFT saves biases: `bias="lora_only"` stores the updated bias of every targeted layer.
 The task head (pooling + linear) is not a module of the stock encoder; it is written next
-to the adapter as `head.safetensors` with the manifest.
+to the adapter as `head.safetensors` with the manifest. The adapter names its base by hub id
+when there is one (a local checkpoint: its path relative to the adapter, flagged in the model
+card), targets exactly the matrices it changes (a regex of their full names: PEFT's suffix
+list would also catch e.g. the pooler's `dense`), and its model card says what it is.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ticketserve.core.artifact import Artifact
-from ticketserve.core.backbone import Backbone, dense_matrices
+from ticketserve.core.backbone import DEFAULT_BACKBONE, DEFAULT_HUB_ID, Backbone, dense_matrices
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.kinds.row_delta import RowDelta
 
@@ -36,10 +41,13 @@ def export_peft(artifact: Artifact, backbone: Backbone, directory: Path) -> Path
     if not rows:
         raise InvalidArgument(f"{artifact.version} changes no matrix: nothing to export")
     ranks = {name: max(row.in_index.numel(), 1) for name, row in rows.items()}  # bias-only layers: a zero factor
+    reference = base_reference(backbone, directory)
+    base.name_or_path = reference  # peft records the model's own name over the config's
     config = LoraConfig(
-        r=1, lora_alpha=1, rank_pattern=ranks, alpha_pattern=ranks, target_modules=sorted(rows), lora_dropout=0.0,
+        r=1, lora_alpha=1, rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0,
+        target_modules="|".join(re.escape(name) for name in sorted(rows)),  # a str is matched in full
         bias="lora_only" if any(row.bias_delta is not None for row in rows.values()) else "none",
-        base_model_name_or_path=backbone.source,
+        base_model_name_or_path=reference,
     )
     model = get_peft_model(base, config)
     with torch.no_grad():
@@ -57,4 +65,48 @@ def export_peft(artifact: Artifact, backbone: Backbone, directory: Path) -> Path
     model.save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in artifact.head_tensors.items()}, directory / "head.safetensors")
     (directory / "ticketserve-manifest.json").write_bytes(artifact.manifest.to_bytes())
+    (directory / "README.md").write_text(model_card(artifact, backbone, reference))
     return directory
+
+
+def base_reference(backbone: Backbone, directory: Path) -> str:
+    """The base model as a stock machine can find it: its hub id, else its path from the adapter."""
+    if backbone.name == DEFAULT_BACKBONE:
+        return DEFAULT_HUB_ID
+    if not Path(backbone.source).exists():
+        return backbone.source  # loaded by hub id
+    return os.path.relpath(backbone.source, directory.resolve())
+
+
+def model_card(artifact: Artifact, backbone: Backbone, base: str) -> str:
+    manifest = artifact.manifest
+    task, local = manifest.task, Path(backbone.source).exists() and backbone.name != DEFAULT_BACKBONE
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items()) or "not recorded"
+    where = (f"a local checkpoint, `{base}` relative to this directory (not on the hub: copy it along)" if local
+             else f"[`{base}`](https://huggingface.co/{base})")
+    labels = ", ".join(task.labels) if task.labels else "a regression value"
+    return f"""---
+base_model: {base}
+library_name: peft
+tags: [ticketserve, lora, {manifest.method}, text-classification]
+---
+
+# {manifest.name} — a ticketserve `{manifest.method}` task as a PEFT LoRA adapter
+
+* **Task**: {task.name} ({labels}); primary metric {task.metric}.
+* **Metrics** on the evaluation split when trained: {metrics}.
+* **Method**: `{manifest.method}` — a row delta of {sum(v.numel() for k, v in artifact.tensors.items() if k.endswith(".index"))} rows
+  of W̃ = [Wᵀ; b], written as the exact LoRA it is (A selects rows, B holds the deltas, scaling 1;
+  bias rows as `bias="lora_only"`).
+* **Base model**: {where}; content fingerprint `{backbone.fingerprint}` (sha256 over the encoder's
+  tensor names, dtypes, shapes and bytes). Load the encoder without its pooler.
+* **Head**: `head.safetensors` ({manifest.head.pooling} pooling, then `weight`/`bias` of a linear
+  layer), not a module of the stock encoder. `ticketserve-manifest.json` is the full manifest.
+
+```python
+from peft import PeftModel
+from transformers import AutoModel
+
+model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}", add_pooling_layer=False), "PATH/TO/THIS/DIRECTORY")
+```
+"""
