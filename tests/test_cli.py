@@ -90,6 +90,22 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_progress_off_a_terminal_names_its_phases_and_the_summary_the_whole_time(tmp_path, tiny_checkpoints):
+    """Under make, nohup or CI (stderr not a terminal) training prints plain lines: a start, a
+    line per evaluation and per tenth of the run with step, loss, metric, elapsed and ETA; a
+    Dominant run without a ticket names its two phases; the summary gives the total time."""
+    result = cli("train", "--method", "dominant", "--k", "1", "--task", "sst2", "--data-dir", "sample",
+                 "--backbone", str(tiny_checkpoints["bert"]), "--train-samples", "48", "--eval-samples", "16",
+                 "--batch-size", "8", "--epochs", "2", registry=tmp_path / "registry")
+    lines = result.stderr.splitlines()
+    search = [line for line in lines if line.startswith("ticket search sst2 1/2: ")]
+    train = [line for line in lines if line.startswith("train sst2 2/2: ")]
+    assert search and train and lines.index(search[-1]) < lines.index(train[0])
+    assert any("step 6/12: loss" in line and "accuracy" in line and "ETA" in line for line in train), train
+    assert train[-1].startswith("train sst2 2/2: done: 12 steps")
+    assert "s in all" in result.stdout
+
+
 def test_train_flags_come_from_the_options_of_every_method(tmp_path):
     """`train --help` shows each method's flags with the methods that take them and their defaults
     (from the Options models), and `methods --json` lists the same options."""

@@ -38,6 +38,7 @@ class RunContext:
     name: str | None = None  # the artifact's name (default: the method's choice)
     tags: tuple[str, ...] = ()
     publish: bool = True  # False: return the result without storing it (e.g. a sweep's levels)
+    phase: str | None = None  # how progress names this run when it is one of several (`ticket search 1/2`)
 
     @property
     def task(self) -> TaskSpec:

@@ -101,7 +101,8 @@ class Dominant(RowMethod):
         search_options = SearchOptions(**self.options.model_dump(include=set(SearchOptions.model_fields)))
         outcome = train("ticket-search", context.spec, context.backbone, context.config, context.store,
                         context.data_dir, name=f"{context.spec.name}-ticket", show_progress=context.show_progress,
-                        options=search_options.model_dump())
+                        options=search_options.model_dump(), phase=f"ticket search {context.spec.name} 1/2")
+        context.phase = f"train {context.spec.name} 2/2"
         outcome.method.restore_theta0(model)
         version = outcome.version
         self.ticket = f"{version}@{version.digest}" if version else None  # None off the main process

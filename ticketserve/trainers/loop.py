@@ -19,7 +19,6 @@ from typing import Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
@@ -28,6 +27,7 @@ from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.model import TaskModel, predictions
 from ticketserve.core.tasks import compute_metrics
 from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.progress import RunProgress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -145,7 +145,7 @@ def evaluation_batches(eval_ds, tokenizer, config: TrainConfig) -> DataLoader:
 
 
 def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, params: list[nn.Parameter], train_ds, eval_ds,
-        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True) -> FitResult:
+        tokenizer, config: TrainConfig, lr: float, show_progress: bool = True, label: str | None = None) -> FitResult:
     if len(train_ds) == 0 or len(eval_ds) == 0:
         raise InvalidArgument(f"{model.spec.name}: empty training or evaluation data")
     trainable = {id(p) for p in params}
@@ -173,14 +173,10 @@ def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, param
 
     result = FitResult(metrics={}, curves={"train_loss": [], "eval": []}, evaluate=evaluate, train_loader=train_loader)
     best_score, best_state, stale = -math.inf, None, 0
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                        disable=not (show_progress and accelerator.is_main_process), transient=True)
     started = time.perf_counter()
     step, running, running_n = 0, 0.0, 0
     wrapped.train()
-    with progress:
-        bar = progress.add_task(f"train {spec.name}", total=total, status="")
+    with RunProgress(label or f"train {spec.name}", total, show_progress and accelerator.is_main_process) as progress:
         for epoch in range(math.ceil(total / steps_per_epoch)):
             sampler.set_epoch(epoch)
             for batch_index, batch in enumerate(train_loader):
@@ -193,6 +189,7 @@ def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, param
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                progress.advance(loss.item())
                 running += loss.item()
                 running_n += 1
                 if step % config.log_every == 0:
@@ -210,8 +207,7 @@ def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, param
                         result.best_step, result.metrics = step, metrics
                     else:
                         stale += 1
-                    progress.update(bar, status=f"{spec.metric} {score:.4f} (best {best_score:.4f})")
-                progress.update(bar, advance=1)
+                    progress.evaluated(f"loss {loss.item():.4f}, {spec.metric} {score:.4f} (best {best_score:.4f})")
                 if step == total or (config.patience and stale >= config.patience):
                     break
             else:

@@ -14,11 +14,12 @@ from ticketserve.trainers.config import TrainConfig
 
 def train(method: str | Method, spec: TaskSpec | None, backbone: Backbone, config: TrainConfig, store: Store,
           data_dir: str | Path | None = None, name: str | None = None, tags: tuple[str, ...] = (),
-          show_progress: bool = True, options: dict[str, Any] | None = None, publish: bool = True) -> Outcome:
+          show_progress: bool = True, options: dict[str, Any] | None = None, publish: bool = True,
+          phase: str | None = None) -> Outcome:
     """Run a method (its `options` by field name) and return what it published; `publish=False`
     returns the result without storing it (e.g. a sweep's levels)."""
     if isinstance(method, str):
         method = get_method(method, options)
     elif options:
         raise ValueError("options go with a method name, not with a configured method")
-    return method.run(RunContext(spec, backbone, config, store, data_dir, show_progress, name, tags, publish))
+    return method.run(RunContext(spec, backbone, config, store, data_dir, show_progress, name, tags, publish, phase))

@@ -3,6 +3,7 @@ trainable parameters → `loop.fit` → the method's tensors (+ the head) → on
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class ArtifactMethod(Method):
 
     def run(self, context: RunContext) -> TrainOutcome:
         spec, backbone, config = context.task, context.backbone, context.config
+        started = time.perf_counter()
         accelerator = accelerator_for()
         set_seed(config.seed)
         with accelerator.main_process_first():  # the first process fills the datasets cache
@@ -70,7 +72,7 @@ class ArtifactMethod(Method):
         params = self.trainable(model, context)
         lr = config.lr or self.default_lr
         result = fit(accelerator, model, self, params, train_ds, eval_ds, backbone.tokenizer, config, lr,
-                     context.show_progress)
+                     context.show_progress, context.phase or f"train {spec.name}")
         extra_details = self.after_fit(model, result)
         model.eval()
         tensors = self.export(model)
@@ -94,18 +96,20 @@ class ArtifactMethod(Method):
         publish = context.publish and accelerator.is_main_process
         version = artifact.publish(context.store, manifest, tensors, context.tags) if publish else None
         accelerator.wait_for_everyone()
-        return TrainOutcome([version] if version else [], *self._report(version, manifest, result, context),
+        return TrainOutcome([version] if version else [],
+                            *self._report(version, manifest, result, context, time.perf_counter() - started),
                             version, manifest, result, tensors, self)
 
     @staticmethod
-    def _report(version, manifest: Manifest, result: FitResult, context: RunContext) -> tuple[dict, str]:
+    def _report(version, manifest: Manifest, result: FitResult, context: RunContext, wall: float) -> tuple[dict, str]:
         if version is None:
             return {}, ""
         payload_bytes = context.store.manifest(version).payload_bytes
         summary = {"artifact": str(version), "digest": version.digest, "kind": manifest.kind,
                    "task": manifest.task.name, "method": manifest.method, "metrics": manifest.metrics,
                    "trainable_params": manifest.trainable_params, "payload_bytes": payload_bytes,
-                   "train_seconds": round(result.train_seconds, 1), "steps": result.steps}
+                   "train_seconds": round(result.train_seconds, 1), "total_seconds": round(wall, 1), "steps": result.steps}
         metric_text = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items())
         return summary, (f"published [bold]{version}[/] ({manifest.kind}, {payload_bytes:,} bytes, "
-                         f"{manifest.trainable_params:,} trainable params): {metric_text} in {summary['train_seconds']}s")
+                         f"{manifest.trainable_params:,} trainable params): {metric_text}; training {summary['train_seconds']} s "
+                         f"of {summary['total_seconds']} s in all")
