@@ -405,3 +405,24 @@ def test_malloc_settings_for_the_server_process_leave_the_environments_alone(mon
     assert "MALLOC_ARENA_MAX" not in applied
     if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
         assert applied == {"MALLOC_MMAP_THRESHOLD_": 1 << 20}
+
+
+def test_preloaded_tasks_are_warmed_up_and_never_evicted(registry, tiny_bert):
+    """--preload is the operator's working set: it is served once before the port opens (one
+    warm-up forward each) and stays resident whatever else passes through a small cache."""
+    backbone = load_backbone(tiny_bert)
+    names = [f"p{i}" for i in range(4)]
+    for seed, name in enumerate(names):
+        publish_row_task(registry, backbone, name, 40 + seed)
+    budget = int(_task_bytes(registry, "p0") * 1.5)  # room for one task
+    with BackgroundServer(config(registry, tiny_bert, cache_bytes=budget, preload=["p0"])) as server, \
+            Client(f"127.0.0.1:{server.port}") as client:
+        assert "ticketserve_batch_size_count 1.0" in _metrics(server)  # the warm-up, before any request
+        for name in names[1:] * 2:
+            client.predict(name, TEXTS[:1])
+        resident = {t.artifact for t in client.list_tasks()}
+        metrics = _metrics(server)
+    assert "p0:1" in resident
+    evictions = next(line for line in metrics.splitlines() if line.startswith('ticketserve_task_cache_total{event="eviction"}'))
+    assert float(evictions.split()[-1]) >= 4  # the others came and went
+

@@ -8,7 +8,8 @@ failed load is rolled back, marks the alias (and that version) errored, is retri
 back-off and leaves the old version serving — also when that one was evicted meanwhile: an
 alias remembers the last version it served. Resident versions form an LRU bounded by bytes;
 a version in use — or being handed to a request — is never evicted, so a working set larger
-than the budget runs over it (reported) instead of failing requests.
+than the budget runs over it (reported) instead of failing requests; nor is a pinned one (the
+operator's `--preload`: the version its alias serves now, whichever that is).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class TaskLoader:
         self.errors: dict[str, str] = {}  # alias → why its last load failed
         self.last_good: dict[str, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
         self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
+        self.pinned: set[str] = set()  # aliases and version keys never evicted (the operator's --preload)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
 
@@ -152,8 +154,12 @@ class TaskLoader:
                         exc_info=None if expected else exc)
         self.errors[alias] = reason
 
-    def preload(self, name: str, version: str | None = None) -> TaskHandle:
+    def preload(self, name: str, version: str | None = None, pin: bool = False) -> TaskHandle:
+        """Load a task now; `pin` keeps it (whatever version its alias moves to) out of eviction."""
         handle = self.acquire(name, version)
+        if pin:
+            with self._lock:
+                self.pinned.add(self._alias(Reference.of(name, version)) or handle.key)
         self.release(handle)
         return handle
 
@@ -164,6 +170,7 @@ class TaskLoader:
         with self._lock:
             for alias in [a for a in self.aliases if a.split(":")[0] == name]:
                 del self.aliases[alias]
+            self.pinned = {pin for pin in self.pinned if pin.split(":")[0] != name}
             handles = [h for h in self.resident.values() if h.version.name == name and not h.retired]
             for handle in handles:
                 self._retire(handle)
@@ -239,12 +246,15 @@ class TaskLoader:
             if total <= self.cache_bytes:
                 break
             handle = self.resident[key]
-            if handle.refs == 0:
+            if handle.refs == 0 and not self._pinned(key):
                 total -= handle.bytes
                 self._unload(handle)
                 for alias in [a for a, k in self.aliases.items() if k == key]:
                     del self.aliases[alias]
                 self._report("eviction")
+
+    def _pinned(self, key: str) -> bool:
+        return key in self.pinned or any(self.aliases.get(alias) == key for alias in self.pinned)
 
     def _retire(self, handle: TaskHandle) -> None:
         handle.retired = True

@@ -112,7 +112,8 @@ class Server:
         for ref in c.preload:  # a task the operator requires: failing to load it fails the start
             name, _, version = ref.partition(":")
             try:
-                self.loader.preload(name, version or None)
+                handle = self.loader.preload(name, version or None, pin=True)
+                await asyncio.to_thread(self._warm_up, handle.loaded)
             except TicketserveError as exc:
                 raise type(exc)(f"--preload {ref}: {exc}") from None
         token = read_token(c.token_file, c.token_env)
@@ -143,6 +144,14 @@ class Server:
         self._watch = asyncio.create_task(self._watch_registry())
         log.info("serving %s on %s:%d (backbone %s, registry %s)", ", ".join(SERVICES), c.host, self.port,
                  self.runtime.backbone.name, self.store.url)
+
+    def _warm_up(self, task) -> None:
+        """One forward pass of a preloaded task before the port opens: lazily built state (the
+        kind's tables, allocator pools, kernels) exists before the first request needs it."""
+        pairs = ["warm-up"] if task.spec.text_pair_field else None
+        started = time.perf_counter()
+        self.engine.submit(task, ["warm-up"], pairs).result(timeout=300)
+        log.info("warmed %s up in %.1f ms", task.name, (time.perf_counter() - started) * 1000)
 
     async def _watch_registry(self) -> None:
         while True:
