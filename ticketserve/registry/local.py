@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import time
 import uuid
@@ -162,6 +163,26 @@ class LocalStore(Store):
         if not folder.is_dir():
             return {}
         return {p.name: parse_version(p.read_bytes(), p) for p in folder.iterdir() if TAG_RE.fullmatch(p.name)}
+
+    def ref_stamps(self) -> dict[str, str]:
+        stamps = {}
+        for entry in os.scandir(self.root / "refs"):
+            if not (entry.is_dir() and NAME_RE.fullmatch(entry.name)):
+                continue
+            stamp = hashlib.sha256()
+            for kind in ("versions", "tags"):
+                try:
+                    files = sorted(os.scandir(Path(entry.path) / kind), key=lambda f: f.name)
+                except FileNotFoundError:
+                    continue
+                for f in files:  # a rewrite is a new inode (written aside, then renamed)
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
+                        continue
+                    stamp.update(f"{kind}/{f.name}|{st.st_ino}|{st.st_mtime_ns}|{st.st_size}\n".encode())
+            stamps[entry.name] = stamp.hexdigest()
+        return stamps
 
     def set_tag(self, name: str, tag: str, version: int) -> None:
         check_tag(tag)

@@ -15,6 +15,7 @@ usual AWS way. Cache: $TICKETSERVE_S3_CACHE, default the user cache dir.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -157,6 +158,19 @@ class S3Store(Store):
         if versions:
             tags[DEFAULT_TAG] = max(versions)
         return tags
+
+    def ref_stamps(self) -> dict[str, str]:
+        root = self._path("refs")
+        try:
+            found = self.fs.find(root, detail=True)  # one paginated LIST for every name
+        except FileNotFoundError:
+            return {}
+        stamps: dict[str, hashlib._Hash] = {}
+        for path, info in sorted(found.items()):
+            relative = path.removeprefix(root + "/")
+            stamps.setdefault(relative.split("/")[0], hashlib.sha256()).update(
+                f"{relative}|{info.get('ETag')}|{info.get('LastModified')}|{info.get('size')}\n".encode())
+        return {name: stamp.hexdigest() for name, stamp in stamps.items() if NAME_RE.fullmatch(name)}
 
     def set_tag(self, name: str, tag: str, version: int) -> None:
         check_tag(tag)

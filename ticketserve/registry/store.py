@@ -158,6 +158,11 @@ class Store(ABC):
     def set_tag(self, name: str, tag: str, version: int) -> None: ...
 
     @abstractmethod
+    def ref_stamps(self) -> dict[str, str]:
+        """Name → an opaque stamp of its versions and tags that changes whenever they do, for
+        every name, in one listing: a watcher re-resolves only the names whose stamp moved."""
+
+    @abstractmethod
     def remove(self, ref: ArtifactVersion) -> None:
         """Forget a version (and tags on it); its bytes go at the next `gc`."""
 

@@ -68,9 +68,17 @@ class TaskLoader:
         self.errors: dict[str, str] = {}  # alias → why its last load failed
         self.last_good: dict[str, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
         self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
+        self._stamps = self._initial_stamps()  # the registry's ref stamps at the last poll
         self.pinned: set[str] = set()  # aliases and version keys never evicted (the operator's --preload)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
+
+    def _initial_stamps(self) -> dict[str, str]:
+        """Taken before any alias resolves, so the first poll re-resolves only what changed since."""
+        try:
+            return self.store.ref_stamps()
+        except Exception:  # an unreadable registry now: the first poll resolves every alias
+            return {}
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -115,11 +123,22 @@ class TaskLoader:
     # -- the watch loop and admin calls -------------------------------------------------------
 
     def refresh(self) -> None:
-        """Follow every alias to the version its tag names now; swap what moved. One alias's
-        failure (whatever it is) never stops the others."""
+        """Follow every alias to the version its tag names now; swap what moved. One listing of
+        the registry's refs per poll says which names changed; only their aliases are resolved
+        again. One alias's failure (whatever it is) never stops the others."""
         with self._lock:
             aliases = dict(self.aliases)
+        try:
+            stamps = self.store.ref_stamps()
+        except Exception as exc:  # keep serving what we have; the next poll tries again
+            for alias, current in aliases.items():
+                self._alias_failed(alias, current, exc)
+            return
+        changed = {name for name in stamps.keys() | self._stamps.keys() if stamps.get(name) != self._stamps.get(name)}
+        self._stamps = stamps
         for alias, current in aliases.items():
+            if alias.split(":")[0] not in changed and alias not in self.errors:
+                continue
             try:
                 target = self.store.resolve(alias)
             except Exception as exc:  # keep serving what we have

@@ -1,0 +1,55 @@
+"""The registry watch costs one listing per poll, however many aliases are resident, and still
+follows every tag move — on a local registry and on S3 (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from tests.helpers import publish_row_task
+from tests.test_s3_store import s3_endpoint, s3_url  # noqa: F401  (fixtures)
+from ticketserve.core.backbone import load_backbone
+from ticketserve.registry import open_store
+from ticketserve.runtime.executor import Runtime
+from ticketserve.runtime.server.loader import TaskLoader
+
+CALLS = ("resolve", "tags", "versions", "names", "manifest", "ref_stamps")
+
+
+def _counted(store) -> collections.Counter:
+    """Count the store's calls (the store itself, instrumented in place)."""
+    counts = collections.Counter()
+    for name in CALLS:
+        method = getattr(store, name)
+
+        def counting(*args, _method=method, _name=name, **kwargs):
+            counts[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(store, name, counting)
+    return counts
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_poll_lists_the_registry_once_and_follows_what_moved(where, tmp_path, tiny_bert, request):
+    url = str(tmp_path / "registry") if where == "local" else request.getfixturevalue("s3_url")
+    store = open_store(url)
+    backbone = load_backbone(tiny_bert)
+    names = [f"w{i:02d}" for i in range(12)]
+    for seed, name in enumerate(names):
+        publish_row_task(store, backbone, name, seed)
+    loader = TaskLoader(store, Runtime(backbone, device="cpu"), cache_bytes=1 << 30)
+    for name in names:
+        loader.preload(name)
+    counts = _counted(store)
+    loader.refresh()
+    loader.refresh()
+    assert dict(counts) == {"ref_stamps": 2}, dict(counts)  # nothing moved: one listing per poll, no resolve
+
+    publish_row_task(store, backbone, "w03", 99)  # w03:2 becomes latest
+    counts.clear()
+    loader.refresh()
+    assert counts["ref_stamps"] == 1 and counts["resolve"] == 1, dict(counts)  # only the alias that moved
+    served = {row["alias"]: row["artifact"] for row in loader.describe()[0] if row["alias"]}
+    assert served["w03:latest"] == "w03:2" and served["w04:latest"] == "w04:1"
