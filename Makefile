@@ -44,8 +44,10 @@ demo-serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The default suite with the long fuzzing profile (6,000 examples per RPC property instead of
+# 150) and any test marked slow (none yet).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest -m '' --hypothesis-profile fuzz-long
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --tasks sst2 --methods full,bitfit --train-samples 8000
