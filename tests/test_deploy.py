@@ -30,7 +30,7 @@ def test_overlay_renders_and_validates(overlay):
 
     documents = render(overlay)
     assert {d["kind"] for d in documents} == {"ConfigMap", "Deployment", "Service",  # no Secret: no committed tokens
-                                              "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+                                              "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"}
     for document in documents:
         kubernetes_validate.validate(document, latest_version(), strict=True)
     deployment = next(d for d in documents if d["kind"] == "Deployment")
@@ -46,6 +46,30 @@ def test_overlay_renders_and_validates(overlay):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--device=cuda" in container["args"]
         assert pod["spec"]["tolerations"] and pod["spec"]["nodeSelector"]
     assert container["image"] == f"ticketserve:{'cuda' if overlay == 'gpu' else 'cpu'}"
+    hpa = next(d for d in documents if d["kind"] == "HorizontalPodAutoscaler")
+    assert [m.get("pods", {}).get("metric", {}).get("name") or m["resource"]["name"] for m in hpa["spec"]["metrics"]] == \
+        ["ticketserve_queue_depth", "cpu"]  # the queue first, CPU as the fallback
+    policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == pod["metadata"]["labels"]  # the server's pods, no others
+    grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
+    assert grpc_rule["from"][0]["podSelector"]["matchLabels"] == {"ticketserve.io/client": "true"}
+
+
+def test_the_queue_depth_metric_the_hpa_uses_is_served_by_the_adapter_rule():
+    """The HPA's custom metric exists: the server exports it, the Prometheus adapter rule
+    serves it per pod; the rule's ConfigMap validates."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    from ticketserve.runtime.server.metrics import Metrics
+
+    document = yaml.safe_load((DEPLOY / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml").read_text())
+    kubernetes_validate.validate(document, latest_version(), strict=True)
+    (rule,) = yaml.safe_load(document["data"]["config.yaml"])["rules"]
+    assert rule["seriesQuery"].startswith("ticketserve_queue_depth{") and rule["name"]["as"] == "ticketserve_queue_depth"
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    exported = {family.name for family in Metrics(1).registry.collect()}
+    assert "ticketserve_queue_depth" in exported
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
