@@ -29,14 +29,28 @@ def test_overlay_renders_and_validates(overlay):
     from kubernetes_validate.utils import latest_version
 
     documents = render(overlay)
+    tls = overlay.endswith("-tls")
     assert {d["kind"] for d in documents} == {"ConfigMap", "Deployment", "Service",  # no Secret: no committed tokens
-                                              "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"}
+                                              "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy",
+                                              *(["Certificate"] if tls else [])}
     for document in documents:
-        kubernetes_validate.validate(document, latest_version(), strict=True)
+        if document["kind"] != "Certificate":  # cert-manager's CRD: not in the Kubernetes schemas, checked below
+            kubernetes_validate.validate(document, latest_version(), strict=True)
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["readinessProbe"]["grpc"]["port"] == 50051 and container["livenessProbe"]["grpc"]
+    if tls:  # the server speaks TLS from the Certificate's Secret; probes check health over TLS
+        certificate = next(d for d in documents if d["kind"] == "Certificate")
+        secret = certificate["spec"]["secretName"]
+        assert certificate["apiVersion"] == "cert-manager.io/v1" and "localhost" in certificate["spec"]["dnsNames"]
+        assert next(v for v in pod["spec"]["volumes"] if v["name"] == "tls")["secret"]["secretName"] == secret
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")["mountPath"]
+        assert f"--tls-cert={mount}/tls.crt" in container["args"] and f"--tls-key={mount}/tls.key" in container["args"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == ["ticketserve", "health", "--server", "localhost:50051",
+                                                          "--tls-ca", f"{mount}/ca.crt"]
+    else:
+        assert container["readinessProbe"]["grpc"]["port"] == 50051 and container["livenessProbe"]["grpc"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"]
@@ -45,7 +59,7 @@ def test_overlay_renders_and_validates(overlay):
     if overlay == "gpu":
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--device=cuda" in container["args"]
         assert pod["spec"]["tolerations"] and pod["spec"]["nodeSelector"]
-    assert container["image"] == f"ticketserve:{'cuda' if overlay == 'gpu' else 'cpu'}"
+    assert container["image"] == f"ticketserve:{'cuda' if overlay == 'gpu' else 'cpu'}"  # cpu-tls: the cpu image
     hpa = next(d for d in documents if d["kind"] == "HorizontalPodAutoscaler")
     assert [m.get("pods", {}).get("metric", {}).get("name") or m["resource"]["name"] for m in hpa["spec"]["metrics"]] == \
         ["ticketserve_queue_depth", "cpu"]  # the queue first, CPU as the fallback
