@@ -249,6 +249,13 @@ def test_tls(registry, tiny_bert, tmp_path):
             assert client.predict("alpha", ["x"]).artifact == "alpha:1"
         with Client(f"localhost:{server.port}", retries=1, timeout=3) as plaintext:
             assert _code(lambda: plaintext.predict("alpha", ["x"])) == grpc.StatusCode.UNAVAILABLE
+        from typer.testing import CliRunner
+
+        from ticketserve.cli import app
+
+        # the probe deploy/k8s/components/tls runs in the pod
+        probe = CliRunner().invoke(app, ["health", "--server", f"localhost:{server.port}", "--tls-ca", str(cert)])
+        assert probe.exit_code == 0 and "SERVING" in probe.output, probe.output
 
 
 def test_lru_eviction_reload_and_metrics(registry, tiny_bert):
