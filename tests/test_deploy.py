@@ -92,3 +92,4 @@ def test_images_run_non_root_with_a_grpc_health_check(dockerfile):
     assert text.count("FROM ") >= 2  # multi-stage: build tools stay out of the runtime image
     assert "USER 10001" in text and 'CMD ["ticketserve", "health"' in text
     assert "setup.py" in text and "import ticketserve.v1" not in text  # gRPC code compiled by the package build
+    assert "pip install '.[s3,onnx]'" in text  # the ConfigMap's s3:// registry and --backend onnx need them
