@@ -109,7 +109,7 @@ def cached_export(backbone: Backbone, cache_dir: Path | None = None) -> Path:
 
 class OnnxRuntime(Runtime):
     """The runtime with the shared encoder on ONNX Runtime: tasks attach exactly as on torch
-    (that state is read to build the graph inputs); only the shared forward changes."""
+    (their kinds then express that state as graph inputs); only the shared forward changes."""
 
     def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
                  cache_dir: Path | None = None):
@@ -122,6 +122,7 @@ class OnnxRuntime(Runtime):
             device is None and "CUDAExecutionProvider" in available) else []
         self.session = ort.InferenceSession(str(self.onnx_path),
                                             providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
+        self.widths = {name: layer.out_features for name, layer in dense_matrices(self.encoder).items()}
 
     def group(self, task: LoadedTask) -> Hashable:
         """Tasks the graph can express share one session run; the rest run on torch."""
@@ -131,7 +132,7 @@ class OnnxRuntime(Runtime):
     def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
         if self.group(tasks[0])[0] == "torch":
             return super().hidden(tasks, inputs, routing)
-        feeds = Feeds(self.backbone, inputs, len(routing.slots))
+        feeds = Feeds(self.backbone.config, self.widths, inputs, len(routing.slots))
         for kind in {id(task.kind): task.kind for task in tasks}.values():
             kind.feed_graph(self.encoder, routing, feeds)
         (hidden,) = self.session.run(["last_hidden_state"], feeds.arrays())
@@ -141,13 +142,11 @@ class OnnxRuntime(Runtime):
 class Feeds:
     """The graph inputs of one batch: neutral (zero rows, open gates) until kinds fill them."""
 
-    def __init__(self, backbone: Backbone, inputs: dict[str, torch.Tensor], batch: int):
-        config = backbone.config
+    def __init__(self, config, widths: dict[str, int], inputs: dict[str, torch.Tensor], batch: int):
         self.tokens = {name: inputs.get(name, torch.zeros_like(inputs["input_ids"])) for name in INPUTS}
         self.heads = torch.ones(batch, config.num_hidden_layers, config.num_attention_heads)
         self.ffn = torch.ones(batch, config.num_hidden_layers)
-        self.batch = batch
-        self.widths = {name: layer.out_features for name, layer in dense_matrices(backbone.model).items()}
+        self.batch, self.widths = batch, widths  # output width per matrix
         self.rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def add_rows(self, matrix: str, index: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> None:
