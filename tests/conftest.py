@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,28 @@ def registry(tmp_path, tiny_bert):
     publish_mask_task(store, backbone, "masked", 7)
     publish_row_task(store, backbone, "pairs", 9, task="mrpc")
     return store
+
+
+# An S3 API server (moto's server mode) on 127.0.0.1, one per test module, and a fresh bucket per test.
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint, monkeypatch, tmp_path):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "TICKETSERVE_S3_ENDPOINT": s3_endpoint, "TICKETSERVE_S3_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"ts-{uuid.uuid4().hex[:12]}"
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/registry"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
@@ -12,29 +11,6 @@ from ticketserve.core.errors import CorruptArtifact, NotFound
 from ticketserve.registry import open_store
 
 pytest.importorskip("moto")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_url(s3_endpoint, monkeypatch, tmp_path):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "TICKETSERVE_S3_ENDPOINT": s3_endpoint, "TICKETSERVE_S3_CACHE": str(tmp_path / "cache")}.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"ts-{uuid.uuid4().hex[:12]}"
-    import s3fs
-
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).mkdir(bucket)
-    return f"s3://{bucket}/registry"
 
 
 def test_publish_resolve_tags_remove_and_gc(s3_url):

@@ -8,7 +8,6 @@ import collections
 import pytest
 
 from tests.helpers import publish_row_task
-from tests.test_s3_store import s3_endpoint, s3_url  # noqa: F401  (fixtures)
 from ticketserve.core.backbone import load_backbone
 from ticketserve.registry import open_store
 from ticketserve.runtime.executor import Runtime
