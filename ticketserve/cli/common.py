@@ -54,8 +54,6 @@ def runtime_for(ref: str, registry: str | None, backbone: str | None):
     return runtime, runtime.add(found)
 
 
-
-
 def rpc(call):
     """Run a client call; its typed errors become one-line user errors naming the status."""
     import grpc
