@@ -7,7 +7,7 @@ DEMO_REGISTRY ?= $(CURDIR)/.demo/registry
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-serve test test-all bench-quality clean
+.PHONY: install demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,38 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The default suite with the long fuzzing profile (6,000 examples per RPC property instead of
-# 150) and any test marked slow (none yet).
+# 150) and the tests marked slow (the image smoke test runs when the CPU image is built).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m '' --hypothesis-profile fuzz-long
+
+# Container images: one Dockerfile (deploy/docker/), a CPU and a CUDA build; buildah where it
+# is installed (no daemon needed), else docker. Where no image registry is reachable,
+# `make image-base` builds a Debian base with debootstrap: pass BASE_IMAGE=$(LOCAL_BASE).
+# WHEELS: a folder of wheels the build may install from (a torch wheel on disk, say);
+# PIP_CERT (pip's own variable): a CA bundle for a TLS-re-signing proxy. Both are mounted
+# into the build read-only and never stay in the image.
+BASE_IMAGE ?= python:3.11-slim
+LOCAL_BASE := localhost/ticketserve-base:bookworm
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+WHEELS ?=
+IMAGE_BUILD = $(if $(shell command -v buildah),buildah bud --isolation chroot --layers --format docker \
+	$(if $(WHEELS),--volume $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
+	$(if $(PIP_CERT),--volume $(PIP_CERT):/etc/ssl/pip-ca.crt:ro --build-arg PIP_CERT=/etc/ssl/pip-ca.crt),docker build) \
+	-f deploy/docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE)
+
+image-base:
+	deploy/docker/debian-base.sh $(LOCAL_BASE)
+
+image-cpu:
+	$(IMAGE_BUILD) --build-arg TORCH_INDEX_URL=$(TORCH_CPU_INDEX) -t ticketserve:cpu .
+
+image-cuda:
+	$(IMAGE_BUILD) -t ticketserve:cuda .
+
+# Build the CPU image, then run it as a cluster would (podman: uid 10001, read-only root) and
+# check serving from a local and an S3 registry, health, predict, hot swap, SIGTERM drain.
+image-smoke: image-cpu $(STAMP)
+	TICKETSERVE_IMAGE=localhost/ticketserve:cpu TICKETSERVE_IMAGE_REQUIRED=1 $(BIN)/python -m pytest -m slow tests/test_image.py
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --tasks sst2 --methods full,bitfit --train-samples 8000
