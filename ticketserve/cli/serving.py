@@ -111,10 +111,12 @@ def serve(
     admin_token_env: Optional[str] = None,
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="serve HTTP on this port: the Open Inference Protocol (KServe v2) "
+                                                      "REST API under /v2 and the JSON API under /v1")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics on this port")] = None,
     drain_seconds: Annotated[float, typer.Option(help="on SIGTERM, how long requests in flight may take (new ones get UNAVAILABLE)")] = 30.0,
 ) -> None:
-    """Serve every task in the registry over gRPC from one shared backbone."""
+    """Serve every task in the registry from one shared backbone: gRPC (ours and the Open Inference Protocol), and HTTP with --http-port."""
     from ticketserve.runtime.engine import EngineConfig
     from ticketserve.runtime.server.main import ServeConfig
     from ticketserve.runtime.server.main import serve as run_server
@@ -130,7 +132,8 @@ def serve(
         host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, cache_bytes=cache_bytes,
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
-        tls_cert=tls_cert, tls_key=tls_key, metrics_port=metrics_port, drain_seconds=drain_seconds))
+        tls_cert=tls_cert, tls_key=tls_key, http_port=http_port, metrics_port=metrics_port,
+        drain_seconds=drain_seconds))
 
 
 @commands.command()

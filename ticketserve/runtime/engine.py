@@ -95,14 +95,34 @@ class Engine:
                deadline: float | None = None) -> Future:
         """Validate, tokenize and queue one request for a loaded task (which the caller keeps
         loaded until the future is done)."""
+        return self.submit_all([(task, texts, pairs)], deadline)[0]
+
+    def submit_all(self, requests: list[tuple[LoadedTask, list[str], list[str | None] | None]],
+                   deadline: float | None = None) -> list[Future]:
+        """Several requests (one task each) queued together, all or none: every one is
+        validated and tokenized first, then all enter the queue at once, so they meet in one
+        batch when they fit (a fan-out: the same texts to several tasks)."""
         if not self._accepting:
             raise Unavailable("the server is shutting down")
+        prepared = [self._prepare(task, texts, pairs, deadline) for task, texts, pairs in requests]
+        with self._wake:
+            if len(self._queue) + len(prepared) > self.config.max_queue_size:
+                raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
+            self._queue.extend(prepared)
+            self._wake.notify()
+        self._observe_queue()
+        return [request.future for request in prepared]
+
+    def _prepare(self, task: LoadedTask, texts: list[str], pairs: list[str | None] | None,
+                 deadline: float | None) -> _Request:
         spec = task.spec
         if not texts:
             raise InvalidArgument("a request needs at least one input")
         if len(texts) > self.config.max_texts_per_request:
             raise InvalidArgument(f"{len(texts)} inputs; at most {self.config.max_texts_per_request} per request")
         pairs = pairs or [None] * len(texts)
+        if len(pairs) != len(texts):
+            raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
         has_pairs = [p is not None for p in pairs]
         if spec.text_pair_field and not all(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
@@ -118,14 +138,7 @@ class Engine:
         for i, feature in enumerate(features):
             if len(feature["input_ids"]) > self.max_tokens:
                 raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
-        request = _Request(task, features, deadline)
-        with self._wake:
-            if len(self._queue) >= self.config.max_queue_size:
-                raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
-            self._queue.append(request)
-            self._wake.notify()
-        self._observe_queue()
-        return request.future
+        return _Request(task, features, deadline)
 
     def _bounded(self, text: str, i: int, field: str) -> str:
         """The text within the byte limit, cut to what its first `max_tokens` tokens can come

@@ -28,6 +28,15 @@ _BY_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument, grpc.Sta
               grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied, grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
               grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded}
 ERROR_KEY = "ticketserve-error"  # trailing metadata: the error's class name
+# the same meaning over HTTP (the Open Inference Protocol's REST half and the JSON API)
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+               grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.FAILED_PRECONDITION: 412, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+               grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+
+
+def http_status_of(exc: BaseException) -> int:
+    return HTTP_STATUS[status_of(exc)]
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:

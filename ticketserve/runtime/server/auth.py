@@ -1,6 +1,6 @@
-"""Optional bearer-token auth: exactly one `authorization: Bearer <token>` header, compared in
-constant time. Admin calls (LoadTask, UnloadTask) take only the admin token. Health checks
-stay open so orchestrators can probe without secrets."""
+"""Optional bearer-token auth, the same on every port: exactly one `authorization: Bearer <token>`
+header, compared in constant time. Admin calls (loading and unloading tasks) take only the
+admin token. Health checks stay open so orchestrators can probe without secrets."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.errors import InvalidArgument, PermissionDenied, TicketserveError, Unauthenticated
 from ticketserve.runtime.server.handlers import rewrap
-
-ADMIN_METHODS = ("/ticketserve.v1.Tasks/LoadTask", "/ticketserve.v1.Tasks/UnloadTask")
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+from ticketserve.runtime.server.methods import ADMIN, is_probe
+from ticketserve.runtime.status import status_of
 
 
 def read_token(path: str | None, env: str | None) -> str | None:
@@ -51,40 +50,55 @@ def _denied_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message:
     return rewrap(handler, unary, streaming)
 
 
-def _bearer(metadata) -> str | None:
+def bearer(values: list) -> str | None:
     """The token of the one `authorization: Bearer …` header; None when absent, several or not Bearer."""
-    values = [value for key, value in metadata or () if key == "authorization"]
     if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
         return None
     return values[0].removeprefix("Bearer ").strip() or None
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """With a user token, every call but health checks needs it (or the admin token); admin
-    calls need the admin token, and with auth on but no admin token configured they are
-    refused outright — a user token never loads or unloads tasks."""
+class Tokens:
+    """Who may call what, for every protocol. With a user token, every call but health checks
+    needs it (or the admin token); admin calls need the admin token, and with auth on but no
+    admin token configured they are refused outright — a user token never loads or unloads
+    tasks. With only an admin token, user calls stay open."""
 
     def __init__(self, token: str | None, admin_token: str | None = None):
         self.token, self.admin_token = token, admin_token
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token or self.admin_token)
+
+    def check(self, given: str | None, admin: bool) -> None:
+        """Raise Unauthenticated or PermissionDenied unless `given` may make this call."""
+        if not admin and self.token is None:
+            return
+        if admin and self.admin_token is None:
+            raise PermissionDenied("admin calls need the admin token, and this server has none configured")
+        if given is None:
+            raise Unauthenticated("missing bearer token (one `authorization: Bearer <token>` header)")
+        accepted = [t for t in ((self.admin_token,) if admin else (self.token, self.admin_token)) if t]
+        if not any(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
+            if admin:
+                raise PermissionDenied("this call needs the admin token")
+            raise Unauthenticated("invalid token")
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """`Tokens` on the gRPC port: a refused call is answered by a handler that only aborts."""
+
+    def __init__(self, tokens: Tokens):
+        self.tokens = tokens
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         method = details.method
         handler = await continuation(details)
-        if method.startswith(OPEN_PREFIXES) or handler is None:
+        if is_probe(method) or handler is None:
             return handler
-        admin = method in ADMIN_METHODS
-        accepted = [t for t in ((self.admin_token,) if admin else (self.token, self.admin_token)) if t]
-        if not admin and self.token is None:
-            return handler  # only an admin token is configured: user calls stay open
-        if admin and self.admin_token is None:
-            return _denied_like(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                "admin calls need the admin token, and this server has none configured")
-        given = _bearer(details.invocation_metadata)
-        if given is None:
-            return _denied_like(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                "missing bearer token (one `authorization: Bearer <token>` header)")
-        if not any(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
-            if admin:
-                return _denied_like(handler, grpc.StatusCode.PERMISSION_DENIED, "this call needs the admin token")
-            return _denied_like(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
+        given = bearer([value for key, value in details.invocation_metadata or () if key == "authorization"])
+        try:
+            self.tokens.check(given, admin=method in ADMIN)
+        except TicketserveError as exc:
+            return _denied_like(handler, status_of(exc), str(exc))
         return handler

@@ -305,6 +305,14 @@ class TaskLoader:
             errored = dict(self.errors)
         return rows, errored
 
+    def ready(self, name: str, version: str | None = None) -> bool:
+        """Whether a request for this task (and version or tag) would be served without a load."""
+        ref = Reference.of(name, version)
+        alias = self._alias(ref)
+        with self._lock:
+            key = self.aliases.get(alias) if alias else str(ref)
+            return key is not None and key in self.resident and not self.resident[key].retired
+
     def serves(self, name: str) -> bool:
         """Whether some version of the artifact `name` is resident."""
         with self._lock:

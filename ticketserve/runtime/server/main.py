@@ -1,9 +1,11 @@
-"""Assemble and run the server: backbone once, registry watch, engine, gRPC services,
-health, reflection, auth, TLS, metrics and a graceful drain on SIGTERM."""
+"""Assemble and run the server: backbone once, registry watch, engine, gRPC services (ours and
+the Open Inference Protocol's), HTTP (v2 REST and the JSON API), health, reflection, auth, TLS,
+metrics and a graceful drain of every port on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -16,24 +18,32 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field
 
 from ticketserve.core.backbone import load_backbone
-from ticketserve.core.errors import TicketserveError
+from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.openinference import rpc as openinference_rpc
 from ticketserve.registry import open_store
 from ticketserve.runtime.engine import Engine, EngineConfig
 from ticketserve.runtime.executor import Runtime
 from ticketserve.runtime.onnx_backend import OnnxRuntime
+from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
-from ticketserve.runtime.server.auth import TokenAuth, read_token
+from ticketserve.runtime.server.auth import TokenAuth, Tokens, read_token
+from ticketserve.runtime.server.http import build_app
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.malformed import RejectMalformed
 from ticketserve.runtime.server.memory import tune_malloc
 from ticketserve.runtime.server.metrics import Metrics
 from ticketserve.runtime.server.observe import Observe
+from ticketserve.runtime.server.openinference import OpenInference
+from ticketserve.runtime.server.openinference_grpc import SERVICE as OPEN_INFERENCE
+from ticketserve.runtime.server.openinference_grpc import OpenInferenceService
+from ticketserve.runtime.server.predictor import Predictor
 from ticketserve.runtime.server.service import InferenceService, InfoService, TasksService
 from ticketserve.v1 import pb, rpc
 
@@ -61,6 +71,8 @@ class ServeConfig(BaseModel):
     admin_token_env: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    http_port: int | None = Field(None, ge=0, le=65535, description="HTTP: the Open Inference Protocol's REST API "
+                                  "(/v2) and the JSON API (/v1); 0 picks a free port")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint; 0 picks a free port")
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take")
 
@@ -100,11 +112,17 @@ class Server:
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
         self.admission = Admission(config.engine.max_queue_size)
+        self.predictor = Predictor(self.engine, self.loader, self.metrics, self.admission)
+        self.protocol = OpenInference(self.predictor, self.loader, self.store, self.admission)
         self.observe = Observe(self.metrics)
         self.health = health_aio.HealthServicer()
+        self.serving = False  # every port open, no drain begun
         self.port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -116,16 +134,16 @@ class Server:
                 await asyncio.to_thread(self._warm_up, handle.loaded)
             except TicketserveError as exc:
                 raise type(exc)(f"--preload {ref}: {exc}") from None
-        token = read_token(c.token_file, c.token_env)
-        admin = read_token(c.admin_token_file, c.admin_token_env)
+        tokens = Tokens(read_token(c.token_file, c.token_env), read_token(c.admin_token_file, c.admin_token_env))
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
                    ("grpc.max_send_message_length", c.max_message_bytes)]
-        auth = [TokenAuth(token, admin)] if token or admin else []
+        auth = [TokenAuth(tokens)] if tokens.enabled else []
         self._grpc = grpc.aio.server(options=options, interceptors=[self.observe, *auth, RejectMalformed()])
-        rpc.add_InferenceServicer_to_server(InferenceService(self.engine, self.loader, self.metrics, self.admission),
-                                            self._grpc)
+        rpc.add_InferenceServicer_to_server(InferenceService(self.predictor), self._grpc)
         rpc.add_TasksServicer_to_server(TasksService(self.loader, self.admission), self._grpc)
         rpc.add_InfoServicer_to_server(InfoService(self.engine, self.store.url, c.max_message_bytes), self._grpc)
+        openinference_rpc.add_GRPCInferenceServiceServicer_to_server(
+            OpenInferenceService(self.protocol, lambda: self.serving), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -137,13 +155,31 @@ class Server:
         else:
             self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
+        if c.http_port is not None:
+            await self._start_http(tokens)
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
-        for service in ("", *SERVICES):
+        for service in ("", *SERVICES, OPEN_INFERENCE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         self._watch = asyncio.create_task(self._watch_registry())
-        log.info("serving %s on %s:%d (backbone %s, registry %s)", ", ".join(SERVICES), c.host, self.port,
+        log.info("serving %s on %s:%d%s (backbone %s, registry %s)", ", ".join([*SERVICES, OPEN_INFERENCE]), c.host,
+                 self.port, f", HTTP (/v2, /v1) on {c.host}:{self.http_port}" if self.http_port else "",
                  self.runtime.backbone.name, self.store.url)
+
+    async def _start_http(self, tokens: Tokens) -> None:
+        c = self.config
+        app = build_app(self.predictor, self.protocol, tokens, self.observe,
+                        lambda: about.server_info(self.engine, self.store.url, c.max_message_bytes),
+                        lambda: self.serving, c.max_message_bytes)
+        self._http = _Uvicorn(uvicorn.Config(app, host=c.host, port=c.http_port, log_config=None, access_log=False,
+                                             lifespan="off", timeout_graceful_shutdown=5))
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():  # uvicorn logged why (the port is taken, say) and gave up
+                raise InvalidArgument(f"--http-port {c.http_port}: cannot listen on {c.host}:{c.http_port}")
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     def _warm_up(self, task) -> None:
         """One forward pass of a preloaded task before the port opens: lazily built state (the
@@ -166,6 +202,7 @@ class Server:
         answered UNAVAILABLE (clients retry elsewhere), requests in flight are served. True
         when every one was."""
         started = time.monotonic()
+        self.serving = False
         self.observe.draining = self.admission.draining = True
         if self._watch:
             self._watch.cancel()
@@ -178,6 +215,10 @@ class Server:
     async def stop(self) -> None:
         """Drain, then stop gRPC (what still runs is cancelled) and the engine."""
         await self.drain()
+        if self._http_task:
+            self._http.should_exit = True
+            with contextlib.suppress(BaseException):
+                await self._http_task
         if self._grpc:
             await self._grpc.stop(grace=0.5)
         await asyncio.to_thread(self.engine.close)
@@ -185,6 +226,15 @@ class Server:
 
     async def wait(self) -> None:
         await self._grpc.wait_for_termination()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn on the server's event loop, without signal handlers of its own: the process's
+    SIGTERM handler drains every port."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 async def _serve(config: ServeConfig) -> None:

@@ -5,9 +5,9 @@ log for anything unexpected, and the bookkeeping a drain needs.
   one; it comes back in the trailing metadata of every answer.
 * An exception that is not an abort is a bug: it is logged once with its traceback and the
   request id, counted, and answered INTERNAL naming the id — never gRPC's bare UNKNOWN.
-* RPCs of our own services are counted while in flight; once `draining` is set, new ones are
-  answered UNAVAILABLE at once (clients retry elsewhere) and the drain waits for the rest.
-  Health checks and reflection pass untouched.
+* RPCs of our own services (both APIs) are counted while in flight; once `draining` is set, new
+  ones are answered UNAVAILABLE at once (clients retry elsewhere) and the drain waits for the
+  rest. Probes and reflection pass untouched. HTTP requests join the same count (`enter`/`leave`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import uuid
 import grpc
 
 from ticketserve.runtime.server.handlers import rewrap, settle, stream
+from ticketserve.runtime.server.methods import is_own
 
 log = logging.getLogger("ticketserve.runtime.server")
-OWN_PREFIX = "/ticketserve.v1."
 REQUEST_ID = "x-request-id"
 
 
@@ -44,7 +44,7 @@ class Observe(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        own = details.method.startswith(OWN_PREFIX)
+        own = is_own(details.method)
         return rewrap(handler, lambda b: self._unary(details.method, own, b),
                       lambda b: self._streaming(details.method, own, b))
 
@@ -90,6 +90,14 @@ class Observe(grpc.aio.ServerInterceptor):
 
     # -- drain ------------------------------------------------------------------------------
 
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no RPC of our services is in flight (True), or `timeout` passes."""
         deadline = time.monotonic() + timeout
@@ -113,14 +121,12 @@ class _Observed:
     def __enter__(self) -> str:
         self.context.set_trailing_metadata(((REQUEST_ID, self.request_id),))
         if self.own:
-            self.observe.in_flight += 1
+            self.observe.enter()
         return self.request_id
 
     def __exit__(self, kind, exc, tb) -> None:
         if self.own:
-            self.observe.in_flight -= 1
-            if self.observe.in_flight == 0 and self.observe._idle is not None:
-                self.observe._idle.set()
+            self.observe.leave()
         if kind is not None and issubclass(kind, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED
         else:

@@ -1,0 +1,44 @@
+"""What a server says about itself and its tasks, for every protocol (gRPC Info and Tasks,
+HTTP /v1/info and /v1/tasks): plain dicts named like ticketserve.v1's messages."""
+
+from __future__ import annotations
+
+from ticketserve import __version__
+from ticketserve.runtime.engine import Engine
+from ticketserve.runtime.server.admission import Admission
+from ticketserve.runtime.server.catalog import offers
+from ticketserve.runtime.server.loader import TaskLoader
+
+READY, AVAILABLE, ERRORED = "READY", "AVAILABLE", "ERRORED"
+
+
+def server_info(engine: Engine, registry_url: str, max_message_bytes: int) -> dict:
+    backbone, config = engine.runtime.backbone, engine.config
+    return {"version": __version__, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
+            "model_type": backbone.config.model_type, "device": str(engine.runtime.device), "registry": registry_url,
+            "limits": {"max_texts_per_request": config.max_texts_per_request, "max_tokens_per_text": engine.max_tokens,
+                       "truncate": config.truncate, "max_batch_size": config.max_batch_size,
+                       "max_batch_tokens": config.max_batch_tokens, "max_queue_size": config.max_queue_size,
+                       "max_message_bytes": max_message_bytes, "max_text_bytes": config.max_text_bytes}}
+
+
+def task_info(artifact: str, digest: str, manifest, state: str, resident_bytes: int = 0, error: str = "") -> dict:
+    if manifest is None:  # a registry entry that cannot be read
+        return {"name": artifact.split(":")[0], "artifact": artifact, "digest": "", "kind": "", "method": "", "task": "",
+                "labels": [], "state": state, "resident_bytes": 0, "error": error}
+    return {"name": manifest.name, "artifact": artifact, "digest": digest, "kind": manifest.kind,
+            "method": manifest.method, "task": manifest.task.name, "labels": list(manifest.task.labels), "state": state,
+            "resident_bytes": resident_bytes, "error": error}
+
+
+async def tasks(loader: TaskLoader, admission: Admission, include_registry: bool) -> list[dict]:
+    """Resident tasks, and with `include_registry` what else the registry offers."""
+    rows, errored = loader.describe()
+    found = [task_info(r["artifact"], r["digest"], r["manifest"], READY, r["bytes"], errored.get(r["alias"] or "", ""))
+             for r in rows]
+    if include_registry:
+        loaded = {r["artifact"] for r in rows}
+        offered = await admission.run(admission.loading, offers, loader.store, loader.runtime.backbone, loader.failed())
+        found += [task_info(o.artifact, o.digest, o.manifest, ERRORED if o.error else AVAILABLE, error=o.error)
+                  for o in offered if o.artifact not in loaded]
+    return found

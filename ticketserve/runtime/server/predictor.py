@@ -1,0 +1,88 @@
+"""The request path every protocol shares (our gRPC API, the Open Inference Protocol over gRPC
+and REST, the JSON API): admission, the task's resident version, the engine's batch, metrics by
+task and outcome. Protocols only translate their messages to these calls and errors to their
+status codes, so every door batches, mixes tasks, limits and counts alike."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.runtime.engine import Engine, Result
+from ticketserve.runtime.server.admission import Admission
+from ticketserve.runtime.server.loader import TaskHandle, TaskLoader
+from ticketserve.runtime.server.metrics import OTHER_TASK, Metrics
+from ticketserve.runtime.status import status_of
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One task asked for: its name and optionally a version number or tag."""
+
+    task: str
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    artifact: str  # the exact version that answered: name:version
+    digest: str
+    labels: list[str]  # the task's labels in order (empty for regression)
+    result: Result
+
+    @property
+    def version(self) -> str:
+        return self.artifact.rsplit(":", 1)[1]
+
+
+class Predictor:
+    def __init__(self, engine: Engine, loader: TaskLoader, metrics: Metrics, admission: Admission):
+        self.engine, self.loader, self.metrics, self.admission = engine, loader, metrics, admission
+
+    async def predict(self, ask: Ask, texts: list[str], pairs: list[str | None] | None = None,
+                      deadline: float | None = None) -> Answer:
+        """One task's predictions for `texts` (and their pairs)."""
+        return (await self.fan_out([ask], texts, pairs, deadline))[0]
+
+    async def fan_out(self, asks: list[Ask], texts: list[str], pairs: list[str | None] | None = None,
+                      deadline: float | None = None) -> list[Answer]:
+        """The same texts to several tasks, queued together so that they share one batch when
+        they fit. All or nothing: one unknown task or bad input fails the whole call."""
+        started = time.perf_counter()
+        handles: list[TaskHandle] = []
+        try:
+            try:
+                if not asks:
+                    raise InvalidArgument("name at least one task")
+                if any(not ask.task for ask in asks):
+                    raise InvalidArgument("task is required")
+                with self.admission as admission:
+                    for ask in asks:
+                        handles.append(await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version))
+                    futures = await admission.run(admission.tokenizing, self.engine.submit_all,
+                                                  [(h.loaded, texts, pairs) for h in handles], deadline)
+                try:
+                    results: list[Result] = [await asyncio.wrap_future(f) for f in futures]
+                except asyncio.CancelledError:
+                    for future in futures:
+                        future.cancel()  # a cancelled call never costs a forward pass
+                    raise
+            finally:
+                for handle in handles:
+                    self.loader.release(handle)
+        except TicketserveError as exc:
+            for ask in asks or [Ask("")]:
+                task = ask.task if self.loader.serves(ask.task) else OTHER_TASK
+                self.metrics.requests.labels(task, status_of(exc).name).inc()
+            raise
+        seconds = time.perf_counter() - started
+        answers = []
+        for handle, result in zip(handles, results):
+            task = handle.version.name
+            self.metrics.latency.labels(task).observe(seconds)
+            self.metrics.examples.labels(task).inc(len(texts))
+            self.metrics.requests.labels(task, "OK").inc()
+            answers.append(Answer(handle.key, handle.version.digest, list(handle.loaded.manifest.task.labels), result))
+        return answers
