@@ -137,6 +137,14 @@ def serve(
 
 
 @commands.command()
+def openapi() -> None:
+    """Print the OpenAPI document of the HTTP API (what `serve --http-port` serves at /openapi.json)."""
+    from ticketserve.runtime.server.http import openapi_document
+
+    typer.echo(json.dumps(openapi_document(), indent=2, sort_keys=True))
+
+
+@commands.command()
 def info(server: Annotated[str, typer.Option(help="HOST:PORT")],
          token: Annotated[Optional[str], typer.Option(envvar="TICKETSERVE_TOKEN")] = None,
          tls_ca: Optional[Path] = None, wait: Annotated[float, typer.Option(help="wait up to N seconds for the server")] = 0.0,

@@ -341,8 +341,6 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                              404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
                   docs_url="/docs", redoc_url=None)
-    loader, admission = predictor.loader, predictor.admission
-
     def authorize(admin: bool):
         def check(request: Request) -> None:
             tokens.check(bearer(request.headers.getlist("authorization")), admin)
@@ -413,7 +411,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
     @app.get("/v1/tasks", response_model=TasksResponse, dependencies=user, tags=["json"])
     async def list_tasks(include_registry: bool = Query(False, alias="all")) -> TasksResponse:
         """Resident tasks; with `all=true` also what the registry offers."""
-        return TasksResponse(tasks=await about.tasks(loader, admission, include_registry))
+        return TasksResponse(tasks=await about.tasks(predictor.loader, predictor.admission, include_registry))
 
     @app.get("/v1/info", response_model=ServerInfo, dependencies=user, tags=["json"])
     async def server_info() -> ServerInfo:
@@ -474,3 +472,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 
+
+
+def openapi_document() -> dict:
+    """The HTTP API's OpenAPI document, as a server serves it at /openapi.json."""
+    return build_app(None, None, Tokens(None), None, dict, bool, 0).openapi()
