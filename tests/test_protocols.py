@@ -256,3 +256,32 @@ def test_served_openapi_document_is_the_committed_one(registry, tiny_bert):
         status, served = http("GET", f"http://127.0.0.1:{server.http_port}/openapi.json")
     assert status == 200
     assert served == json.loads(OPENAPI.read_text()), "regenerate it: ticketserve openapi > docs/openapi.json"
+
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+FUZZED = schemathesis.openapi.from_path(str(OPENAPI))
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory, tiny_checkpoints):
+    from ticketserve.registry import open_store
+
+    store = open_store(str(tmp_path_factory.mktemp("fuzz") / "registry"))
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    for seed, name in enumerate(ROW_TASKS):
+        publish_row_task(store, backbone, name, seed)
+    with BackgroundServer(ServeConfig(port=0, http_port=0, registry=store.url, backbone=str(tiny_checkpoints["bert"]))) \
+            as server:
+        yield f"http://127.0.0.1:{server.http_port}"
+
+
+@FUZZED.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_no_request_the_openapi_document_allows_gets_a_server_error(case, fuzzed_server):
+    """schemathesis, bounded: requests generated from the committed document, valid and not."""
+    response = case.call(base_url=fuzzed_server, timeout=60)
+    assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
+    if response.status_code >= 400 and not case.path.endswith("/ready"):  # readiness answers by status alone
+        assert response.json()["error"]
