@@ -66,6 +66,10 @@ def test_overlay_renders_and_validates(overlay):
     policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == pod["metadata"]["labels"]  # the server's pods, no others
     grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
+    assert [p["port"] for p in grpc_rule["ports"]] == [50051, 8080]  # clients reach gRPC and HTTP, nothing else
+    service = next(d for d in documents if d["kind"] == "Service")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "http": 8080, "metrics": 9100}
+    assert "--http-port=8080" in container["args"] and {"name": "http", "containerPort": 8080} in container["ports"]
     assert grpc_rule["from"][0]["podSelector"]["matchLabels"] == {"ticketserve.io/client": "true"}
 
 

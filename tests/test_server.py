@@ -244,9 +244,17 @@ def test_tls(registry, tiny_bert, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
                    check=True, capture_output=True)
-    with BackgroundServer(config(registry, tiny_bert, tls_cert=str(cert), tls_key=str(key), host="localhost")) as server:
+    with BackgroundServer(config(registry, tiny_bert, tls_cert=str(cert), tls_key=str(key), host="localhost",
+                                 http_port=0)) as server:
         with Client(f"localhost:{server.port}", tls_ca=cert) as client:
             assert client.predict("alpha", ["x"]).artifact == "alpha:1"
+        import ssl  # HTTP speaks TLS with the same certificate: no bearer token crosses in plaintext
+
+        request = urllib.request.Request(f"https://localhost:{server.http_port}/v1/predict", method="POST",
+                                         data=b'{"task": "alpha", "inputs": ["x"]}',
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(cert))) as response:
+            assert response.status == 200
         with Client(f"localhost:{server.port}", retries=1, timeout=3) as plaintext:
             assert _code(lambda: plaintext.predict("alpha", ["x"])) == grpc.StatusCode.UNAVAILABLE
         from typer.testing import CliRunner

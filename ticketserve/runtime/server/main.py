@@ -172,8 +172,9 @@ class Server:
         app = build_app(self.predictor, self.protocol, tokens, self.observe,
                         lambda: about.server_info(self.engine, self.store.url, c.max_message_bytes),
                         lambda: self.serving, c.max_message_bytes)
+        tls = {"ssl_certfile": c.tls_cert, "ssl_keyfile": c.tls_key} if c.tls_cert and c.tls_key else {}
         self._http = _Uvicorn(uvicorn.Config(app, host=c.host, port=c.http_port, log_config=None, access_log=False,
-                                             lifespan="off", timeout_graceful_shutdown=5))
+                                             lifespan="off", timeout_graceful_shutdown=5, **tls))
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():  # uvicorn logged why (the port is taken, say) and gave up
