@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketse
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet -e '.[test]'  # the build's own env too (setup.py compiles protos/)
+	$(BIN)/python -m pip install --quiet --no-deps kserve==0.21.0  # tests check deploy/kserve with its models; the rest of it we do not need
 	touch $(STAMP)
 
 install: $(STAMP)
