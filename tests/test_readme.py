@@ -6,8 +6,10 @@ flags and the artifact it names are the README's; only the run is shorter."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +29,15 @@ NOT_RUN = {  # line prefix → why this test cannot run it here
 
 
 def readme_lines() -> list[str]:
-    """Each command of the bash blocks, continuation lines (ending in a backslash) joined."""
-    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
-    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    """Each command of the bash blocks (continuation lines, ending in a backslash, joined) and
+    each python block whole, run by `python` from a heredoc, in the README's order."""
+    commands = []
+    for language, block in re.findall(r"```(bash|python)\n(.*?)```", README, re.S):
+        if language == "python":
+            commands.append(f"python - <<'PY'\n{block}PY")
+        else:
+            commands += [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return commands
 
 
 def runnable(line: str) -> bool:
@@ -52,14 +60,22 @@ def test_readme_examples_run_verbatim_after_the_demo(tmp_path):
                    check=True, capture_output=True, timeout=600)
     script = ["set -euo pipefail"]
     for line in filter(runnable, readme_lines()):
-        command = line.split("  #")[0].rstrip()
+        command = line if line.startswith("python - <<") else line.split("  #")[0].rstrip()
         script.append(f"{command}{QUICK}" if command.startswith("ticketserve train ") else command)
     env = {k: v for k, v in os.environ.items() if k not in ("TICKETSERVE_REGISTRY", "VIRTUAL_ENV")}
     env["PATH"] = "/usr/local/bin:/usr/bin:/bin"  # no ticketserve on it until the README's activation
-    result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, capture_output=True, text=True,
-                            timeout=900)
+    # its own process group: whatever it leaves running (a server, when a line fails) is killed
+    run = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=checkout, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    result = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
-    for expected in ("sst2-bitfit:1", "sst2-dominant:1", "sst2-bitfit:stable"):
+    for expected in ("sst2-bitfit:1", "sst2-dominant:1", "sst2-bitfit:stable", '"artifact":"sst2-dominant:1"',
+                     '"model_name":"sst2-bitfit"', "[b'"):  # …, the JSON API, v2 REST, tritonclient
         assert expected in result.stdout, expected
     assert (checkout / "fig.png").stat().st_size and (checkout / "s.png").stat().st_size
     assert (checkout / "adapter" / "adapter_config.json").exists()

@@ -265,7 +265,7 @@ def _infer_response(body: InferenceRequest, inferred: Inferred) -> Response:
                 "parameters": inferred.parameters, "outputs": outputs}
     if body.id is not None:
         document["id"] = body.id
-    header = json.dumps(document).encode()
+    header = json.dumps(document, separators=(",", ":")).encode()
     if not binary:
         return Response(header, media_type="application/json")
     return Response(header + b"".join(binary), media_type="application/octet-stream",

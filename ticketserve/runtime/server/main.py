@@ -154,9 +154,9 @@ class Server:
             self.port = self._grpc.add_secure_port(address, credentials)
         else:
             self.port = self._grpc.add_insecure_port(address)
-        await self._grpc.start()
-        if c.http_port is not None:
+        if c.http_port is not None:  # before gRPC: a client that reaches gRPC can reach HTTP
             await self._start_http(tokens)
+        await self._grpc.start()
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
         for service in ("", *SERVICES, OPEN_INFERENCE):
