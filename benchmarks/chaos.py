@@ -4,12 +4,14 @@ with traffic. One bounded command (about 4 minutes on 2 cores):
     python benchmarks/chaos.py [--seconds 60] [--clients 32]
 
 A `ticketserve serve` subprocess on 127.0.0.1 with the bundled MiniLM and a fresh registry of
-12 row-delta tasks, its cache holding 4 of them. Phases, each with 32 clients predicting
-short SST-2 sentences over all 12 tasks:
+12 row-delta tasks, its cache holding 4 of them. Phases, each with 32 gRPC clients and 8 HTTP
+clients (4 on the JSON API, 4 on the Open Inference Protocol's REST) predicting short SST-2
+sentences over all 12 tasks:
   warm-up  everything below, the flood for two thirds of it, so steady-state allocations exist
   calm     plus a hot swap every 2 s of one of 4 served names (in turn a valid, a corrupt, a
-           foreign-backbone and an unattachable version), a fuzzer (raw bytes, mutated and
-           hostile messages on every method) and a publisher of other names
+           foreign-backbone and an unattachable version), fuzzers (raw bytes, mutated and
+           hostile messages on every gRPC method, both APIs; raw, mutated and hostile bodies
+           on the HTTP endpoints) and a publisher of other names
   flood    all of the above, plus 2 clients sending 8 maximum-size texts per request
   settle   the calm load again, so RSS is read under the load it was read under after warm-up
   drain    SIGTERM under all of it, the flood included
@@ -49,6 +51,11 @@ TASKS, CACHED, SWAPPED = 12, 4, 4
 DRAIN_SECONDS = 10.0
 MAX_TEXT_BYTES = 256 * 1024
 UNEXPECTED = {"UNKNOWN", "INTERNAL"}
+HTTP_CLIENTS = 8
+# an HTTP answer as the status it stands for (runtime/status.py); any other 5xx is unexpected
+HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              405: "INVALID_ARGUMENT", 412: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+              429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -177,10 +184,16 @@ def flood_client(target: str, names: list[str], huge: str, record: Recorder, sto
 
 def fuzzer(target: str, record: Recorder, stop: threading.Event, seed: int):
     """Raw bytes, mutated valid messages and hostile fields on every method of ours."""
+    from ticketserve.openinference import pb as v2
     from ticketserve.v1 import pb
 
     rng = random.Random(seed)
+    infer = v2.ModelInferRequest(model_name="chaos-00")
+    infer.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x")
     valid = {"/ticketserve.v1.Inference/Predict": pb.PredictRequest(task="chaos-00", inputs=[pb.TextInput(text="x")]),
+             "/inference.GRPCInferenceService/ModelInfer": infer,
+             "/inference.GRPCInferenceService/ModelMetadata": v2.ModelMetadataRequest(name="chaos-01"),
+             "/inference.GRPCInferenceService/RepositoryIndex": v2.RepositoryIndexRequest(),
              "/ticketserve.v1.Tasks/GetTask": pb.GetTaskRequest(task="chaos-01", version="1"),
              "/ticketserve.v1.Tasks/ListTasks": pb.ListTasksRequest(include_registry=True),
              "/ticketserve.v1.Tasks/LoadTask": pb.LoadTaskRequest(task="chaos-02"),
@@ -204,6 +217,79 @@ def fuzzer(target: str, record: Recorder, stop: threading.Event, seed: int):
             code, seconds, _ = _timed(lambda: channel.unary_unary(method)(payload, timeout=30))
             record.add("fuzz", code, seconds)
             time.sleep(0.01)
+
+
+def _http(pool, path: str, body: bytes) -> tuple[str, float, dict | None]:
+    import urllib3
+
+    started = time.monotonic()
+    try:
+        response = pool.request("POST", path, body=body, headers={"content-type": "application/json"})
+    except urllib3.exceptions.HTTPError:  # refused or reset: the port is closed (drain)
+        return "UNAVAILABLE", time.monotonic() - started, None
+    code = HTTP_CODES.get(response.status, "INTERNAL" if response.status >= 500 else f"HTTP_{response.status}")
+    try:
+        answer = json.loads(response.data) if response.status == 200 else None
+    except ValueError:
+        code, answer = "INTERNAL", None  # a 200 that is not JSON is a bug
+    return code, time.monotonic() - started, answer
+
+
+def http_client(port: int, names: list[str], texts: list[str], record: Recorder, stop: threading.Event, seed: int,
+                door: str):
+    """Small requests on the JSON API (`door` json) or v2 REST (`door` v2); the artifact that
+    answered is recorded as for gRPC clients, so the version-order check covers HTTP too."""
+    import urllib3
+
+    rng = random.Random(seed)
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1, timeout=60, retries=False)
+    while not stop.is_set():
+        name, chosen = rng.choice(names), rng.sample(texts, rng.randint(1, 2))
+        if door == "json":
+            code, seconds, answer = _http(pool, "/v1/predict", json.dumps({"task": name, "inputs": chosen}).encode())
+            artifact = answer["artifact"] if answer else ""
+        else:
+            body = {"inputs": [{"name": "text", "shape": [len(chosen)], "datatype": "BYTES", "data": chosen}]}
+            code, seconds, answer = _http(pool, f"/v2/models/{name}/infer", json.dumps(body).encode())
+            artifact = answer["parameters"]["artifact"] if answer else ""
+        record.add("small", code, seconds, artifact)
+    pool.close()
+
+
+def http_fuzzer(port: int, record: Recorder, stop: threading.Event, seed: int):
+    """Raw bytes, mutated valid bodies and hostile fields on the HTTP endpoints."""
+    import urllib3
+
+    rng = random.Random(seed)
+    v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    valid = {"/v1/predict": {"task": "chaos-00", "inputs": ["x"]}, "/v1/fanout": {"tasks": ["chaos-00", "chaos-01"],
+                                                                                  "inputs": ["x"]},
+             "/v2/models/chaos-00/infer": v2, "/v2/models/chaos-01/versions/1/infer": v2, "/v2/repository/index": {},
+             "/v2/repository/models/chaos-02/load": {}}
+    hostile = [{"task": "x" * 20_000, "inputs": ["x"]}, {"task": "chaos-00:²", "inputs": ["x"]},
+               {"task": "chaos-00", "inputs": [{"text": 5}]}, {"task": ["a"], "inputs": "x"},
+               {"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]},
+               {"inputs": [{"name": "text", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]}]},
+               {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 99}}]},
+               {"task": "chaos-00", "inputs": [[[[[[["deep"]]]]]]]}]
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1, timeout=30, retries=False)
+    while not stop.is_set():
+        path = rng.choice(sorted(valid))
+        pick = rng.random()
+        if pick < 0.3:
+            body = rng.randbytes(rng.randint(0, 512))
+        elif pick < 0.6:
+            data = bytearray(json.dumps(valid[path]).encode())
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] = rng.randint(0, 255)
+            body = bytes(data)
+        else:
+            body = json.dumps(rng.choice(hostile)).encode()
+            path = "/v1/predict" if "task" in body.decode() else "/v2/models/chaos-00/infer"
+        code, seconds, _ = _http(pool, path, body)
+        record.add("fuzz", code, seconds)
+        time.sleep(0.01)
+    pool.close()
 
 
 def swapper(reg: Registry, stop: threading.Event, every: float):
@@ -285,12 +371,12 @@ def run(args) -> dict:
     for i, name in enumerate(names):
         publish(reg, name, i)
     cache = CACHED * reg.task_bytes()
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", reg.store.url, "--port", str(port),
-         "--metrics-port", str(metrics_port), "--cache-bytes", str(cache), "--watch-seconds", "1",
+         "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--cache-bytes", str(cache), "--watch-seconds", "1",
          "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS), *args.serve_arg], stderr=log)
     subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", target, "--wait", "300"],
                    check=True, capture_output=True)
@@ -303,6 +389,9 @@ def run(args) -> dict:
     record, stop, flood_on = Recorder(), threading.Event(), threading.Event()
     threads = [threading.Thread(target=small_client, args=(target, names, texts, record, stop, i), daemon=True)
                for i in range(args.clients)]
+    threads += [threading.Thread(target=http_client, args=(http_port, names, texts, record, stop, 100 + i,
+                                                           "json" if i % 2 else "v2"), daemon=True)
+                for i in range(HTTP_CLIENTS)]
     threads += [threading.Thread(target=flood_client, args=(target, names, huge, record, stop, flood_on), daemon=True)
                 for _ in range(2)]
     for thread in threads:
@@ -326,6 +415,7 @@ def run(args) -> dict:
     side_stop = threading.Event()
     side = [threading.Thread(target=swapper, args=(reg, side_stop, 2.0), daemon=True),
             threading.Thread(target=fuzzer, args=(target, record, side_stop, 1), daemon=True),
+            threading.Thread(target=http_fuzzer, args=(http_port, record, side_stop, 2), daemon=True),
             threading.Thread(target=publisher, args=(reg, side_stop), daemon=True)]
     for thread in side:
         thread.start()

@@ -1,6 +1,6 @@
 """Serving benchmark, in one run on one machine (ratios are what to compare across machines).
 
-Parts (all by default; `--parts engine,load,grpc`):
+Parts (all by default; `--parts engine,load,doors`):
   engine  examples/s on the same batches of SST-2 dev sentences (32 per batch, every example's
           task drawn from 100), on the bundled MiniLM and a BERT-base-sized random encoder:
           plain backbone · ours: 1 task, 100 Dominant-1 mixed, 100 structure masks mixed,
@@ -10,12 +10,14 @@ Parts (all by default; `--parts engine,load,grpc`):
           our mixed forward (results/serving-profile.txt).
   load    cold load registry → servable per kind vs a full fine-tuned checkpoint; resident
           bytes per task per kind; memory growth from 1 to 1000 resident Dominant-1 tasks.
-  grpc    end to end: a `ticketserve serve` subprocess on 127.0.0.1, 1/8/32 client threads,
-          1 task and 100 tasks at random: QPS, p50/p99, against the in-process engine.
+  doors   end to end through each front door of one `ticketserve serve` subprocess on
+          127.0.0.1 — our gRPC API, the Open Inference Protocol over HTTP (/v2), the JSON API
+          (/v1) — at 1/8/32 client threads, 1 task and 100 tasks at random, one text per
+          request, protocols interleaved: QPS, p50/p99, against the in-process engine.
 Task artifacts are synthetic (random rows / masks of the right shape): values do not change speed.
 Results: benchmarks/results/serving.jsonl and benchmarks/serving.md.
 
-    python benchmarks/serving.py [--parts engine,load,grpc] [--seconds 15]
+    python benchmarks/serving.py [--parts engine,load,doors] [--seconds 15]
 """
 
 from __future__ import annotations
@@ -345,9 +347,31 @@ def memory_growth(store_root: str, names: list[str], texts: list[str]) -> list[d
     return records
 
 
-def drive(target: str, names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
-    from ticketserve.runtime.client import Client
+def caller(protocol: str, host: str, ports: dict[str, int]):
+    """(predict(task, text), close) for one client thread speaking `protocol`; predict raises on failure."""
+    if protocol == "grpc":
+        from ticketserve.runtime.client import Client
 
+        client = Client(f"{host}:{ports['grpc']}", timeout=60)
+        return (lambda task, text: client.predict(task, [text])), client.close
+    import urllib3
+
+    pool = urllib3.HTTPConnectionPool(host, ports["http"], maxsize=1, timeout=60, retries=False)
+    headers = {"content-type": "application/json"}
+
+    def post(path: str, body: dict) -> None:
+        response = pool.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.data[:200]!r}")
+
+    if protocol == "json":
+        return (lambda task, text: post("/v1/predict", {"task": task, "inputs": [text]})), pool.close
+    return (lambda task, text: post(f"/v2/models/{task}/infer",
+                                    {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]})), \
+        pool.close
+
+
+def drive(protocol: str, ports: dict[str, int], names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
     latencies: list[float] = []
     failures = [0]
     lock = threading.Lock()
@@ -355,17 +379,20 @@ def drive(target: str, names: list[str], texts: list[str], clients: int, seconds
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
-        with Client(target, timeout=60) as client:
+        predict, close = caller(protocol, "127.0.0.1", ports)
+        try:
             while time.monotonic() < stop:
                 started = time.perf_counter()
                 try:
-                    client.predict(rng.choice(names), [rng.choice(texts)])
+                    predict(rng.choice(names), rng.choice(texts))
                 except Exception:
                     with lock:
                         failures[0] += 1
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - started)
+        finally:
+            close()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -379,29 +406,35 @@ def drive(target: str, names: list[str], texts: list[str], clients: int, seconds
             "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "requests": len(latencies), "failures": failures[0]}
 
 
-def grpc_part(texts: list[str], seconds: float, clients: list[int], port: int) -> list[dict]:
+PROTOCOLS = ("grpc", "v2-http", "json")
+
+
+def doors_part(texts: list[str], seconds: float, clients: list[int], port: int) -> list[dict]:
     from ticketserve.core.backbone import load_backbone
     from ticketserve.registry import open_store
 
     backbone = load_backbone()
-    registry = tempfile.mkdtemp(prefix="ts-bench-grpc-")
+    registry = tempfile.mkdtemp(prefix="ts-bench-doors-")
     store = open_store(registry)
-    names = [f"grpc-d1-{i:03d}" for i in range(TASKS)]
+    names = [f"door-d1-{i:03d}" for i in range(TASKS)]
     publish(store, backbone, "row_delta", names)
     work = batches(backbone.tokenizer, texts)
     engine = rates({"1 task": ours(None, store, names[:1]), f"{TASKS} tasks random": ours(None, store, names)}, work)
-    records = [{"part": "grpc-engine", "workload": k, "examples_per_s": v, "batch": BATCH} for k, v in engine.items()]
+    records = [{"part": "doors-engine", "workload": k, "examples_per_s": v, "batch": BATCH} for k, v in engine.items()]
+    ports = {"grpc": port, "http": port + 1}
     server = subprocess.Popen([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(port),
-                               *sum((["--preload", n] for n in names), [])], stderr=subprocess.DEVNULL)
+                               "--http-port", str(port + 1), *sum((["--preload", n] for n in names), [])],
+                              stderr=subprocess.DEVNULL)
     try:
         subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{port}", "--wait", "300"],
                        check=True, capture_output=True)
         for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
             for count in clients:
-                result = drive(f"127.0.0.1:{port}", pool, texts, count, seconds)
-                records.append({"part": "grpc", "workload": workload, "clients": count, **result,
-                                "vs_in_process": result["qps"] / engine[workload]})
-                print(json.dumps(records[-1]), flush=True)
+                for protocol in PROTOCOLS:  # interleaved: each client count sees the three doors back to back
+                    result = drive(protocol, ports, pool, texts, count, seconds)
+                    records.append({"part": "doors", "protocol": protocol, "workload": workload, "clients": count,
+                                    **result, "vs_in_process": result["qps"] / engine[workload]})
+                    print(json.dumps(records[-1]), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -411,8 +444,8 @@ def grpc_part(texts: list[str], seconds: float, clients: list[int], port: int) -
 def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="engine,load,grpc")
-    parser.add_argument("--seconds", type=float, default=15.0, help="per gRPC measurement")
+    parser.add_argument("--parts", default="engine,load,doors")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per end-to-end measurement")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--port", type=int, default=50171)
     parser.add_argument("--skip-bert-base", action="store_true")
@@ -440,8 +473,8 @@ def main() -> None:
             keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches))
     if "load" in parts:
         keep(load_part(texts))
-    if "grpc" in parts:
-        keep(grpc_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port))
+    if "doors" in parts:
+        keep(doors_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port))
 
 
 def bert_base_like() -> Path:
@@ -486,16 +519,17 @@ def write_report() -> None:
                   "| resident tasks | RSS growth | mixed-batch examples/s |", "|---|---|---|"]
         lines += [f"| {r['tasks']} | {r['rss_growth_bytes'] / 2**20:.1f} MiB | {r['mixed_examples_per_s']:.1f} |" for r in growth]
         lines.append("")
-    grpc_rows = [r for r in latest if r["part"] == "grpc"]
-    if grpc_rows:
-        engine_rows = [r for r in latest if r["part"] == "grpc-engine"]
-        lines += ["## End to end over gRPC, MiniLM (one text per request)", "",
+    door_rows = [r for r in latest if r["part"] == "doors"]
+    if door_rows:
+        engine_rows = [r for r in latest if r["part"] == "doors-engine"]
+        lines += ["## End to end through each front door, MiniLM (one text per request)", "",
                   "In-process engine, same run: " + ", ".join(f"{r['workload']}: {r['examples_per_s']:.1f} examples/s"
-                                                             for r in engine_rows) + " (batches of 32).", "",
-                  "| workload | clients | QPS | p50 ms | p99 ms | failures | QPS / in-process examples/s |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['workload']} | {r['clients']} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                  f"{r['failures']} | {r['vs_in_process']:.3f} |" for r in grpc_rows]
+                                                             for r in engine_rows) + " (batches of 32). Clients run "
+                  "on the same machine as the server.", "",
+                  "| workload | clients | protocol | QPS | p50 ms | p99 ms | failures | QPS / in-process examples/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['clients']} | {r['protocol']} | {r['qps']:.1f} | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['failures']} | {r['vs_in_process']:.3f} |" for r in door_rows]
         lines.append("")
     discussion = HERE / "serving_discussion.md"
     REPORT.write_text("\n".join(lines) + "\n" + (discussion.read_text() if discussion.exists() else ""))
