@@ -1,20 +1,6 @@
 """The Python client, where users look for it: `from ticketserve.client import Client`.
-Everything lives in ticketserve.runtime.client; this module only names it."""
+Everything lives in ticketserve.runtime.client (its `__all__`: the clients, their results and
+the typed errors); this module only names it."""
 
-from ticketserve.runtime.client import (
-    AsyncClient,
-    BackboneMismatch,
-    Client,
-    InvalidArgument,
-    NotFound,
-    Overloaded,
-    PermissionDenied,
-    Prediction,
-    PredictResult,
-    TicketserveError,
-    Unauthenticated,
-    Unavailable,
-)
-
-__all__ = ["AsyncClient", "BackboneMismatch", "Client", "InvalidArgument", "NotFound", "Overloaded", "PermissionDenied",
-           "Prediction", "PredictResult", "TicketserveError", "Unauthenticated", "Unavailable"]
+from ticketserve.runtime.client import *  # noqa: F403
+from ticketserve.runtime.client import __all__  # noqa: F401
