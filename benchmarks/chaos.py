@@ -502,8 +502,9 @@ def report(result: dict) -> str:
         "# Chaos run",
         "",
         "`python benchmarks/chaos.py` — a `ticketserve serve` subprocess (bundled MiniLM) under "
-        f"{result['clients']} clients over {result['tasks']} row-delta tasks with a cache for {result['cache_tasks']}, "
-        "hot swaps every 2 s (valid, corrupt, foreign-backbone and unattachable versions in turn), a fuzzer, a "
+        f"{result['clients']} gRPC and {HTTP_CLIENTS} HTTP clients (JSON API and v2 REST) over {result['tasks']} "
+        f"row-delta tasks with a cache for {result['cache_tasks']}, hot swaps every 2 s (valid, corrupt, "
+        "foreign-backbone and unattachable versions in turn), fuzzers on both gRPC APIs and on HTTP, a "
         "concurrent publisher, then a flood of maximum-size texts (2 clients × 8 texts of 256 KiB per request), "
         f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores. "
         f"Run {result['run']}; raw numbers in `results/chaos.json`.",
