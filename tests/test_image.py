@@ -1,8 +1,9 @@
 """The CPU container image run as the Kubernetes manifests run it: uid 10001, read-only root,
 no capabilities, only /tmp and ~/.cache writable, the bearer tokens mounted read-only. From a
 local registry (mounted read-only) and from an S3 registry (moto on 127.0.0.1): health turns
-SERVING, a prediction equals in-process prediction, a new version published from outside is
-served without a restart, SIGTERM drains the requests in flight and exits 0.
+SERVING, a prediction (over gRPC and over HTTP) equals in-process prediction, a new version
+published from outside is served without a restart, SIGTERM drains the requests in flight and
+exits 0.
 
 Slow, and needs podman and a built image: `make image-smoke` builds it and runs this file.
 Without the image the tests skip, unless TICKETSERVE_IMAGE_REQUIRED=1 (the make target) makes
@@ -11,12 +12,14 @@ that a failure."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +66,8 @@ def readable_dir() -> Path:
 
 
 @contextmanager
-def container(podman: list[str], port: int, env: dict[str, str], volumes: dict[Path, str], preload: str):
+def container(podman: list[str], port: int, http_port: int, env: dict[str, str], volumes: dict[Path, str],
+              preload: str):
     secrets = readable_dir()
     (secrets / "token").write_text(TOKEN + "\n")
     (secrets / "admin-token").write_text("smoke-admin\n")
@@ -75,7 +79,8 @@ def container(podman: list[str], port: int, env: dict[str, str], volumes: dict[P
                "--volume", f"{secrets}:/etc/ticketserve:ro",
                *[a for host, inside in volumes.items() for a in ("--volume", f"{host}:{inside}")],
                *[a for key, value in env.items() for a in ("--env", f"{key}={value}")],
-               IMAGE, "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()),
+               IMAGE, "serve", "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+               "--metrics-port", str(free_port()),
                "--watch-seconds", "0.5", "--preload", preload, "--max-queue-delay-ms", "1500", "--drain-seconds", "40",
                "--token-file", "/etc/ticketserve/token", "--admin-token-file", "/etc/ticketserve/admin-token"]
     started = subprocess.run(command, capture_output=True, text=True)
@@ -120,8 +125,8 @@ def assert_same(served, expected) -> None:
 
 def serve_swap_and_drain(podman, minilm, store, env: dict[str, str], volumes: dict[Path, str]) -> None:
     publish_row_task(store, minilm, "smoke", 1)
-    port = free_port()
-    with container(podman, port, env, volumes, preload="smoke") as name:
+    port, http_port = free_port(), free_port()
+    with container(podman, port, http_port, env, volumes, preload="smoke") as name:
         startup = wait_serving(podman, name, port)
         print(f"SERVING after {startup:.1f} s")
         with Client(f"127.0.0.1:{port}", token=TOKEN, timeout=60) as client:
@@ -130,6 +135,13 @@ def serve_swap_and_drain(podman, minilm, store, env: dict[str, str], volumes: di
             first = client.predict("smoke", TEXTS)
             assert first.artifact == "smoke:1"
             assert_same(first.predictions, in_process(store, minilm, "smoke:1"))
+            request = urllib.request.Request(  # HTTP too: the JSON API, with the same token
+                f"http://127.0.0.1:{http_port}/v1/predict", data=json.dumps({"task": "smoke", "inputs": TEXTS}).encode(),
+                headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = json.loads(response.read())
+            assert answer["artifact"] == "smoke:1"
+            assert [p["label"] for p in answer["predictions"]] == [p.label for p in first.predictions]
 
             publish_row_task(store, minilm, "smoke", 2)  # hot swap: the server's watch finds it
             deadline = time.monotonic() + 60
