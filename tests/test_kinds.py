@@ -83,6 +83,18 @@ def _gates(backbone, seed: int) -> Tensors:
     return to_tensors(keep, torch.tensor([seed % 2 == 0] + [True] * (config.num_hidden_layers - 1)))
 
 
+def _lora(backbone, seed: int) -> Tensors:
+    """Query and value of every layer (the PEFT default for BERT), rank 2–4 by seed."""
+    generator, rank = torch.Generator().manual_seed(seed), 2 + seed % 3
+    tensors = {}
+    for name, linear in dense_matrices(backbone.model).items():
+        if name.endswith(("query", "value")):
+            tensors[f"{name}.lora_A"] = torch.randn(rank, linear.in_features, generator=generator) * 0.3
+            tensors[f"{name}.lora_B"] = torch.randn(linear.out_features, rank, generator=generator) * 0.3
+            tensors[f"{name}.scaling"] = torch.tensor(16 / rank)
+    return tensors
+
+
 def _scores(backbone, seed: int) -> Tensors:
     config, generator = backbone.config, torch.Generator().manual_seed(seed)
     return {"importance.heads": torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=generator),
@@ -111,6 +123,7 @@ SAMPLES = {  # kind → a valid payload (without the head) for a backbone, varie
     "supermask": lambda backbone, seed: encode_masks(_masks(backbone, seed)),
     "structure_mask": _gates,
     "full": _full,
+    "lora": _lora,
     "toy_shift": lambda backbone, seed: {SHIFT: torch.randn(backbone.config.hidden_size,
                                                             generator=torch.Generator().manual_seed(seed))},
 }

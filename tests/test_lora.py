@@ -1,0 +1,70 @@
+"""lora: the factors applied on the fly equal the merged weights W + s·B·A, alone and mixed per
+example with other tasks (different ranks, different matrices) in one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kinds import SAMPLES
+from ticketserve.core.backbone import fresh_copy
+from ticketserve.core.errors import CorruptArtifact
+from ticketserve.core.kinds import get_kind
+from ticketserve.core.routing import Routing, route
+
+TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again"]
+
+
+def hidden(encoder, inputs):
+    return encoder(**inputs).last_hidden_state
+
+
+def merged(backbone, tensors):
+    """The reference: a fresh encoder whose weights are W + s·B·A (its own copies of those)."""
+    return fresh_copy(backbone.model, get_kind("lora").dense_state(backbone.model, tensors))
+
+
+def test_on_the_fly_equals_merged_weights_alone_and_mixed(tiny_backbone):
+    kind = get_kind("lora")
+    first, second = SAMPLES["lora"](tiny_backbone, 1), SAMPLES["lora"](tiny_backbone, 2)  # ranks 3 and 4
+    assert first["encoder.layer.0.attention.self.query.lora_A"].shape[0] != \
+        second["encoder.layer.0.attention.self.query.lora_A"].shape[0]
+    inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        references = [hidden(merged(tiny_backbone, t), inputs) for t in (first, second)]
+        plain = hidden(tiny_backbone.model, inputs)
+    shared = kind.attach(tiny_backbone.model, 5, first)
+    kind.attach(tiny_backbone.model, 6, second)
+    try:
+        with torch.no_grad():
+            with route(Routing.single(5, len(TEXTS))):
+                alone = hidden(shared, inputs)
+            with route(Routing(torch.tensor([5, 6, 0, 6]))):  # two ranks and a plain example in one batch
+                mixed = hidden(shared, inputs)
+        torch.testing.assert_close(alone, references[0], atol=1e-5, rtol=0)
+        for i, want in enumerate([references[0][0], references[1][1], plain[2], references[1][3]]):
+            torch.testing.assert_close(mixed[i], want, atol=1e-5, rtol=0)
+        assert (alone - plain).abs().max() > 1e-3  # the factors really changed the outputs
+    finally:
+        kind.detach(tiny_backbone.model, 5)
+        kind.detach(tiny_backbone.model, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(tiny_backbone.model, inputs), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["rank mismatch", "no scaling", "a vector scaling", "infinite", "unknown matrix"])
+def test_factors_that_cannot_be_applied_exactly_are_refused(tiny_backbone, damage):
+    tensors = SAMPLES["lora"](tiny_backbone, 1)
+    name = "encoder.layer.0.attention.self.query"
+    if damage == "rank mismatch":
+        tensors[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:, :-1]
+    elif damage == "no scaling":
+        del tensors[f"{name}.scaling"]
+    elif damage == "a vector scaling":
+        tensors[f"{name}.scaling"] = torch.ones(2)
+    elif damage == "infinite":
+        tensors[f"{name}.lora_A"][0, 0] = float("inf")
+    else:
+        tensors = {k.replace(name, "encoder.layer.0.attention.self.nothing"): v for k, v in tensors.items()}
+    with pytest.raises(CorruptArtifact):
+        get_kind("lora").validate(tensors, tiny_backbone.model)
