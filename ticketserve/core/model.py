@@ -18,25 +18,44 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class TaskHead(nn.Module):
-    """Pooling + dropout + linear; its tensors are stored in every artifact under `head.`."""
+    """Pooling (+ dense + tanh) + dropout + linear; its tensors are stored in every artifact
+    under `head.`: `head.weight`, `head.bias`, and with `dense` also `head.dense.weight`,
+    `head.dense.bias`. With `dense` and `cls` pooling it computes what the classifier of
+    BertForSequenceClassification (pooler → classifier) and RobertaForSequenceClassification
+    (dense → tanh → out_proj on the first token) compute."""
 
     def __init__(self, hidden_size: int, num_outputs: int, config: HeadConfig):
         super().__init__()
         self.config = config
         self.dropout = nn.Dropout(config.dropout)
+        self.dense = nn.Linear(hidden_size, hidden_size) if config.dense else None
         self.linear = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(pool(hidden, attention_mask, self.config.pooling)))
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        if self.dense is not None:
+            pooled = torch.tanh(self.dense(pooled))
+        return self.linear(self.dropout(pooled))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()}
+        return {HEAD_PREFIX + k.removeprefix("linear."): v.detach().cpu().contiguous()
+                for k, v in self.state_dict().items()}
+
+    @staticmethod
+    def shapes(hidden_size: int, num_outputs: int, config: HeadConfig) -> dict[str, tuple[int, ...]]:
+        """Every head tensor's name and shape, for a config."""
+        shapes = {HEAD_PREFIX + "weight": (num_outputs, hidden_size), HEAD_PREFIX + "bias": (num_outputs,)}
+        if config.dense:
+            shapes |= {HEAD_PREFIX + "dense.weight": (hidden_size, hidden_size), HEAD_PREFIX + "dense.bias": (hidden_size,)}
+        return shapes
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], config: HeadConfig) -> TaskHead:
         weight = tensors[HEAD_PREFIX + "weight"]
         head = cls(weight.shape[1], weight.shape[0], config)
-        head.linear.load_state_dict({"weight": weight, "bias": tensors[HEAD_PREFIX + "bias"]})
+        state = {("linear." if k.count(".") == 1 else "") + k.removeprefix(HEAD_PREFIX): v
+                 for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        head.load_state_dict(state)
         return head.eval()
 
 

@@ -46,10 +46,13 @@ class TaskSpec(_Strict):
 
 
 class HeadConfig(_Strict):
-    """The task head on top of the encoder: pooling of token states, then dropout + linear."""
+    """The task head on top of the encoder: pooling of token states, optionally a dense layer
+    with tanh (`dense`: the heads of Hugging Face's BERT and RoBERTa sequence classifiers,
+    which pool the first token), then dropout + linear."""
 
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dense: bool = False
 
 
 class BackboneRef(_Strict):
