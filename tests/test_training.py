@@ -70,3 +70,27 @@ def test_early_stopping_ends_the_run(store, tiny_checkpoints):
     outcome = train("bitfit", SST2, backbone, config, store, data_dir="sample", show_progress=False)
     # lr 1e-9 changes nothing: the first evaluation stays best and two more end the run
     assert outcome.fit.steps == 3 and outcome.fit.best_step == 1
+
+
+def test_lora_trains_only_its_factors_and_serves_what_training_measured(store, tiny_checkpoints):
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    config = TrainConfig(train_samples=48, eval_samples=64, batch_size=16, epochs=2, lr=5e-3, seed=3)
+    outcome = train("lora", SST2, backbone, config, store, data_dir="sample", show_progress=False,
+                    options={"r": 2, "alpha": 4, "target": "query,value,output"})
+    manifest = store.manifest(outcome.version)
+    assert (manifest.kind, manifest.method) == ("lora", "lora")
+    for key, value in backbone.model.state_dict().items():  # the backbone itself never trained
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+    loaded = artifact.load(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"])))
+    layers, hidden = backbone.config.num_hidden_layers, backbone.config.hidden_size
+    matrices = {k.rsplit(".", 1)[0] for k in loaded.kind_tensors}
+    assert len(matrices) == 3 * layers and not any("attention.output" in m for m in matrices)  # `output` is the FFN's
+    assert loaded.tensors["encoder.layer.0.attention.self.query.scaling"].item() == 2.0
+    assert any(loaded.tensors[f"{m}.lora_B"].abs().max() > 0 for m in matrices)  # B left zero: nothing learnt
+    assert manifest.trainable_params == sum(v.numel() for k, v in loaded.kind_tensors.items()
+                                            if not k.endswith(".scaling")) + hidden * 2 + 2
+    runtime = ByName(Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu"))
+    runtime.add(loaded)
+    dev = load_split(SST2, "validation", "sample", samples=64, seed=3)
+    assert evaluate(runtime, runtime.get(loaded.manifest.name), dev) == manifest.metrics
