@@ -108,3 +108,29 @@ def test_what_cannot_be_served_exactly_is_refused(what, tiny_checkpoints, tmp_pa
     with pytest.raises(BackboneMismatch if what == "other base" else InvalidArgument) as caught:
         read_peft(directory, load_backbone(str(checkpoint)), "x", get_task("sst2"))
     assert str(caught.value)
+
+
+@pytest.mark.parametrize("source", ["trained here", "imported from stock PEFT"])
+def test_export_then_import_gives_identical_outputs(source, tiny_checkpoints, tmp_path):
+    from ticketserve.formats.peft import export_peft
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.run import train
+
+    checkpoint = tiny_checkpoints["roberta"]
+    backbone, store = load_backbone(str(checkpoint)), open_store(str(tmp_path / "registry"))
+    if source == "trained here":
+        train("lora", get_task("sst2"), load_backbone(str(checkpoint)), TrainConfig(train_samples=32, eval_samples=32,
+              batch_size=16, epochs=1, lr=5e-3), store, data_dir="sample", show_progress=False, name="original",
+              options={"r": 3, "target": "query,intermediate"})
+    else:
+        stock_adapter(checkpoint, tmp_path / "stock")
+        artifact.publish(store, *read_peft(tmp_path / "stock", backbone, "original", get_task("sst2")))
+    original = artifact.load(store, "original", backbone)
+    export_peft(original, backbone, tmp_path / "exported")
+    artifact.publish(store, *read_peft(tmp_path / "exported", backbone, "again", get_task("sst2")))
+    runtime = ByName(Runtime(backbone, device="cpu"))
+    runtime.add(original, name="original")
+    runtime.add(artifact.load(store, "again", backbone), name="again")
+    inputs = runtime.tokenize(TEXTS)
+    for got, want in zip(runtime.logits(["again"] * len(TEXTS), inputs), runtime.logits(["original"] * len(TEXTS), inputs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""Export a `row_delta` artifact as a stock PEFT LoRA adapter.
+"""Export a `row_delta` or `lora` artifact as a stock PEFT LoRA adapter.
 
 A k-row delta is exactly a rank-k LoRA: A ∈ R^{k×in} selects the rows (one-hot), B = Dᵀ,
 scaling 1 (lora_alpha = r per module). The bias row has no LoRA factor, so it travels the
@@ -26,47 +26,68 @@ from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.kinds.row_delta import RowDelta
 
 ADAPTER = "default"
+HEAD_FILE, MANIFEST_FILE = "head.safetensors", "ticketserve-manifest.json"  # beside the adapter
 
 
 def export_peft(artifact: Artifact, backbone: Backbone, directory: Path) -> Path:
+    """Write a `row_delta` or `lora` artifact as a stock PEFT LoRA adapter of the encoder, with
+    the head, the manifest and a model card beside it."""
     from peft import LoraConfig, get_peft_model
 
-    if artifact.manifest.kind != "row_delta":
-        raise InvalidArgument(f"{artifact.version} is a {artifact.manifest.kind!r} artifact; PEFT export takes row_delta")
+    kind = artifact.manifest.kind
+    if kind not in ("row_delta", "lora"):
+        raise InvalidArgument(f"{artifact.version} is a {kind!r} artifact; PEFT export takes row_delta and lora")
     base = copy.deepcopy(backbone.model)
-    matrices = dense_matrices(base)
-    rows = {name: RowDelta.from_payload(artifact.tensors[f"{name}.index"], artifact.tensors[f"{name}.delta"].float(),
-                                        linear.in_features)
-            for name, linear in matrices.items() if f"{name}.index" in artifact.tensors}
-    if not rows:
+    factors = _row_factors(artifact, base) if kind == "row_delta" else _lora_factors(artifact)
+    if not factors:
         raise InvalidArgument(f"{artifact.version} changes no matrix: nothing to export")
-    ranks = {name: max(row.in_index.numel(), 1) for name, row in rows.items()}  # bias-only layers: a zero factor
+    ranks = {name: a.shape[0] for name, (a, _, _, _) in factors.items()}
     reference = base_reference(backbone, directory)
     base.name_or_path = reference  # peft records the model's own name over the config's
     config = LoraConfig(
-        r=1, lora_alpha=1, rank_pattern=ranks, alpha_pattern=ranks, lora_dropout=0.0,
-        target_modules="|".join(re.escape(name) for name in sorted(rows)),  # a str is matched in full
-        bias="lora_only" if any(row.bias_delta is not None for row in rows.values()) else "none",
+        r=1, lora_alpha=1, rank_pattern=ranks, alpha_pattern={n: s * ranks[n] for n, (_, _, s, _) in factors.items()},
+        lora_dropout=0.0, target_modules="|".join(re.escape(name) for name in sorted(factors)),  # matched in full
+        bias="lora_only" if any(bias is not None for *_, bias in factors.values()) else "none",
         base_model_name_or_path=reference,
     )
     model = get_peft_model(base, config)
     with torch.no_grad():
-        for name, row in rows.items():
+        for name, (a, b, _, bias) in factors.items():
             layer = model.base_model.model.get_submodule(name)
-            lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            lora_a.zero_()
-            lora_b.zero_()
-            if row.in_delta is not None:
-                lora_a[torch.arange(row.in_index.numel()), row.in_index] = 1.0
-                lora_b.copy_(row.in_delta.T)
-            if row.bias_delta is not None:
-                layer.base_layer.bias += row.bias_delta
+            layer.lora_A[ADAPTER].weight.copy_(a)
+            layer.lora_B[ADAPTER].weight.copy_(b)
+            if bias is not None:
+                layer.base_layer.bias += bias
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    save_file({k: v.contiguous() for k, v in artifact.head_tensors.items()}, directory / "head.safetensors")
-    (directory / "ticketserve-manifest.json").write_bytes(artifact.manifest.to_bytes())
+    save_file({k: v.contiguous() for k, v in artifact.head_tensors.items()}, directory / HEAD_FILE)
+    (directory / MANIFEST_FILE).write_bytes(artifact.manifest.to_bytes())
     (directory / "README.md").write_text(model_card(artifact, backbone, reference))
     return directory
+
+
+def _row_factors(artifact: Artifact, base) -> dict[str, tuple]:
+    """A k-row delta as the rank-k LoRA it is: A selects the rows (one-hot), B = Dᵀ, scaling 1;
+    the bias row as a bias update (bias-only layers get a zero factor of rank 1)."""
+    factors = {}
+    for name, linear in dense_matrices(base).items():
+        if f"{name}.index" not in artifact.tensors:
+            continue
+        row = RowDelta.from_payload(artifact.tensors[f"{name}.index"], artifact.tensors[f"{name}.delta"].float(),
+                                    linear.in_features)
+        rank = max(row.in_index.numel(), 1)
+        a, b = torch.zeros(rank, linear.in_features), torch.zeros(linear.out_features, rank)
+        if row.in_delta is not None:
+            a[torch.arange(row.in_index.numel()), row.in_index] = 1.0
+            b.copy_(row.in_delta.T)
+        factors[name] = (a, b, 1.0, row.bias_delta)
+    return factors
+
+
+def _lora_factors(artifact: Artifact) -> dict[str, tuple]:
+    names = {key.rsplit(".", 1)[0] for key in artifact.kind_tensors}
+    return {name: (artifact.tensors[f"{name}.lora_A"].float(), artifact.tensors[f"{name}.lora_B"].float(),
+                   float(artifact.tensors[f"{name}.scaling"]), None) for name in names}
 
 
 def base_reference(backbone: Backbone, directory: Path) -> str:
@@ -100,7 +121,7 @@ tags: [ticketserve, lora, {manifest.method}, text-classification]
   bias rows as `bias="lora_only"`).
 * **Base model**: {where}; content fingerprint `{backbone.fingerprint}` (sha256 over the encoder's
   tensor names, dtypes, shapes and bytes). Load the encoder without its pooler.
-* **Head**: `head.safetensors` ({manifest.head.pooling} pooling, then `weight`/`bias` of a linear
+* **Head**: `head.safetensors` ({manifest.head.pooling} pooling, {"a dense layer + tanh, " if manifest.head.dense else ""}then `weight`/`bias` of a linear
   layer), not a module of the stock encoder. `ticketserve-manifest.json` is the full manifest.
 
 ```python
@@ -110,3 +131,13 @@ from transformers import AutoModel
 model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}", add_pooling_layer=False), "PATH/TO/THIS/DIRECTORY")
 ```
 """
+
+
+def _what(artifact: Artifact) -> str:
+    if artifact.manifest.kind == "lora":
+        ranks = sorted({int(v.shape[0]) for k, v in artifact.tensors.items() if k.endswith(".lora_A")})
+        matrices = sum(1 for k in artifact.tensors if k.endswith(".lora_A"))
+        return f"LoRA factors on {matrices} matrices (ranks {', '.join(map(str, ranks))})"
+    rows = sum(v.numel() for k, v in artifact.tensors.items() if k.endswith(".index"))
+    return (f"a row delta of {rows} rows of W̃ = [Wᵀ; b], written as the exact LoRA it is (A selects the rows, B "
+            "holds the deltas, scaling 1; bias rows as `bias=\"lora_only\"`)")

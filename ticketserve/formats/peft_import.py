@@ -5,7 +5,8 @@ What is read: `adapter_config.json` and `adapter_model.safetensors` — never a 
 `adapter_model.bin`. What is refused, because ticketserve could not reproduce stock PEFT's
 outputs exactly: another PEFT method, DoRA, trained biases, adapters on anything but the six
 dense matrices of the blocks (embeddings, LayerNorm, the pooler), a base model other than the
-backbone, and an adapter without its classifier (`modules_to_save=["classifier"]`).
+backbone, and an adapter without its classifier (`modules_to_save=["classifier"]`) — unless
+`registry export --format peft` wrote it, with our head and manifest beside it.
 Scaling is PEFT's: lora_alpha / r (√r with rsLoRA), per module from rank_pattern/alpha_pattern.
 The heads: BERT's pooler (dense + tanh on the first token; the base checkpoint's weights
 unless the adapter saved its own) then `classifier`; RoBERTa's `classifier.dense` + tanh then
@@ -27,6 +28,7 @@ from ticketserve.core.backbone import DEFAULT_BACKBONE, DEFAULT_HUB_ID, Backbone
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.model import HEAD_PREFIX
+from ticketserve.formats.peft import HEAD_FILE, MANIFEST_FILE
 from ticketserve.registry import HeadConfig, Manifest, TaskSpec
 
 PREFIX = "base_model.model."
@@ -37,10 +39,10 @@ LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 def read_peft(directory: Path, backbone: Backbone, name: str, spec: TaskSpec) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """The manifest and tensors of a `lora` artifact equal to the adapter on this backbone."""
     config = _config(directory)
-    _check_base(config, backbone)
+    _check_base(config, backbone, directory)
     state = _state(directory)
     tensors, leftovers = _factors(config, state, backbone)
-    head, head_config = _head(leftovers, backbone, spec)
+    head, head_config = _head(leftovers, backbone, spec, directory)
     if leftovers:
         raise InvalidArgument(f"the adapter also changes {', '.join(sorted(leftovers)[:3])}: ticketserve serves LoRA "
                               "on the six dense matrices of each block and the classifier, nothing else")
@@ -70,12 +72,15 @@ def _config(directory: Path) -> dict:
     return config
 
 
-def _check_base(config: dict, backbone: Backbone) -> None:
+def _check_base(config: dict, backbone: Backbone, directory: Path) -> None:
+    """The adapter's base is this backbone: by name, hub id, or path (a relative one, as our
+    export writes it, from the adapter's directory)."""
     base = str(config.get("base_model_name_or_path") or "")
     same = {backbone.name, backbone.source, str(Path(backbone.source).resolve())}
     if backbone.name == DEFAULT_BACKBONE:
         same.add(DEFAULT_HUB_ID)
-    if base and base not in same and str(Path(base).resolve()) not in same:
+    paths = {str(Path(base).resolve()), str((directory / base).resolve())}
+    if base and base not in same and not paths & same:
         raise BackboneMismatch(f"the adapter was trained on {base!r}, not on this backbone ({backbone.name}); "
                                "pass --backbone with that model")
 
@@ -137,9 +142,17 @@ def _take(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
     return state.pop(key, None)
 
 
-def _head(state: dict[str, torch.Tensor], backbone: Backbone, spec: TaskSpec):
-    """The classifier as our head; removes what it uses from `state`."""
+def _head(state: dict[str, torch.Tensor], backbone: Backbone, spec: TaskSpec, directory: Path):
+    """The classifier as our head (removing what it uses from `state`), or the head that
+    `registry export --format peft` wrote beside an adapter of the bare encoder."""
     config = backbone.config
+    if not any(key.startswith("classifier.") for key in state) and (directory / HEAD_FILE).is_file() \
+            and (directory / MANIFEST_FILE).is_file():
+        exported = Manifest.model_validate_json((directory / MANIFEST_FILE).read_text())
+        if exported.task.num_outputs != spec.num_outputs:
+            raise InvalidArgument(f"the exported head has {exported.task.num_outputs} outputs; task {spec.name} has "
+                                  f"{spec.num_outputs}")
+        return load_file(directory / HEAD_FILE), exported.head
     if "classifier.out_proj.weight" in state:  # RoBERTa: dense → tanh → out_proj on the first token
         dense_weight, dense_bias = _take(state, "classifier.dense.weight"), _take(state, "classifier.dense.bias")
         weight, bias = _take(state, "classifier.out_proj.weight"), _take(state, "classifier.out_proj.bias")
