@@ -4,7 +4,9 @@ Parts (all by default; `--parts engine,load,doors`):
   engine  examples/s on the same batches of SST-2 dev sentences (32 per batch, every example's
           task drawn from 100), on the bundled MiniLM and a BERT-base-sized random encoder:
           plain backbone · ours: 1 task, 100 Dominant-1 mixed, 100 structure masks mixed,
-          100 supermasks with a cache for 10, ONNX Runtime with 100 Dominant-1 mixed ·
+          100 LoRA r=8 mixed (all six matrices, as the peft row), LoRA + Dominant-1 +
+          structure masks mixed, 100 supermasks with a cache for 10, ONNX Runtime with 100
+          Dominant-1 mixed ·
           peers: peft LoRA r=8 ×100 mixed with `adapter_names`, peft `set_adapter` per task
           group, full fine-tuned copies (10 resident) swapped per task group. Plus a profile of
           our mixed forward (results/serving-profile.txt).
@@ -98,7 +100,20 @@ def full(backbone, seed: int) -> dict[str, torch.Tensor]:
             for k, v in backbone.model.state_dict().items()} | head(backbone, generator)
 
 
-BUILDERS = {"row_delta": dominant1, "structure_mask": structure, "supermask": supermask, "full": full}
+def lora8(backbone, seed: int) -> dict[str, torch.Tensor]:
+    """LoRA r=8 on all six matrices of every block, as the peft peer row has it."""
+    from ticketserve.core.backbone import dense_matrices
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, linear in dense_matrices(backbone.model).items():
+        tensors[f"{name}.lora_A"] = torch.randn(8, linear.in_features, generator=generator) * 0.01
+        tensors[f"{name}.lora_B"] = torch.randn(linear.out_features, 8, generator=generator) * 0.01
+        tensors[f"{name}.scaling"] = torch.tensor(2.0)
+    return tensors | head(backbone, generator)
+
+
+BUILDERS = {"row_delta": dominant1, "structure_mask": structure, "supermask": supermask, "full": full, "lora": lora8}
 
 
 def publish(store, backbone, kind: str, names: list[str]) -> None:
@@ -223,7 +238,8 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
 
     backbone = load_backbone(backbone_spec)
     store = open_store(tempfile.mkdtemp(prefix="ts-bench-"))
-    names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)] for kind in ("row_delta", "structure_mask", "supermask")}
+    names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)]
+             for kind in ("row_delta", "structure_mask", "supermask", "lora")}
     for kind, kind_names in names.items():
         publish(store, backbone, kind, kind_names)
     work = batches(backbone.tokenizer, texts, count=count)
@@ -237,6 +253,9 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
         return {"ours: 1 task (Dominant-1)": ours(backbone_spec, store, rows[:1]),
                 "ours: 100 Dominant-1 mixed": ours(backbone_spec, store, rows),
                 "ours: 100 structure masks mixed": ours(backbone_spec, store, masks),
+                "ours: 100 LoRA r=8 mixed": ours(backbone_spec, store, names["lora"]),
+                "ours: LoRA r=8 + Dominant-1 + structure masks, 99 mixed": ours(
+                    backbone_spec, store, [n for trio in zip(names["lora"], rows, masks) for n in trio][:TASKS - 1]),
                 "ours: 100 supermasks, cache for 10": ours(backbone_spec, store, names["supermask"],
                                                            mask_cache_bytes=10 * one_mask),
                 "ours, ONNX Runtime: 100 Dominant-1 mixed": ours(backbone_spec, store, rows, OnnxRuntime),
@@ -292,7 +311,7 @@ def load_part(texts: list[str]) -> list[dict]:
     backbone = load_backbone()
     store = open_store(tempfile.mkdtemp(prefix="ts-bench-load-"))
     records = []
-    for kind in ("row_delta", "structure_mask", "supermask", "full"):
+    for kind in ("row_delta", "structure_mask", "supermask", "lora", "full"):
         names = [f"cold-{kind.replace('_', '-')}-{i}" for i in range(5)]
         publish(store, backbone, kind, names)
         runtime = Runtime(backbone, device="cpu")

@@ -25,16 +25,16 @@ SUFFIXES = (".lora_A", ".lora_B", ".scaling")
 
 
 class LoraTable:
-    """Every served task's factors of one matrix, padded to the largest rank among them:
-    A (rows, R, in) and B (rows, out, R) with the scaling folded into B; row 0 is "no task"
-    (zero). Loading writes one row in place (the table grows when full or when a larger rank
+    """Every served task's factors of one matrix, padded to the largest rank among them and
+    stored transposed, as the batched matmuls read them: Aᵀ (rows, in, R) and (s·B)ᵀ
+    (rows, R, out), the scaling folded in; row 0 is "no task" (zero). Loading writes one row in place (the table grows when full or when a larger rank
     arrives); tensors are swapped as one tuple, so a concurrent forward sees a whole table."""
 
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, tuple[int, int]] = {}  # slot → (table row, rank)
         self.free: list[int] = []
-        self.tensors = (torch.zeros(1, 1, in_features), torch.zeros(1, out_features, 1))
+        self.tensors = (torch.zeros(1, in_features, 1), torch.zeros(1, 1, out_features))  # Aᵀ, (s·B)ᵀ
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -44,20 +44,20 @@ class LoraTable:
         self.drop(slot)
         rank = a.shape[0]
         table_a, table_b = self.tensors
-        if rank > table_a.shape[1] or not self.free:
+        if rank > table_a.shape[2] or not self.free:
             grow = 0 if self.free else max(16, len(table_a) // 4)
-            table_a, table_b = self._resized(max(table_a.shape[1], rank), len(table_a) + grow, a.device)
+            table_a, table_b = self._resized(max(table_a.shape[2], rank), len(table_a) + grow, a.device)
         row = self.free.pop()
         with torch.no_grad():
-            table_a[row, :rank], table_b[row, :, :rank] = a, b
+            table_a[row, :, :rank], table_b[row, :rank] = a.T, b.T
         self.slots[slot] = (row, rank)
 
     def _resized(self, rank: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         old_a, old_b = self.tensors
-        table_a = torch.zeros(rows, rank, self.in_features, device=device)
-        table_b = torch.zeros(rows, self.out_features, rank, device=device)
-        table_a[:len(old_a), :old_a.shape[1]] = old_a.to(device)
-        table_b[:len(old_b), :, :old_b.shape[2]] = old_b.to(device)
+        table_a = torch.zeros(rows, self.in_features, rank, device=device)
+        table_b = torch.zeros(rows, rank, self.out_features, device=device)
+        table_a[:len(old_a), :, :old_a.shape[2]] = old_a.to(device)
+        table_b[:len(old_b), :old_b.shape[1]] = old_b.to(device)
         self.free += range(rows - 1, len(old_a) - 1, -1)  # lowest first
         self.tensors = (table_a, table_b)
         return table_a, table_b
@@ -77,17 +77,20 @@ class LoraTable:
             slot = DEFAULT_SLOT if routing is None else routing.uniform
             if slot in self.slots:
                 row, rank = self.slots[slot]
-                low = x.reshape(-1, x.shape[-1]) @ table_a[row, :rank].T.to(x.dtype)
-                y.view(-1, y.shape[-1]).addmm_(low, table_b[row, :, :rank].T.to(x.dtype))
+                low = x.reshape(-1, x.shape[-1]) @ table_a[row, :, :rank].to(x.dtype)
+                y.view(-1, y.shape[-1]).addmm_(low, table_b[row, :rank].to(x.dtype))
             return
         rows = [self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list]
         mine = [i for i, row in enumerate(rows) if row]
         if not mine:
             return
-        examples = torch.tensor(mine, device=x.device)
         picked = torch.tensor([rows[i] for i in mine], device=table_a.device)
-        low = torch.bmm(x[examples], table_a[picked].transpose(1, 2).to(x.dtype))  # (b, S, R)
-        y.index_add_(0, examples, torch.bmm(low, table_b[picked].transpose(1, 2).to(x.dtype)))
+        factor_a, factor_b = table_a[picked].to(x.dtype), table_b[picked].to(x.dtype)  # (b, in, R), (b, R, out)
+        if len(mine) == len(rows):  # every example has factors: accumulate into y in place
+            y.baddbmm_(torch.bmm(x, factor_a), factor_b)
+            return
+        examples = torch.tensor(mine, device=x.device)
+        y.index_add_(0, examples, torch.bmm(torch.bmm(x[examples], factor_a), factor_b))
 
 
 _TABLES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoraTable]] = weakref.WeakKeyDictionary()
