@@ -138,10 +138,6 @@ def _factors(config: dict, state: dict[str, torch.Tensor], backbone: Backbone):
     return tensors, leftovers
 
 
-def _take(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
-    return state.pop(key, None)
-
-
 def _head(state: dict[str, torch.Tensor], backbone: Backbone, spec: TaskSpec, directory: Path):
     """The classifier as our head (removing what it uses from `state`), or the head that
     `registry export --format peft` wrote beside an adapter of the bare encoder."""
@@ -154,11 +150,11 @@ def _head(state: dict[str, torch.Tensor], backbone: Backbone, spec: TaskSpec, di
                                   f"{spec.num_outputs}")
         return load_file(directory / HEAD_FILE), exported.head
     if "classifier.out_proj.weight" in state:  # RoBERTa: dense → tanh → out_proj on the first token
-        dense_weight, dense_bias = _take(state, "classifier.dense.weight"), _take(state, "classifier.dense.bias")
-        weight, bias = _take(state, "classifier.out_proj.weight"), _take(state, "classifier.out_proj.bias")
+        dense_weight, dense_bias = state.pop("classifier.dense.weight", None), state.pop("classifier.dense.bias", None)
+        weight, bias = state.pop("classifier.out_proj.weight", None), state.pop("classifier.out_proj.bias", None)
     elif "classifier.weight" in state:  # BERT: the pooler (dense → tanh on the first token) → classifier
-        weight, bias = _take(state, "classifier.weight"), _take(state, "classifier.bias")
-        dense_weight, dense_bias = _take(state, "pooler.dense.weight"), _take(state, "pooler.dense.bias")
+        weight, bias = state.pop("classifier.weight", None), state.pop("classifier.bias", None)
+        dense_weight, dense_bias = state.pop("pooler.dense.weight", None), state.pop("pooler.dense.bias", None)
         if dense_weight is None:
             dense_weight, dense_bias = _base_pooler(backbone)
     else:

@@ -155,9 +155,11 @@ class OpenInference:
         return self.loader.ready(name, version or None)
 
     async def model_metadata(self, name: str, version: str | None) -> dict:
-        resolved = await self._blocking(self.store.resolve, Reference.of(name, version or None))
-        manifest = await self._blocking(self.store.manifest, resolved)
-        versions = await self._blocking(self.store.versions, name)
+        def read():  # the registry calls, on one trip to the loading threads
+            resolved = self.store.resolve(Reference.of(name, version or None))
+            return resolved, self.store.manifest(resolved), self.store.versions(name)
+
+        resolved, manifest, versions = await self._blocking(read)
         spec = manifest.task
         inputs = [{"name": TEXT, "datatype": "BYTES", "shape": [-1]}]
         if spec.text_pair_field:
