@@ -58,7 +58,7 @@ def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     first = cached_export(backbone)
-    assert first.parent.parent == onnx_cache
+    assert first.parent.parent == onnx_cache and first.name == "encoder-v2.onnx"
     stamp = first.stat().st_mtime_ns
     again = cached_export(load_backbone(str(tiny_checkpoints["bert"])))
     assert again == first and again.stat().st_mtime_ns == stamp

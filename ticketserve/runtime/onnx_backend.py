@@ -2,9 +2,10 @@
 
 The backbone is exported once (dynamic batch, sequence and rows axes) and cached on disk by
 fingerprint. Per matrix the graph takes each example's row indices (B, K), row deltas
-(B, K, out) and bias delta (B, out), plus head gates (B, L, H) and FFN gates (B, L): the
-`GraphInputs` that kinds with `in_graph` fill for a batch (row deltas, structure masks), so
-one session run serves a batch that mixes their tasks. Every other kind — one with an
+(B, K, out) and bias delta (B, out) and low-rank factors Aᵀ (B, in, R) and (s·B)ᵀ (B, R, out),
+plus head gates (B, L, H) and FFN gates (B, L): the `GraphInputs` that kinds with `in_graph`
+fill for a batch (row deltas, LoRA, structure masks), so one session run serves a batch that
+mixes their tasks. Every other kind — one with an
 encoder of its own, or per-task state the graph has no input for — runs on the torch path,
 explicitly, grouped as the torch runtime groups it.
 """
@@ -25,21 +26,24 @@ from ticketserve.core.gates import Gates, gating
 from ticketserve.core.routing import Routing
 from ticketserve.runtime.executor import LoadedTask, Runtime
 
-_ROWS: ContextVar[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = ContextVar("onnx_rows", default=None)
+_TASK_INPUTS: ContextVar[dict[str, tuple[torch.Tensor, ...]] | None] = ContextVar("onnx_task_inputs", default=None)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PER_MATRIX = ("rows", "delta", "bias", "lora_a", "lora_b")  # graph inputs of each dense matrix
+GRAPH_VERSION = 2  # bump when the exported graph's inputs change: it names the cached file
 
 
-class BatchRowLinear(nn.Module):
-    """y = x·W + b + x[..., idx_e]·D_e + d_e for each example e, all given as tensors."""
+class BatchTaskLinear(nn.Module):
+    """y = x·W + b + x[..., idx_e]·D_e + d_e + (x·Aᵀ_e)·(s·B)ᵀ_e for each example e, all given as tensors."""
 
     def __init__(self, base: nn.Linear, name: str):
         super().__init__()
         self.base, self.name = base, name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index, delta, bias = _ROWS.get()[self.name]
+        index, delta, bias, lora_a, lora_b = _TASK_INPUTS.get()[self.name]
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
-        return self.base(x) + torch.einsum("bsk,bko->bso", picked, delta) + bias.unsqueeze(1)
+        low_rank = torch.bmm(torch.bmm(x, lora_a), lora_b)
+        return self.base(x) + torch.einsum("bsk,bko->bso", picked, delta) + bias.unsqueeze(1) + low_rank
 
 
 class ExportableEncoder(nn.Module):
@@ -49,42 +53,47 @@ class ExportableEncoder(nn.Module):
         self.names = list(dense_matrices(self.encoder))
         for name, linear in dense_matrices(self.encoder).items():
             parent, _, child = name.rpartition(".")
-            self.encoder.get_submodule(parent).register_module(child, BatchRowLinear(linear, name))
+            self.encoder.get_submodule(parent).register_module(child, BatchTaskLinear(linear, name))
         gates.install(self.encoder)
 
-    def forward(self, input_ids, attention_mask, token_type_ids, head_gates, ffn_gates, *rows):
-        token = _ROWS.set({name: rows[3 * i:3 * i + 3] for i, name in enumerate(self.names)})
+    def forward(self, input_ids, attention_mask, token_type_ids, head_gates, ffn_gates, *per_matrix):
+        n = len(PER_MATRIX)
+        token = _TASK_INPUTS.set({name: per_matrix[n * i:n * i + n] for i, name in enumerate(self.names)})
         try:
             with gating(Gates(head_gates, ffn_gates)):
                 return self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                                     token_type_ids=token_type_ids).last_hidden_state
         finally:
-            _ROWS.reset(token)
+            _TASK_INPUTS.reset(token)
 
 
-def row_input_names(names: list[str]) -> list[str]:
-    return [f"{n}.{part}" for n in names for part in ("rows", "delta", "bias")]
+def matrix_input_names(names: list[str]) -> list[str]:
+    return [f"{n}.{part}" for n in names for part in PER_MATRIX]
 
 
 def export(backbone: Backbone, path: Path) -> Path:
     """Export the backbone to `path` (an .onnx file, weights in .onnx.data beside it)."""
     model = ExportableEncoder(backbone.model)
     config = backbone.config
-    batch, seq, k = 2, 7, 2
-    sizes = {n: m.base.out_features for n, m in dense_matrices(model.encoder).items()}
+    batch, seq, k, rank = 2, 7, 2, 3
+    linears = {n: m.base for n, m in dense_matrices(model.encoder).items()}
     example = [torch.randint(5, 100, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
                torch.zeros(batch, seq, dtype=torch.long),
                torch.ones(batch, config.num_hidden_layers, config.num_attention_heads),
                torch.ones(batch, config.num_hidden_layers)]
     for name in model.names:
-        out = sizes[name]
-        example += [torch.zeros(batch, k, dtype=torch.long), torch.zeros(batch, k, out), torch.zeros(batch, out)]
-    B, S, K = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("rows")
-    rows_dynamic = [shape for _ in model.names for shape in ({0: B, 1: K}, {0: B, 1: K}, {0: B})]
-    dynamic = [{0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, tuple(rows_dynamic)]  # *rows is one input
+        width, out = linears[name].in_features, linears[name].out_features
+        example += [torch.zeros(batch, k, dtype=torch.long), torch.zeros(batch, k, out), torch.zeros(batch, out),
+                    torch.zeros(batch, width, rank), torch.zeros(batch, rank, out)]
+    B, S = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    matrix_dynamic = []
+    for i in range(len(model.names)):  # row counts and ranks differ between matrices
+        K, R = torch.export.Dim(f"rows_{i}"), torch.export.Dim(f"rank_{i}")
+        matrix_dynamic += [{0: B, 1: K}, {0: B, 1: K}, {0: B}, {0: B, 2: R}, {0: B, 1: R}]
+    dynamic = [{0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, tuple(matrix_dynamic)]  # *per_matrix: one input
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, tuple(example), str(path), dynamo=True, external_data=True,
-                      input_names=[*INPUTS, "head_gates", "ffn_gates", *row_input_names(model.names)],
+                      input_names=[*INPUTS, "head_gates", "ffn_gates", *matrix_input_names(model.names)],
                       output_names=["last_hidden_state"], dynamic_shapes=tuple(dynamic))
     return path
 
@@ -95,12 +104,12 @@ def cached_export(backbone: Backbone, cache_dir: Path | None = None) -> Path:
     from platformdirs import user_cache_dir
 
     root = Path(cache_dir or Path(user_cache_dir("ticketserve")) / "onnx") / backbone.fingerprint.removeprefix("sha256:")
-    path = root / "encoder.onnx"
+    path = root / f"encoder-v{GRAPH_VERSION}.onnx"
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".export.lock")):
         if not path.exists():
             staging = root / f"staging-{id(backbone)}"
-            export(backbone, staging / "encoder.onnx")
+            export(backbone, staging / path.name)
             for produced in staging.iterdir():
                 produced.replace(root / produced.name)
             staging.rmdir()
@@ -122,7 +131,8 @@ class OnnxRuntime(Runtime):
             device is None and "CUDAExecutionProvider" in available) else []
         self.session = ort.InferenceSession(str(self.onnx_path),
                                             providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
-        self.widths = {name: layer.out_features for name, layer in dense_matrices(self.encoder).items()}
+        self.shapes = {name: (layer.in_features, layer.out_features)
+                       for name, layer in dense_matrices(self.encoder).items()}
 
     def group(self, task: LoadedTask) -> Hashable:
         """Tasks the graph can express share one session run; the rest run on torch."""
@@ -132,7 +142,7 @@ class OnnxRuntime(Runtime):
     def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
         if self.group(tasks[0])[0] == "torch":
             return super().hidden(tasks, inputs, routing)
-        feeds = Feeds(self.backbone.config, self.widths, inputs, len(routing.slots))
+        feeds = Feeds(self.backbone.config, self.shapes, inputs, len(routing.slots))
         for kind in {id(task.kind): task.kind for task in tasks}.values():
             kind.feed_graph(self.encoder, routing, feeds)
         (hidden,) = self.session.run(["last_hidden_state"], feeds.arrays())
@@ -140,14 +150,15 @@ class OnnxRuntime(Runtime):
 
 
 class Feeds:
-    """The graph inputs of one batch: neutral (zero rows, open gates) until kinds fill them."""
+    """The graph inputs of one batch: neutral (zero rows and factors, open gates) until kinds fill them."""
 
-    def __init__(self, config, widths: dict[str, int], inputs: dict[str, torch.Tensor], batch: int):
+    def __init__(self, config, shapes: dict[str, tuple[int, int]], inputs: dict[str, torch.Tensor], batch: int):
         self.tokens = {name: inputs.get(name, torch.zeros_like(inputs["input_ids"])) for name in INPUTS}
         self.heads = torch.ones(batch, config.num_hidden_layers, config.num_attention_heads)
         self.ffn = torch.ones(batch, config.num_hidden_layers)
-        self.batch, self.widths = batch, widths  # output width per matrix
+        self.batch, self.shapes = batch, shapes  # (in, out) per matrix
         self.rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_rows(self, matrix: str, index: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> None:
         index, delta, bias = index.cpu(), delta.cpu(), bias.cpu()
@@ -156,15 +167,23 @@ class Feeds:
             index, delta, bias = torch.cat([old_index, index], 1), torch.cat([old_delta, delta], 1), old_bias + bias
         self.rows[matrix] = (index, delta, bias)
 
+    def add_low_rank(self, matrix: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.cpu(), b.cpu()
+        if matrix in self.low_rank:  # ranks side by side: the products add up
+            old_a, old_b = self.low_rank[matrix]
+            a, b = torch.cat([old_a, a], 2), torch.cat([old_b, b], 1)
+        self.low_rank[matrix] = (a, b)
+
     def set_gates(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
         self.heads, self.ffn = heads.cpu(), ffn.cpu()
 
     def arrays(self) -> dict[str, np.ndarray]:
         feeds = {name: t.cpu().numpy() for name, t in self.tokens.items()}
         feeds["head_gates"], feeds["ffn_gates"] = self.heads.numpy(), self.ffn.numpy()
-        for name, width in self.widths.items():
+        for name, (width, out) in self.shapes.items():
             index, delta, bias = self.rows.get(name) or (torch.zeros(self.batch, 1, dtype=torch.long),
-                                                         torch.zeros(self.batch, 1, width), torch.zeros(self.batch, width))
-            feeds[f"{name}.rows"], feeds[f"{name}.delta"], feeds[f"{name}.bias"] = (
-                index.numpy(), delta.contiguous().numpy(), bias.contiguous().numpy())
+                                                         torch.zeros(self.batch, 1, out), torch.zeros(self.batch, out))
+            a, b = self.low_rank.get(name) or (torch.zeros(self.batch, width, 1), torch.zeros(self.batch, 1, out))
+            for part, tensor in zip(PER_MATRIX, (index, delta, bias, a, b)):
+                feeds[f"{name}.{part}"] = tensor.contiguous().numpy()
         return feeds

@@ -23,10 +23,13 @@ Tensors = dict[str, torch.Tensor]
 
 class GraphInputs(Protocol):
     """The per-example inputs of an exported shared-encoder graph, which kinds fill for a batch.
-    Examples a kind does not own get its neutral value (zero rows, open gates)."""
+    Examples a kind does not own get its neutral value (zero rows and factors, open gates)."""
 
     def add_rows(self, matrix: str, index: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor) -> None:
         """y += x[..., index_e]·delta_e + bias_e per example e: index (B, K), delta (B, K, out), bias (B, out)."""
+
+    def add_low_rank(self, matrix: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """y += (x·a_e)·b_e per example e: a (B, in, R), b (B, R, out)."""
 
     def set_gates(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
         """Per-example head gates (B, L, H) and FFN gates (B, L)."""

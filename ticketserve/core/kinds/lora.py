@@ -18,8 +18,8 @@ from torch import nn
 
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact
-from ticketserve.core.kinds.base import Kind, Tensors, register_kind
-from ticketserve.core.routing import DEFAULT_SLOT, current
+from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
+from ticketserve.core.routing import DEFAULT_SLOT, Routing, current
 
 SUFFIXES = (".lora_A", ".lora_B", ".scaling")
 
@@ -69,6 +69,16 @@ class LoraTable:
             table_a[row], table_b[row] = 0, 0
             self.free.append(row)
 
+    def rows_of(self, routing: Routing) -> list[int]:
+        """Each example's table row (0: no factors here)."""
+        return [self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list]
+
+    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's Aᵀ (B, in, R) and (s·B)ᵀ (B, R, out), zero for examples without factors."""
+        table_a, table_b = self.tensors
+        rows = torch.tensor(self.rows_of(routing), device=table_a.device)
+        return table_a[rows], table_b[rows]
+
     def add_into(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += s·(x·Aᵀ)·Bᵀ in place, each example with its own task's factors (none: nothing)."""
         routing = current()
@@ -80,7 +90,7 @@ class LoraTable:
                 low = x.reshape(-1, x.shape[-1]) @ table_a[row, :, :rank].to(x.dtype)
                 y.view(-1, y.shape[-1]).addmm_(low, table_b[row, :rank].to(x.dtype))
             return
-        rows = [self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list]
+        rows = self.rows_of(routing)
         mine = [i for i, row in enumerate(rows) if row]
         if not mine:
             return
@@ -129,6 +139,7 @@ def update(tensors: Tensors, name: str) -> torch.Tensor:
 @register_kind
 class LoraKind(Kind):
     name = "lora"
+    in_graph = True
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         dense = dense_matrices(encoder)
@@ -169,6 +180,11 @@ class LoraKind(Kind):
     def detach(self, encoder: nn.Module, slot: int) -> None:
         for table in install(encoder).values():
             table.drop(slot)
+
+    def feed_graph(self, encoder: nn.Module, routing: Routing, inputs: GraphInputs) -> None:
+        for name, table in install(encoder).items():
+            if table:
+                inputs.add_low_rank(name, *table.for_batch(routing))
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         return {f"{name}.weight": (encoder.get_submodule(name).weight.detach().float() + update(tensors, name))
