@@ -134,3 +134,26 @@ def test_export_then_import_gives_identical_outputs(source, tiny_checkpoints, tm
     inputs = runtime.tokenize(TEXTS)
     for got, want in zip(runtime.logits(["again"] * len(TEXTS), inputs), runtime.logits(["original"] * len(TEXTS), inputs)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_a_classifier_adapter_exports_as_a_stock_seq_cls_adapter(arch, tiny_checkpoints, tmp_path):
+    """Imported from stock PEFT, exported again: stock PEFT + transformers load it as a
+    sequence classifier (no ticketserve code) and give the original adapter's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ticketserve.formats.peft import HEAD_FILE, export_peft
+
+    checkpoint = tiny_checkpoints[arch]
+    saved = ["classifier", "pooler"] if arch == "bert" else ["classifier"]
+    original = stock_adapter(checkpoint, tmp_path / "stock", seed=5, modules_to_save=saved)
+    backbone, store = load_backbone(str(checkpoint)), open_store(str(tmp_path / "registry"))
+    artifact.publish(store, *read_peft(tmp_path / "stock", backbone, "imported", get_task("sst2")))
+    export_peft(artifact.load(store, "imported", backbone), backbone, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and not (tmp_path / "exported" / HEAD_FILE).exists()
+    torch.manual_seed(123)  # the stock classifier's fresh head is random: the adapter must replace all of it
+    base = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), num_labels=2)
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "exported").eval()
+    torch.testing.assert_close(stock_logits(reloaded, backbone, TEXTS), stock_logits(original, backbone, TEXTS),
+                               atol=1e-5, rtol=0)

@@ -24,6 +24,8 @@ NOT_RUN = {  # line prefix → why this test cannot run it here
     "ticketserve train --method full   --task mrpc": "GLUE from the hub: no network here",
     "make image-cuda": "a container build (tests/test_image.py runs the CPU image)",
     "ticketserve registry import ADAPTER_DIR": "needs your PEFT adapter (tests/test_peft_import.py imports stock ones)",
+    "ticketserve registry import CLASSIFIER_DIR": "needs your fine-tuned classifier (tests/test_hf_import.py imports "
+                                                  "stock ones, from a directory and through the hub cache)",
     "kubectl ": "needs a cluster (tests/test_deploy.py renders and validates the manifests)",
     "TICKETSERVE_REGISTRY=s3://BUCKET": "needs your bucket (tests/test_s3_store.py runs the S3 store on moto)",
 }

@@ -153,35 +153,39 @@ def registry_export(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
 
 
 @registry_app.command("import")
-def registry_import(source: Annotated[Path, typer.Argument(metavar="SOURCE", help="a bundle file, or with --format peft "
-                                                           "a PEFT LoRA adapter directory")],
-                    format: Annotated[str, typer.Option(help="bundle (written by `registry export`) | peft (a "
-                                                        "directory written by PeftModel.save_pretrained)")] = "bundle",
-                    task: Annotated[Optional[str], typer.Option(help="peft: the task the classifier serves "
+def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help="a bundle file; with --format peft or "
+                                                          "hf a directory or a Hugging Face hub id")],
+                    format: Annotated[str, typer.Option(help="bundle (written by `registry export`) | peft (a LoRA "
+                                                        "adapter written by PeftModel.save_pretrained) | hf (a "
+                                                        "fine-tuned *ForSequenceClassification checkpoint)")] = "bundle",
+                    task: Annotated[Optional[str], typer.Option(help="peft, hf: the task the classifier serves "
                                                                 "(sst2, mrpc, …)")] = None,
-                    name: Annotated[Optional[str], typer.Option(help="peft: the artifact name")] = None,
+                    name: Annotated[Optional[str], typer.Option(help="peft, hf: the artifact name")] = None,
                     backbone: BackboneOpt = None,
                     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags")] = None,
                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Publish a bundle written by `registry export` (every checksum checked), or a PEFT LoRA
-    adapter of a BERT/RoBERTa sequence classifier as a `lora` artifact."""
+    """Publish a bundle written by `registry export` (every checksum checked); a PEFT LoRA
+    adapter of a BERT/RoBERTa sequence classifier as a `lora` artifact; or a fine-tuned
+    Hugging Face sequence classifier as a `full` artifact."""
     store = store_at(registry)
     if format == "bundle":
-        if not source.is_file():
+        if not Path(source).is_file():
             raise InvalidArgument(f"no bundle file at {source}")
-        version = store.import_bundle(source, tuple(tag or ()))
-    elif format == "peft":
+        version = store.import_bundle(Path(source), tuple(tag or ()))
+    elif format in ("peft", "hf"):
         from ticketserve.core import artifact
         from ticketserve.core.backbone import load_backbone
         from ticketserve.core.tasks import get_task
+        from ticketserve.formats.hf_import import read_classifier
         from ticketserve.formats.peft_import import read_peft
 
         if task is None or name is None:
-            raise InvalidArgument("--format peft needs --task (what the classifier predicts) and --name")
-        manifest, tensors = read_peft(source, load_backbone(backbone, store), name, get_task(task))
+            raise InvalidArgument(f"--format {format} needs --task (what the classifier predicts) and --name")
+        read = read_peft if format == "peft" else read_classifier
+        manifest, tensors = read(source, load_backbone(backbone, store), name, get_task(task))
         version = artifact.publish(store, manifest, tensors, tuple(tag or ()))
     else:
-        raise InvalidArgument(f"unknown import format {format!r} (bundle, peft)")
+        raise InvalidArgument(f"unknown import format {format!r} (bundle, peft, hf)")
     emit(as_json, {"artifact": str(version), "digest": version.digest}, lambda: out.print(f"imported {version}"))
 
 

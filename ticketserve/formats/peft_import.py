@@ -1,5 +1,6 @@
 """Import a PEFT LoRA adapter for a BERT/RoBERTa sequence classifier (a directory written by
-`PeftModel.save_pretrained`) as a `lora` artifact, with the classifier as the task head.
+`PeftModel.save_pretrained`, or its hub id) as a `lora` artifact, with the classifier as the
+task head.
 
 What is read: `adapter_config.json` and `adapter_model.safetensors` — never a pickled
 `adapter_model.bin`. What is refused, because ticketserve could not reproduce stock PEFT's
@@ -8,9 +9,8 @@ dense matrices of the blocks (embeddings, LayerNorm, the pooler), a base model o
 backbone, and an adapter without its classifier (`modules_to_save=["classifier"]`) — unless
 `registry export --format peft` wrote it, with our head and manifest beside it.
 Scaling is PEFT's: lora_alpha / r (√r with rsLoRA), per module from rank_pattern/alpha_pattern.
-The heads: BERT's pooler (dense + tanh on the first token; the base checkpoint's weights
-unless the adapter saved its own) then `classifier`; RoBERTa's `classifier.dense` + tanh then
-`classifier.out_proj` — our head with `dense`, `cls` pooling.
+The heads are `classifier_head`'s; BERT's pooler comes from the base checkpoint unless the
+adapter saved its own.
 """
 
 from __future__ import annotations
@@ -27,17 +27,21 @@ from safetensors.torch import load_file
 from ticketserve.core.backbone import DEFAULT_BACKBONE, DEFAULT_HUB_ID, Backbone, dense_matrices
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.model import HEAD_PREFIX
+from ticketserve.formats.classifier_head import MODEL_PREFIXES, classifier_head, encoder_key, has_classifier
+from ticketserve.formats.hub import local_directory
 from ticketserve.formats.peft import HEAD_FILE, MANIFEST_FILE
-from ticketserve.registry import HeadConfig, Manifest, TaskSpec
+from ticketserve.registry import Manifest, TaskSpec
 
 PREFIX = "base_model.model."
-MODEL_PREFIXES = ("bert.", "roberta.")  # the encoder inside *ForSequenceClassification
+FILES = ["adapter_config.json", "adapter_model.safetensors", HEAD_FILE, MANIFEST_FILE]  # what a hub import fetches
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 
 
-def read_peft(directory: Path, backbone: Backbone, name: str, spec: TaskSpec) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """The manifest and tensors of a `lora` artifact equal to the adapter on this backbone."""
+def read_peft(source: str | Path, backbone: Backbone, name: str,
+              spec: TaskSpec) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """The manifest and tensors of a `lora` artifact equal to the adapter (a directory or a hub
+    id) on this backbone."""
+    directory = local_directory(str(source), FILES)
     config = _config(directory)
     _check_base(config, backbone, directory)
     state = _state(directory)
@@ -91,24 +95,20 @@ def _state(directory: Path) -> dict[str, torch.Tensor]:
         if (directory / "adapter_model.bin").exists():
             raise InvalidArgument("the adapter is a pickle (adapter_model.bin), which ticketserve never loads: "
                                   "save it again with PeftModel.save_pretrained(..., safe_serialization=True)")
-        raise NotFound(f"{directory} holds no adapter_model.safetensors")
+        raise NotFound(f"{directory} holds no adapter_model.safetensors (pickled adapters are never loaded)")
     try:
         state = load_file(path)
     except SafetensorError as exc:
         raise CorruptArtifact(f"{path}: not valid safetensors: {exc}") from None
-    found = {}
-    for key, tensor in state.items():
-        key = key.removeprefix(PREFIX)
-        for prefix in MODEL_PREFIXES:
-            key = key.removeprefix(prefix)
-        found[key] = tensor.float()
-    return found
+    return {encoder_key(key.removeprefix(PREFIX)): tensor.float() for key, tensor in state.items()}
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern applies when the module's name ends with it (as a regex)."""
+    """PEFT's rule: a pattern applies when the module's name ends with it (as a regex). PEFT
+    names the module inside the classifier (`bert.encoder…`); we name it in the encoder."""
+    names = [module] + [prefix + module for prefix in MODEL_PREFIXES]
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
             return value
     return default
 
@@ -141,41 +141,13 @@ def _factors(config: dict, state: dict[str, torch.Tensor], backbone: Backbone):
 def _head(state: dict[str, torch.Tensor], backbone: Backbone, spec: TaskSpec, directory: Path):
     """The classifier as our head (removing what it uses from `state`), or the head that
     `registry export --format peft` wrote beside an adapter of the bare encoder."""
-    config = backbone.config
-    if not any(key.startswith("classifier.") for key in state) and (directory / HEAD_FILE).is_file() \
-            and (directory / MANIFEST_FILE).is_file():
+    if has_classifier(state):
+        return classifier_head(state, backbone, spec)
+    if (directory / HEAD_FILE).is_file() and (directory / MANIFEST_FILE).is_file():
         exported = Manifest.model_validate_json((directory / MANIFEST_FILE).read_text())
         if exported.task.num_outputs != spec.num_outputs:
             raise InvalidArgument(f"the exported head has {exported.task.num_outputs} outputs; task {spec.name} has "
                                   f"{spec.num_outputs}")
         return load_file(directory / HEAD_FILE), exported.head
-    if "classifier.out_proj.weight" in state:  # RoBERTa: dense → tanh → out_proj on the first token
-        dense_weight, dense_bias = state.pop("classifier.dense.weight", None), state.pop("classifier.dense.bias", None)
-        weight, bias = state.pop("classifier.out_proj.weight", None), state.pop("classifier.out_proj.bias", None)
-    elif "classifier.weight" in state:  # BERT: the pooler (dense → tanh on the first token) → classifier
-        weight, bias = state.pop("classifier.weight", None), state.pop("classifier.bias", None)
-        dense_weight, dense_bias = state.pop("pooler.dense.weight", None), state.pop("pooler.dense.bias", None)
-        if dense_weight is None:
-            dense_weight, dense_bias = _base_pooler(backbone)
-    else:
-        raise InvalidArgument("the adapter brings no classifier: train it with modules_to_save=['classifier'] "
-                              "(PEFT does so for task_type='SEQ_CLS')")
-    if any(t is None for t in (weight, bias, dense_weight, dense_bias)):
-        raise CorruptArtifact("the adapter's classifier is incomplete")
-    if weight.shape[0] != spec.num_outputs:
-        raise InvalidArgument(f"the classifier has {weight.shape[0]} outputs; task {spec.name} has {spec.num_outputs}")
-    head = {HEAD_PREFIX + "weight": weight, HEAD_PREFIX + "bias": bias,
-            HEAD_PREFIX + "dense.weight": dense_weight, HEAD_PREFIX + "dense.bias": dense_bias}
-    dropout = getattr(config, "classifier_dropout", None) or config.hidden_dropout_prob
-    return {k: v.contiguous() for k, v in head.items()}, HeadConfig(pooling="cls", dense=True, dropout=dropout)
-
-
-def _base_pooler(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's pooler as the base checkpoint has it (the encoder is loaded without it)."""
-    for path in sorted(Path(backbone.source).glob("*.safetensors")) if Path(backbone.source).is_dir() else []:
-        state = load_file(path)
-        for prefix in ("", "bert."):
-            if f"{prefix}pooler.dense.weight" in state:
-                return state[f"{prefix}pooler.dense.weight"].float(), state[f"{prefix}pooler.dense.bias"].float()
-    raise InvalidArgument(f"backbone {backbone.name} has no pooler weights, so a stock BERT classifier on it starts "
-                          "from a random pooler: save the adapter with modules_to_save=['classifier', 'pooler']")
+    raise InvalidArgument("the adapter brings no classifier: train it with modules_to_save=['classifier'] "
+                          "(PEFT does so for task_type='SEQ_CLS')")
