@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketserve.cli.common import BackboneOpt, DataDirOpt, JsonOpt, RegistryOpt, emit, out, rpc, runtime_for
+from ticketserve.cli.common import BackboneOpt, DataDirOpt, DtypeOpt, JsonOpt, RegistryOpt, emit, out, rpc, runtime_for
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 
 commands = typer.Typer()
@@ -23,6 +23,7 @@ def evaluate_cmd(
     eval_samples: Optional[int] = None,
     seed: int = 42,
     backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "float32",
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -30,12 +31,12 @@ def evaluate_cmd(
     from ticketserve.core.data import load_split
     from ticketserve.runtime.evaluate import evaluate
 
-    runtime, task = runtime_for(artifact_ref, registry, backbone)
+    runtime, task = runtime_for(artifact_ref, registry, backbone, dtype)
     spec = task.spec
     dataset = load_split(spec, split or spec.eval_split, data_dir, eval_samples, seed)
     metrics = evaluate(runtime, task, dataset)
     result = {"artifact": str(task.version), "task": spec.name, "split": split or spec.eval_split,
-              "examples": len(dataset), "metrics": metrics}
+              "examples": len(dataset), "dtype": dtype, "metrics": metrics}
     emit(as_json, result, lambda: out.print(
         f"{result['artifact']} on {spec.name} ({result['split']}, {len(dataset)} examples): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), markup=False))
@@ -51,6 +52,7 @@ def predict(
     token: Annotated[Optional[str], typer.Option(envvar="TICKETSERVE_TOKEN", help="with --server: bearer token")] = None,
     tls_ca: Annotated[Optional[Path], typer.Option(help="with --server: CA certificate for TLS")] = None,
     backbone: BackboneOpt = None,
+    dtype: DtypeOpt = "float32",
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -67,7 +69,7 @@ def predict(
     else:
         if len(args) < 2:
             raise InvalidArgument("give an ARTIFACT and at least one text (or --server HOST:PORT --task NAME)")
-        runtime, loaded = runtime_for(args[0], registry, backbone)
+        runtime, loaded = runtime_for(args[0], registry, backbone, dtype)
         texts = args[1:]
         if loaded.spec.text_pair_field and not pair:
             raise InvalidArgument(f"task {loaded.spec.name} takes text pairs: give --pair once per text")
@@ -92,6 +94,7 @@ def serve(
     port: int = 50051,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available)")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx (ONNX Runtime; exported once per backbone, cached)")] = "torch",
+    dtype: DtypeOpt = "float32",
     cache_bytes: Annotated[int, typer.Option(help="resident task artifacts; LRU beyond")] = 1 << 30,
     preload: Annotated[Optional[list[str]], typer.Option(help="task (NAME[:VERSION]) to load at start; repeatable")] = None,
     watch_seconds: Annotated[float, typer.Option(help="registry poll interval for new versions and tag moves")] = 5.0,
@@ -129,7 +132,8 @@ def serve(
                           max_texts_per_request=max_texts_per_request, max_tokens_per_text=max_tokens_per_text,
                           max_text_bytes=max_text_bytes, truncate=truncate)
     run_server(ServeConfig(
-        host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, cache_bytes=cache_bytes,
+        host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, dtype=dtype,
+        cache_bytes=cache_bytes,
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
         tls_cert=tls_cert, tls_key=tls_key, http_port=http_port, metrics_port=metrics_port,

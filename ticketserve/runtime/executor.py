@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ticketserve.core.artifact import Artifact
-from ticketserve.core.backbone import Backbone
+from ticketserve.core.backbone import Backbone, in_precision
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.core.kinds import Kind, get_kind
 from ticketserve.core.model import TaskHead, encode
@@ -55,10 +55,12 @@ class Runtime:
     `LoadedTask` that `add` returned (the server's loader keeps the one map of resident tasks)
     and pass those objects back in."""
 
-    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256):
+    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
+                 dtype: torch.dtype = torch.float32):
         self.backbone = backbone
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.encoder = backbone.model.to(self.device).eval()
+        self.dtype = dtype  # of the shared encoder; task terms follow it, heads stay float32
+        self.encoder = in_precision(backbone.model, self.device, dtype).eval()
         self.max_length = max_length
         self._slots = itertools.count(1)
         self._lock = threading.Lock()
@@ -114,7 +116,8 @@ class Runtime:
                     by_task.setdefault(id(task), []).append(position)
                 for positions in by_task.values():
                     at = torch.tensor(positions, device=self.device)
-                    out = members[positions[0]].head(hidden.index_select(0, at), sub["attention_mask"].index_select(0, at))
+                    states = hidden.index_select(0, at).float()  # heads run in float32 whatever the encoder's dtype
+                    out = members[positions[0]].head(states, sub["attention_mask"].index_select(0, at))
                     for position, row in zip(positions, out):
                         outputs[rows[position]] = row
         return outputs  # type: ignore[return-value]

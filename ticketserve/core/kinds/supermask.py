@@ -28,6 +28,7 @@ from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 from torch import nn
 
+from ticketserve.core.backbone import master
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
 
@@ -203,7 +204,8 @@ class MaskedEncoder(nn.Module):
 
         def build() -> dict[str, torch.Tensor]:
             names = {n: f"{n}.weight" for n in masked_names(self.tensors)}
-            masks = decode_masks(self.tensors, {n: params[w] for n, w in names.items()}, cache_for(base).cuts)
+            exact = dict(master(base).named_parameters())  # references decode against the float32 weights
+            masks = decode_masks(self.tensors, {n: exact[w] for n, w in names.items()}, cache_for(base).cuts)
             return {w: params[w].detach() * masks[n].to(params[w].device, params[w].dtype) for n, w in names.items()}
 
         return cache_for(base).get(self.slot, build)

@@ -15,7 +15,8 @@ READY, AVAILABLE, ERRORED = "READY", "AVAILABLE", "ERRORED"
 def server_info(engine: Engine, registry_url: str, max_message_bytes: int) -> dict:
     backbone, config = engine.runtime.backbone, engine.config
     return {"version": __version__, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-            "model_type": backbone.config.model_type, "device": str(engine.runtime.device), "registry": registry_url,
+            "model_type": backbone.config.model_type, "device": str(engine.runtime.device),
+            "dtype": str(engine.runtime.dtype).removeprefix("torch."), "registry": registry_url,
             "limits": {"max_texts_per_request": config.max_texts_per_request, "max_tokens_per_text": engine.max_tokens,
                        "truncate": config.truncate, "max_batch_size": config.max_batch_size,
                        "max_batch_tokens": config.max_batch_tokens, "max_queue_size": config.max_queue_size,

@@ -118,6 +118,7 @@ class ServerInfo(BaseModel):
     fingerprint: str
     model_type: str
     device: str
+    dtype: str
     registry: str
     limits: Limits
 

@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field
 
-from ticketserve.core.backbone import load_backbone
+from ticketserve.core.backbone import dtype_named, load_backbone
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 from ticketserve.openinference import rpc as openinference_rpc
 from ticketserve.registry import open_store
@@ -60,6 +60,7 @@ class ServeConfig(BaseModel):
     backbone: str | None = None
     device: str | None = None
     backend: Literal["torch", "onnx"] = Field("torch", description="execution of the shared encoder")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="precision of the shared encoder")
     cache_bytes: int = Field(1 << 30, gt=0, description="resident task artifacts, least recently used evicted")
     preload: list[str] = Field(default_factory=list)
     watch_seconds: float = Field(5.0, gt=0, description="how often aliases are re-resolved in the registry")
@@ -106,9 +107,11 @@ class Server:
         self.store = open_store(config.registry)
         backbone = load_backbone(config.backbone, self.store)
         if config.backend == "onnx":
+            if config.dtype != "float32":
+                raise InvalidArgument("the ONNX backend runs the encoder in float32; --dtype needs --backend torch")
             self.runtime: Runtime = OnnxRuntime(backbone, device=config.device)
         else:
-            self.runtime = Runtime(backbone, device=config.device)
+            self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype))
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
         self.admission = Admission(config.engine.max_queue_size)

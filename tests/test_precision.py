@@ -1,0 +1,112 @@
+"""The shared encoder in reduced precision (`--dtype bfloat16|float16`): every kind's tasks,
+mixed in one batch, give the float32 engine's outputs within the precision's own error.
+
+The tolerance is measured, not assumed: a task's outputs in reduced precision may differ
+from float32 by at most 3× what the plain backbone's do (its mean-pooled output through the
+same head) plus 2e-3 — so a task term that lost precision beyond the dtype's own (a delta
+accumulated in the wrong type, a supermask decoded against rounded weights) fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import TEXTS, in_memory_artifact
+from tests.test_kinds import TASK_KINDS, _artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.kinds.supermask import MaskedEncoder, decode_masks, encode_masks, magnitude_mask
+from ticketserve.runtime.executor import Runtime
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(float((g - w).abs().max()) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_every_kind_mixed_in_reduced_precision_equals_float32_within_its_error(arch, dtype, tiny_checkpoints):
+    path = str(tiny_checkpoints[arch])
+    exact, reduced = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", dtype=dtype)
+    assert reduced.encoder.embeddings.word_embeddings.weight.dtype == dtype
+    assert reduced.backbone.model.embeddings.word_embeddings.weight.dtype == torch.float32  # the master stays exact
+    plain = in_memory_artifact(exact.backbone, "plain", {}, seed=0, kind="row_delta")
+    artifacts = [plain, *(_artifact(exact.backbone, kind, seed) for kind in TASK_KINDS for seed in (1, 2))]
+    names = [a.manifest.name for a in artifacts]
+    texts = (TEXTS * 4)[:len(artifacts)]
+    exact_tasks, reduced_tasks = [exact.add(a) for a in artifacts], [reduced.add(a) for a in artifacts]
+    want = exact.logits(exact_tasks, exact.tokenize(texts))
+    got = reduced.logits(reduced_tasks, reduced.tokenize(texts))
+    assert all(g.dtype == torch.float32 for g in got)
+    backbone_error = _error(reduced.logits(reduced_tasks[:1] * len(texts), reduced.tokenize(texts)),
+                            exact.logits(exact_tasks[:1] * len(texts), exact.tokenize(texts)))  # the plain task, every text
+    for name, g, w in zip(names, got, want):
+        assert _error([g], [w]) <= 3 * backbone_error + 2e-3, f"{name}: {_error([g], [w]):.2e} vs {backbone_error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_mixed_batch_equals_each_task_alone_in_reduced_precision(dtype, tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu", dtype=dtype)
+    tasks = [runtime.add(_artifact(tiny_backbone, kind, 1)) for kind in TASK_KINDS]
+    inputs = runtime.tokenize(TEXTS[:1] * len(tasks))  # one text: alone and mixed see the same padding
+    mixed = runtime.logits(tasks, inputs)
+    for task, row in zip(tasks, mixed):
+        alone = runtime.logits([task], runtime.tokenize(TEXTS[:1]))[0]
+        torch.testing.assert_close(row, alone, atol=1e-2, rtol=1.6e-2)  # two bfloat16 epsilons: batch shapes change GEMM rounding
+
+
+def test_supermask_references_decode_against_the_float32_weights(tiny_checkpoints):
+    """Relative masks name a magnitude cut of the float32 weights; bfloat16 rounding ties many
+    magnitudes, so decoding against the served weights would move weights across the cut."""
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    weights = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if n.endswith("query.weight")}
+    names = {n.removesuffix(".weight"): w for n, w in weights.items()}
+    dropped = {n: w.numel() // 2 for n, w in names.items()}
+    masks = {n: magnitude_mask(w, dropped[n]) for n, w in names.items()}
+    for mask in masks.values():
+        mask.view(-1)[:7] ^= True  # a few flips from the start, as training makes
+    tensors = encode_masks(masks, names, dropped)
+    assert any(k.endswith(".reference") for k in tensors)
+    rounded = {n: w.bfloat16() for n, w in names.items()}
+    assert any(not torch.equal(decode_masks(tensors, rounded)[n], masks[n]) for n in names), \
+        "rounding does not move the cut here: the test would not notice a decode against rounded weights"
+
+    runtime = Runtime(backbone, device="cpu", dtype=torch.bfloat16)
+    task = runtime.add(in_memory_artifact(backbone, "masked", tensors, seed=1, kind="supermask"))
+    assert isinstance(task.encoder, MaskedEncoder)
+    served = task.encoder.masked_weights()
+    params = dict(runtime.encoder.named_parameters())
+    for name, mask in masks.items():
+        expected = params[f"{name}.weight"].detach() * mask.to(torch.bfloat16)
+        assert torch.equal(served[f"{name}.weight"], expected), name
+
+
+
+def test_a_server_in_bfloat16_answers_what_the_bfloat16_runtime_does_and_says_so(tiny_checkpoints, tmp_path):
+    from tests.helpers import publish_row_task
+    from ticketserve.core import artifact
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.client import Client
+    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
+
+    path = str(tiny_checkpoints["bert"])
+    store = open_store(str(tmp_path / "registry"))
+    publish_row_task(store, load_backbone(path), "rows", 3)
+    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=path, dtype="bfloat16")) as server:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            assert client.server_info().dtype == "bfloat16"
+            served = client.predict("rows", TEXTS).predictions
+    runtime = Runtime(load_backbone(path), device="cpu", dtype=torch.bfloat16)
+    task = runtime.add(artifact.load(store, "rows", runtime.backbone))
+    for got, want in zip(served, runtime.predict([task] * len(TEXTS), TEXTS)):
+        assert got.label == want.label and abs(got.score - want.score) < 1e-2
+
+
+def test_the_onnx_backend_refuses_reduced_precision(tiny_checkpoints, tmp_path):
+    from ticketserve.core.errors import InvalidArgument
+    from ticketserve.runtime.server.main import ServeConfig, Server
+
+    with pytest.raises(InvalidArgument, match="float32"):
+        Server(ServeConfig(port=0, registry=str(tmp_path / "registry"), backbone=str(tiny_checkpoints["bert"]),
+                           backend="onnx", dtype="bfloat16"))
