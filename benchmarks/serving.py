@@ -30,6 +30,7 @@ import gc
 import json
 import multiprocessing
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -48,6 +49,8 @@ REPORT = HERE / "serving.md"
 SST2_DEV = HERE.parent / "ticketserve" / "core" / "samples" / "sst2" / "validation.jsonl"
 TASKS, BATCH, BATCHES = 100, 32, 12
 ROUNDS = 3
+DEVICE = torch.device("cpu")  # where the engine and precision parts run (--device)
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- synthetic artifacts of each kind --------------------------------------------------------
@@ -129,14 +132,20 @@ def publish(store, backbone, kind: str, names: list[str]) -> None:
 
 # -- engine throughput ----------------------------------------------------------------------
 
-def batches(tokenizer, texts: list[str], seed: int = 0, count: int = BATCHES) -> list[tuple[dict, list[int]]]:
+def batches(tokenizer, texts: list[str], seed: int = 0, count: int = BATCHES, size: int = BATCH) -> list[tuple[dict, list[int]]]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        sample = rng.sample(texts, BATCH)
-        out.append((tokenizer(sample, padding=True, truncation=True, max_length=128, return_tensors="pt"),
-                    [rng.randrange(TASKS) for _ in sample]))
+        sample = rng.sample(texts, size)
+        encoded = tokenizer(sample, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        out.append(({k: v.to(DEVICE) for k, v in encoded.items()}, [rng.randrange(TASKS) for _ in sample]))
     return out
+
+
+def sync() -> None:
+    """Wait for the device: CUDA runs asynchronously, and a pass is timed to its last result."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def rates(engines: dict, work: list) -> dict[str, float]:
@@ -154,6 +163,7 @@ def rates(engines: dict, work: list) -> dict[str, float]:
                 for inputs, tasks in work:
                     run(inputs, tasks)
                     done += len(tasks)
+                sync()
                 best[name] = max(best[name], done / (time.perf_counter() - started))
     return best
 
@@ -170,11 +180,12 @@ def groups(tasks: list[int]) -> dict[int, list[int]]:
 
 
 def subset(inputs: dict, rows: list[int]) -> dict:
-    index = torch.tensor(rows)
+    index = torch.tensor(rows, device=DEVICE)
     return {k: v.index_select(0, index) for k, v in inputs.items()}
 
 
-def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_bytes: int | None = None):
+def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_bytes: int | None = None,
+         dtype: torch.dtype = torch.float32):
     """A runtime on its own copy of the backbone serving `names`; returns its batch runner."""
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
@@ -182,21 +193,21 @@ def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_by
     from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone(backbone_spec)
-    runtime = (runtime_cls or Runtime)(backbone, device="cpu")
+    runtime = runtime_cls(backbone, device="cpu") if runtime_cls else Runtime(backbone, device=DEVICE, dtype=dtype)
     if mask_cache_bytes is not None:
         cache_for(runtime.encoder).max_bytes = mask_cache_bytes
     loaded = [runtime.add(artifact.load(store, name, backbone)) for name in names]
     return lambda inputs, tasks: runtime.logits([loaded[t % len(loaded)] for t in tasks], inputs)
 
 
-def peft_engines(backbone) -> dict:
+def peft_engines(backbone, dtype: torch.dtype = torch.float32) -> dict:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*\.(query|key|value|dense)$", lora_dropout=0.0)
     model = get_peft_model(copy.deepcopy(backbone.model), config, adapter_name="t0")
     for i in range(1, TASKS):
         model.add_adapter(f"t{i}", config)
-    model.eval()
+    model.to(DEVICE, dtype).eval()
 
     def mixed(inputs, tasks):
         model(**inputs, adapter_names=[f"t{t}" for t in tasks])
@@ -275,6 +286,53 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
     profile(backbone_spec, store, names["row_delta"], work, label)
     return [{"part": "engine", "backbone": label, "workload": k, "examples_per_s": v, "vs_plain": vs_plain[k]}
             for k, v in measured.items()]
+
+
+def precision_part(backbone_spec: str | None, label: str, texts: list[str], count: int = BATCHES, size: int = BATCH,
+                   dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> list[dict]:
+    """The workloads under each precision of the shared encoder, on DEVICE, against the float32
+    plain backbone of the same group: one group per precision (each with its float32 plain
+    passes interleaved), so a BERT-base-sized group fits in memory."""
+    from ticketserve.core.backbone import fresh_copy, load_backbone
+    from ticketserve.registry import open_store
+
+    backbone = load_backbone(backbone_spec)
+    store = open_store(tempfile.mkdtemp(prefix="ts-bench-"))
+    names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)]
+             for kind in ("row_delta", "structure_mask", "supermask", "lora")}
+    for kind, kind_names in names.items():
+        publish(store, backbone, kind, kind_names)
+    work = batches(backbone.tokenizer, texts, count=count, size=size)
+    plain32 = backbone.model.to(DEVICE)
+    records = []
+    for name in dtypes:
+        dtype = PRECISIONS[name]
+        one_mask = sum(p.numel() * dtype.itemsize for n, p in backbone.model.named_parameters()
+                       if n.endswith(".weight") and "layer." in n and "LayerNorm" not in n)
+        plain = fresh_copy(backbone.model).to(DEVICE, dtype)
+        engines = {"plain backbone, float32": lambda inputs, tasks: plain32(**inputs),
+                   f"plain backbone, {name}": lambda inputs, tasks, plain=plain: plain(**inputs),
+                   f"ours: 1 task (Dominant-1), {name}": ours(backbone_spec, store, names["row_delta"][:1], dtype=dtype),
+                   f"ours: 100 Dominant-1 mixed, {name}": ours(backbone_spec, store, names["row_delta"], dtype=dtype),
+                   f"ours: 100 structure masks mixed, {name}": ours(backbone_spec, store, names["structure_mask"],
+                                                                    dtype=dtype),
+                   f"ours: 100 LoRA r=8 mixed, {name}": ours(backbone_spec, store, names["lora"], dtype=dtype),
+                   f"ours: 100 supermasks, cache for 10, {name}": ours(backbone_spec, store, names["supermask"],
+                                                                       mask_cache_bytes=10 * one_mask, dtype=dtype),
+                   f"peft LoRA r=8 x100, adapter_names mixed, {name}":
+                       peft_engines(backbone, dtype)["peft LoRA r=8 x100, adapter_names mixed"]}
+        got = rates(engines, work)
+        for workload, value in got.items():
+            if workload != "plain backbone, float32" or name == dtypes[0]:
+                records.append({"part": "precision", "backbone": label, "batch": size,
+                                "dtype": name, "workload": workload, "examples_per_s": value,
+                                "vs_plain_float32": value / got["plain backbone, float32"]})
+                print(json.dumps(records[-1]), flush=True)
+        del engines, plain
+        gc.collect()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
 
 
 def profile(backbone_spec, store, names, work, label: str) -> None:
@@ -461,7 +519,7 @@ def doors_part(texts: list[str], seconds: float, clients: list[int], port: int) 
 
 
 def main() -> None:
-    global ROUNDS
+    global ROUNDS, DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="engine,load,doors")
     parser.add_argument("--seconds", type=float, default=15.0, help="per end-to-end measurement")
@@ -470,26 +528,44 @@ def main() -> None:
     parser.add_argument("--skip-bert-base", action="store_true")
     parser.add_argument("--bert-base-batches", type=int, default=3, help="batches per BERT-base measurement")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; each passes once per engine, in turn; the best pass counts")
+    parser.add_argument("--device", default="cpu", help="where the precision part runs: cpu, cuda, cuda:1 …")
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per batch in the precision part")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="precision part: encoder precisions")
+    parser.add_argument("--backbone", default=None, help="precision part: this checkpoint instead of MiniLM and "
+                                                         "the BERT-base-sized encoder")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where records are appended (the report is "
+                                                                      "written beside the default file only)")
     args = parser.parse_args()
     ROUNDS = args.rounds
+    DEVICE = torch.device(args.device)
     texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
     run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "rounds": args.rounds,
-           "device": "cuda" if torch.cuda.is_available() else "cpu"}
+           "rounds": args.rounds, "device": str(DEVICE),
+           "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or "cpu"}
     parts = args.parts.split(",")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
 
     def keep(records: list[dict]) -> None:  # each part's results are saved as soon as it ends
-        with RESULTS.open("a") as handle:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with args.results.open("a") as handle:
             for record in records:
                 handle.write(json.dumps(run | record) + "\n")
-        write_report()
+        write_report(args.results, REPORT if args.results == RESULTS else args.results.with_suffix(".md"))
 
     if "engine" in parts:
         PROFILE.unlink(missing_ok=True)
         keep(engine_part(None, "MiniLM-L6 (bundled)", texts))
         if not args.skip_bert_base:
             keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches))
+    if "precision" in parts:
+        dtypes = tuple(args.dtypes.split(","))
+        if args.backbone:
+            keep(precision_part(args.backbone, Path(args.backbone).name, texts, args.bert_base_batches, args.batch, dtypes))
+        else:
+            keep(precision_part(None, "MiniLM-L6 (bundled)", texts, BATCHES // 2, args.batch, dtypes))
+            if not args.skip_bert_base:
+                keep(precision_part(str(bert_base_like()), "BERT-base-sized (random)", texts, args.bert_base_batches,
+                                    args.batch, dtypes))
     if "load" in parts:
         keep(load_part(texts))
     if "doors" in parts:
@@ -510,14 +586,15 @@ def bert_base_like() -> Path:
     return path
 
 
-def write_report() -> None:
-    """benchmarks/serving.md from the newest run of each part (and backbone) in results/serving.jsonl."""
-    records = [json.loads(line) for line in RESULTS.read_text().splitlines()]
-    newest = {}  # per part, and per backbone where a part measures several (a run may skip BERT-base)
+def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
+    """The report (benchmarks/serving.md) from the newest run of each part (and backbone and
+    batch size) in the results (results/serving.jsonl)."""
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    newest = {}  # per part, and per backbone and batch where a part measures several (a run may skip BERT-base)
     for r in records:
-        key = (r["part"], r.get("backbone"))
+        key = (r["part"], r.get("backbone"), r.get("batch"))
         newest[key] = max(newest.get(key, ""), r["run"])
-    latest = [r for r in records if r["run"] == newest[(r["part"], r.get("backbone"))]]
+    latest = [r for r in records if r["run"] == newest[(r["part"], r.get("backbone"), r.get("batch"))]]
     lines = ["# Serving benchmark (generated by `benchmarks/serving.py`)", "",
              f"CPU machine: {latest[0]['cpu_count']} cores, {latest[0]['torch_threads']} torch threads; device "
              f"{latest[0]['device']}. Batches of {BATCH} SST-2 dev sentences; in mixed workloads every example's task is "
@@ -528,6 +605,14 @@ def write_report() -> None:
         lines += [f"## Engine throughput, {label} (run {run})", "", "| workload | examples/s | vs plain backbone |",
                   "|---|---|---|"]
         lines += [f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in engine if r["backbone"] == label]
+        lines.append("")
+    precision = [r for r in latest if r["part"] == "precision"]
+    for label, batch in dict.fromkeys((r["backbone"], r["batch"]) for r in precision):
+        rows = [r for r in precision if r["backbone"] == label and r["batch"] == batch]
+        lines += [f"## Precision of the shared encoder, {label}, batches of {batch}, {rows[0]['device']} "
+                  f"({rows[0].get('device_name', '')}; run {rows[0]['run']})", "",
+                  "| workload | examples/s | vs plain backbone, float32 |", "|---|---|---|"]
+        lines += [f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain_float32']:.3f} |" for r in rows]
         lines.append("")
     load = [r for r in latest if r["part"] == "load"]
     if load:
@@ -554,7 +639,8 @@ def write_report() -> None:
                   f"{r['p99_ms']:.1f} | {r['failures']} | {r['vs_in_process']:.3f} |" for r in door_rows]
         lines.append("")
     discussion = HERE / "serving_discussion.md"
-    REPORT.write_text("\n".join(lines) + "\n" + (discussion.read_text() if discussion.exists() else ""))
+    tail = discussion.read_text() if report == REPORT and discussion.exists() else ""
+    report.write_text("\n".join(lines) + "\n" + tail)
 
 
 if __name__ == "__main__":
