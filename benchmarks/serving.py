@@ -50,7 +50,8 @@ SST2_DEV = HERE.parent / "ticketserve" / "core" / "samples" / "sst2" / "validati
 TASKS, BATCH, BATCHES = 100, 32, 12
 ROUNDS = 3
 DEVICE = torch.device("cpu")  # where the engine and precision parts run (--device)
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"float32": (torch.float32, "none"), "bfloat16": (torch.bfloat16, "none"), "float16": (torch.float16, "none"),
+              "int8": (torch.float32, "int8")}  # name → the encoder's dtype and quantization
 
 
 # -- synthetic artifacts of each kind --------------------------------------------------------
@@ -185,7 +186,7 @@ def subset(inputs: dict, rows: list[int]) -> dict:
 
 
 def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_bytes: int | None = None,
-         dtype: torch.dtype = torch.float32):
+         dtype: torch.dtype = torch.float32, quantize: str = "none"):
     """A runtime on its own copy of the backbone serving `names`; returns its batch runner."""
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
@@ -193,7 +194,8 @@ def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_by
     from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone(backbone_spec)
-    runtime = runtime_cls(backbone, device="cpu") if runtime_cls else Runtime(backbone, device=DEVICE, dtype=dtype)
+    runtime = runtime_cls(backbone, device="cpu") if runtime_cls else Runtime(backbone, device=DEVICE, dtype=dtype,
+                                                                              quantize=quantize)
     if mask_cache_bytes is not None:
         cache_for(runtime.encoder).max_bytes = mask_cache_bytes
     loaded = [runtime.add(artifact.load(store, name, backbone)) for name in names]
@@ -289,11 +291,12 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
 
 
 def precision_part(backbone_spec: str | None, label: str, texts: list[str], count: int = BATCHES, size: int = BATCH,
-                   dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> list[dict]:
+                   dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8")) -> list[dict]:
     """The workloads under each precision of the shared encoder, on DEVICE, against the float32
     plain backbone of the same group: one group per precision (each with its float32 plain
     passes interleaved), so a BERT-base-sized group fits in memory."""
     from ticketserve.core.backbone import fresh_copy, load_backbone
+    from ticketserve.core.quantize import quantize_int8
     from ticketserve.registry import open_store
 
     backbone = load_backbone(backbone_spec)
@@ -306,21 +309,25 @@ def precision_part(backbone_spec: str | None, label: str, texts: list[str], coun
     plain32 = backbone.model.to(DEVICE)
     records = []
     for name in dtypes:
-        dtype = PRECISIONS[name]
+        dtype, quantize = PRECISIONS[name]
         one_mask = sum(p.numel() * dtype.itemsize for n, p in backbone.model.named_parameters()
                        if n.endswith(".weight") and "layer." in n and "LayerNorm" not in n)
         plain = fresh_copy(backbone.model).to(DEVICE, dtype)
+        if quantize == "int8":
+            quantize_int8(plain)
+        kw = {"dtype": dtype, "quantize": quantize}
         engines = {"plain backbone, float32": lambda inputs, tasks: plain32(**inputs),
                    f"plain backbone, {name}": lambda inputs, tasks, plain=plain: plain(**inputs),
-                   f"ours: 1 task (Dominant-1), {name}": ours(backbone_spec, store, names["row_delta"][:1], dtype=dtype),
-                   f"ours: 100 Dominant-1 mixed, {name}": ours(backbone_spec, store, names["row_delta"], dtype=dtype),
+                   f"ours: 1 task (Dominant-1), {name}": ours(backbone_spec, store, names["row_delta"][:1], **kw),
+                   f"ours: 100 Dominant-1 mixed, {name}": ours(backbone_spec, store, names["row_delta"], **kw),
                    f"ours: 100 structure masks mixed, {name}": ours(backbone_spec, store, names["structure_mask"],
-                                                                    dtype=dtype),
-                   f"ours: 100 LoRA r=8 mixed, {name}": ours(backbone_spec, store, names["lora"], dtype=dtype),
+                                                                    **kw),
+                   f"ours: 100 LoRA r=8 mixed, {name}": ours(backbone_spec, store, names["lora"], **kw),
                    f"ours: 100 supermasks, cache for 10, {name}": ours(backbone_spec, store, names["supermask"],
-                                                                       mask_cache_bytes=10 * one_mask, dtype=dtype),
-                   f"peft LoRA r=8 x100, adapter_names mixed, {name}":
-                       peft_engines(backbone, dtype)["peft LoRA r=8 x100, adapter_names mixed"]}
+                                                                       mask_cache_bytes=10 * one_mask, **kw)}
+        if quantize == "none":  # peft has no int8 path of its own here
+            engines[f"peft LoRA r=8 x100, adapter_names mixed, {name}"] = peft_engines(backbone, dtype)[
+                "peft LoRA r=8 x100, adapter_names mixed"]
         got = rates(engines, work)
         for workload, value in got.items():
             if workload != "plain backbone, float32" or name == dtypes[0]:
@@ -530,7 +537,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; each passes once per engine, in turn; the best pass counts")
     parser.add_argument("--device", default="cpu", help="where the precision part runs: cpu, cuda, cuda:1 …")
     parser.add_argument("--batch", type=int, default=BATCH, help="examples per batch in the precision part")
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="precision part: encoder precisions")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8", help="precision part: encoder precisions "
+                                                                        "(float32, bfloat16, float16, int8)")
     parser.add_argument("--backbone", default=None, help="precision part: this checkpoint instead of MiniLM and "
                                                          "the BERT-base-sized encoder")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where records are appended (the report is "
@@ -576,13 +584,13 @@ def bert_base_like() -> Path:
     """A BERT-base-sized encoder with random weights and the MiniLM tokenizer (speed only)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ticketserve.core.backbone import resolve_source
+    from ticketserve.core.backbone import tokenizer_source
 
     path = HERE / ".bert-base-random"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
         BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(path)
-        AutoTokenizer.from_pretrained(resolve_source(None)[1]).save_pretrained(path)
+        AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(path)
     return path
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from ticketserve.core.backbone import load_backbone, resolve_source
+from ticketserve.core.backbone import load_backbone, tokenizer_source
 from ticketserve.registry import open_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def write_tiny_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
     """A 2-layer random encoder with non-zero biases and the MiniLM tokenizer."""
     from transformers import AutoModel, AutoTokenizer, BertConfig, RobertaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_source(None)[1])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source())
     common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = (BertConfig(max_position_embeddings=128, **common) if arch == "bert"

@@ -59,7 +59,7 @@ class ToyShift(Kind):
             if routing is None or not any(s in shifts for s in routing.slot_list):
                 return None
             add = torch.stack([shifts.get(s, torch.zeros(output.shape[-1])) for s in routing.slot_list])
-            return output + add.unsqueeze(1).to(output.dtype)
+            return output + add.unsqueeze(1).to(output.device, output.dtype)
 
         return hook
 

@@ -21,7 +21,24 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    return max(float((g - w).abs().max()) for g, w in zip(got, want))
+    return max(float((g.cpu() - w.cpu()).abs().max()) for g, w in zip(got, want))
+
+
+def assert_within_precision(exact: Runtime, reduced: Runtime) -> None:
+    """Every kind's tasks (two each, and a plain one), mixed in one batch on `reduced`, give
+    `exact`'s outputs within 3× the plain task's own error + 2e-3."""
+    plain = in_memory_artifact(exact.backbone, "plain", {}, seed=0, kind="row_delta")
+    artifacts = [plain, *(_artifact(exact.backbone, kind, seed) for kind in TASK_KINDS for seed in (1, 2))]
+    texts = (TEXTS * 4)[:len(artifacts)]
+    exact_tasks, reduced_tasks = [exact.add(a) for a in artifacts], [reduced.add(a) for a in artifacts]
+    want = exact.logits(exact_tasks, exact.tokenize(texts))
+    got = reduced.logits(reduced_tasks, reduced.tokenize(texts))
+    assert all(g.dtype == torch.float32 for g in got)
+    backbone_error = _error(reduced.logits(reduced_tasks[:1] * len(texts), reduced.tokenize(texts)),
+                            exact.logits(exact_tasks[:1] * len(texts), exact.tokenize(texts)))  # the plain task, every text
+    for artifact, g, w in zip(artifacts, got, want):
+        error = _error([g], [w])
+        assert error <= 3 * backbone_error + 2e-3, f"{artifact.manifest.name}: {error:.2e} vs plain {backbone_error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -31,18 +48,7 @@ def test_every_kind_mixed_in_reduced_precision_equals_float32_within_its_error(a
     exact, reduced = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", dtype=dtype)
     assert reduced.encoder.embeddings.word_embeddings.weight.dtype == dtype
     assert reduced.backbone.model.embeddings.word_embeddings.weight.dtype == torch.float32  # the master stays exact
-    plain = in_memory_artifact(exact.backbone, "plain", {}, seed=0, kind="row_delta")
-    artifacts = [plain, *(_artifact(exact.backbone, kind, seed) for kind in TASK_KINDS for seed in (1, 2))]
-    names = [a.manifest.name for a in artifacts]
-    texts = (TEXTS * 4)[:len(artifacts)]
-    exact_tasks, reduced_tasks = [exact.add(a) for a in artifacts], [reduced.add(a) for a in artifacts]
-    want = exact.logits(exact_tasks, exact.tokenize(texts))
-    got = reduced.logits(reduced_tasks, reduced.tokenize(texts))
-    assert all(g.dtype == torch.float32 for g in got)
-    backbone_error = _error(reduced.logits(reduced_tasks[:1] * len(texts), reduced.tokenize(texts)),
-                            exact.logits(exact_tasks[:1] * len(texts), exact.tokenize(texts)))  # the plain task, every text
-    for name, g, w in zip(names, got, want):
-        assert _error([g], [w]) <= 3 * backbone_error + 2e-3, f"{name}: {_error([g], [w]):.2e} vs {backbone_error:.2e}"
+    assert_within_precision(exact, reduced)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,3 +116,71 @@ def test_the_onnx_backend_refuses_reduced_precision(tiny_checkpoints, tmp_path):
     with pytest.raises(InvalidArgument, match="float32"):
         Server(ServeConfig(port=0, registry=str(tmp_path / "registry"), backbone=str(tiny_checkpoints["bert"]),
                            backend="onnx", dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_on_an_int8_encoder_every_kind_mixed_equals_itself_alone_and_float32_within_5_percent(arch, tiny_checkpoints):
+    """Activations are quantized per token, so an example's output does not depend on its
+    batch-mates or their padding: mixed equals alone to float rounding. Against float32 the
+    error is int8's own (relative to the logits' size: tasks that move activations far, as
+    these random LoRA factors do, see larger absolute errors)."""
+    path = str(tiny_checkpoints[arch])
+    exact, quantized = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", quantize="int8")
+    artifacts = [_artifact(exact.backbone, kind, seed) for kind in TASK_KINDS for seed in (1, 2)]
+    texts = (TEXTS * 4)[:len(artifacts)]
+    tasks = [quantized.add(a) for a in artifacts]
+    mixed = quantized.logits(tasks, quantized.tokenize(texts))
+    want = exact.logits([exact.add(a) for a in artifacts], exact.tokenize(texts))
+    for artifact, task, text, row, w in zip(artifacts, tasks, texts, mixed, want):
+        alone = quantized.logits([task], quantized.tokenize([text]))[0]
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5, msg=artifact.manifest.name)
+        assert _error([row], [w]) <= 0.05 * float(w.abs().max()) + 2e-3, artifact.manifest.name
+
+
+def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
+    """Layer by layer, a task's output minus the plain output is exactly its own term, computed
+    from the unquantized activations: row deltas x[idx]·Δ + bias Δ, LoRA s·(x·Aᵀ)·Bᵀ."""
+    from ticketserve.core.backbone import dense_matrices
+    from ticketserve.core.kinds.lora import update
+    from ticketserve.core.kinds.row_delta import split_payload
+    from ticketserve.core.routing import Routing, route
+
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    runtime = Runtime(backbone, device="cpu", quantize="int8")
+    rows, lora = _artifact(backbone, "row_delta", 1), _artifact(backbone, "lora", 1)
+    rows_task, lora_task = runtime.add(rows), runtime.add(lora)
+    name = next(n for n in dense_matrices(runtime.encoder) if n.endswith("query") and f"{n}.index" in rows.tensors)
+    layer = dense_matrices(runtime.encoder)[name]
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.inference_mode():
+        with route(Routing.single(10_000, 3)):  # a slot no task holds: the shared int8 product alone
+            plain = layer(x)
+        with route(Routing([rows_task.slot, lora_task.slot, 10_000])):
+            mixed = layer(x)
+    assert not torch.allclose(plain, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4), \
+        "the shared product is not int8 here: this test would prove nothing"
+    index, delta, bias = split_payload(rows.tensors[f"{name}.index"], rows.tensors[f"{name}.delta"], layer.in_features)
+    row_term = x[0][:, index] @ delta + (0 if bias is None else bias)
+    lora_term = x[1] @ update(lora.tensors, name).T
+    torch.testing.assert_close(mixed[0] - plain[0], row_term, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1] - plain[1], lora_term, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], plain[2], atol=0, rtol=0)
+
+
+def test_supermask_tasks_on_an_int8_encoder_run_their_masked_weights_in_float32(tiny_checkpoints):
+    path = str(tiny_checkpoints["roberta"])
+    exact, quantized = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", quantize="int8")
+    masked = _artifact(exact.backbone, "supermask", 1)
+    want = exact.logits([exact.add(masked)] * 3, exact.tokenize(TEXTS[:3]))
+    got = quantized.logits([quantized.add(masked)] * 3, quantized.tokenize(TEXTS[:3]))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_int8_is_refused_where_it_cannot_run(tiny_checkpoints):
+    from ticketserve.core.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="float32"):
+        Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu", dtype=torch.bfloat16, quantize="int8")
+    with pytest.raises(InvalidArgument, match="unknown quantization"):
+        Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu", quantize="int4")

@@ -20,6 +20,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON"
 BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="BERT/RoBERTa hub id or path; default: bundled MiniLM (for eval/predict: the artifact's)")]
 DtypeOpt = Annotated[str, typer.Option(help="precision of the shared encoder: float32 | bfloat16 | float16 "
                                           "(task terms follow it; heads run in float32)")]
+QuantizeOpt = Annotated[str, typer.Option(help="none | int8: the shared dense products in int8 on the CPU (task "
+                                              "terms stay exact; needs --dtype float32)")]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="directory with <split>.jsonl/.csv/.tsv, or 'sample' for the bundled sample")]
 
 
@@ -47,14 +49,15 @@ def artifact_for(ref: str, registry: str | None, backbone: str | None):
     return loaded_backbone, artifact.load(store, version, loaded_backbone)
 
 
-def runtime_for(ref: str, registry: str | None, backbone: str | None, dtype: str = "float32"):
-    """A runtime on the artifact's backbone (or the one given), in `dtype`, serving the artifact."""
+def runtime_for(ref: str, registry: str | None, backbone: str | None, dtype: str = "float32", quantize: str = "none"):
+    """A runtime on the artifact's backbone (or the one given), in `dtype` (and `quantize`),
+    serving the artifact."""
     from ticketserve.core.backbone import dtype_named
     from ticketserve.runtime.executor import Runtime
 
     precision = dtype_named(dtype)  # a typo fails before the backbone loads
     loaded_backbone, found = artifact_for(ref, registry, backbone)
-    runtime = Runtime(loaded_backbone, dtype=precision)
+    runtime = Runtime(loaded_backbone, dtype=precision, quantize=quantize)
     return runtime, runtime.add(found)
 
 

@@ -9,7 +9,18 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketserve.cli.common import BackboneOpt, DataDirOpt, DtypeOpt, JsonOpt, RegistryOpt, emit, out, rpc, runtime_for
+from ticketserve.cli.common import (
+    BackboneOpt,
+    DataDirOpt,
+    DtypeOpt,
+    JsonOpt,
+    QuantizeOpt,
+    RegistryOpt,
+    emit,
+    out,
+    rpc,
+    runtime_for,
+)
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 
 commands = typer.Typer()
@@ -24,6 +35,7 @@ def evaluate_cmd(
     seed: int = 42,
     backbone: BackboneOpt = None,
     dtype: DtypeOpt = "float32",
+    quantize: QuantizeOpt = "none",
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -31,12 +43,12 @@ def evaluate_cmd(
     from ticketserve.core.data import load_split
     from ticketserve.runtime.evaluate import evaluate
 
-    runtime, task = runtime_for(artifact_ref, registry, backbone, dtype)
+    runtime, task = runtime_for(artifact_ref, registry, backbone, dtype, quantize)
     spec = task.spec
     dataset = load_split(spec, split or spec.eval_split, data_dir, eval_samples, seed)
     metrics = evaluate(runtime, task, dataset)
     result = {"artifact": str(task.version), "task": spec.name, "split": split or spec.eval_split,
-              "examples": len(dataset), "dtype": dtype, "metrics": metrics}
+              "examples": len(dataset), "dtype": dtype, "quantize": quantize, "metrics": metrics}
     emit(as_json, result, lambda: out.print(
         f"{result['artifact']} on {spec.name} ({result['split']}, {len(dataset)} examples): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), markup=False))
@@ -53,6 +65,7 @@ def predict(
     tls_ca: Annotated[Optional[Path], typer.Option(help="with --server: CA certificate for TLS")] = None,
     backbone: BackboneOpt = None,
     dtype: DtypeOpt = "float32",
+    quantize: QuantizeOpt = "none",
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -69,7 +82,7 @@ def predict(
     else:
         if len(args) < 2:
             raise InvalidArgument("give an ARTIFACT and at least one text (or --server HOST:PORT --task NAME)")
-        runtime, loaded = runtime_for(args[0], registry, backbone, dtype)
+        runtime, loaded = runtime_for(args[0], registry, backbone, dtype, quantize)
         texts = args[1:]
         if loaded.spec.text_pair_field and not pair:
             raise InvalidArgument(f"task {loaded.spec.name} takes text pairs: give --pair once per text")
@@ -95,6 +108,7 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available)")] = None,
     backend: Annotated[str, typer.Option(help="torch | onnx (ONNX Runtime; exported once per backbone, cached)")] = "torch",
     dtype: DtypeOpt = "float32",
+    quantize: QuantizeOpt = "none",
     cache_bytes: Annotated[int, typer.Option(help="resident task artifacts; LRU beyond")] = 1 << 30,
     preload: Annotated[Optional[list[str]], typer.Option(help="task (NAME[:VERSION]) to load at start; repeatable")] = None,
     watch_seconds: Annotated[float, typer.Option(help="registry poll interval for new versions and tag moves")] = 5.0,
@@ -133,7 +147,7 @@ def serve(
                           max_text_bytes=max_text_bytes, truncate=truncate)
     run_server(ServeConfig(
         host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, dtype=dtype,
-        cache_bytes=cache_bytes,
+        quantize=quantize, cache_bytes=cache_bytes,
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
         tls_cert=tls_cert, tls_key=tls_key, http_port=http_port, metrics_port=metrics_port,

@@ -79,6 +79,13 @@ def resolve_source(spec: str | None, store=None) -> tuple[str, str]:
     return spec, spec
 
 
+def tokenizer_source() -> str:
+    """The bundled MiniLM's tokenizer, for random-weight encoders (tests, speed benchmarks);
+    TICKETSERVE_TOKENIZER names a directory holding it where the package is not installed
+    (the GPU check's machine: `make gpu-bundle` writes one)."""
+    return os.environ.get("TICKETSERVE_TOKENIZER") or resolve_source(None)[1]
+
+
 def unpack_registry_backbone(ref: str, store=None) -> tuple[str, str]:
     """Write a `backbone` registry entry out as a checkpoint directory (keyed by its digest,
     written atomically) and return (registry:NAME:VERSION, directory)."""

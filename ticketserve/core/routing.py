@@ -16,23 +16,25 @@ import torch
 
 @dataclass
 class Routing:
-    """Per-example slots of one batch, with the per-slot row segments computed once."""
+    """Per-example slots of one batch, with the per-slot row segments computed once. Built
+    from a host list, so nothing on the request path waits for the device to read it back."""
 
-    slots: torch.Tensor  # (batch,) int64
+    slot_list: list[int]
+    device: torch.device | str | None = None
+    slots: torch.Tensor = field(init=False)  # (batch,) int64, on `device`
     segments: list[tuple[int, torch.Tensor]] = field(init=False)
     uniform: int | None = field(init=False)
 
-    slot_list: list[int] = field(init=False)
-
     def __post_init__(self) -> None:
-        self.slot_list = self.slots.tolist()
+        self.slots = torch.tensor(self.slot_list, dtype=torch.long, device=self.device)
         present = sorted(set(self.slot_list))
         self.uniform = present[0] if len(present) == 1 else None
-        self.segments = [(s, (self.slots == s).nonzero().squeeze(1)) for s in present]
+        self.segments = [(s, torch.tensor([i for i, x in enumerate(self.slot_list) if x == s], device=self.device))
+                         for s in present]
 
     @classmethod
     def single(cls, slot: int, batch_size: int, device=None) -> Routing:
-        return cls(torch.full((batch_size,), slot, dtype=torch.long, device=device))
+        return cls([slot] * batch_size, device)
 
 
 DEFAULT_SLOT = 0  # used when no routing is set: the slot a trainer trains in

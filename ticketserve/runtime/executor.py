@@ -20,6 +20,7 @@ from ticketserve.core.backbone import Backbone, in_precision
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.core.kinds import Kind, get_kind
 from ticketserve.core.model import TaskHead, encode
+from ticketserve.core.quantize import QUANTIZATIONS, quantize_int8
 from ticketserve.core.routing import Routing, route
 from ticketserve.registry import ArtifactVersion
 from ticketserve.registry.manifest import Manifest, TaskSpec
@@ -56,11 +57,16 @@ class Runtime:
     and pass those objects back in."""
 
     def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, quantize: str = "none"):
         self.backbone = backbone
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype  # of the shared encoder; task terms follow it, heads stay float32
+        self.quantize = quantize  # "int8": the shared dense products in int8 (CPU), task terms exact
         self.encoder = in_precision(backbone.model, self.device, dtype).eval()
+        if quantize not in QUANTIZATIONS:
+            raise InvalidArgument(f"unknown quantization {quantize!r} (one of: {', '.join(QUANTIZATIONS)})")
+        if quantize == "int8":
+            quantize_int8(self.encoder)
         self.max_length = max_length
         self._slots = itertools.count(1)
         self._lock = threading.Lock()
@@ -110,7 +116,7 @@ class Runtime:
                 index = torch.tensor(rows, device=self.device)
                 sub = {k: v.index_select(0, index) for k, v in inputs.items()}
                 members = [tasks[i] for i in rows]
-                hidden = self.hidden(members, sub, Routing(torch.tensor([t.slot for t in members], device=self.device)))
+                hidden = self.hidden(members, sub, Routing([t.slot for t in members], self.device))
                 by_task: dict[int, list[int]] = {}
                 for position, task in enumerate(members):
                     by_task.setdefault(id(task), []).append(position)

@@ -12,6 +12,7 @@ explicitly, grouped as the torch runtime groups it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable
 from contextvars import ContextVar
 from pathlib import Path
@@ -92,9 +93,11 @@ def export(backbone: Backbone, path: Path) -> Path:
         matrix_dynamic += [{0: B, 1: K}, {0: B, 1: K}, {0: B}, {0: B, 2: R}, {0: B, 1: R}]
     dynamic = [{0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B}, {0: B}, tuple(matrix_dynamic)]  # *per_matrix: one input
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, tuple(example), str(path), dynamo=True, external_data=True,
-                      input_names=[*INPUTS, "head_gates", "ffn_gates", *matrix_input_names(model.names)],
-                      output_names=["last_hidden_state"], dynamic_shapes=tuple(dynamic))
+    with warnings.catch_warnings():  # one per dynamic axis that two inputs share: expected, not news
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used")
+        torch.onnx.export(model, tuple(example), str(path), dynamo=True, external_data=True,
+                          input_names=[*INPUTS, "head_gates", "ffn_gates", *matrix_input_names(model.names)],
+                          output_names=["last_hidden_state"], dynamic_shapes=tuple(dynamic))
     return path
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
+from ticketserve.core.quantize import linear as shared_linear
 from ticketserve.core.routing import DEFAULT_SLOT, Routing, current
 
 
@@ -133,7 +134,7 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     accumulate into its output in place (no full-size temporaries or adds)."""
     if bias_delta is not None:
         bias = bias_delta.to(x.dtype) if bias is None else bias + bias_delta.to(x.dtype)
-    y = nn.functional.linear(x, weight, bias)
+    y = shared_linear(x, weight, bias)
     if in_delta is not None:
         picked = x.index_select(-1, in_index)
         y.view(-1, y.shape[-1]).addmm_(picked.reshape(-1, picked.shape[-1]), in_delta.to(x.dtype))
@@ -183,11 +184,13 @@ class RowDeltaLinear(nn.Linear):
         if uniform is not None or not self.table:  # one task (or training): its own rows only
             if str(uniform) in self.trainable:
                 return self.trainable[str(uniform)].linear(x, self.weight, self.bias)
-            return self.table.linear(uniform, x, self.weight, self.bias) if uniform in self.table.slots else super().forward(x)
+            if uniform in self.table.slots:
+                return self.table.linear(uniform, x, self.weight, self.bias)
+            return shared_linear(x, self.weight, self.bias)
         index, delta = self.table.for_batch(routing)
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
         picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
-        y = super().forward(x)
+        y = shared_linear(x, self.weight, self.bias)
         return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
 
 

@@ -119,6 +119,7 @@ class ServerInfo(BaseModel):
     model_type: str
     device: str
     dtype: str
+    quantize: str
     registry: str
     limits: Limits
 

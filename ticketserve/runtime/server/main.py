@@ -61,6 +61,7 @@ class ServeConfig(BaseModel):
     device: str | None = None
     backend: Literal["torch", "onnx"] = Field("torch", description="execution of the shared encoder")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="precision of the shared encoder")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: the shared dense products in int8 (CPU)")
     cache_bytes: int = Field(1 << 30, gt=0, description="resident task artifacts, least recently used evicted")
     preload: list[str] = Field(default_factory=list)
     watch_seconds: float = Field(5.0, gt=0, description="how often aliases are re-resolved in the registry")
@@ -107,11 +108,13 @@ class Server:
         self.store = open_store(config.registry)
         backbone = load_backbone(config.backbone, self.store)
         if config.backend == "onnx":
-            if config.dtype != "float32":
-                raise InvalidArgument("the ONNX backend runs the encoder in float32; --dtype needs --backend torch")
+            if config.dtype != "float32" or config.quantize != "none":
+                raise InvalidArgument("the ONNX backend runs the encoder in float32: --dtype and --quantize need "
+                                      "--backend torch")
             self.runtime: Runtime = OnnxRuntime(backbone, device=config.device)
         else:
-            self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype))
+            self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype),
+                                   quantize=config.quantize)
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
         self.admission = Admission(config.engine.max_queue_size)

@@ -1,0 +1,121 @@
+"""Quality under reduced precision: every task artifact of a study registry (the quality
+studies write to benchmarks/.registry), evaluated on its task's GLUE dev split with the
+shared encoder in float32, bfloat16, float16 or int8 — the path `ticketserve eval --dtype /
+--quantize` and `serve` take. Resumable: one record per (artifact digest, dtype) in
+results/precision.jsonl; the report benchmarks/precision.md gives, per task and method, the
+float32 metric and the change under each precision (target: |mean change| ≤ 0.5 points).
+
+    python benchmarks/precision.py [--registry benchmarks/.registry] [--dtypes float32,bfloat16,int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "precision.jsonl"
+REPORT = HERE / "precision.md"
+DATA_ROOT = HERE.parent.parent / "shared" / "data" / "glue"
+MODES = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "float16": ("float16", "none"),
+         "int8": ("float32", "int8")}  # a precision's name → the encoder's dtype and quantization
+
+
+def task_versions(store, pattern: str) -> list:
+    """The latest version of every task artifact whose name matches `pattern`."""
+    from ticketserve.core.kinds import get_kind
+
+    found = []
+    for name in sorted(fnmatch.filter(store.names(), pattern)):
+        version = store.resolve(name)
+        manifest = store.manifest(version)
+        if get_kind(manifest.kind).is_task:
+            found.append((version, manifest))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", default=str(HERE / ".registry"))
+    parser.add_argument("--names", default="*", help="artifact names to evaluate (a glob)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"of: {', '.join(MODES)}")
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    args = parser.parse_args()
+
+    import torch
+
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import dtype_named, load_backbone
+    from ticketserve.core.data import load_split
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.evaluate import evaluate
+    from ticketserve.runtime.executor import Runtime
+
+    store = open_store(args.registry)
+    done = {(r["digest"], r["dtype"]) for r in map(json.loads, RESULTS.read_text().splitlines())} \
+        if RESULTS.exists() else set()
+    targets = task_versions(store, args.names)
+    print(f"{len(targets)} task artifacts in {args.registry}", flush=True)
+    for dtype in args.dtypes.split(","):
+        todo = [(v, m) for v, m in targets if (v.digest, dtype) not in done]
+        runtimes: dict[str, Runtime] = {}
+        for version, manifest in todo:
+            backbone_name = manifest.backbone.name
+            if backbone_name not in runtimes:
+                encoder_dtype, quantize = MODES[dtype]
+                runtimes[backbone_name] = Runtime(load_backbone(backbone_name), device="cpu",
+                                                  dtype=dtype_named(encoder_dtype), quantize=quantize)
+            runtime = runtimes[backbone_name]
+            task = runtime.add(artifact.load(store, version, runtime.backbone))
+            spec = manifest.task
+            dataset = load_split(spec, spec.eval_split, args.data_root / spec.name)
+            started = time.perf_counter()
+            metrics = evaluate(runtime, task, dataset)
+            runtime.remove(task)
+            record = {"study": "precision-v1", "artifact": str(version), "digest": version.digest, "name": manifest.name,
+                      "kind": manifest.kind, "method": manifest.method, "task": spec.name, "dtype": dtype,
+                      "metric_name": spec.metric, "metric": metrics[spec.metric], "examples": len(dataset),
+                      "seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with RESULTS.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+    write_report()
+
+
+def write_report() -> None:
+    records = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    by_digest: dict[str, dict[str, dict]] = {}
+    for r in records:
+        by_digest.setdefault(r["digest"], {})[r["dtype"]] = r
+    groups: dict[tuple[str, str], list[dict[str, dict]]] = {}
+    for per_dtype in by_digest.values():
+        if "float32" in per_dtype:
+            first = per_dtype["float32"]
+            groups.setdefault((first["task"], first["method"]), []).append(per_dtype)
+    dtypes = [d for d in ("bfloat16", "float16", "int8") if any(d in g for gs in groups.values() for g in gs)]
+    lines = ["# Quality under reduced precision (generated by `benchmarks/precision.py`)", "",
+             "Each task artifact of the study registry evaluated on its task's full GLUE dev split with the shared "
+             "encoder in each precision (task terms in the activations' precision, heads in float32). Change = metric "
+             "in that precision − float32, in points (×100), mean over the artifacts (seeds, rates) of the row; "
+             "worst = the largest |change| of one artifact.", "",
+             "| task | method | artifacts | metric, float32 | " + " | ".join(f"{d}: mean change | {d}: worst"
+                                                                       for d in dtypes) + " |",
+             "|---|---|---|---|" + "---|---|" * len(dtypes)]
+    for (task, method), members in sorted(groups.items()):
+        cells = [task, method, str(len(members)),
+                 f"{statistics.mean(m['float32']['metric'] for m in members):.4f} ({members[0]['float32']['metric_name']})"]
+        for dtype in dtypes:
+            changes = [100 * (m[dtype]["metric"] - m["float32"]["metric"]) for m in members if dtype in m]
+            cells += [f"{statistics.mean(changes):+.2f}", f"{max(changes, key=abs):+.2f}"] if changes else ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    discussion = HERE / "precision_discussion.md"
+    REPORT.write_text("\n".join(lines) + "\n\n" + (discussion.read_text() if discussion.exists() else ""))
+
+
+if __name__ == "__main__":
+    main()

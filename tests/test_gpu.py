@@ -1,0 +1,79 @@
+"""The GPU path, marked `gpu` (skipped without CUDA; `make gpu-check` runs it on a GPU machine):
+every kind on the device equals the CPU engine — float32 to 1e-4, bfloat16 within the
+precision budget of tests/test_precision.py — in mixed batches; the server on the device;
+and no host synchronisation in a mixed batch's forward (CUDA's sync debug mode raises on one).
+
+TICKETSERVE_GPU_TEST_DEVICE=cpu runs the same code on the CPU: the dry run that keeps the
+check from failing on a GPU machine for a typo (tests/test_gpu_check.py does it)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import TEXTS, publish_row_task
+from tests.test_kinds import TASK_KINDS, _artifact
+from tests.test_precision import assert_within_precision
+from ticketserve.core import artifact
+from ticketserve.core.backbone import load_backbone
+from ticketserve.registry import open_store
+from ticketserve.runtime.executor import Runtime
+
+DEVICE = os.environ.get("TICKETSERVE_GPU_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_every_kind_mixed_on_the_device_equals_the_cpu_in_float32(arch, tiny_checkpoints):
+    path = str(tiny_checkpoints[arch])
+    cpu, device = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device=DEVICE)
+    artifacts = [_artifact(cpu.backbone, kind, seed) for kind in TASK_KINDS for seed in (1, 2)]
+    texts = (TEXTS * 4)[:len(artifacts)]
+    want = cpu.logits([cpu.add(a) for a in artifacts], cpu.tokenize(texts))
+    got = device.logits([device.add(a) for a in artifacts], device.tokenize(texts))
+    for a, g, w in zip(artifacts, got, want):
+        assert g.device.type == torch.device(DEVICE).type
+        torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=0, msg=a.manifest.name)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_every_kind_mixed_on_the_device_in_bfloat16_is_within_its_precision(arch, tiny_checkpoints):
+    path = str(tiny_checkpoints[arch])
+    assert_within_precision(Runtime(load_backbone(path), device="cpu"),
+                            Runtime(load_backbone(path), device=DEVICE, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="the sync debug mode is CUDA's")
+def test_a_mixed_batch_forward_never_waits_for_the_host(tiny_checkpoints):
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    runtime = Runtime(backbone, device=DEVICE)
+    tasks = [runtime.add(_artifact(backbone, kind, seed)) for kind in ("row_delta", "lora", "structure_mask")
+             for seed in (1, 2)]
+    inputs = runtime.tokenize(TEXTS[:len(tasks)])
+    runtime.logits(tasks, inputs)  # tables and gate caches built
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runtime.logits(tasks, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_server_on_the_device_answers_what_the_runtime_does(tiny_checkpoints, tmp_path):
+    from ticketserve.runtime.client import Client
+    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
+
+    path = str(tiny_checkpoints["roberta"])
+    store = open_store(str(tmp_path / "registry"))
+    publish_row_task(store, load_backbone(path), "rows", 3)
+    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=path, device=DEVICE)) as server:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            assert client.server_info().device.startswith(torch.device(DEVICE).type)
+            served = client.predict("rows", TEXTS).predictions
+    runtime = Runtime(load_backbone(path), device="cpu")
+    task = runtime.add(artifact.load(store, "rows", runtime.backbone))
+    for got, want in zip(served, runtime.predict([task] * len(TEXTS), TEXTS)):
+        assert got.label == want.label and abs(got.score - want.score) < 1e-4
