@@ -245,7 +245,8 @@ def full_copies(backbone, resident: int = 10):
     return run
 
 
-def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES) -> list[dict]:
+def synthetic_tasks(backbone_spec: str | None):
+    """The backbone, a fresh registry, and TASKS synthetic tasks of each shared-backbone kind in it."""
     from ticketserve.core.backbone import load_backbone
     from ticketserve.registry import open_store
 
@@ -255,6 +256,11 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
              for kind in ("row_delta", "structure_mask", "supermask", "lora")}
     for kind, kind_names in names.items():
         publish(store, backbone, kind, kind_names)
+    return backbone, store, names
+
+
+def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES) -> list[dict]:
+    backbone, store, names = synthetic_tasks(backbone_spec)
     work = batches(backbone.tokenizer, texts, count=count)
     one_mask = sum(p.numel() * 4 for n, p in backbone.model.named_parameters() if n.endswith(".weight") and "layer." in n
                    and "LayerNorm" not in n)
@@ -295,16 +301,10 @@ def precision_part(backbone_spec: str | None, label: str, texts: list[str], coun
     """The workloads under each precision of the shared encoder, on DEVICE, against the float32
     plain backbone of the same group: one group per precision (each with its float32 plain
     passes interleaved), so a BERT-base-sized group fits in memory."""
-    from ticketserve.core.backbone import fresh_copy, load_backbone
+    from ticketserve.core.backbone import fresh_copy
     from ticketserve.core.quantize import quantize_int8
-    from ticketserve.registry import open_store
 
-    backbone = load_backbone(backbone_spec)
-    store = open_store(tempfile.mkdtemp(prefix="ts-bench-"))
-    names = {kind: [f"{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)]
-             for kind in ("row_delta", "structure_mask", "supermask", "lora")}
-    for kind, kind_names in names.items():
-        publish(store, backbone, kind, kind_names)
+    backbone, store, names = synthetic_tasks(backbone_spec)
     work = batches(backbone.tokenizer, texts, count=count, size=size)
     plain32 = backbone.model.to(DEVICE)
     records = []

@@ -89,3 +89,39 @@ class ByName:
 
     def predict(self, names, texts, pairs=None):
         return self.runtime.predict(self._tasks(names), texts, pairs)
+
+
+
+def assert_serves_like_stock(manifest, tensors: dict, backbone: Backbone, expected: torch.Tensor, registry_dir) -> None:
+    """An imported artifact, published, gives a stock model's logits on TEXTS (1e-5) alone and
+    mixed in one batch with a row-delta task of ours."""
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.executor import Runtime
+
+    store = open_store(str(registry_dir))
+    artifact.publish(store, manifest, tensors)
+    publish_row_task(store, backbone, "ours", 3)
+    runtime = ByName(Runtime(backbone, device="cpu"))
+    runtime.add(artifact.load(store, manifest.name, backbone), name="imported")
+    runtime.add(artifact.load(store, "ours", backbone), name="ours")
+    inputs = runtime.tokenize(TEXTS)
+    alone = torch.stack(runtime.logits(["imported"] * len(TEXTS), inputs))
+    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=0)
+    mixed = runtime.logits((["imported", "ours"] * len(TEXTS))[:len(TEXTS)], inputs)
+    for i in range(0, len(TEXTS), 2):
+        torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=0)
+
+
+def serve_and_predict(checkpoint: str, registry_dir, **config):
+    """Publish a row-delta task `rows` on the checkpoint, serve the registry on 127.0.0.1 with
+    ServeConfig(**config), ask it for TEXTS; returns (store, predictions, server info)."""
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
+    from ticketserve.runtime.client import Client
+    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
+
+    store = open_store(str(registry_dir))
+    publish_row_task(store, load_backbone(checkpoint), "rows", 3)
+    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=checkpoint, **config)) as server:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            return store, client.predict("rows", TEXTS).predictions, client.server_info()

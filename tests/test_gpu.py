@@ -13,12 +13,11 @@ import os
 import pytest
 import torch
 
-from tests.helpers import TEXTS, publish_row_task
+from tests.helpers import TEXTS, serve_and_predict
 from tests.test_kinds import TASK_KINDS, _artifact
 from tests.test_precision import assert_within_precision
 from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
-from ticketserve.registry import open_store
 from ticketserve.runtime.executor import Runtime
 
 DEVICE = os.environ.get("TICKETSERVE_GPU_TEST_DEVICE", "cuda")
@@ -63,16 +62,9 @@ def test_a_mixed_batch_forward_never_waits_for_the_host(tiny_checkpoints):
 
 
 def test_the_server_on_the_device_answers_what_the_runtime_does(tiny_checkpoints, tmp_path):
-    from ticketserve.runtime.client import Client
-    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
-
     path = str(tiny_checkpoints["roberta"])
-    store = open_store(str(tmp_path / "registry"))
-    publish_row_task(store, load_backbone(path), "rows", 3)
-    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=path, device=DEVICE)) as server:
-        with Client(f"127.0.0.1:{server.port}") as client:
-            assert client.server_info().device.startswith(torch.device(DEVICE).type)
-            served = client.predict("rows", TEXTS).predictions
+    store, served, info = serve_and_predict(path, tmp_path / "registry", device=DEVICE)
+    assert info.device.startswith(torch.device(DEVICE).type)
     runtime = Runtime(load_backbone(path), device="cpu")
     task = runtime.add(artifact.load(store, "rows", runtime.backbone))
     for got, want in zip(served, runtime.predict([task] * len(TEXTS), TEXTS)):

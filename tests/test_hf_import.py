@@ -14,14 +14,11 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import TEXTS, ByName, publish_row_task
-from ticketserve.core import artifact
+from tests.helpers import TEXTS, assert_serves_like_stock
 from ticketserve.core.backbone import load_backbone
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.tasks import get_task
 from ticketserve.formats.hf_import import read_classifier
-from ticketserve.registry import open_store
-from ticketserve.runtime.executor import Runtime
 
 
 def stock_classifier(checkpoint, directory, seed: int = 0):
@@ -49,21 +46,9 @@ def test_a_fine_tuned_classifier_serves_with_stock_outputs_alone_and_mixed(arch,
     backbone = load_backbone(str(checkpoint))
     expected = stock_logits(model, backbone, TEXTS)
 
-    store = open_store(str(tmp_path / "registry"))
     manifest, tensors = read_classifier(tmp_path / "classifier", backbone, "imported", get_task("sst2"))
     assert manifest.kind == "full" and manifest.head.dense and manifest.head.pooling == "cls"
-    artifact.publish(store, manifest, tensors)
-    publish_row_task(store, backbone, "ours", 3)
-    runtime = ByName(Runtime(backbone, device="cpu"))
-    runtime.add(artifact.load(store, "imported", backbone), name="imported")
-    runtime.add(artifact.load(store, "ours", backbone), name="ours")
-    inputs = runtime.tokenize(TEXTS)
-    alone = torch.stack(runtime.logits(["imported"] * len(TEXTS), inputs))
-    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=0)
-    names = ["imported", "ours"] * len(TEXTS)
-    mixed = runtime.logits(names[:len(TEXTS)], inputs)
-    for i in range(0, len(TEXTS), 2):
-        torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=0)
+    assert_serves_like_stock(manifest, tensors, backbone, expected, tmp_path / "registry")
 
 
 def in_hub_cache(cache, repo_id: str, directory) -> None:

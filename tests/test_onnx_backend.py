@@ -66,18 +66,11 @@ def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
 
 
 def test_server_with_the_onnx_backend(tiny_checkpoints, tmp_path):
-    from tests.helpers import publish_row_task
+    from tests import helpers
     from tests.test_server import in_process
-    from ticketserve.registry import open_store
-    from ticketserve.runtime.client import Client
-    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 
     path = str(tiny_checkpoints["roberta"])
-    store = open_store(str(tmp_path / "registry"))
-    publish_row_task(store, load_backbone(path), "rows", 3)
-    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=path, backend="onnx")) as server:
-        with Client(f"127.0.0.1:{server.port}") as client:
-            served = client.predict("rows", TEXTS).predictions
-    expected = in_process(store, path, "rows", TEXTS)
+    store, served, _ = helpers.serve_and_predict(path, tmp_path / "registry", backend="onnx")
+    expected = in_process(store, path, "rows", helpers.TEXTS)
     for got, want in zip(served, expected):
         assert got.label == want.label and abs(got.score - want.score) < 1e-4

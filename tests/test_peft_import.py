@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TEXTS, ByName, publish_row_task
+from tests.helpers import TEXTS, ByName, assert_serves_like_stock
 from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
 from ticketserve.core.errors import BackboneMismatch, InvalidArgument
@@ -53,20 +53,9 @@ def test_a_stock_peft_adapter_serves_with_stock_outputs_alone_and_mixed(arch, ti
     backbone = load_backbone(str(checkpoint))
     expected = stock_logits(model, backbone, TEXTS)
 
-    store = open_store(str(tmp_path / "registry"))
     manifest, tensors = read_peft(tmp_path / "adapter", backbone, "imported", get_task("sst2"))
     assert manifest.kind == "lora" and manifest.head.dense and manifest.head.pooling == "cls"
-    artifact.publish(store, manifest, tensors)
-    publish_row_task(store, backbone, "ours", 3)
-    runtime = ByName(Runtime(backbone, device="cpu"))
-    runtime.add(artifact.load(store, "imported", backbone), name="imported")
-    runtime.add(artifact.load(store, "ours", backbone), name="ours")
-    inputs = runtime.tokenize(TEXTS)
-    alone = torch.stack(runtime.logits(["imported"] * len(TEXTS), inputs))
-    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=0)
-    mixed = runtime.logits(["imported", "ours", "imported", "ours", "imported", "ours"][:len(TEXTS)], inputs)
-    for i in range(0, len(TEXTS), 2):
-        torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=0)
+    assert_serves_like_stock(manifest, tensors, backbone, expected, tmp_path / "registry")
 
 
 def test_the_cli_imports_an_adapter_and_predicts_with_it(tiny_checkpoints, tmp_path):

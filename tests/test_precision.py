@@ -90,19 +90,12 @@ def test_supermask_references_decode_against_the_float32_weights(tiny_checkpoint
 
 
 def test_a_server_in_bfloat16_answers_what_the_bfloat16_runtime_does_and_says_so(tiny_checkpoints, tmp_path):
-    from tests.helpers import publish_row_task
+    from tests.helpers import serve_and_predict
     from ticketserve.core import artifact
-    from ticketserve.registry import open_store
-    from ticketserve.runtime.client import Client
-    from ticketserve.runtime.server.main import BackgroundServer, ServeConfig
 
     path = str(tiny_checkpoints["bert"])
-    store = open_store(str(tmp_path / "registry"))
-    publish_row_task(store, load_backbone(path), "rows", 3)
-    with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=path, dtype="bfloat16")) as server:
-        with Client(f"127.0.0.1:{server.port}") as client:
-            assert client.server_info().dtype == "bfloat16"
-            served = client.predict("rows", TEXTS).predictions
+    store, served, info = serve_and_predict(path, tmp_path / "registry", dtype="bfloat16")
+    assert info.dtype == "bfloat16" and info.quantize == "none"
     runtime = Runtime(load_backbone(path), device="cpu", dtype=torch.bfloat16)
     task = runtime.add(artifact.load(store, "rows", runtime.backbone))
     for got, want in zip(served, runtime.predict([task] * len(TEXTS), TEXTS)):

@@ -23,7 +23,7 @@ from ticketserve.core.errors import CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.kinds.full import PREFIX
 from ticketserve.formats.classifier_head import classifier_head, encoder_key
-from ticketserve.formats.hub import local_directory
+from ticketserve.formats.hub import local_directory, read_json
 from ticketserve.registry import Manifest, TaskSpec
 
 FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]  # what a hub import fetches
@@ -59,13 +59,7 @@ def read_classifier(source: str | Path, backbone: Backbone, name: str,
 
 
 def _check_config(directory: Path, backbone: Backbone) -> None:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise NotFound(f"{directory} holds no config.json (a directory written by save_pretrained)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CorruptArtifact(f"{path}: not JSON ({exc})") from None
+    config = read_json(directory / "config.json", "a directory written by save_pretrained")
     architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise InvalidArgument(f"{directory} is a {', '.join(architectures) or 'model without architectures'}; "

@@ -5,9 +5,20 @@ pickle is never even downloaded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ticketserve.core.errors import InvalidArgument, NotFound
+from ticketserve.core.errors import CorruptArtifact, InvalidArgument, NotFound
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file of an import's source; `what` says which file is missing, for the error."""
+    if not path.is_file():
+        raise NotFound(f"{path.parent} holds no {path.name} ({what})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CorruptArtifact(f"{path}: not JSON ({exc})") from None
 
 
 def local_directory(source: str, patterns: list[str]) -> Path:

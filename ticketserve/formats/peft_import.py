@@ -15,7 +15,6 @@ adapter saved its own.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -28,7 +27,7 @@ from ticketserve.core.backbone import DEFAULT_BACKBONE, DEFAULT_HUB_ID, Backbone
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.kinds import get_kind
 from ticketserve.formats.classifier_head import MODEL_PREFIXES, classifier_head, encoder_key, has_classifier
-from ticketserve.formats.hub import local_directory
+from ticketserve.formats.hub import local_directory, read_json
 from ticketserve.formats.peft import HEAD_FILE, MANIFEST_FILE
 from ticketserve.registry import Manifest, TaskSpec
 
@@ -56,13 +55,7 @@ def read_peft(source: str | Path, backbone: Backbone, name: str,
 
 
 def _config(directory: Path) -> dict:
-    path = directory / "adapter_config.json"
-    if not path.is_file():
-        raise NotFound(f"{directory} holds no adapter_config.json (a directory written by PeftModel.save_pretrained)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CorruptArtifact(f"{path}: not JSON ({exc})") from None
+    config = read_json(directory / "adapter_config.json", "a directory written by PeftModel.save_pretrained")
     if config.get("peft_type") != "LORA":
         raise InvalidArgument(f"{directory} is a {config.get('peft_type')!r} adapter; ticketserve imports LORA")
     if config.get("use_dora"):
