@@ -541,6 +541,7 @@ def main() -> None:
                                                                         "(float32, bfloat16, float16, int8)")
     parser.add_argument("--backbone", default=None, help="precision part: this checkpoint instead of MiniLM and "
                                                          "the BERT-base-sized encoder")
+    parser.add_argument("--label", default=None, help="precision part with --backbone: its name in the report")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where records are appended (the report is "
                                                                       "written beside the default file only)")
     args = parser.parse_args()
@@ -568,7 +569,8 @@ def main() -> None:
     if "precision" in parts:
         dtypes = tuple(args.dtypes.split(","))
         if args.backbone:
-            keep(precision_part(args.backbone, Path(args.backbone).name, texts, args.bert_base_batches, args.batch, dtypes))
+            keep(precision_part(args.backbone, args.label or Path(args.backbone).name, texts, args.bert_base_batches,
+                                args.batch, dtypes))
         else:
             keep(precision_part(None, "MiniLM-L6 (bundled)", texts, BATCHES // 2, args.batch, dtypes))
             if not args.skip_bert_base:
