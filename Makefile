@@ -68,7 +68,7 @@ gpu-bundle: $(STAMP)
 
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR [GPU_DEVICE=cuda] [GPU_PYTHON=python3]"; exit 2; }
-	bash benchmarks/gpu_check.sh "$(OUT)" "$(GPU_DEVICE)" "$(GPU_PYTHON)"
+	GPU_BUNDLE=.gpu bash benchmarks/gpu_check.sh "$(OUT)" "$(GPU_DEVICE)" "$(GPU_PYTHON)"
 
 # Container images: one Dockerfile (deploy/docker/), a CPU and a CUDA build; buildah where it
 # is installed (no daemon needed), else docker. Where no image registry is reachable,
