@@ -162,7 +162,7 @@ def test_a_full_task_shares_no_rows_and_leaves_the_row_tasks_intact(tiny_backbon
     before = runtime.logits(["rows"], runtime.tokenize(TEXTS[:1]))[0]
     with torch.no_grad():
         tuned.encoder.layer[1].attention.self.query.weight.mul_(1.5)
-    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned, reference), kind="full"))
+    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned.state_dict(), reference), kind="full"))
     private = runtime.get("full").encoder
     assert all(not m.table for m in private.modules() if isinstance(m, RowDeltaLinear))  # the copy serves no row task
     inputs = runtime.tokenize(TEXTS[:1])

@@ -274,7 +274,7 @@ def test_full_task_loads_after_a_supermask_task(tiny_backbone):
     runtime.logits(["masked"], runtime.tokenize(TEXTS[:1]))  # the mask cache now exists
     with torch.no_grad():
         tuned.encoder.layer[0].output.dense.weight.mul_(1.5)
-    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned, reference), kind="full"))
+    runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned.state_dict(), reference), kind="full"))
     inputs = runtime.tokenize(TEXTS)
     with torch.no_grad():
         expected = tuned(**inputs).last_hidden_state

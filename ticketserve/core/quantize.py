@@ -37,7 +37,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     normalized = rows.new_empty(len(rows) + 1, rows.shape[1])
     torch.div(rows, scale, out=normalized[:-1])
     normalized[-1].zero_()
-    normalized[-1, :2] = torch.tensor([1.0, -1.0])
+    normalized[-1, 0], normalized[-1, 1] = 1.0, -1.0
     y = torch.ops.quantized.linear_dynamic(normalized, packed, False)[:-1].mul_(scale)
     y = y.view(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y.add_(bias)

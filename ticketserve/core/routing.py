@@ -27,10 +27,11 @@ class Routing:
 
     def __post_init__(self) -> None:
         self.slots = torch.tensor(self.slot_list, dtype=torch.long, device=self.device)
-        present = sorted(set(self.slot_list))
-        self.uniform = present[0] if len(present) == 1 else None
-        self.segments = [(s, torch.tensor([i for i, x in enumerate(self.slot_list) if x == s], device=self.device))
-                         for s in present]
+        positions: dict[int, list[int]] = {}
+        for i, slot in enumerate(self.slot_list):
+            positions.setdefault(slot, []).append(i)
+        self.uniform = next(iter(positions)) if len(positions) == 1 else None
+        self.segments = [(s, torch.tensor(positions[s], device=self.device)) for s in sorted(positions)]
 
     @classmethod
     def single(cls, slot: int, batch_size: int, device=None) -> Routing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ticketserve.core.backbone import Backbone
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument
@@ -58,9 +58,10 @@ def classifier_head(state: dict[str, torch.Tensor], backbone: Backbone,
 def _base_pooler(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's pooler as the base checkpoint has it (the encoder is loaded without it)."""
     for path in sorted(Path(backbone.source).glob("*.safetensors")) if Path(backbone.source).is_dir() else []:
-        state = load_file(path)
-        for prefix in ("", "bert."):
-            if f"{prefix}pooler.dense.weight" in state:
-                return state[f"{prefix}pooler.dense.weight"].float(), state[f"{prefix}pooler.dense.bias"].float()
+        with safe_open(path, "pt") as checkpoint:  # the two pooler tensors only, not the whole file
+            for prefix in ("", "bert."):
+                if f"{prefix}pooler.dense.weight" in checkpoint.keys():
+                    return (checkpoint.get_tensor(f"{prefix}pooler.dense.weight").float(),
+                            checkpoint.get_tensor(f"{prefix}pooler.dense.bias").float())
     raise InvalidArgument(f"backbone {backbone.name} has no pooler weights, so a stock BERT classifier on it starts "
                           "from a random pooler: save the adapter with modules_to_save=['classifier', 'pooler']")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from ticketserve.core.backbone import Backbone
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, NotFound
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.kinds.full import PREFIX
+from ticketserve.core.kinds.full import changed_tensors
 from ticketserve.formats.classifier_head import classifier_head, encoder_key
 from ticketserve.formats.hub import local_directory, read_json
 from ticketserve.registry import Manifest, TaskSpec
@@ -50,8 +50,7 @@ def read_classifier(source: str | Path, backbone: Backbone, name: str,
     if extra:
         raise InvalidArgument(f"the checkpoint also holds {', '.join(extra[:3])}, which a "
                               f"{backbone.config.model_type} sequence classifier does not have")
-    changed = {PREFIX + key: tensor.to(reference[key].dtype).contiguous() for key, tensor in state.items()
-               if not torch.equal(tensor.to(reference[key].dtype), reference[key])}
+    changed = changed_tensors({key: tensor.to(reference[key].dtype) for key, tensor in state.items()}, reference)
     get_kind("full").validate(changed, backbone.model)
     manifest = Manifest(name=name, kind="full", method="hf-classifier", task=spec, head=head_config,
                         backbone=backbone.ref())

@@ -23,4 +23,4 @@ class FullFineTuning(ArtifactMethod):
         return list(model.parameters())
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
-        return changed_tensors(model.encoder, self.reference)
+        return changed_tensors(model.encoder.state_dict(), self.reference)

@@ -14,11 +14,11 @@ from ticketserve.core.kinds.base import Kind, Tensors, register_kind
 PREFIX = "encoder."
 
 
-def changed_tensors(encoder: nn.Module, reference: dict[str, torch.Tensor]) -> Tensors:
-    """Encoder tensors that differ from the pre-trained ones, keyed `encoder.<name>`."""
+def changed_tensors(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> Tensors:
+    """Encoder tensors (a state dict) that differ from the pre-trained ones, keyed `encoder.<name>`."""
     return {
         PREFIX + name: tensor.detach().cpu().contiguous()
-        for name, tensor in encoder.state_dict().items()
+        for name, tensor in state.items()
         if not torch.equal(tensor.cpu(), reference[name])
     }
 
