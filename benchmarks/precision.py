@@ -6,6 +6,14 @@ results/precision.jsonl; the report benchmarks/precision.md gives, per task and 
 float32 metric and the change under each precision (target: |mean change| ≤ 0.5 points).
 
     python benchmarks/precision.py [--registry benchmarks/.registry] [--dtypes float32,bfloat16,int8]
+    python benchmarks/precision.py --train --jobs 2     # first retrain the studies' artifacts (hours)
+
+The quality studies' registries did not keep their artifacts, so `--train` retrains one per
+task and method at the setting its study chose (seed 42, the studies' training budgets): full
+FT, BitFit, Dominant-1 (its own ticket, searched as the Dominant study searched), supermask,
+and the structure masks of plain multi-task training (`ticketshare --plain`, every gate open:
+a closed gate multiplies by an exact 0 in any precision, so open gates are where precision
+can cost anything).
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "precision.jsonl"
 REPORT = HERE / "precision.md"
 DATA_ROOT = HERE.parent.parent / "shared" / "data" / "glue"
+TASKS = ("sst2", "mrpc", "rte", "cola")
+SST2_TRAIN_SAMPLES = 8000  # as every study trained SST-2
+# method → (the rate its study chose, options); supermask's from benchmarks/supermask.md, the
+# others' from benchmarks/dominant.md (Dominant-1 and BitFit peak at 3e-3, full FT at 2e-4)
+STUDY_SETTINGS = {"full": (2e-4, {}), "bitfit": (3e-3, {}), "dominant": (3e-3, {"k": 1}), "supermask": (0.5, {})}
 MODES = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "float16": ("float16", "none"),
          "int8": ("float32", "int8")}  # a precision's name → the encoder's dtype and quantization
 
@@ -38,13 +51,60 @@ def task_versions(store, pattern: str) -> list:
     return found
 
 
+def retrain(registry: Path, jobs: int) -> None:
+    """The studies' artifacts, retrained where the registry lacks them (resumable by name)."""
+    import functools
+
+    from quality import QUALITY, append, cli, run_stage, set_jobs, train_record
+
+    from ticketserve.registry import open_store
+
+    set_jobs(jobs)
+    have = set(open_store(str(registry)).names())
+    samples = {"sst2": SST2_TRAIN_SAMPLES}
+
+    def data(task: str) -> list[str]:
+        return ["--data-dir", str(DATA_ROOT / task), "--registry", str(registry), "--seed", "42",
+                *(["--train-samples", str(samples[task])] if task in samples else [])]
+
+    def single(task: str, method: str) -> None:
+        name = f"precision-{task}-{method}-s42"
+        if name in have:
+            return
+        lr, options = STUDY_SETTINGS[method]
+        if method == "dominant":
+            options = {**options, "ticket": f"precision-{task}-ticket-s42"}
+        record = train_record(task, method, 42, name=name, train_samples=samples.get(task), lr=lr, options=options,
+                              registry=registry)
+        append(QUALITY, record | {"study": "precision-v1"})
+
+    def search(task: str) -> None:
+        if f"precision-{task}-ticket-s42" not in have:
+            cli("train", "--method", "ticket-search", "--task", task, "--name", f"precision-{task}-ticket-s42",
+                "--sigma-quantile", "0.99", *data(task))
+
+    def multitask() -> None:
+        if "precision-mtl" not in have:
+            cli("train", "--method", "ticketshare", "--plain", "--tasks", ",".join(TASKS), "--data-root",
+                str(DATA_ROOT), "--name", "precision-mtl", "--registry", str(registry), "--seed", "42",
+                "--train-samples", str(SST2_TRAIN_SAMPLES))
+
+    run_stage(jobs, [multitask, *(functools.partial(search, t) for t in TASKS),
+                     *(functools.partial(single, t, m) for m in ("full", "bitfit", "supermask") for t in TASKS)])
+    run_stage(jobs, [functools.partial(single, t, "dominant") for t in TASKS])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", default=str(HERE / ".registry"))
     parser.add_argument("--names", default="*", help="artifact names to evaluate (a glob)")
     parser.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"of: {', '.join(MODES)}")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    parser.add_argument("--train", action="store_true", help="first retrain the studies' artifacts (see above)")
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (--train)")
     args = parser.parse_args()
+    if args.train:
+        retrain(Path(args.registry), args.jobs)
 
     import torch
 

@@ -69,3 +69,25 @@ def test_the_server_on_the_device_answers_what_the_runtime_does(tiny_checkpoints
     task = runtime.add(artifact.load(store, "rows", runtime.backbone))
     for got, want in zip(served, runtime.predict([task] * len(TEXTS), TEXTS)):
         assert got.label == want.label and abs(got.score - want.score) < 1e-4
+
+
+def test_mixed_precision_training_on_the_device(store, tiny_checkpoints):
+    """`train --precision bf16|fp16` where the device runs it (the accelerator picks CUDA when
+    there is one): finite losses, float32 artifacts."""
+    from ticketserve.core.tasks import get_task
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.loop import cpu_has_bf16
+    from ticketserve.trainers.run import train
+
+    cuda = DEVICE.startswith("cuda")
+    precisions = (["bf16"] if (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()) else []) + \
+        (["fp16"] if cuda else [])
+    for precision in precisions:
+        config = TrainConfig(train_samples=32, eval_samples=32, batch_size=8, max_steps=4, log_every=1,
+                             precision=precision)
+        outcome = train("full", get_task("sst2"), load_backbone(str(tiny_checkpoints["bert"])), config, store,
+                        data_dir="sample", name=f"device-{precision}", show_progress=False)
+        manifest = store.manifest(outcome.version)
+        assert all(point["loss"] == point["loss"] for point in manifest.curves["train_loss"])  # no NaN
+        tensors = artifact.load(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"]))).kind_tensors
+        assert {t.dtype for t in tensors.values()} == {torch.float32}, precision

@@ -12,10 +12,16 @@ import pytest
 import torch
 
 from tests.helpers import TEXTS, in_memory_artifact
+from tests.test_cli import cli
 from tests.test_kinds import TASK_KINDS, _artifact
+from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
+from ticketserve.core.tasks import get_task
 from ticketserve.core.kinds.supermask import MaskedEncoder, decode_masks, encode_masks, magnitude_mask
 from ticketserve.runtime.executor import Runtime
+from ticketserve.trainers.config import TrainConfig
+from ticketserve.trainers.loop import cpu_has_bf16
+from ticketserve.trainers.run import train
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -177,3 +183,28 @@ def test_int8_is_refused_where_it_cannot_run(tiny_checkpoints):
         Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu", dtype=torch.bfloat16, quantize="int8")
     with pytest.raises(InvalidArgument, match="unknown quantization"):
         Runtime(load_backbone(str(tiny_checkpoints["bert"])), device="cpu", quantize="int4")
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_mixed_precision_training_runs_in_bf16_and_publishes_float32(store, tiny_checkpoints):
+    config = TrainConfig(train_samples=40, eval_samples=48, batch_size=8, max_steps=6, log_every=1, seed=1)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        outcome = train("full", get_task("sst2"), load_backbone(str(tiny_checkpoints["bert"])),
+                        config.model_copy(update={"precision": precision}), store, data_dir="sample",
+                        name=f"full-{precision}", show_progress=False)
+        runs[precision] = store.manifest(outcome.version)
+        tensors = artifact.load(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"]))).kind_tensors
+        assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert runs["bf16"].hyperparameters["precision"] == "bf16"
+    losses = {p: [point["loss"] for point in m.curves["train_loss"]] for p, m in runs.items()}
+    assert losses["bf16"] != losses["fp32"]  # autocast ran: bfloat16 matmuls round differently
+    assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused where there is no CUDA")
+def test_mixed_precision_the_device_cannot_run_is_refused_in_one_line(tiny_checkpoints, tmp_path):
+    result = cli("train", "--method", "bitfit", "--task", "sst2", "--data-dir", "sample", "--backbone",
+                 str(tiny_checkpoints["bert"]), "--precision", "fp16", registry=tmp_path, check=False)
+    assert result.returncode != 0 and "--precision fp16 needs a CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr

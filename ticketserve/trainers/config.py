@@ -27,6 +27,9 @@ class TrainConfig(BaseModel):
     pooling: Literal["mean", "cls"] = "mean"
     head_dropout: float = Field(0.1, ge=0, lt=1)
     log_every: int = Field(10, gt=0, description="steps per point of the train-loss curve")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="mixed precision through accelerate: bf16 on CUDA (Ampere+) or a CPU with bfloat16, "
+                            "fp16 on CUDA; master weights, optimizer state and the artifact stay float32")
 
     @model_validator(mode="after")
     def _eval_within_run(self) -> TrainConfig:

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
@@ -42,11 +43,34 @@ class TrainingHooks(Protocol):
     def learning_rate(self, param: nn.Parameter, lr: float) -> float: ...
 
 
-def accelerator_for(**kwargs) -> Accelerator:
-    """The run's accelerator: the GPU (or MPS/XPU) when there is one, else multi-process CPU."""
+def accelerator_for(config: TrainConfig, **kwargs) -> Accelerator:
+    """The run's accelerator: the GPU (or MPS/XPU) when there is one, else multi-process CPU;
+    in the run's mixed precision, refused up front where the device cannot run it."""
     has_device = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(cpu=not has_device, **kwargs)  # cpu=True is what enables multi-process CPU (gloo)
+    check_precision(config.precision, cuda=torch.cuda.is_available())
+    mixed = {"fp32": "no"}.get(config.precision, config.precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        # accelerate keeps one precision per process; a later run in another (same process:
+        # a notebook, a study, the tests) starts a fresh state, the process group untouched
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not has_device, mixed_precision=mixed, **kwargs)  # cpu=True enables multi-process CPU
+
+
+def check_precision(precision: str, cuda: bool) -> None:
+    """fp16 autocast needs CUDA (its loss scaler is CUDA's); bf16 needs Ampere+ or a CPU with
+    native bfloat16 (elsewhere it runs, emulated, slower than fp32 — refused as a mistake)."""
+    if precision == "fp16" and not cuda:
+        raise InvalidArgument("--precision fp16 needs a CUDA device; on CPU use --precision bf16")
+    if precision == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()):
+        raise InvalidArgument("--precision bf16: this device has no native bfloat16 (CUDA before Ampere, or a CPU "
+                         "without AVX-512 BF16 / AMX); train in fp32")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 matmuls natively here (AVX-512 BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def adamw(groups: Iterable[tuple[list[nn.Parameter], float, bool]], config: TrainConfig, lr: float) -> torch.optim.AdamW:

@@ -60,7 +60,7 @@ class ArtifactMethod(Method):
     def run(self, context: RunContext) -> TrainOutcome:
         spec, backbone, config = context.task, context.backbone, context.config
         started = time.perf_counter()
-        accelerator = accelerator_for()
+        accelerator = accelerator_for(config)
         set_seed(config.seed)
         with accelerator.main_process_first():  # the first process fills the datasets cache
             train_ds = tokenize(load_split(spec, spec.train_split, context.data_dir, config.train_samples, config.seed),

@@ -115,7 +115,7 @@ def train_ticketshare(specs: list[TaskSpec], backbone: Backbone, config: TrainCo
     """`masks=None` is plain multi-task learning (every gate open). Data, optimizer, schedule,
     loss and evaluation are the shared loop's; what is its own is the interleaving of tasks and
     the strict sharing of masked structures."""
-    accelerator = accelerator_for(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = accelerator_for(config, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(config.seed)
     encoder, layers = backbone.model, backbone.config.num_hidden_layers
     heads_per_layer = backbone.config.num_attention_heads
