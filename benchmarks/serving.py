@@ -202,6 +202,23 @@ def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_by
     return lambda inputs, tasks: runtime.logits([loaded[t % len(loaded)] for t in tasks], inputs)
 
 
+def onnx_int8_runtime(backbone, device):
+    """ONNX Runtime's own int8 on our exported graph (quantize_dynamic: per-channel int8
+    weights, dynamic uint8 activations), measured against the torch int8 path; not shipped."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ticketserve.runtime.onnx_backend import OnnxRuntime
+
+    runtime = OnnxRuntime(backbone, device=device)
+    quantized = runtime.onnx_path.with_name(f"bench-int8-{runtime.onnx_path.name}")
+    if not quantized.exists():
+        quantize_dynamic(str(runtime.onnx_path), str(quantized), per_channel=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+    runtime.session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    return runtime
+
+
 def peft_engines(backbone, dtype: torch.dtype = torch.float32) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -325,6 +342,14 @@ def precision_part(backbone_spec: str | None, label: str, texts: list[str], coun
                    f"ours: 100 LoRA r=8 mixed, {name}": ours(backbone_spec, store, names["lora"], **kw),
                    f"ours: 100 supermasks, cache for 10, {name}": ours(backbone_spec, store, names["supermask"],
                                                                        mask_cache_bytes=10 * one_mask, **kw)}
+        if quantize == "int8" and DEVICE.type == "cpu":  # ONNX Runtime's quantiser against ours
+            from ticketserve.runtime.onnx_backend import OnnxRuntime
+
+            for runtime_cls, variant in ((OnnxRuntime, "float32"), (onnx_int8_runtime, "int8 (quantize_dynamic)")):
+                engines[f"ours, ONNX Runtime {variant}: 1 task (Dominant-1)"] = ours(
+                    backbone_spec, store, names["row_delta"][:1], runtime_cls)
+                engines[f"ours, ONNX Runtime {variant}: 100 Dominant-1 mixed"] = ours(
+                    backbone_spec, store, names["row_delta"], runtime_cls)
         if quantize == "none":  # peft has no int8 path of its own here
             engines[f"peft LoRA r=8 x100, adapter_names mixed, {name}"] = peft_engines(backbone, dtype)[
                 "peft LoRA r=8 x100, adapter_names mixed"]

@@ -15,7 +15,7 @@ from tests.helpers import TEXTS, in_memory_artifact
 from tests.test_cli import cli
 from tests.test_kinds import TASK_KINDS, _artifact
 from ticketserve.core import artifact
-from ticketserve.core.backbone import load_backbone
+from ticketserve.core.backbone import dense_matrices, load_backbone
 from ticketserve.core.tasks import get_task
 from ticketserve.core.kinds.supermask import MaskedEncoder, decode_masks, encode_masks, magnitude_mask
 from ticketserve.runtime.executor import Runtime
@@ -138,7 +138,8 @@ def test_on_an_int8_encoder_every_kind_mixed_equals_itself_alone_and_float32_wit
 
 def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
     """Layer by layer, a task's output minus the plain output is exactly its own term, computed
-    from the unquantized activations: row deltas x[idx]·Δ + bias Δ, LoRA s·(x·Aᵀ)·Bᵀ."""
+    from the unquantized activations: row deltas x[idx]·Δ + bias Δ, LoRA s·(x·Aᵀ)·Bᵀ, a
+    supermask's correction −x·(W⊙(1−M))ᵀ with the float32 W."""
     from ticketserve.core.backbone import dense_matrices
     from ticketserve.core.kinds.lora import update
     from ticketserve.core.kinds.row_delta import split_payload
@@ -146,15 +147,16 @@ def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     runtime = Runtime(backbone, device="cpu", quantize="int8")
-    rows, lora = _artifact(backbone, "row_delta", 1), _artifact(backbone, "lora", 1)
-    rows_task, lora_task = runtime.add(rows), runtime.add(lora)
+    rows, lora, masked = (_artifact(backbone, kind, 1) for kind in ("row_delta", "lora", "supermask"))
+    rows_task, lora_task, masked_task = runtime.add(rows), runtime.add(lora), runtime.add(masked)
+    assert masked_task.encoder is runtime.encoder  # a correction in the shared forward
     name = next(n for n in dense_matrices(runtime.encoder) if n.endswith("query") and f"{n}.index" in rows.tensors)
     layer = dense_matrices(runtime.encoder)[name]
-    x = torch.randn(3, 5, layer.in_features)
+    x = torch.randn(4, 5, layer.in_features)
     with torch.inference_mode():
-        with route(Routing.single(10_000, 3)):  # a slot no task holds: the shared int8 product alone
+        with route(Routing.single(10_000, 4)):  # a slot no task holds: the shared int8 product alone
             plain = layer(x)
-        with route(Routing([rows_task.slot, lora_task.slot, 10_000])):
+        with route(Routing([rows_task.slot, lora_task.slot, 10_000, masked_task.slot])):
             mixed = layer(x)
     assert not torch.allclose(plain, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4), \
         "the shared product is not int8 here: this test would prove nothing"
@@ -164,14 +166,20 @@ def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
     torch.testing.assert_close(mixed[0] - plain[0], row_term, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1] - plain[1], lora_term, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[2], plain[2], atol=0, rtol=0)
+    keep = decode_masks(masked.tensors, {n: m.weight for n, m in dense_matrices(runtime.encoder).items()})[name]
+    torch.testing.assert_close(mixed[3] - plain[3], -x[3] @ (layer.weight * ~keep).T, atol=1e-5, rtol=1e-5)
 
 
-def test_supermask_tasks_on_an_int8_encoder_run_their_masked_weights_in_float32(tiny_checkpoints):
+def test_materialised_supermask_tasks_on_an_int8_encoder_run_their_masked_weights_in_float32(tiny_checkpoints):
     path = str(tiny_checkpoints["roberta"])
     exact, quantized = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", quantize="int8")
-    masked = _artifact(exact.backbone, "supermask", 1)
+    generator = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.5 for n, m in dense_matrices(exact.encoder).items()}
+    masked = in_memory_artifact(exact.backbone, "dense-mask", encode_masks(masks), seed=1, kind="supermask")
     want = exact.logits([exact.add(masked)] * 3, exact.tokenize(TEXTS[:3]))
-    got = quantized.logits([quantized.add(masked)] * 3, quantized.tokenize(TEXTS[:3]))
+    task = quantized.add(masked)
+    assert isinstance(task.encoder, MaskedEncoder)  # half its weights masked: materialised, not a correction
+    got = quantized.logits([task] * 3, quantized.tokenize(TEXTS[:3]))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 

@@ -16,6 +16,7 @@ from ticketserve.core.backbone import dense_matrices, load_backbone
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.kinds.supermask import (
+    MAX_CORRECTED_SHARE,
     CODECS,
     MaskCache,
     decode_mask,
@@ -24,6 +25,7 @@ from ticketserve.core.kinds.supermask import (
     encode_masks,
     magnitude_mask,
 )
+from ticketserve.core.routing import Routing, route
 from ticketserve.core.tasks import get_task
 from ticketserve.runtime.executor import Runtime
 from ticketserve.trainers.config import TrainConfig
@@ -142,8 +144,9 @@ def _random_masks(backbone, seed: int, zeros: float = 0.2) -> dict[str, torch.Te
             for name, m in dense_matrices(backbone.model).items()}
 
 
-def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_backbone):
-    masks_a, masks_b = _random_masks(tiny_backbone, 1), _random_masks(tiny_backbone, 2)
+@pytest.mark.parametrize("zeros", [0.2, 0.5])  # a correction inside the shared forward; materialised weights
+def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_backbone, zeros):
+    masks_a, masks_b = _random_masks(tiny_backbone, 1, zeros), _random_masks(tiny_backbone, 2, zeros)
     offline = copy.deepcopy(tiny_backbone.model)
     with torch.no_grad():
         for name, module in dense_matrices(offline).items():
@@ -155,8 +158,11 @@ def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_bac
     inputs = runtime.tokenize(TEXTS)
     with torch.no_grad():
         reference = offline(**inputs).last_hidden_state
-        served = runtime.get("mask-a").encoder(**inputs).last_hidden_state
+        task = runtime.get("mask-a")
+        with route(Routing.single(task.slot, len(TEXTS))):
+            served = task.encoder(**inputs).last_hidden_state
         shared = runtime.encoder(**inputs).last_hidden_state
+    assert (task.encoder is runtime.encoder) == (zeros <= MAX_CORRECTED_SHARE)
     torch.testing.assert_close(served, reference, atol=1e-6, rtol=0)
     assert (shared - reference).abs().max() > 1e-3  # the shared weights were not altered
     names = ["mask-a", "rows", "mask-b", "mask-a"]

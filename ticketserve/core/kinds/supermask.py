@@ -8,9 +8,14 @@ Optional `<name>.reference` int64[1] = r: the stored bits are the mask XNOR the 
 mask that drops the r smallest-|w| weights (the trainer's initial mask), so a mask trained
 from a 50 % magnitude start costs its few flips, not the start's 50 % zeros. The reference
 is recomputed from the backbone's own weights, which the fingerprint check pins.
-Serving never changes the shared weights: a task's masked weights are built on demand
-(unpack → multiply), kept in a byte-bounded LRU for hot tasks, and substituted into the
-shared encoder for that task's examples only (`torch.func.functional_call`).
+Serving never changes the shared weights. A task that masks only dense matrices, none of
+them beyond MAX_CORRECTED_SHARE, runs inside the shared forward of a mixed batch: the dense
+product x·Wᵀ once for every example, then each example subtracts x·Cᵀ, C = W⊙(1−M) its
+task's switched-off weights (core/sparse_correction: a CSR of the masked positions, values
+read from W). Other tasks (embedding masks, dense masks) get their masked weights built on
+demand (unpack → multiply) and substituted for their examples only
+(`torch.func.functional_call`). Both forms live in one byte-bounded LRU per encoder, counted
+at their serving size, rebuilt from the artifact on a miss.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 from torch import nn
 
-from ticketserve.core.backbone import master
+from ticketserve.core.backbone import dense_matrices, master
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
+from ticketserve.core.routing import DEFAULT_SLOT, current
+from ticketserve.core.sparse_correction import MaskedPositions, subtract
 
 MASK, CODEC, REFERENCE = ".mask", ".codec", ".reference"
 DEFAULT_CACHE_BYTES = int(os.environ.get("TICKETSERVE_MASK_CACHE_BYTES", 512 * 2**20))
+MAX_CORRECTED_SHARE = 0.3  # masked share of a matrix above which a task takes the materialised path
 
 
 def _bits(packed: bytes, length: int) -> bitarray:
@@ -139,7 +147,8 @@ def masked_names(tensors: Tensors) -> list[str]:
 
 
 class MaskCache:
-    """Masked weights of hot tasks, least recently used evicted past `max_bytes`."""
+    """The serving form of hot tasks (masked weights, or masked positions), least recently used
+    evicted past `max_bytes`."""
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = DEFAULT_CACHE_BYTES if max_bytes is None else max_bytes
@@ -149,10 +158,10 @@ class MaskCache:
         self.cuts: dict[tuple[str, int], tuple[float, int]] = {}  # magnitude references of the shared weights
 
     @staticmethod
-    def size(weights: dict[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in weights.values())
+    def size(entry: dict[str, torch.Tensor | MaskedPositions]) -> int:
+        return sum(value.nbytes for value in entry.values())
 
-    def get(self, slot: int, build) -> dict[str, torch.Tensor]:
+    def get(self, slot: int, build) -> dict:
         with self.lock:
             if slot in self.entries:
                 self.hits += 1
@@ -203,15 +212,76 @@ class MaskedEncoder(nn.Module):
         params = dict(base.named_parameters())
 
         def build() -> dict[str, torch.Tensor]:
-            names = {n: f"{n}.weight" for n in masked_names(self.tensors)}
-            exact = dict(master(base).named_parameters())  # references decode against the float32 weights
-            masks = decode_masks(self.tensors, {n: exact[w] for n, w in names.items()}, cache_for(base).cuts)
-            return {w: params[w].detach() * masks[n].to(params[w].device, params[w].dtype) for n, w in names.items()}
+            return {f"{n}.weight": params[f"{n}.weight"].detach() * m.to(params[f"{n}.weight"].device,
+                                                                           params[f"{n}.weight"].dtype)
+                    for n, m in exact_masks(base, self.tensors).items()}
 
         return cache_for(base).get(self.slot, build)
 
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.base[0], self.masked_weights(), args, kwargs, strict=False)
+
+
+class Corrections:
+    """The supermask tasks of one encoder that run as corrections of its shared dense layers: a
+    forward hook on each matrix subtracts, per example, its task's masked weights' product."""
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = weakref.ref(encoder)
+        self.sources: dict[int, Tensors] = {}  # slot → the artifact's tensors (rebuilt from on a cache miss)
+
+    def positions(self, slot: int) -> dict[str, MaskedPositions]:
+        encoder = self.encoder()
+        return cache_for(encoder).get(slot, lambda: masked_positions(encoder, exact_masks(encoder, self.sources[slot])))
+
+    def hook(self, name: str):
+        def subtract_masked(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not self.sources:
+                return
+            routing = current()
+            slots = [DEFAULT_SLOT] * output.shape[0] if routing is None else routing.slot_list
+            index: dict[int, int] = {}
+            found: list[MaskedPositions] = []
+            for slot in dict.fromkeys(slots):
+                masked = self.positions(slot).get(name) if slot in self.sources else None
+                if masked is not None and masked.nnz:
+                    index[slot] = len(found)
+                    found.append(masked)
+            if found:
+                subtract(output, args[0], module.weight, found, [index.get(slot, -1) for slot in slots])
+
+        return subtract_masked
+
+
+_CORRECTIONS: weakref.WeakKeyDictionary[nn.Module, Corrections] = weakref.WeakKeyDictionary()
+
+
+def corrections_for(encoder: nn.Module) -> Corrections:
+    """The encoder's corrections, its hooks installed on first use (kept on the layer when
+    another kind wraps it later, as row deltas copy a layer's hooks)."""
+    with _CACHES_LOCK:
+        if encoder not in _CORRECTIONS:
+            corrections = _CORRECTIONS[encoder] = Corrections(encoder)
+            for name, linear in dense_matrices(encoder).items():
+                linear.register_forward_hook(corrections.hook(name))
+        return _CORRECTIONS[encoder]
+
+
+def exact_masks(encoder: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
+    """A task's masks, references decoded against the float32 weights."""
+    exact = dict(master(encoder).named_parameters())
+    return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in masked_names(tensors)}, cache_for(encoder).cuts)
+
+
+def masked_positions(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions]:
+    device = next(encoder.parameters()).device
+    return {n: MaskedPositions.of(m).to(device) for n, m in masks.items()}
+
+
+def runs_as_correction(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
+    """Only dense matrices masked, none beyond MAX_CORRECTED_SHARE."""
+    dense = dense_matrices(encoder)
+    return all(n in dense and 1 - float(m.float().mean()) <= MAX_CORRECTED_SHARE for n, m in masks.items())
 
 
 @register_kind
@@ -237,9 +307,17 @@ class SupermaskKind(Kind):
         decode_masks(tensors, {n: params[f"{n}.weight"] for n in names}, cache_for(encoder).cuts)  # fail now, not later
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        return MaskedEncoder(encoder, slot, tensors)
+        masks = exact_masks(encoder, tensors)
+        if not runs_as_correction(encoder, masks):
+            return MaskedEncoder(encoder, slot, tensors)
+        corrections = corrections_for(encoder)
+        cache_for(encoder).get(slot, lambda: masked_positions(encoder, masks))  # built at load, not in a batch
+        corrections.sources[slot] = tensors
+        return encoder
 
     def detach(self, encoder: nn.Module, slot: int) -> None:
+        if encoder in _CORRECTIONS:
+            _CORRECTIONS[encoder].sources.pop(slot, None)
         cache_for(encoder).drop(slot)
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
