@@ -9,11 +9,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto
+$(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet -e '.[test]'  # the build's own env too (setup.py compiles protos/)
 	$(BIN)/python -m pip install --quiet --no-deps kserve==0.21.0  # tests check deploy/kserve with its models; the rest of it we do not need
+	$(BIN)/python -m ticketserve.core.kernels build || echo "warning: compiled kernels not built (a C++ compiler is needed); the portable torch path will run"
 	touch $(STAMP)
 
 install: $(STAMP)
