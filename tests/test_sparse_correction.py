@@ -37,7 +37,7 @@ def test_the_compiled_kernels_are_built_here():
 def test_every_level_equals_the_materialised_weights_for_ragged_lengths(level, seq):
     weight, x, positions, which, want = _case(48, 40, seq, [0.02, 0.07, 0.3, 0.0, 1.0], seed=seq)
     y = x @ weight.T
-    subtract(y, x, weight, positions, which, level)
+    subtract(y, x, weight, positions, which, level=level)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
@@ -47,7 +47,7 @@ def test_column_indices_take_the_narrowest_type_and_every_level_reads_it(level, 
     weight, x, positions, which, want = _case(8, width, 5, [0.05, 0.5])
     assert {p.cols.dtype for p in positions} == {index_type}
     y = x @ weight.T
-    subtract(y, x, weight, positions, which, level)
+    subtract(y, x, weight, positions, which, level=level)
     torch.testing.assert_close(y, want, atol=1e-5 * width ** 0.5, rtol=1e-5)  # float32 sums over `width` terms
 
 
@@ -56,8 +56,8 @@ def test_no_task_and_empty_corrections_leave_the_shared_product(level):
     weight, x, positions, _, _ = _case(16, 24, 9, [0.0, 0.0])
     y = x @ weight.T
     before = y.clone()
-    subtract(y, x, weight, positions, [0, 1, -1], level)
-    subtract(y, x, weight, [], [-1, -1, -1], level)
+    subtract(y, x, weight, positions, [0, 1, -1], level=level)
+    subtract(y, x, weight, [], [-1, -1, -1], level=level)
     assert torch.equal(y, before)
 
 
@@ -66,7 +66,7 @@ def test_bfloat16_activations_are_within_bfloat16s_own_error(level):
     weight, x, positions, which, _ = _case(64, 96, 21, [0.05, 0.3])
     w16, x16 = weight.bfloat16(), x.bfloat16()
     y = x16 @ w16.T
-    subtract(y, x16, w16, positions, which, level)
+    subtract(y, x16, w16, positions, which, level=level)
     keeps = [_keep_mask(p, weight.shape) for p in positions]
     want = torch.stack([x[e].double() @ (w16.double() * keeps[t]).T if t >= 0 else x[e].double() @ w16.double().T
                         for e, t in enumerate(which)])
@@ -82,12 +82,23 @@ def _keep_mask(positions: MaskedPositions, shape) -> torch.Tensor:
     return keep
 
 
+@pytest.mark.parametrize("level", LEVELS[1:])
+def test_padding_after_each_examples_length_is_left_alone(level):
+    weight, x, positions, which, want = _case(40, 48, 37, [0.05, 0.3, 0.0])
+    lengths = [37, 1, 20, 16]
+    y = x @ weight.T
+    subtract(y, x, weight, positions, which, lengths, level=level)
+    for e, n in enumerate(lengths):
+        torch.testing.assert_close(y[e, :n], want[e, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[e, n:], x[e, n:] @ weight.T, atol=0, rtol=0)
+
+
 def test_a_level_beyond_this_cpu_is_refused():
     weight, x, positions, which, _ = _case(8, 16, 3, [0.1])
     if kernels.best_level() >= 2:
         pytest.skip("this CPU runs every level")
     with pytest.raises(RuntimeError, match="beyond what this CPU runs"):
-        subtract(x @ weight.T, x, weight, positions, which, kernels.best_level() + 1)
+        subtract(x @ weight.T, x, weight, positions, which, level=kernels.best_level() + 1)
 
 
 def test_the_serving_form_costs_its_masked_positions():

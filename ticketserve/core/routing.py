@@ -21,6 +21,7 @@ class Routing:
 
     slot_list: list[int]
     device: torch.device | str | None = None
+    lengths: list[int] | None = None  # each example's real tokens, where known without a device sync (CPU)
     slots: torch.Tensor = field(init=False)  # (batch,) int64, on `device`
     segments: list[tuple[int, torch.Tensor]] = field(init=False)
     uniform: int | None = field(init=False)

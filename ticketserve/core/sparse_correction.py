@@ -58,10 +58,12 @@ class MaskedPositions:
 
 
 def subtract(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, positions: list[MaskedPositions],
-             example_positions: list[int], level: int | None = None) -> None:
+             example_positions: list[int], lengths: list[int] | None = None, level: int | None = None) -> None:
     """y[e] -= x[e]·C_eᵀ in place for each example e with example_positions[e] ≥ 0, C_e being
     the masked weights of `positions[example_positions[e]]` (values read from `weight`).
-    y: (B, S, out), x: (B, S, in). `level` forces a kernel level (tests); -1 the torch path."""
+    y: (B, S, out), x: (B, S, in). `lengths`: each example's real tokens — the kernel leaves
+    the padding after them alone (nothing reads it); None: every position. `level` forces a
+    kernel level (tests); -1 the torch path."""
     if not positions:
         return
     compiled = y.device.type == "cpu" and kernels.available()
@@ -70,13 +72,9 @@ def subtract(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, positions: 
     if level < 0 or not compiled:
         _subtract_torch(y, x, weight, positions, example_positions)
         return
-    batch, seq, width = x.shape
-    padded = (seq + 15) // 16 * 16
-    xt = x.new_zeros(batch, width, padded, dtype=torch.float32)
-    xt[..., :seq] = x.transpose(1, 2)
-    which = torch.tensor(example_positions, dtype=torch.int64)
-    torch.ops.ticketserve.supermask_correct(y, xt, weight.detach(), [p.row_ptr for p in positions],
-                                            [p.cols for p in positions], which, level)
+    lengths = torch.tensor(lengths if lengths is not None else [x.shape[1]] * len(x), dtype=torch.int64)
+    torch.ops.ticketserve.supermask_correct(y, x.contiguous(), weight.detach(), [p.row_ptr for p in positions],
+                                            [p.cols for p in positions], torch.tensor(example_positions), lengths, level)
 
 
 def _subtract_torch(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, positions: list[MaskedPositions],

@@ -116,7 +116,8 @@ class Runtime:
                 index = torch.tensor(rows, device=self.device)
                 sub = {k: v.index_select(0, index) for k, v in inputs.items()}
                 members = [tasks[i] for i in rows]
-                hidden = self.hidden(members, sub, Routing([t.slot for t in members], self.device))
+                lengths = sub["attention_mask"].sum(1).tolist() if self.device.type == "cpu" else None
+                hidden = self.hidden(members, sub, Routing([t.slot for t in members], self.device, lengths))
                 by_task: dict[int, list[int]] = {}
                 for position, task in enumerate(members):
                     by_task.setdefault(id(task), []).append(position)

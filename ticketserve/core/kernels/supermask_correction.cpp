@@ -4,14 +4,18 @@
 //
 // C_e is a CSR over output rows of the masked positions: row pointers (int32) and column
 // indices (uint8 / int16 / int32, the narrowest that fits the input width); its values are
-// read from the shared weight W itself, never copied. x arrives transposed per example,
-// xt[e] = (in, S_pad) in float32, so one masked weight is one broadcast-FMA over a block of
-// tokens held in registers (AVX-512: 16 tokens per register, AVX2: 8), up to 4 registers.
+// read from the shared weight W itself, never copied. Each corrected example's tokens are
+// first transposed into blocks of 16 tokens, (in, 16) float32 each, so one masked weight is
+// one broadcast-FMA over 16 tokens held in a register (AVX-512; AVX2: two), reading one line
+// of a block that stays in L1 while a work item's rows run over it. Tokens past an example's
+// length (its padding) are skipped: nothing reads a padding position's output (attention
+// masks it, pooling ignores it).
 //
 // Dispatch at run time: level 2 = AVX-512F, 1 = AVX2+FMA, 0 = portable C++; -1 = the best
-// this CPU runs. Work items are (example, block of output rows), spread over torch's threads.
+// this CPU runs. Work items are (example, 32 tokens), spread over torch's threads.
 
 #include <torch/library.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
@@ -24,68 +28,89 @@
 
 namespace {
 
-constexpr int64_t kRowsPerItem = 32;  // output rows per work item
+constexpr int64_t kRowsPerItem = 32;  // output rows accumulated before they are written to y
 
-// acc[0:S_pad] = Σ_j W[o, c_j] · xt[c_j, 0:S_pad] over row o's masked positions (portable)
+// Tokens travel in blocks of 16: xt holds, per example and block, (in, 16) float32, so one
+// masked weight of a row costs one 64-byte line of the block (L1-resident while a work item's
+// rows run over it) and one FMA. acc[0:16] = Σ_j W[o, c_j] · xt_block[c_j, 0:16].
+
 template <typename index_t, typename scalar_t>
-void row_scalar(const scalar_t* w_row, const int32_t* rp, const index_t* cols, const float* xt, int64_t s_pad,
-                float* acc) {
-  std::fill(acc, acc + s_pad, 0.f);
+void row_scalar(const scalar_t* w_row, const int32_t* rp, const index_t* cols, const float* block, float* acc) {
+  float sum[16] = {};
   for (int32_t j = rp[0]; j < rp[1]; ++j) {
     const int64_t c = static_cast<int64_t>(cols[j]);
     const float w = static_cast<float>(w_row[c]);
-    const float* x = xt + c * s_pad;
-    for (int64_t t = 0; t < s_pad; ++t) acc[t] += w * x[t];
+    const float* x = block + c * 16;
+    for (int t = 0; t < 16; ++t) sum[t] += w * x[t];
   }
-}
-
-template <int NV, typename index_t, typename scalar_t>
-__attribute__((target("avx512f"))) void block512(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                 const float* xt, int64_t s_pad, int64_t t0, float* acc) {
-  __m512 sum[NV];
-  for (int v = 0; v < NV; ++v) sum[v] = _mm512_setzero_ps();
-  for (int32_t j = rp[0]; j < rp[1]; ++j) {
-    const int64_t c = static_cast<int64_t>(cols[j]);
-    const __m512 w = _mm512_set1_ps(static_cast<float>(w_row[c]));
-    const float* x = xt + c * s_pad + t0;
-    for (int v = 0; v < NV; ++v) sum[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * v), sum[v]);
-  }
-  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + t0 + 16 * v, sum[v]);
+  std::copy(sum, sum + 16, acc);
 }
 
 template <typename index_t, typename scalar_t>
 __attribute__((target("avx512f"))) void row_avx512(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                   const float* xt, int64_t s_pad, float* acc) {
-  int64_t t = 0;  // s_pad is a multiple of 16
-  for (; t + 64 <= s_pad; t += 64) block512<4>(w_row, rp, cols, xt, s_pad, t, acc);
-  switch ((s_pad - t) / 16) {
-    case 3: block512<3>(w_row, rp, cols, xt, s_pad, t, acc); break;
-    case 2: block512<2>(w_row, rp, cols, xt, s_pad, t, acc); break;
-    case 1: block512<1>(w_row, rp, cols, xt, s_pad, t, acc); break;
-    default: break;
+                                                   const float* block, float* acc) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;  // four independent FMA chains
+  int32_t j = rp[0];
+  for (; j + 3 < rp[1]; j += 4) {
+    const int64_t c0 = cols[j], c1 = cols[j + 1], c2 = cols[j + 2], c3 = cols[j + 3];
+    s0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c0])), _mm512_loadu_ps(block + c0 * 16), s0);
+    s1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c1])), _mm512_loadu_ps(block + c1 * 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c2])), _mm512_loadu_ps(block + c2 * 16), s2);
+    s3 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c3])), _mm512_loadu_ps(block + c3 * 16), s3);
   }
+  for (; j < rp[1]; ++j) {
+    const int64_t c = cols[j];
+    s0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c])), _mm512_loadu_ps(block + c * 16), s0);
+  }
+  _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
-template <int NV, typename index_t, typename scalar_t>
-__attribute__((target("avx2,fma"))) void block256(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                  const float* xt, int64_t s_pad, int64_t t0, float* acc) {
-  __m256 sum[NV];
-  for (int v = 0; v < NV; ++v) sum[v] = _mm256_setzero_ps();
-  for (int32_t j = rp[0]; j < rp[1]; ++j) {
-    const int64_t c = static_cast<int64_t>(cols[j]);
-    const __m256 w = _mm256_set1_ps(static_cast<float>(w_row[c]));
-    const float* x = xt + c * s_pad + t0;
-    for (int v = 0; v < NV; ++v) sum[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * v), sum[v]);
+// Two token blocks at once (`next` = the second's base): each masked weight's index and value
+// are read once for 32 tokens.
+template <typename index_t, typename scalar_t>
+__attribute__((target("avx512f"))) void row2_avx512(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
+                                                    const float* block, int64_t next, float* acc, float* acc_next) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  int32_t j = rp[0];
+  for (; j + 1 < rp[1]; j += 2) {
+    const int64_t c0 = cols[j], c1 = cols[j + 1];
+    const __m512 w0 = _mm512_set1_ps(static_cast<float>(w_row[c0])), w1 = _mm512_set1_ps(static_cast<float>(w_row[c1]));
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(block + c0 * 16), a0);
+    b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(block + next + c0 * 16), b0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(block + c1 * 16), a1);
+    b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(block + next + c1 * 16), b1);
   }
-  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + t0 + 8 * v, sum[v]);
+  if (j < rp[1]) {
+    const int64_t c = cols[j];
+    const __m512 w = _mm512_set1_ps(static_cast<float>(w_row[c]));
+    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(block + c * 16), a0);
+    b0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(block + next + c * 16), b0);
+  }
+  _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
+  _mm512_storeu_ps(acc_next, _mm512_add_ps(b0, b1));
 }
 
 template <typename index_t, typename scalar_t>
 __attribute__((target("avx2,fma"))) void row_avx2(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                  const float* xt, int64_t s_pad, float* acc) {
-  int64_t t = 0;  // s_pad is a multiple of 16: whole blocks of 32, then one of 16 at most
-  for (; t + 32 <= s_pad; t += 32) block256<4>(w_row, rp, cols, xt, s_pad, t, acc);
-  if (t < s_pad) block256<2>(w_row, rp, cols, xt, s_pad, t, acc);
+                                                  const float* block, float* acc) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;  // two weights per step, two halves each
+  int32_t j = rp[0];
+  for (; j + 1 < rp[1]; j += 2) {
+    const int64_t c0 = cols[j], c1 = cols[j + 1];
+    const __m256 w0 = _mm256_set1_ps(static_cast<float>(w_row[c0])), w1 = _mm256_set1_ps(static_cast<float>(w_row[c1]));
+    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(block + c0 * 16), a0);
+    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(block + c0 * 16 + 8), a1);
+    b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(block + c1 * 16), b0);
+    b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(block + c1 * 16 + 8), b1);
+  }
+  if (j < rp[1]) {
+    const int64_t c = cols[j];
+    const __m256 w = _mm256_set1_ps(static_cast<float>(w_row[c]));
+    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(block + c * 16), a0);
+    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(block + c * 16 + 8), a1);
+  }
+  _mm256_storeu_ps(acc, _mm256_add_ps(a0, b0));
+  _mm256_storeu_ps(acc + 8, _mm256_add_ps(a1, b1));
 }
 
 int best_level() {
@@ -96,49 +121,90 @@ int best_level() {
 }
 
 template <typename index_t, typename scalar_t>
-void correct_typed(at::Tensor& y, const at::Tensor& xt, const at::Tensor& weight, const std::vector<at::Tensor>& row_ptrs,
-                   const std::vector<at::Tensor>& cols, const at::Tensor& example_csr, int level) {
-  const int64_t batch = y.size(0), seq = y.size(1), out = y.size(2), in = weight.size(1), s_pad = xt.size(2);
-  const int64_t blocks = (out + kRowsPerItem - 1) / kRowsPerItem;
+void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const std::vector<at::Tensor>& row_ptrs,
+                   const std::vector<at::Tensor>& cols, const at::Tensor& example_csr, const at::Tensor& lengths,
+                   int level) {
+  const int64_t batch = y.size(0), seq = y.size(1), out = y.size(2), in = weight.size(1);
+  const int64_t blocks = (seq + 15) / 16;
   const int64_t* which = example_csr.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
   const scalar_t* w_data = weight.data_ptr<scalar_t>();
-  const float* xt_data = xt.data_ptr<float>();
   std::vector<const int32_t*> rp_data;
   std::vector<const index_t*> col_data;
   for (size_t i = 0; i < row_ptrs.size(); ++i) {
     rp_data.push_back(row_ptrs[i].data_ptr<int32_t>());
     col_data.push_back(reinterpret_cast<const index_t*>(cols[i].data_ptr()));
   }
+  // each corrected example's tokens as blocks of (in, 16) float32, zero past its length
+  at::Tensor xt = at::empty({batch, blocks, in, 16}, at::kFloat);
+  float* xt_data = xt.data_ptr<float>();
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(s_pad);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = item / blocks, first = (item % blocks) * kRowsPerItem;
+      const int64_t e = item / blocks, t0 = (item % blocks) * 16;
+      if (which[e] < 0 || t0 >= length[e]) continue;
+      float* dst = xt_data + item * in * 16;
+      const int64_t n = std::min<int64_t>(16, length[e] - t0);
+      const scalar_t* src = x_data + (e * seq + t0) * in;
+      for (int64_t c0 = 0; c0 < in; c0 += 16) {  // 16 features at a time: 16 lines written in turn
+        const int64_t c1 = std::min(in, c0 + 16);
+        for (int64_t t = 0; t < 16; ++t)
+          for (int64_t c = c0; c < c1; ++c) dst[c * 16 + t] = t < n ? static_cast<float>(src[t * in + c]) : 0.f;
+      }
+    }
+  });
+  // work items are (example, 32 tokens); each runs over every output row in order, so its
+  // rows of y are read and written front to back, prefetched a chunk of rows ahead
+  const int64_t pairs = (blocks + 1) / 2;
+  at::parallel_for(0, batch * pairs, 1, [&](int64_t begin, int64_t end) {
+    float acc[kRowsPerItem * 32];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = item / pairs, t0 = (item % pairs) * 32;
       const int64_t csr = which[e];
-      if (csr < 0) continue;
-      const float* x = xt_data + e * in * s_pad;
-      for (int64_t o = first; o < std::min(out, first + kRowsPerItem); ++o) {
-        const int32_t* rp = rp_data[csr] + o;
-        if (rp[0] == rp[1]) continue;
-        const scalar_t* w_row = w_data + o * in;
-        if (level == 2) row_avx512(w_row, rp, col_data[csr], x, s_pad, acc.data());
-        else if (level == 1) row_avx2(w_row, rp, col_data[csr], x, s_pad, acc.data());
-        else row_scalar(w_row, rp, col_data[csr], x, s_pad, acc.data());
-        scalar_t* y_col = y_data + e * seq * out + o;
-        for (int64_t t = 0; t < seq; ++t) y_col[t * out] = static_cast<scalar_t>(static_cast<float>(y_col[t * out]) - acc[t]);
+      if (csr < 0 || t0 >= length[e]) continue;
+      const int64_t tokens = std::min<int64_t>(32, length[e] - t0);
+      const float* block = xt_data + (e * blocks + t0 / 16) * in * 16;
+      const int32_t* rp_all = rp_data[csr];
+      const index_t* item_cols = col_data[csr];
+      for (int64_t first = 0; first < out; first += kRowsPerItem) {
+        const int64_t rows = std::min(out, first + kRowsPerItem) - first;
+        if (rp_all[first] == rp_all[first + rows]) continue;  // nothing masked in these rows
+        for (int64_t t = 0; t < tokens; ++t) {  // y's lines for these rows arrive while the rows run
+          const scalar_t* y_next = y_data + (e * seq + t0 + t) * out + first;
+          for (int64_t r = 0; r < rows; r += 64 / sizeof(scalar_t)) __builtin_prefetch(y_next + r, 1);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t* rp = rp_all + first + r;
+          float* row_acc = acc + r * 32;
+          if (rp[0] == rp[1]) { std::fill(row_acc, row_acc + 32, 0.f); continue; }
+          const scalar_t* w_row = w_data + (first + r) * in;
+          if (level == 2 && tokens > 16) row2_avx512(w_row, rp, item_cols, block, in * 16, row_acc, row_acc + 16);
+          else if (level == 2) row_avx512(w_row, rp, item_cols, block, row_acc);
+          else for (int64_t b = 0; b * 16 < tokens; ++b) {
+            if (level == 1) row_avx2(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
+            else row_scalar(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
+          }
+        }
+        for (int64_t t = 0; t < tokens; ++t) {
+          scalar_t* y_row = y_data + (e * seq + t0 + t) * out + first;
+          for (int64_t r = 0; r < rows; ++r)
+            y_row[r] = static_cast<scalar_t>(static_cast<float>(y_row[r]) - acc[r * 32 + t]);
+        }
       }
     }
   });
 }
 
-void supermask_correct(at::Tensor y, const at::Tensor& xt, const at::Tensor& weight, at::TensorList row_ptrs,
-                       at::TensorList cols, const at::Tensor& example_csr, int64_t level) {
+void supermask_correct(at::Tensor y, const at::Tensor& x, const at::Tensor& weight, at::TensorList row_ptrs,
+                       at::TensorList cols, const at::Tensor& example_csr, const at::Tensor& lengths, int64_t level) {
   TORCH_CHECK(y.device().is_cpu() && y.dim() == 3 && y.is_contiguous(), "y: a contiguous CPU (B, S, out) tensor");
-  TORCH_CHECK(xt.scalar_type() == at::kFloat && xt.dim() == 3 && xt.is_contiguous() && xt.size(0) == y.size(0) &&
-              xt.size(2) >= y.size(1) && xt.size(2) % 16 == 0, "xt: contiguous float32 (B, in, S padded to 16)");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == y.scalar_type() && x.size(0) == y.size(0) &&
+              x.size(1) == y.size(1), "x: contiguous (B, S, in), y's dtype");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == y.scalar_type() && weight.size(0) == y.size(2) &&
-              weight.size(1) == xt.size(1), "weight: contiguous (out, in), y's dtype");
+              weight.size(1) == x.size(2), "weight: contiguous (out, in), y's dtype");
   TORCH_CHECK(example_csr.scalar_type() == at::kLong && example_csr.numel() == y.size(0), "example_csr: int64 (B,)");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == y.size(0), "lengths: int64 (B,)");
   TORCH_CHECK(row_ptrs.size() == cols.size(), "one column index tensor per row pointer tensor");
   const auto index_type = cols.empty() ? at::kShort : cols[0].scalar_type();
   std::vector<at::Tensor> rps(row_ptrs.begin(), row_ptrs.end()), cs(cols.begin(), cols.end());
@@ -148,16 +214,19 @@ void supermask_correct(at::Tensor y, const at::Tensor& xt, const at::Tensor& wei
     TORCH_CHECK(cs[i].scalar_type() == index_type && cs[i].is_contiguous(), "column indices: one integer type");
   }
   const int64_t* which = example_csr.data_ptr<int64_t>();
-  for (int64_t e = 0; e < example_csr.numel(); ++e)
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t e = 0; e < example_csr.numel(); ++e) {
     TORCH_CHECK(which[e] >= -1 && which[e] < static_cast<int64_t>(rps.size()), "example_csr out of range");
+    TORCH_CHECK(length[e] >= 0 && length[e] <= y.size(1), "lengths out of range");
+  }
   const int best = best_level();
   const int run = level < 0 ? best : static_cast<int>(level);
   TORCH_CHECK(run <= best, "dispatch level ", run, " is beyond what this CPU runs (", best, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "supermask_correct", [&] {
     switch (index_type) {
-      case at::kByte: correct_typed<uint8_t, scalar_t>(y, xt, weight, rps, cs, example_csr, run); break;
-      case at::kShort: correct_typed<int16_t, scalar_t>(y, xt, weight, rps, cs, example_csr, run); break;
-      case at::kInt: correct_typed<int32_t, scalar_t>(y, xt, weight, rps, cs, example_csr, run); break;
+      case at::kByte: correct_typed<uint8_t, scalar_t>(y, x, weight, rps, cs, example_csr, lengths, run); break;
+      case at::kShort: correct_typed<int16_t, scalar_t>(y, x, weight, rps, cs, example_csr, lengths, run); break;
+      case at::kInt: correct_typed<int32_t, scalar_t>(y, x, weight, rps, cs, example_csr, lengths, run); break;
       default: TORCH_CHECK(false, "column indices must be uint8, int16 or int32");
     }
   });
@@ -168,8 +237,8 @@ int64_t supermask_best_level() { return best_level(); }
 }  // namespace
 
 TORCH_LIBRARY(ticketserve, m) {
-  m.def("supermask_correct(Tensor(a!) y, Tensor xt, Tensor weight, Tensor[] row_ptrs, Tensor[] cols, "
-        "Tensor example_csr, int level) -> ()");
+  m.def("supermask_correct(Tensor(a!) y, Tensor x, Tensor weight, Tensor[] row_ptrs, Tensor[] cols, "
+        "Tensor example_csr, Tensor lengths, int level) -> ()");
   m.def("supermask_best_level() -> int", &supermask_best_level);
 }
 

@@ -248,7 +248,8 @@ class Corrections:
                     index[slot] = len(found)
                     found.append(masked)
             if found:
-                subtract(output, args[0], module.weight, found, [index.get(slot, -1) for slot in slots])
+                subtract(output, args[0], module.weight, found, [index.get(slot, -1) for slot in slots],
+                         None if routing is None else routing.lengths)
 
         return subtract_masked
 
