@@ -74,7 +74,7 @@ def test_supermask_references_decode_against_the_float32_weights(tiny_checkpoint
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     weights = {n: p.detach().clone() for n, p in backbone.model.named_parameters() if n.endswith("query.weight")}
     names = {n.removesuffix(".weight"): w for n, w in weights.items()}
-    dropped = {n: w.numel() // 2 for n, w in names.items()}
+    dropped = {n: w.numel() * 3 // 4 for n, w in names.items()}  # beyond MAX_CORRECTED_SHARE: materialised
     masks = {n: magnitude_mask(w, dropped[n]) for n, w in names.items()}
     for mask in masks.values():
         mask.view(-1)[:7] ^= True  # a few flips from the start, as training makes
@@ -174,11 +174,11 @@ def test_materialised_supermask_tasks_on_an_int8_encoder_run_their_masked_weight
     path = str(tiny_checkpoints["roberta"])
     exact, quantized = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), device="cpu", quantize="int8")
     generator = torch.Generator().manual_seed(1)
-    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.5 for n, m in dense_matrices(exact.encoder).items()}
+    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.7 for n, m in dense_matrices(exact.encoder).items()}
     masked = in_memory_artifact(exact.backbone, "dense-mask", encode_masks(masks), seed=1, kind="supermask")
     want = exact.logits([exact.add(masked)] * 3, exact.tokenize(TEXTS[:3]))
     task = quantized.add(masked)
-    assert isinstance(task.encoder, MaskedEncoder)  # half its weights masked: materialised, not a correction
+    assert isinstance(task.encoder, MaskedEncoder)  # 70 % of its weights masked: materialised, not a correction
     got = quantized.logits([task] * 3, quantized.tokenize(TEXTS[:3]))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)

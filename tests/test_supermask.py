@@ -17,6 +17,7 @@ from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.kinds.supermask import (
     MAX_CORRECTED_SHARE,
+    cache_for,
     CODECS,
     MaskCache,
     decode_mask,
@@ -144,7 +145,7 @@ def _random_masks(backbone, seed: int, zeros: float = 0.2) -> dict[str, torch.Te
             for name, m in dense_matrices(backbone.model).items()}
 
 
-@pytest.mark.parametrize("zeros", [0.2, 0.5])  # a correction inside the shared forward; materialised weights
+@pytest.mark.parametrize("zeros", [0.2, 0.7])  # a correction inside the shared forward; materialised weights
 def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_backbone, zeros):
     masks_a, masks_b = _random_masks(tiny_backbone, 1, zeros), _random_masks(tiny_backbone, 2, zeros)
     offline = copy.deepcopy(tiny_backbone.model)
@@ -169,6 +170,18 @@ def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_bac
     mixed = runtime.logits(names, inputs)
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i], runtime.logits([name], runtime.tokenize([TEXTS[i]]))[0], atol=1e-5, rtol=0)
+
+
+def test_the_mask_cache_counts_corrected_tasks_at_their_serving_size(tiny_backbone):
+    runtime = Runtime(tiny_backbone, device="cpu")
+    task = runtime.add(in_memory_artifact(tiny_backbone, "mask", encode_masks(_random_masks(tiny_backbone, 4, 0.05)),
+                                          kind="supermask"))
+    cache = cache_for(runtime.encoder)
+    positions = cache.entries[task.slot]
+    assert cache.bytes == sum(p.row_ptr.numel() * 4 + p.cols.numel() * p.cols.element_size() for p in positions.values())
+    assert cache.bytes < 0.1 * sum(m.weight.numel() * 4 for m in dense_matrices(tiny_backbone.model).values())
+    runtime.remove(task)
+    assert cache.bytes == 0
 
 
 def test_mask_cache_is_bounded_by_bytes_and_lru():

@@ -31,12 +31,9 @@ class MaskedPositions:
         """From a boolean keep-mask (out, in): the positions where it is False."""
         out, width = keep.shape
         index_type = next(t for t in INDEX_TYPES if width - 1 <= torch.iinfo(t).max)
-        dropped = ~keep.cpu()
-        counts = dropped.sum(dim=1, dtype=torch.int32)
-        row_ptr = torch.zeros(out + 1, dtype=torch.int32)
-        torch.cumsum(counts, 0, out=row_ptr[1:])
-        cols = dropped.nonzero()[:, 1].to(index_type)  # row-major: rows ascending, columns within
-        return cls(row_ptr, cols)
+        flat = torch.nonzero(~keep.cpu().flatten()).flatten()  # row-major: rows ascending, columns within
+        row_ptr = torch.searchsorted(flat, torch.arange(0, (out + 1) * width, width)).to(torch.int32)
+        return cls(row_ptr, (flat % width).to(index_type))
 
     @property
     def nnz(self) -> int:

@@ -41,7 +41,7 @@ from ticketserve.core.sparse_correction import MaskedPositions, subtract
 
 MASK, CODEC, REFERENCE = ".mask", ".codec", ".reference"
 DEFAULT_CACHE_BYTES = int(os.environ.get("TICKETSERVE_MASK_CACHE_BYTES", 512 * 2**20))
-MAX_CORRECTED_SHARE = 0.3  # masked share of a matrix above which a task takes the materialised path
+MAX_CORRECTED_SHARE = 0.5  # beyond it, materialised weights; at 50 % corrections still ran 2.3× their speed (benchmarks/serving.md)
 
 
 def _bits(packed: bytes, length: int) -> bitarray:
@@ -279,10 +279,15 @@ def masked_positions(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict
     return {n: MaskedPositions.of(m).to(device) for n, m in masks.items()}
 
 
-def runs_as_correction(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
-    """Only dense matrices masked, none beyond MAX_CORRECTED_SHARE."""
+def correctable(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions] | None:
+    """The task's masked positions, if it runs as a correction: only dense matrices masked,
+    none beyond MAX_CORRECTED_SHARE; else None."""
     dense = dense_matrices(encoder)
-    return all(n in dense and 1 - float(m.float().mean()) <= MAX_CORRECTED_SHARE for n, m in masks.items())
+    if not all(n in dense for n in masks):
+        return None
+    positions = masked_positions(encoder, masks)
+    fits = all(p.nnz <= MAX_CORRECTED_SHARE * masks[n].numel() for n, p in positions.items())
+    return positions if fits else None
 
 
 @register_kind
@@ -308,11 +313,11 @@ class SupermaskKind(Kind):
         decode_masks(tensors, {n: params[f"{n}.weight"] for n in names}, cache_for(encoder).cuts)  # fail now, not later
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        masks = exact_masks(encoder, tensors)
-        if not runs_as_correction(encoder, masks):
+        positions = correctable(encoder, exact_masks(encoder, tensors))
+        if positions is None:
             return MaskedEncoder(encoder, slot, tensors)
         corrections = corrections_for(encoder)
-        cache_for(encoder).get(slot, lambda: masked_positions(encoder, masks))  # built at load, not in a batch
+        cache_for(encoder).get(slot, lambda: positions)  # built at load, not in a batch
         corrections.sources[slot] = tensors
         return encoder
 
