@@ -344,7 +344,7 @@ def precision_part(backbone_spec: str | None, label: str, texts: list[str], coun
                    f"ours: 100 structure masks mixed, {name}": ours(backbone_spec, store, names["structure_mask"],
                                                                     **kw),
                    f"ours: 100 LoRA r=8 mixed, {name}": ours(backbone_spec, store, names["lora"], **kw),
-                   f"ours: 100 supermasks, cache for 10, {name}": ours(backbone_spec, store, names["supermask"],
+                   f"ours: 100 supermasks mixed (5% masked), {name}": ours(backbone_spec, store, names["supermask"],
                                                                        mask_cache_bytes=10 * one_mask, **kw)}
         if quantize == "int8" and DEVICE.type == "cpu":  # ONNX Runtime's quantiser against ours
             from ticketserve.runtime.onnx_backend import OnnxRuntime
