@@ -51,7 +51,7 @@ def task_versions(store, pattern: str) -> list:
     return found
 
 
-def retrain(registry: Path, jobs: int) -> None:
+def retrain(registry: Path, jobs: int, epochs: int = 3, methods: tuple[str, ...] = (*STUDY_SETTINGS, "mtl")) -> None:
     """The studies' artifacts, retrained where the registry lacks them (resumable by name)."""
     import functools
 
@@ -74,14 +74,14 @@ def retrain(registry: Path, jobs: int) -> None:
         lr, options = STUDY_SETTINGS[method]
         if method == "dominant":
             options = {**options, "ticket": f"precision-{task}-ticket-s42"}
-        record = train_record(task, method, 42, name=name, train_samples=samples.get(task), lr=lr, options=options,
-                              registry=registry)
+        record = train_record(task, method, 42, name=name, train_samples=samples.get(task), epochs=epochs, lr=lr,
+                              options=options, registry=registry)
         append(QUALITY, record | {"study": "precision-v1"})
 
     def search(task: str) -> None:
         if f"precision-{task}-ticket-s42" not in have:
             cli("train", "--method", "ticket-search", "--task", task, "--name", f"precision-{task}-ticket-s42",
-                "--sigma-quantile", "0.99", *data(task))
+                "--sigma-quantile", "0.99", "--epochs", str(epochs), *data(task))
 
     def multitask() -> None:
         if "precision-mtl" not in have:
@@ -89,9 +89,12 @@ def retrain(registry: Path, jobs: int) -> None:
                 str(DATA_ROOT), "--name", "precision-mtl", "--registry", str(registry), "--seed", "42",
                 "--train-samples", str(SST2_TRAIN_SAMPLES))
 
-    run_stage(jobs, [multitask, *(functools.partial(search, t) for t in TASKS),
-                     *(functools.partial(single, t, m) for m in ("full", "bitfit", "supermask") for t in TASKS)])
-    run_stage(jobs, [functools.partial(single, t, "dominant") for t in TASKS])
+    run_stage(jobs, [*([multitask] if "mtl" in methods else []),
+                     *(functools.partial(search, t) for t in TASKS if "dominant" in methods),
+                     *(functools.partial(single, t, m) for m in ("full", "bitfit", "supermask") if m in methods
+                       for t in TASKS)])
+    if "dominant" in methods:
+        run_stage(jobs, [functools.partial(single, t, "dominant") for t in TASKS])
 
 
 def main() -> None:
@@ -102,9 +105,11 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--train", action="store_true", help="first retrain the studies' artifacts (see above)")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time (--train)")
+    parser.add_argument("--epochs", type=int, default=3, help="--train: epochs per run (the studies trained 3)")
+    parser.add_argument("--methods", default="full,bitfit,dominant,supermask,mtl", help="--train: which to retrain")
     args = parser.parse_args()
     if args.train:
-        retrain(Path(args.registry), args.jobs)
+        retrain(Path(args.registry), args.jobs, args.epochs, tuple(args.methods.split(",")))
 
     import torch
 

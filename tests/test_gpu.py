@@ -91,3 +91,18 @@ def test_mixed_precision_training_on_the_device(store, tiny_checkpoints):
         assert all(point["loss"] == point["loss"] for point in manifest.curves["train_loss"])  # no NaN
         tensors = artifact.load(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"]))).kind_tensors
         assert {t.dtype for t in tensors.values()} == {torch.float32}, precision
+
+
+def test_supermask_corrections_on_the_device_equal_the_materialised_weights():
+    """On CUDA the correction runs as a sparse CSR matmul (cuSPARSE through torch)."""
+    from ticketserve.core.sparse_correction import MaskedPositions, subtract
+
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(96, 64, generator=generator), torch.randn(3, 11, 64, generator=generator)
+    keeps = [torch.rand(96, 64, generator=generator) >= share for share in (0.05, 0.3)]
+    want = torch.stack([x[0] @ (weight * keeps[0]).T, x[1] @ weight.T, x[2] @ (weight * keeps[1]).T])
+    on_device = weight.to(DEVICE), x.to(DEVICE)
+    y = on_device[1] @ on_device[0].T
+    subtract(y, on_device[1], on_device[0], [MaskedPositions.of(k).to(torch.device(DEVICE)) for k in keeps],
+             [0, -1, 1])
+    torch.testing.assert_close(y.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -48,8 +48,8 @@ class MaskedPositions:
 
     def dense(self, weight: torch.Tensor) -> torch.Tensor:
         """C = W⊙(1−M) as a sparse CSR tensor, values gathered from `weight` (float32)."""
-        rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=weight.device),
-                                       (self.row_ptr[1:] - self.row_ptr[:-1]).long())
+        rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=weight.device),  # output_size: no sync
+                                       (self.row_ptr[1:] - self.row_ptr[:-1]).long(), output_size=self.nnz)
         cols = self.cols.long()
         return torch.sparse_csr_tensor(self.row_ptr.long(), cols, weight[rows, cols].float(), tuple(weight.shape))
 
