@@ -25,7 +25,7 @@ def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path):
     assert {r["batch"] for r in records} == {8, 16} and {r["dtype"] for r in records} == {"float32", "bfloat16"}
     workloads = {r["workload"] for r in records}
     for workload in ("plain backbone", "ours: 1 task (Dominant-1)", "ours: 100 Dominant-1 mixed",
-                     "ours: 100 structure masks mixed", "ours: 100 LoRA r=8 mixed", "ours: 100 supermasks, cache for 10",
+                     "ours: 100 structure masks mixed", "ours: 100 LoRA r=8 mixed", "ours: 100 supermasks mixed (5% masked)",
                      "peft LoRA r=8 x100, adapter_names mixed"):
         assert f"{workload}, bfloat16" in workloads, workload
     assert "batches of 16" in (out / "serving.md").read_text()
