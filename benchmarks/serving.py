@@ -449,10 +449,9 @@ def load_part(texts: list[str]) -> list[dict]:
 
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
+    from ticketserve.core.kinds.supermask import cache_for
     from ticketserve.registry import open_store
     from ticketserve.runtime.executor import Runtime
-
-    from ticketserve.core.kinds.supermask import cache_for
 
     backbone = load_backbone()
     store = open_store(tempfile.mkdtemp(prefix="ts-bench-load-"))

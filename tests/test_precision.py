@@ -14,10 +14,10 @@ import torch
 from tests.helpers import TEXTS, in_memory_artifact
 from tests.test_cli import cli
 from tests.test_kinds import TASK_KINDS, _artifact
-from ticketserve.core import artifact
+from ticketserve.core.artifact import load as load_artifact
 from ticketserve.core.backbone import dense_matrices, load_backbone
-from ticketserve.core.tasks import get_task
 from ticketserve.core.kinds.supermask import MaskedEncoder, decode_masks, encode_masks, magnitude_mask
+from ticketserve.core.tasks import get_task
 from ticketserve.runtime.executor import Runtime
 from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.loop import cpu_has_bf16
@@ -202,7 +202,7 @@ def test_bf16_mixed_precision_training_runs_in_bf16_and_publishes_float32(store,
                         config.model_copy(update={"precision": precision}), store, data_dir="sample",
                         name=f"full-{precision}", show_progress=False)
         runs[precision] = store.manifest(outcome.version)
-        tensors = artifact.load(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"]))).kind_tensors
+        tensors = load_artifact(store, outcome.version, load_backbone(str(tiny_checkpoints["bert"]))).kind_tensors
         assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert runs["bf16"].hyperparameters["precision"] == "bf16"
     losses = {p: [point["loss"] for point in m.curves["train_loss"]] for p, m in runs.items()}

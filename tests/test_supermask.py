@@ -16,10 +16,10 @@ from ticketserve.core.backbone import dense_matrices, load_backbone
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.kinds.supermask import (
-    MAX_CORRECTED_SHARE,
-    cache_for,
     CODECS,
+    MAX_CORRECTED_SHARE,
     MaskCache,
+    cache_for,
     decode_mask,
     decode_masks,
     encode_mask,
