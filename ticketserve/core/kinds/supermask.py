@@ -268,26 +268,27 @@ def corrections_for(encoder: nn.Module) -> Corrections:
         return _CORRECTIONS[encoder]
 
 
-# masks decoded by `validate`, kept for the `attach` that follows it, by the id of the
-# artifact's first mask tensor: taken once (a served task keeps its artifact's tensors, not its
-# decoded masks), dropped with the tensor if no attach comes
-_VALIDATED: dict[int, tuple[weakref.ref, dict[str, torch.Tensor]]] = {}
+# the masks `validate` decoded last, for the `attach` that follows it: taken once, and only by
+# the very same tensors on the same weights (one entry: a load between the two decodes again)
+_VALIDATED: list[tuple[nn.Module, Tensors, dict[str, torch.Tensor]]] = []
+_VALIDATED_LOCK = threading.Lock()
 
 
-def remember_validated(key: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
-    _VALIDATED[id(key)] = (weakref.ref(key), masks)
-    weakref.finalize(key, _VALIDATED.pop, id(key), None)
+def _decode_exact(encoder: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
+    exact = dict(master(encoder).named_parameters())
+    return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in masked_names(tensors)}, cache_for(encoder).cuts)
 
 
 def exact_masks(encoder: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
     """A task's masks, references decoded against the float32 weights."""
-    names = masked_names(tensors)
-    key = tensors[names[0] + MASK] if names else None
-    ref, validated = _VALIDATED.pop(id(key), (None, None))
-    if ref is not None and ref() is key:
-        return validated
-    exact = dict(master(encoder).named_parameters())
-    return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in names}, cache_for(encoder).cuts)
+    with _VALIDATED_LOCK:
+        if _VALIDATED:
+            weights, seen, masks = _VALIDATED[0]
+            if weights is master(encoder) and seen.keys() == tensors.keys() and all(
+                    seen[k] is tensors[k] for k in seen):
+                _VALIDATED.clear()
+                return masks
+    return _decode_exact(encoder, tensors)
 
 
 def masked_positions(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions]:
@@ -326,7 +327,9 @@ class SupermaskKind(Kind):
             reference = tensors.get(name + REFERENCE)
             if reference is not None and (reference.dtype != torch.int64 or reference.shape != (1,)):
                 raise CorruptArtifact(f"supermask {name}: reference must be one int64 count")
-        remember_validated(tensors[names[0] + MASK], exact_masks(encoder, tensors))  # fail now, not later
+        masks = _decode_exact(encoder, tensors)  # fail now, not later
+        with _VALIDATED_LOCK:
+            _VALIDATED[:] = [(master(encoder), dict(tensors), masks)]
 
     def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
         positions = correctable(encoder, exact_masks(encoder, tensors))
