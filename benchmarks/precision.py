@@ -132,7 +132,7 @@ def main() -> None:
             backbone_name = manifest.backbone.name
             if backbone_name not in runtimes:
                 encoder_dtype, quantize = MODES[dtype]
-                runtimes[backbone_name] = Runtime(load_backbone(backbone_name), device="cpu",
+                runtimes[backbone_name] = Runtime(load_backbone(backbone_name, store), device="cpu",
                                                   dtype=dtype_named(encoder_dtype), quantize=quantize)
             runtime = runtimes[backbone_name]
             task = runtime.add(artifact.load(store, version, runtime.backbone))
