@@ -10,6 +10,7 @@ the kernel is not built."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,10 @@ class MaskedPositions:
         rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=weight.device),  # output_size: no sync
                                        (self.row_ptr[1:] - self.row_ptr[:-1]).long(), output_size=self.nnz)
         cols = self.cols.long()
-        return torch.sparse_csr_tensor(self.row_ptr.long(), cols, weight[rows, cols].float(), tuple(weight.shape))
+        with warnings.catch_warnings():  # torch calls sparse CSR "beta" on every construction: not news
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            return torch.sparse_csr_tensor(self.row_ptr.long(), cols, weight[rows, cols].float(), tuple(weight.shape),
+                                           check_invariants=False)
 
 
 def subtract(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, positions: list[MaskedPositions],
