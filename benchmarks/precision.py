@@ -9,11 +9,11 @@ float32 metric and the change under each precision (target: |mean change| ≤ 0.
     python benchmarks/precision.py --train --jobs 2     # first retrain the studies' artifacts (hours)
 
 The quality studies' registries did not keep their artifacts, so `--train` retrains one per
-task and method at the setting its study chose (seed 42, the studies' training budgets): full
-FT, BitFit, Dominant-1 (its own ticket, searched as the Dominant study searched), supermask,
-and the structure masks of plain multi-task training (`ticketshare --plain`, every gate open:
-a closed gate multiplies by an exact 0 in any precision, so open gates are where precision
-can cost anything).
+task and method at the rate its study chose (seed 42, the studies' data budgets, `--epochs`
+as given: the recorded run used 1): full FT, BitFit, Dominant-1 (its own ticket, searched as
+the Dominant study searched), supermask, and the structure masks of plain multi-task training
+(`ticketshare --plain`, every gate open: a closed gate multiplies by an exact 0 in any
+precision, so open gates are where precision can cost anything).
 """
 
 from __future__ import annotations
