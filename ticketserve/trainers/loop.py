@@ -65,7 +65,7 @@ def check_precision(precision: str, cuda: bool) -> None:
         raise InvalidArgument("--precision fp16 needs a CUDA device; on CPU use --precision bf16")
     if precision == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()):
         raise InvalidArgument("--precision bf16: this device has no native bfloat16 (CUDA before Ampere, or a CPU "
-                         "without AVX-512 BF16 / AMX); train in fp32")
+                              "without AVX-512 BF16 / AMX); train in fp32")
 
 
 def cpu_has_bf16() -> bool:

@@ -62,6 +62,7 @@ def available() -> bool:
     return False
 
 
+@functools.cache
 def best_level() -> int:
     """The fastest dispatch level this CPU runs: 2 AVX-512, 1 AVX2, 0 portable C++ (-1: not built)."""
     return int(torch.ops.ticketserve.supermask_best_level()) if available() else -1

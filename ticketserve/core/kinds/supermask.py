@@ -212,8 +212,8 @@ class MaskedEncoder(nn.Module):
         params = dict(base.named_parameters())
 
         def build() -> dict[str, torch.Tensor]:
-            return {f"{n}.weight": params[f"{n}.weight"].detach() * m.to(params[f"{n}.weight"].device,
-                                                                           params[f"{n}.weight"].dtype)
+            weights = {n: params[f"{n}.weight"].detach() for n in masked_names(self.tensors)}
+            return {f"{n}.weight": weights[n] * m.to(weights[n].device, weights[n].dtype)
                     for n, m in exact_masks(base, self.tensors).items()}
 
         return cache_for(base).get(self.slot, build)
