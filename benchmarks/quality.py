@@ -23,6 +23,10 @@ RESULTS = HERE / "results"
 QUALITY = RESULTS / "quality.jsonl"
 DATA_ROOT = HERE.parent.parent / "shared" / "data" / "glue"
 REGISTRY = HERE / ".registry"
+# each method's default rate when the first studies ran, before the studies' own choices became
+# the defaults (#22): their records hold these rates, and their reports keep reading them as the
+# first point of each grid
+FIRST_DEFAULT_LR = {"full": 5e-5, "bitfit": 1e-3, "dominant": 1e-3, "random": 1e-3, "ticket-search": 5e-5, "lora": 5e-4}
 
 
 def cli(*args: str) -> dict:

@@ -19,9 +19,7 @@ import math
 import statistics
 from pathlib import Path
 
-from quality import QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_record
-
-from ticketserve.trainers import methods
+from quality import FIRST_DEFAULT_LR, QUALITY, REGISTRY, RESULTS, append, cli, read_jsonl, train_record
 
 HERE = Path(__file__).parent
 REPORT = HERE / "supermask.md"
@@ -169,7 +167,7 @@ def report() -> None:
                      f"| {r['raw_mask_bytes']:,} | {r['bits_per_masked_weight']:.3f} | {entropy(r['final_sparsity']):.3f} |")
     baselines = [r for r in records if (r["method"] in ("full", "bitfit") or (r["method"] == "dominant" and r.get("k") == 1
                                                                                and not r.get("transfer_from")))
-                 and abs(r["lr"] - methods()[r["method"]].default_lr) < 1e-12]
+                 and abs(r["lr"] - FIRST_DEFAULT_LR[r["method"]]) < 1e-12]
     if baselines:
         lines += ["", "Same-file baselines (default learning rates, mean over seeds):", "",
                   "| task | method | metric | runs | artifact bytes |", "|---|---|---|---|---|"]

@@ -23,15 +23,13 @@ import argparse
 import functools
 from pathlib import Path
 
-from quality import QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs
-
-from ticketserve.trainers import methods
+from quality import FIRST_DEFAULT_LR, QUALITY, RESULTS, append, cli, read_jsonl, run_stage, set_jobs
 
 HERE = Path(__file__).parent
 RECORDS = RESULTS / "supertickets.jsonl"
 REPORT = HERE / "supertickets.md"
 STUDY = "supertickets"  # its records in quality.jsonl
-FULL_DEFAULT_LR = methods()["full"].default_lr  # the importance run's rate
+FULL_DEFAULT_LR = FIRST_DEFAULT_LR["full"]  # the importance run's rate
 
 
 def _done(name: str) -> bool:

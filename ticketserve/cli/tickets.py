@@ -31,8 +31,13 @@ def ticket_show(ticket_ref: Annotated[str, typer.Argument(metavar="TICKET")],
                                               for c in SHORT.values()])
         out.print(grid)
         details = found.manifest.details
-        out.print(f"σ = {details.get('sigma_used'):.3g}, {details.get('outweighted'):,} out-weighted parameters "
-                  f"({details.get('outweighted_fraction', 0):.3%}), λ = {details.get('lambda_l1')}")
+        if "sources" in details:
+            out.print(f"consensus of {', '.join(details['sources'])}: {details['outweighted']:,} out-weighted counts")
+        else:
+            pull = (f"λ (mean) = {details['lambda_mean']}" if "lambda_mean" in details
+                    else f"λ (sum) = {details.get('lambda_l1')}")
+            out.print(f"σ = {details.get('sigma_used'):.3g}, {details.get('outweighted'):,} out-weighted parameters "
+                      f"({details.get('outweighted_fraction', 0):.3%}), {pull}")
 
     emit(as_json, {"ticket": str(found.version), "k": k, "layers": rows, "details": found.manifest.details}, table)
 
@@ -56,6 +61,19 @@ def ticket_compare(a: Annotated[str, typer.Argument(metavar="TICKET_A")], b: Ann
     emit(as_json, result, lambda: out.print(
         f"Jaccard({result['a']}, {result['b']}) at k={k}: {result['jaccard']:.3f} "
         f"(random tickets of the same shape: {result['random_jaccard']:.3f})"))
+
+
+@ticket_app.command("consensus")
+def ticket_consensus(tickets: Annotated[list[str], typer.Argument(metavar="TICKET...", help="two or more tickets")],
+                     name: Annotated[str, typer.Option(help="the new ticket's artifact name")],
+                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Publish the consensus of tickets found on one backbone (out-weighted counts summed): a
+    ticket for tasks none of them was searched on."""
+    from ticketserve.trainers.ticket_sources import publish_consensus
+
+    version = publish_consensus(store_at(registry), tickets, name)
+    emit(as_json, {"artifact": str(version), "digest": version.digest, "sources": tickets},
+         lambda: out.print(f"published {version}: consensus of {', '.join(tickets)}"))
 
 
 @ticket_app.command("plot")

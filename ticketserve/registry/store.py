@@ -286,9 +286,7 @@ class Store(ABC):
         try:
             with tarfile.open(path, "r") as tar:
                 members = {m.name: m for m in tar.getmembers() if m.isfile()}
-                if "manifest.json" not in members:
-                    raise CorruptArtifact(f"{path} is not a ticketserve bundle (no manifest.json)")
-                manifest = Manifest.model_validate_json(_extract(tar, members["manifest.json"]))
+                manifest = Manifest.model_validate_json(_manifest_member(tar, members, path))
                 files: dict[str, bytes] = {}
                 for filename, entry in manifest.files.items():
                     member = members.get(f"files/{filename}")
@@ -301,6 +299,22 @@ class Store(ABC):
         except (tarfile.TarError, ValidationError) as exc:
             raise CorruptArtifact(f"{path} is not a valid ticketserve bundle: {exc}") from exc
         return self.publish(manifest, files, tags)
+
+
+def bundle_manifest(path: Path) -> tuple[Manifest, str]:
+    """A bundle's manifest and the digest it will have in any registry, without importing it."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            data = _manifest_member(tar, {m.name: m for m in tar.getmembers() if m.isfile()}, path)
+        return Manifest.model_validate_json(data), sha256_digest(data)
+    except (tarfile.TarError, ValidationError) as exc:
+        raise CorruptArtifact(f"{path} is not a valid ticketserve bundle: {exc}") from exc
+
+
+def _manifest_member(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], path: Path) -> bytes:
+    if "manifest.json" not in members:
+        raise CorruptArtifact(f"{path} is not a ticketserve bundle (no manifest.json)")
+    return _extract(tar, members["manifest.json"])
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

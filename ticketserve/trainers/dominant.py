@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.console import Console
 from torch import nn
 
 from ticketserve.core import artifact
@@ -13,20 +14,28 @@ from ticketserve.core.kinds.ticket import counts_of, to_tensors
 from ticketserve.core.model import TaskModel
 from ticketserve.trainers import tickets
 from ticketserve.trainers.base import RunContext, register_method
+from ticketserve.trainers.full import FullFineTuning
 from ticketserve.trainers.rows import RowMethod, matrix_sizes
 from ticketserve.trainers.run import train
 from ticketserve.trainers.single import ArtifactMethod
+from ticketserve.trainers.ticket_sources import auto_ticket
 
-DEFAULT_SIGMA = 5e-5
+# the study's cut (benchmarks/dominant.md): 1 % of the parameters out-weighted; an absolute σ
+# depends on the backbone, the rate and the training length
+DEFAULT_SIGMA_QUANTILE = 0.99
+LAMBDA_MEAN = 100.0
 
 
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lambda_l1: float = Field(1e-3, ge=0, description="weight of the L1 pull Σ|θ − θ0| over the six matrices",
-                             json_schema_extra={"flag": "--lambda"})
-    sigma: float | None = Field(None, gt=0, description=f"out-weighted threshold on |Δ| (default {DEFAULT_SIGMA})")
-    sigma_quantile: float | None = Field(None, gt=0, lt=1, description="σ as this quantile of |Δ| instead")
+    lambda_mean: float = Field(
+        LAMBDA_MEAN, ge=0, json_schema_extra={"flag": "--lambda-mean"},
+        description="weight of the L1 pull on the mean |θ − θ0| over the six matrices (the sum divided by their "
+                    "parameter count: each parameter feels λ/N)")
+    sigma: float | None = Field(None, gt=0, description="out-weighted threshold on |Δ| (absolute)")
+    sigma_quantile: float | None = Field(None, gt=0, lt=1,
+                                         description=f"σ as this quantile of |Δ| (default {DEFAULT_SIGMA_QUANTILE})")
 
     @model_validator(mode="after")
     def _one_sigma(self) -> SearchOptions:
@@ -41,7 +50,7 @@ class TicketSearch(ArtifactMethod):
 
     name = "ticket-search"
     kind = "ticket"
-    default_lr = 5e-5
+    default_lr = FullFineTuning.default_lr  # the search is full fine-tuning with an L1 pull
     description = "L1-regularised fine-tuning; publishes per-dimension out-weighted counts (a ticket)"
     Options = SearchOptions
 
@@ -52,17 +61,18 @@ class TicketSearch(ArtifactMethod):
         return list(model.parameters())
 
     def penalty(self, model: TaskModel) -> torch.Tensor | None:
-        if not self.options.lambda_l1:
+        if not self.options.lambda_mean:
             return None
         total = sum((m.weight - w0).abs().sum() + (m.bias - b0).abs().sum()
                     for m, (w0, b0) in zip(self.matrices.values(), self.reference.values()))
-        return self.options.lambda_l1 * total
+        count = sum(w0.numel() + b0.numel() for w0, b0 in self.reference.values())
+        return self.options.lambda_mean * total / count
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         deltas = {name: tickets.delta_tilde(m, self.theta0, name) for name, m in self.matrices.items()}
         opts = self.options
-        self.sigma = (tickets.sigma_from_quantile(list(deltas.values()), opts.sigma_quantile)
-                      if opts.sigma_quantile is not None else (opts.sigma or DEFAULT_SIGMA))
+        self.sigma = opts.sigma or tickets.sigma_from_quantile(list(deltas.values()),
+                                                               opts.sigma_quantile or DEFAULT_SIGMA_QUANTILE)
         counts = {name: tickets.count_outweighted(d, self.sigma) for name, d in deltas.items()}
         self.outweighted = int(sum(c.sum() for c in counts.values()))
         self.total = sum(d.numel() for d in deltas.values())
@@ -79,7 +89,9 @@ class TicketSearch(ArtifactMethod):
 
 class DominantOptions(SearchOptions):
     k: int = Field(1, gt=0, description="dimensions per matrix (at most)")
-    ticket: str | None = Field(None, description="registry name of a ticket; default: search one on this task")
+    ticket: str = Field("auto", description="a ticket's registry name; auto: the ticket shipped for this backbone, "
+                                            "else the registry's newest found on it, else a search; search: search "
+                                            "one on this task first")
 
 
 @register_method
@@ -89,17 +101,30 @@ class Dominant(RowMethod):
     Options = DominantOptions
 
     def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
-        if self.options.ticket is not None:
-            found = artifact.load(context.store, self.options.ticket, context.backbone, expect_kind="ticket")
-            self.ticket, self.ticket_task = f"{found.version}@{found.version.digest}", found.manifest.task.name
-            counts = counts_of(found.tensors)
-        else:
+        ref, self.ticket_source = self.options.ticket, "named"
+        if ref == "auto":
+            chosen = auto_ticket(context.store, context.backbone)
+            ref, self.ticket_source = chosen or (None, "searched")
+            if chosen is None and context.show_progress:
+                Console(stderr=True).print(
+                    f"no ticket for backbone {context.backbone.name} in {context.store.url}: searching one on "
+                    f"{context.task.name} first (L1-regularised fine-tuning of every weight for {context.config.epochs} "
+                    f"epoch(s), about the cost of `--method full`); later runs on this backbone reuse it")
+        elif ref == "search":
+            ref, self.ticket_source = None, "searched"
+        if ref is None:
             counts = self._search(model, context)
+        else:
+            found = artifact.load(context.store, ref, context.backbone, expect_kind="ticket")
+            self.ticket = f"{found.version}@{found.version.digest}"
+            self.ticket_task = ",".join(found.manifest.details.get("tasks", [found.manifest.task.name]))
+            counts = counts_of(found.tensors)
         return tickets.top_k(counts, self.options.k)
 
     def _search(self, model: TaskModel, context: RunContext) -> dict[str, torch.Tensor]:
         search_options = SearchOptions(**self.options.model_dump(include=set(SearchOptions.model_fields)))
-        outcome = train("ticket-search", context.spec, context.backbone, context.config, context.store,
+        config = context.config.model_copy(update={"lr": None})  # the search's own rate, not the rows'
+        outcome = train("ticket-search", context.spec, context.backbone, config, context.store,
                         context.data_dir, name=f"{context.spec.name}-ticket", show_progress=context.show_progress,
                         options=search_options.model_dump(), phase=f"ticket search {context.spec.name} 1/2")
         context.phase = f"train {context.spec.name} 2/2"
@@ -110,7 +135,8 @@ class Dominant(RowMethod):
         return counts_of(outcome.tensors)
 
     def details(self) -> dict:
-        return {"k": self.options.k, "ticket": self.ticket, "ticket_task": self.ticket_task} | {
+        return {"k": self.options.k, "ticket": self.ticket, "ticket_task": self.ticket_task,
+                "ticket_source": self.ticket_source} | {
             key: value for key, value in super().details().items() if key in ("rows", "matrices_with_rows")}
 
 
