@@ -4,15 +4,16 @@
 //
 // C_e is a CSR over output rows of the masked positions: row pointers (int32) and column
 // indices (uint8 / int16 / int32, the narrowest that fits the input width); its values are
-// read from the shared weight W itself, never copied. Each corrected example's tokens are
-// first transposed into blocks of 16 tokens, (in, 16) float32 each, so one masked weight is
-// one broadcast-FMA over 16 tokens held in a register (AVX-512; AVX2: two), reading one line
-// of a block that stays in L1 while a work item's rows run over it. Tokens past an example's
-// length (its padding) are skipped: nothing reads a padding position's output (attention
-// masks it, pooling ignores it).
+// read from the shared weight W itself, never copied. A work item — (example, 32 tokens),
+// spread over torch's threads — first lays its tokens out as blocks of 16, (in, 16) float32
+// each, in a per-thread buffer that stays in L2, so one masked weight is one broadcast-FMA
+// over 16 tokens held in a register (AVX-512; AVX2: two). Its sums, row-major, go back into
+// the token-major y as 16 × 16 tiles transposed in registers (AVX-512, float32). Tokens past
+// an example's length (its padding) are skipped: nothing reads a padding position's output
+// (attention masks it, pooling ignores it).
 //
 // Dispatch at run time: level 2 = AVX-512F, 1 = AVX2+FMA, 0 = portable C++; -1 = the best
-// this CPU runs. Work items are (example, 32 tokens), spread over torch's threads.
+// this CPU runs.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -24,15 +25,15 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kRowsPerItem = 32;  // output rows accumulated before they are written to y
 
-// Tokens travel in blocks of 16: xt holds, per example and block, (in, 16) float32, so one
-// masked weight of a row costs one 64-byte line of the block (L1-resident while a work item's
-// rows run over it) and one FMA. acc[0:16] = Σ_j W[o, c_j] · xt_block[c_j, 0:16].
+// Tokens travel in blocks of 16, (in, 16) float32, so one masked weight of a row costs one
+// 64-byte line of the block and one FMA: acc[0:16] = Σ_j W[o, c_j] · block[c_j, 0:16].
 
 template <typename index_t, typename scalar_t>
 void row_scalar(const scalar_t* w_row, const int32_t* rp, const index_t* cols, const float* block, float* acc) {
@@ -113,6 +114,64 @@ __attribute__((target("avx2,fma"))) void row_avx2(const scalar_t* w_row, const i
   _mm256_storeu_ps(acc + 8, _mm256_add_ps(a1, b1));
 }
 
+// 16 vectors of 16 floats transposed in registers: m[i][j] ↔ m[j][i].
+__attribute__((target("avx512f"))) inline void transpose16(__m512 m[16]) {
+  __m512 r[16], s[16];
+  for (int i = 0; i < 16; i += 2) {
+    r[i] = _mm512_unpacklo_ps(m[i], m[i + 1]);
+    r[i + 1] = _mm512_unpackhi_ps(m[i], m[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    s[i] = _mm512_shuffle_ps(r[i], r[i + 2], 0x44);
+    s[i + 1] = _mm512_shuffle_ps(r[i], r[i + 2], 0xee);
+    s[i + 2] = _mm512_shuffle_ps(r[i + 1], r[i + 3], 0x44);
+    s[i + 3] = _mm512_shuffle_ps(r[i + 1], r[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(s[i], s[4 + i], 0x88);
+    r[4 + i] = _mm512_shuffle_f32x4(s[i], s[4 + i], 0xdd);
+    r[8 + i] = _mm512_shuffle_f32x4(s[8 + i], s[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(s[8 + i], s[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    m[i] = _mm512_shuffle_f32x4(r[i], r[8 + i], 0x88);
+    m[4 + i] = _mm512_shuffle_f32x4(r[4 + i], r[12 + i], 0x88);
+    m[8 + i] = _mm512_shuffle_f32x4(r[i], r[8 + i], 0xdd);
+    m[12 + i] = _mm512_shuffle_f32x4(r[4 + i], r[12 + i], 0xdd);
+  }
+}
+
+// y[t, r] -= acc[r, t] for kRowsPerItem rows × `tokens` tokens (y's tokens `stride` apart): the
+// accumulators are row-major, y is token-major, so 16 × 16 tiles are transposed in registers
+// and each token's 16 rows are one vector read-modify-write.
+__attribute__((target("avx512f"))) void subtract_tiles_avx512(float* y, int64_t stride, const float* acc,
+                                                               int64_t tokens) {
+  static_assert(kRowsPerItem % 16 == 0, "whole tiles");
+  __m512 m[16];
+  for (int64_t h = 0; h < kRowsPerItem; h += 16) {
+    for (int64_t b = 0; b * 16 < tokens; ++b) {
+      for (int i = 0; i < 16; ++i) m[i] = _mm512_loadu_ps(acc + (h + i) * 32 + b * 16);
+      transpose16(m);
+      const int64_t n = std::min<int64_t>(16, tokens - b * 16);
+      for (int64_t t = 0; t < n; ++t) {
+        float* row = y + (b * 16 + t) * stride + h;
+        _mm512_storeu_ps(row, _mm512_sub_ps(_mm512_loadu_ps(row), m[t]));
+      }
+    }
+  }
+}
+
+// One block of 16 tokens (`n` real, rows `in` apart) as (in, 16): 16 × 16 tiles transposed in
+// registers, zeros for the tokens past n.
+__attribute__((target("avx512f"))) void transpose_block_avx512(const float* src, int64_t in, int64_t n, float* dst) {
+  __m512 m[16];
+  for (int64_t c = 0; c < in; c += 16) {
+    for (int64_t t = 0; t < 16; ++t) m[t] = t < n ? _mm512_loadu_ps(src + t * in + c) : _mm512_setzero_ps();
+    transpose16(m);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c + i) * 16, m[i]);
+  }
+}
+
 int best_level() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return 2;
@@ -120,12 +179,24 @@ int best_level() {
   return 0;
 }
 
+// 16 tokens (`n` real, rows `in` apart) as one block of (in, 16) float32, zero past n.
+template <typename scalar_t>
+void to_block(const scalar_t* src, int64_t in, int64_t n, float* dst, int level) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (level == 2 && in % 16 == 0) return transpose_block_avx512(src, in, n, dst);
+  }
+  for (int64_t c0 = 0; c0 < in; c0 += 16) {  // 16 features at a time: 16 lines written in turn
+    const int64_t c1 = std::min(in, c0 + 16);
+    for (int64_t t = 0; t < 16; ++t)
+      for (int64_t c = c0; c < c1; ++c) dst[c * 16 + t] = t < n ? static_cast<float>(src[t * in + c]) : 0.f;
+  }
+}
+
 template <typename index_t, typename scalar_t>
 void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const std::vector<at::Tensor>& row_ptrs,
                    const std::vector<at::Tensor>& cols, const at::Tensor& example_csr, const at::Tensor& lengths,
                    int level) {
   const int64_t batch = y.size(0), seq = y.size(1), out = y.size(2), in = weight.size(1);
-  const int64_t blocks = (seq + 15) / 16;
   const int64_t* which = example_csr.data_ptr<int64_t>();
   const int64_t* length = lengths.data_ptr<int64_t>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
@@ -137,34 +208,23 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
     rp_data.push_back(row_ptrs[i].data_ptr<int32_t>());
     col_data.push_back(reinterpret_cast<const index_t*>(cols[i].data_ptr()));
   }
-  // each corrected example's tokens as blocks of (in, 16) float32, zero past its length
-  at::Tensor xt = at::empty({batch, blocks, in, 16}, at::kFloat);
-  float* xt_data = xt.data_ptr<float>();
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = item / blocks, t0 = (item % blocks) * 16;
-      if (which[e] < 0 || t0 >= length[e]) continue;
-      float* dst = xt_data + item * in * 16;
-      const int64_t n = std::min<int64_t>(16, length[e] - t0);
-      const scalar_t* src = x_data + (e * seq + t0) * in;
-      for (int64_t c0 = 0; c0 < in; c0 += 16) {  // 16 features at a time: 16 lines written in turn
-        const int64_t c1 = std::min(in, c0 + 16);
-        for (int64_t t = 0; t < 16; ++t)
-          for (int64_t c = c0; c < c1; ++c) dst[c * 16 + t] = t < n ? static_cast<float>(src[t * in + c]) : 0.f;
-      }
-    }
-  });
-  // work items are (example, 32 tokens); each runs over every output row in order, so its
-  // rows of y are read and written front to back, prefetched a chunk of rows ahead
-  const int64_t pairs = (blocks + 1) / 2;
+  // work items are (example, 32 tokens): each first lays its tokens out as two blocks of
+  // (in, 16) float32 in a per-thread buffer (zero past the example's length; at most 393 KB,
+  // so it stays in L2 while the item's rows run over it), then runs over every output row in
+  // order, so its rows of y are read and written front to back, prefetched a chunk ahead
+  const int64_t pairs = (seq + 31) / 32;
   at::parallel_for(0, batch * pairs, 1, [&](int64_t begin, int64_t end) {
     float acc[kRowsPerItem * 32];
+    std::vector<float> local(static_cast<size_t>(in) * 32);
+    float* block = local.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t e = item / pairs, t0 = (item % pairs) * 32;
       const int64_t csr = which[e];
       if (csr < 0 || t0 >= length[e]) continue;
       const int64_t tokens = std::min<int64_t>(32, length[e] - t0);
-      const float* block = xt_data + (e * blocks + t0 / 16) * in * 16;
+      for (int64_t b = 0; b * 16 < tokens; ++b)
+        to_block<scalar_t>(x_data + (e * seq + t0 + b * 16) * in, in, std::min<int64_t>(16, tokens - b * 16),
+                           block + b * in * 16, level);
       const int32_t* rp_all = rp_data[csr];
       const index_t* item_cols = col_data[csr];
       for (int64_t first = 0; first < out; first += kRowsPerItem) {
@@ -186,8 +246,15 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
             else row_scalar(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
           }
         }
+        scalar_t* y_first = y_data + (e * seq + t0) * out + first;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (level == 2 && rows == kRowsPerItem) {
+            subtract_tiles_avx512(y_first, out, acc, tokens);
+            continue;
+          }
+        }
         for (int64_t t = 0; t < tokens; ++t) {
-          scalar_t* y_row = y_data + (e * seq + t0 + t) * out + first;
+          scalar_t* y_row = y_first + t * out;
           for (int64_t r = 0; r < rows; ++r)
             y_row[r] = static_cast<scalar_t>(static_cast<float>(y_row[r]) - acc[r * 32 + t]);
         }
