@@ -107,7 +107,8 @@ def test_importance_of_a_published_fine_tuning_is_that_of_fine_tuning_again(stor
 
     backbone, spec = load_backbone(str(tiny_checkpoints["bert"])), get_task("sst2")
     theta0 = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    sweeping.train("full", spec, backbone, CONFIG, store, "sample", name="ft", show_progress=False)
+    same_rate = CONFIG.model_copy(update={"lr": sweeping.Importance.default_lr})  # full FT's own default differs
+    sweeping.train("full", spec, backbone, same_rate, store, "sample", name="ft", show_progress=False)
     backbone.model.load_state_dict(theta0)  # training fine-tunes the backbone in place
     again = sweeping.train("importance", spec, backbone, CONFIG, store, "sample", name="again", show_progress=False)
     backbone.model.load_state_dict(theta0)

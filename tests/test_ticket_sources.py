@@ -87,6 +87,18 @@ def test_shipped_ticket_is_published_once_and_only_for_its_backbone(tmp_path, mo
     assert ticket_sources.shipped_ticket(store, roberta.fingerprint) is None
 
 
+def test_the_package_ships_a_ticket_for_the_bundled_minilm(tmp_path, minilm):
+    bundles = sorted(ticket_sources.SHIPPED.glob("*.tar"))
+    assert bundles, "no shipped ticket"
+    manifest, _ = bundle_manifest(bundles[0])
+    assert manifest.kind == "ticket" and manifest.backbone.fingerprint == minilm.fingerprint
+    store = open_store(str(tmp_path / "registry"))
+    version, source = ticket_sources.auto_ticket(store, minilm)
+    found = artifact.load(store, version, minilm, expect_kind="ticket")  # checksums, backbone, kind all verified
+    get_kind("ticket").validate(found.tensors, minilm.model)
+    assert source == "shipped" and len(found.manifest.details["tasks"]) >= 2
+
+
 def test_dominant_auto_uses_a_registry_ticket_and_search_forces_a_search(store, tiny_checkpoints, capsys):
     backbone = str(tiny_checkpoints["bert"])
     train("ticket-search", get_task("sst2"), load_backbone(backbone), CONFIG, store, "sample", name="found",

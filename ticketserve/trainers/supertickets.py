@@ -74,7 +74,7 @@ class Importance(ArtifactMethod):
 
     name = "importance"
     kind = "importance"
-    default_lr = 5e-5
+    default_lr = 5e-5  # the rate benchmarks/supertickets.md ran at; gated runs were not tuned further
     description = "fine-tune (or take --fine-tuned), then head/FFN importance (mean |dL/dgate|): an importance entry"
     Options = ImportanceOptions
 
@@ -152,6 +152,7 @@ class GatedFineTuning(FullFineTuning):
     full-size: a reported figure, not the serving artifact."""
 
     name = "gated-full"
+    default_lr = Importance.default_lr  # a sweep's level 0 is the importance run's fine-tuning: one rate
     description = "full fine-tuning with some heads/FFNs gated off (a super-ticket level; after Ticket-Share: --structure)"
     Options = StructureOptions
 
