@@ -61,6 +61,23 @@ def test_a_mixed_batch_forward_never_waits_for_the_host(tiny_checkpoints):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="the sync debug mode is CUDA's")
+def test_supermask_corrections_never_wait_for_the_host(tiny_checkpoints):
+    """The CUDA correction (torch's sparse CSR matmul) inside a mixed batch: any device-to-host
+    wait is an error here."""
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    runtime = Runtime(backbone, device=DEVICE)
+    tasks = [runtime.add(_artifact(backbone, kind, seed)) for kind in ("supermask", "row_delta") for seed in (1, 2)]
+    inputs = runtime.tokenize(TEXTS[:len(tasks)])
+    runtime.logits(tasks, inputs)  # masked positions built
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runtime.logits(tasks, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_the_server_on_the_device_answers_what_the_runtime_does(tiny_checkpoints, tmp_path):
     path = str(tiny_checkpoints["roberta"])
     store, served, info = serve_and_predict(path, tmp_path / "registry", device=DEVICE)
