@@ -49,10 +49,15 @@ def test_every_kind_mixed_on_the_device_in_bfloat16_is_within_its_precision(arch
 def test_a_mixed_batch_forward_never_waits_for_the_host(tiny_checkpoints):
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     runtime = Runtime(backbone, device=DEVICE)
-    tasks = [runtime.add(_artifact(backbone, kind, seed)) for kind in ("row_delta", "lora", "structure_mask")
-             for seed in (1, 2)]
+    assert_never_waits(runtime, [runtime.add(_artifact(backbone, kind, seed))
+                                 for kind in ("row_delta", "lora", "structure_mask") for seed in (1, 2)])
+
+
+def assert_never_waits(runtime: Runtime, tasks: list) -> None:
+    """A second mixed forward (the first builds tables, gate caches, masked positions) under
+    CUDA's sync debug mode: any device-to-host wait raises."""
     inputs = runtime.tokenize(TEXTS[:len(tasks)])
-    runtime.logits(tasks, inputs)  # tables and gate caches built
+    runtime.logits(tasks, inputs)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -67,15 +72,8 @@ def test_supermask_corrections_never_wait_for_the_host(tiny_checkpoints):
     wait is an error here."""
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     runtime = Runtime(backbone, device=DEVICE)
-    tasks = [runtime.add(_artifact(backbone, kind, seed)) for kind in ("supermask", "row_delta") for seed in (1, 2)]
-    inputs = runtime.tokenize(TEXTS[:len(tasks)])
-    runtime.logits(tasks, inputs)  # masked positions built
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        runtime.logits(tasks, inputs)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_never_waits(runtime, [runtime.add(_artifact(backbone, kind, seed)) for kind in ("supermask", "row_delta")
+                                 for seed in (1, 2)])
 
 
 def test_the_server_on_the_device_answers_what_the_runtime_does(tiny_checkpoints, tmp_path):
