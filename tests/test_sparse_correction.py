@@ -32,6 +32,31 @@ def test_the_compiled_kernels_are_built_here():
     assert kernels.available() and kernels.best_level() >= 0
 
 
+def test_the_kernels_run_on_torchs_threads():
+    """Built without OpenMP, at::parallel_for runs everything on the calling thread, silently."""
+    assert kernels.available() and torch.ops.ticketserve.kernels_parallel()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_thread_count_gives_the_same_sums(level):
+    """Items (example, 32 tokens) go to whichever thread is free: the result must not care."""
+    weight, x, positions, which, want = _case(64, 48, 70, [0.05] * 9 + [0.3, 0.0, 1.0], seed=3)
+    lengths = [70 - 5 * e for e in range(len(which))]
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            y = x @ weight.T
+            subtract(y, x, weight, positions, which, lengths=lengths, level=level)
+            results.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    for y in results[1:]:
+        torch.testing.assert_close(y, results[0], atol=0, rtol=0)
+    for e, length in enumerate(lengths):
+        torch.testing.assert_close(results[0][e, :length], want[e, :length], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("seq", [1, 7, 16, 17, 63, 65, 130])
 @pytest.mark.parametrize("width", [40, 48])  # 48: whole 16-feature tiles (AVX-512 lays tokens out by tile)

@@ -17,6 +17,10 @@ import torch
 HERE = Path(__file__).parent
 SOURCES = (HERE / "supermask_correction.cpp",)
 NAME = "ticketserve_kernels"
+# -fopenmp: at::parallel_for spreads work over torch's threads only when compiled with OpenMP
+# (without it, it silently runs on the calling thread); the library then shares the libgomp
+# torch already loaded (same soname), not a second thread pool
+CFLAGS, LDFLAGS = ("-O3", "-fopenmp"), ("-fopenmp",)
 
 
 def build_dir() -> Path:
@@ -24,8 +28,8 @@ def build_dir() -> Path:
 
 
 def sources_digest() -> str:
-    """What the library must have been built from: its sources and the torch it links."""
-    digest = hashlib.sha256(torch.__version__.encode())
+    """What the library must have been built from: its sources, flags and the torch it links."""
+    digest = hashlib.sha256(" ".join((torch.__version__, *CFLAGS, *LDFLAGS)).encode())
     for source in SOURCES:
         digest.update(source.read_bytes())
     return digest.hexdigest()
@@ -38,7 +42,7 @@ def build(verbose: bool = False) -> Path:
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
     load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(target), is_python_module=False,
-         extra_cflags=["-O3"], verbose=verbose)
+         extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=verbose)
     (target / f"{NAME}.sha256").write_text(sources_digest())
     return target / f"{NAME}.so"
 

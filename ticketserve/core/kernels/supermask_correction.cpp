@@ -24,6 +24,7 @@
 
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -208,22 +209,27 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
     rp_data.push_back(row_ptrs[i].data_ptr<int32_t>());
     col_data.push_back(reinterpret_cast<const index_t*>(cols[i].data_ptr()));
   }
-  // work items are (example, 32 tokens): each first lays its tokens out as two blocks of
-  // (in, 16) float32 in a per-thread buffer (zero past the example's length; at most 393 KB,
+  // work items are (example, 32 tokens) that hold real tokens of a corrected example, longest
+  // first, taken one at a time by torch's threads (their costs differ with the lengths, so
+  // fixed shares would leave a thread idle). Each item first lays its tokens out as two blocks
+  // of (in, 16) float32 in a per-thread buffer (zero past the example's length; at most 393 KB,
   // so it stays in L2 while the item's rows run over it), then runs over every output row in
   // order, so its rows of y are read and written front to back, prefetched a chunk ahead
-  const int64_t pairs = (seq + 31) / 32;
-  at::parallel_for(0, batch * pairs, 1, [&](int64_t begin, int64_t end) {
+  std::vector<std::pair<int64_t, int64_t>> items;  // (tokens, e * seq + t0)
+  for (int64_t e = 0; e < batch; ++e)
+    if (which[e] >= 0)
+      for (int64_t t0 = 0; t0 < length[e]; t0 += 32) items.emplace_back(std::min<int64_t>(32, length[e] - t0), e * seq + t0);
+  std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     float acc[kRowsPerItem * 32];
     std::vector<float> local(static_cast<size_t>(in) * 32);
     float* block = local.data();
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = item / pairs, t0 = (item % pairs) * 32;
-      const int64_t csr = which[e];
-      if (csr < 0 || t0 >= length[e]) continue;
-      const int64_t tokens = std::min<int64_t>(32, length[e] - t0);
+    for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+      const auto [tokens, first_token] = items[i];
+      const int64_t csr = which[first_token / seq];
       for (int64_t b = 0; b * 16 < tokens; ++b)
-        to_block<scalar_t>(x_data + (e * seq + t0 + b * 16) * in, in, std::min<int64_t>(16, tokens - b * 16),
+        to_block<scalar_t>(x_data + (first_token + b * 16) * in, in, std::min<int64_t>(16, tokens - b * 16),
                            block + b * in * 16, level);
       const int32_t* rp_all = rp_data[csr];
       const index_t* item_cols = col_data[csr];
@@ -231,7 +237,7 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
         const int64_t rows = std::min(out, first + kRowsPerItem) - first;
         if (rp_all[first] == rp_all[first + rows]) continue;  // nothing masked in these rows
         for (int64_t t = 0; t < tokens; ++t) {  // y's lines for these rows arrive while the rows run
-          const scalar_t* y_next = y_data + (e * seq + t0 + t) * out + first;
+          const scalar_t* y_next = y_data + (first_token + t) * out + first;
           for (int64_t r = 0; r < rows; r += 64 / sizeof(scalar_t)) __builtin_prefetch(y_next + r, 1);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -246,7 +252,7 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
             else row_scalar(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
           }
         }
-        scalar_t* y_first = y_data + (e * seq + t0) * out + first;
+        scalar_t* y_first = y_data + first_token * out + first;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (level == 2 && rows == kRowsPerItem) {
             subtract_tiles_avx512(y_first, out, acc, tokens);
@@ -301,12 +307,22 @@ void supermask_correct(at::Tensor y, const at::Tensor& x, const at::Tensor& weig
 
 int64_t supermask_best_level() { return best_level(); }
 
+// Whether at::parallel_for runs on torch's threads here (built with OpenMP), or serially.
+bool kernels_parallel() {
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ticketserve, m) {
   m.def("supermask_correct(Tensor(a!) y, Tensor x, Tensor weight, Tensor[] row_ptrs, Tensor[] cols, "
         "Tensor example_csr, Tensor lengths, int level) -> ()");
   m.def("supermask_best_level() -> int", &supermask_best_level);
+  m.def("kernels_parallel() -> bool", &kernels_parallel);
 }
 
 TORCH_LIBRARY_IMPL(ticketserve, CPU, m) { m.impl("supermask_correct", &supermask_correct); }
