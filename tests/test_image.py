@@ -178,3 +178,29 @@ def test_image_serves_from_an_s3_registry(podman, minilm, s3_url, s3_endpoint):
     env = {"TICKETSERVE_REGISTRY": s3_url, "TICKETSERVE_S3_ENDPOINT": s3_endpoint,
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     serve_swap_and_drain(podman, minilm, store, env=env, volumes={})
+
+
+IMAGE_CHECK = """
+import torch
+from ticketserve.core import kernels
+from ticketserve.core.sparse_correction import MaskedPositions, subtract
+from ticketserve.trainers.ticket_sources import SHIPPED
+assert kernels.available() and kernels.best_level() >= 0 and torch.ops.ticketserve.kernels_parallel()
+weight, x = torch.randn(64, 48), torch.randn(3, 20, 48)
+keep = torch.rand(64, 48) >= 0.05
+y = x @ weight.T
+subtract(y, x, weight, [MaskedPositions.of(keep)], [0, 0, 0])
+torch.testing.assert_close(y, x @ (weight * keep).T, atol=1e-5, rtol=1e-5)
+assert any(SHIPPED.glob("*.tar"))
+print("level", kernels.best_level())
+"""
+
+
+def test_image_carries_the_compiled_kernels_and_the_shipped_ticket(podman):
+    """Built in the build stage, loaded in the final one (no compiler there), as uid 10001 on a
+    read-only root: the supermask correction runs compiled, on torch's threads."""
+    check = subprocess.run([*podman, "run", "--rm", "--user", "10001", "--read-only", "--network", "none",
+                            "--entrypoint", "python3", IMAGE, "-W", "error::RuntimeWarning", "-c", IMAGE_CHECK],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "level" in check.stdout
