@@ -5,9 +5,9 @@
 // C_e is a CSR over output rows of the masked positions: row pointers (int32) and column
 // indices (uint8 / int16 / int32, the narrowest that fits the input width); its values are
 // read from the shared weight W itself, never copied. A work item — (example, 32 tokens),
-// spread over torch's threads — first lays its tokens out as blocks of 16, (in, 16) float32
-// each, in a per-thread buffer that stays in L2, so one masked weight is one broadcast-FMA
-// over 16 tokens held in a register (AVX-512; AVX2: two). Its sums, row-major, go back into
+// spread over torch's threads — first lays its tokens out column-major, (in, 32) float32, in a
+// per-thread buffer that stays in L2, so one masked weight is one broadcast-FMA per 16 tokens
+// held in a register (AVX-512; AVX2: two). Its sums, row-major, go back into
 // the token-major y as 16 × 16 tiles transposed in registers (AVX-512, float32). Tokens past
 // an example's length (its padding) are skipped: nothing reads a padding position's output
 // (attention masks it, pooling ignores it).
@@ -33,86 +33,95 @@ namespace {
 
 constexpr int64_t kRowsPerItem = 32;  // output rows accumulated before they are written to y
 
-// Tokens travel in blocks of 16, (in, 16) float32, so one masked weight of a row costs one
-// 64-byte line of the block and one FMA: acc[0:16] = Σ_j W[o, c_j] · block[c_j, 0:16].
+// An item's tokens are laid out column-major, (in, 32) float32: feature c's 32 tokens are one
+// 128-byte pair of lines at block + c * 32, so one masked weight of a row costs one broadcast
+// and one FMA per 16 tokens held in a register: acc[0:16] = Σ_j W[o, c_j] · block[c_j, 0:16].
+// The row routines run a chunk of rows (acc: 32 floats per row) and are compiled per level,
+// so the per-row step inlines into the loop. `halves`: 16-token halves in use, 1 or 2.
+constexpr int64_t kStride = 32;
 
 template <typename index_t, typename scalar_t>
-void row_scalar(const scalar_t* w_row, const int32_t* rp, const index_t* cols, const float* block, float* acc) {
-  float sum[16] = {};
-  for (int32_t j = rp[0]; j < rp[1]; ++j) {
-    const int64_t c = static_cast<int64_t>(cols[j]);
-    const float w = static_cast<float>(w_row[c]);
-    const float* x = block + c * 16;
-    for (int t = 0; t < 16; ++t) sum[t] += w * x[t];
+void rows_scalar(const scalar_t* w, int64_t in, const int32_t* rp, int64_t rows, const index_t* cols,
+                 const float* block, int halves, float* acc) {
+  for (int64_t r = 0; r < rows; ++r, w += in) {
+    float sum[kStride] = {};
+    for (int32_t j = rp[r]; j < rp[r + 1]; ++j) {
+      const int64_t c = static_cast<int64_t>(cols[j]);
+      const float v = static_cast<float>(w[c]);
+      const float* x = block + c * kStride;
+      for (int t = 0; t < 16 * halves; ++t) sum[t] += v * x[t];
+    }
+    std::copy(sum, sum + kStride, acc + r * kStride);
   }
-  std::copy(sum, sum + 16, acc);
 }
 
 template <typename index_t, typename scalar_t>
-__attribute__((target("avx512f"))) void row_avx512(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                   const float* block, float* acc) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;  // four independent FMA chains
-  int32_t j = rp[0];
-  for (; j + 3 < rp[1]; j += 4) {
-    const int64_t c0 = cols[j], c1 = cols[j + 1], c2 = cols[j + 2], c3 = cols[j + 3];
-    s0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c0])), _mm512_loadu_ps(block + c0 * 16), s0);
-    s1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c1])), _mm512_loadu_ps(block + c1 * 16), s1);
-    s2 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c2])), _mm512_loadu_ps(block + c2 * 16), s2);
-    s3 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c3])), _mm512_loadu_ps(block + c3 * 16), s3);
+__attribute__((target("avx2,fma"))) void rows_avx2(const scalar_t* w, int64_t in, const int32_t* rp, int64_t rows,
+                                                   const index_t* cols, const float* block, int halves, float* acc) {
+  for (int64_t r = 0; r < rows; ++r, w += in) {
+    for (int h = 0; h < halves; ++h) {  // two weights per step, two 8-token quarters each
+      const float* x = block + h * 16;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+      int32_t j = rp[r];
+      for (; j + 1 < rp[r + 1]; j += 2) {
+        const int64_t c0 = cols[j] * kStride, c1 = cols[j + 1] * kStride;
+        const __m256 w0 = _mm256_set1_ps(static_cast<float>(w[cols[j]])), w1 = _mm256_set1_ps(static_cast<float>(w[cols[j + 1]]));
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c0), a0);
+        a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + c0 + 8), a1);
+        b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c1), b0);
+        b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + c1 + 8), b1);
+      }
+      if (j < rp[r + 1]) {
+        const int64_t c = cols[j] * kStride;
+        const __m256 v = _mm256_set1_ps(static_cast<float>(w[cols[j]]));
+        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + c + 8), a1);
+      }
+      _mm256_storeu_ps(acc + r * kStride + h * 16, _mm256_add_ps(a0, b0));
+      _mm256_storeu_ps(acc + r * kStride + h * 16 + 8, _mm256_add_ps(a1, b1));
+    }
   }
-  for (; j < rp[1]; ++j) {
-    const int64_t c = cols[j];
-    s0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w_row[c])), _mm512_loadu_ps(block + c * 16), s0);
-  }
-  _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-}
-
-// Two token blocks at once (`next` = the second's base): each masked weight's index and value
-// are read once for 32 tokens.
-template <typename index_t, typename scalar_t>
-__attribute__((target("avx512f"))) void row2_avx512(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                    const float* block, int64_t next, float* acc, float* acc_next) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-  int32_t j = rp[0];
-  for (; j + 1 < rp[1]; j += 2) {
-    const int64_t c0 = cols[j], c1 = cols[j + 1];
-    const __m512 w0 = _mm512_set1_ps(static_cast<float>(w_row[c0])), w1 = _mm512_set1_ps(static_cast<float>(w_row[c1]));
-    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(block + c0 * 16), a0);
-    b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(block + next + c0 * 16), b0);
-    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(block + c1 * 16), a1);
-    b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(block + next + c1 * 16), b1);
-  }
-  if (j < rp[1]) {
-    const int64_t c = cols[j];
-    const __m512 w = _mm512_set1_ps(static_cast<float>(w_row[c]));
-    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(block + c * 16), a0);
-    b0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(block + next + c * 16), b0);
-  }
-  _mm512_storeu_ps(acc, _mm512_add_ps(a0, a1));
-  _mm512_storeu_ps(acc_next, _mm512_add_ps(b0, b1));
 }
 
 template <typename index_t, typename scalar_t>
-__attribute__((target("avx2,fma"))) void row_avx2(const scalar_t* w_row, const int32_t* rp, const index_t* cols,
-                                                  const float* block, float* acc) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;  // two weights per step, two halves each
-  int32_t j = rp[0];
-  for (; j + 1 < rp[1]; j += 2) {
-    const int64_t c0 = cols[j], c1 = cols[j + 1];
-    const __m256 w0 = _mm256_set1_ps(static_cast<float>(w_row[c0])), w1 = _mm256_set1_ps(static_cast<float>(w_row[c1]));
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(block + c0 * 16), a0);
-    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(block + c0 * 16 + 8), a1);
-    b0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(block + c1 * 16), b0);
-    b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(block + c1 * 16 + 8), b1);
+__attribute__((target("avx512f"))) void rows_avx512(const scalar_t* w, int64_t in, const int32_t* rp, int64_t rows,
+                                                    const index_t* cols, const float* block, int halves, float* acc) {
+  for (int64_t r = 0; r < rows; ++r, w += in) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;  // a: tokens 0–15, b: 16–31; two weights per step
+    int32_t j = rp[r];
+    const int32_t end = rp[r + 1];
+    if (halves == 2) {
+      for (; j + 1 < end; j += 2) {
+        const float* x0 = block + cols[j] * kStride;
+        const float* x1 = block + cols[j + 1] * kStride;
+        const __m512 w0 = _mm512_set1_ps(static_cast<float>(w[cols[j]]));
+        const __m512 w1 = _mm512_set1_ps(static_cast<float>(w[cols[j + 1]]));
+        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0), a0);
+        b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16), b0);
+        a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1), a1);
+        b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + 16), b1);
+      }
+      if (j < end) {
+        const float* x0 = block + cols[j] * kStride;
+        const __m512 w0 = _mm512_set1_ps(static_cast<float>(w[cols[j]]));
+        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0), a0);
+        b0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + 16), b0);
+      }
+    } else {
+      for (; j + 3 < end; j += 4) {  // four independent FMA chains
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w[cols[j]])), _mm512_loadu_ps(block + cols[j] * kStride), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w[cols[j + 1]])), _mm512_loadu_ps(block + cols[j + 1] * kStride), a1);
+        b0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w[cols[j + 2]])), _mm512_loadu_ps(block + cols[j + 2] * kStride), b0);
+        b1 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w[cols[j + 3]])), _mm512_loadu_ps(block + cols[j + 3] * kStride), b1);
+      }
+      for (; j < end; ++j)
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(w[cols[j]])), _mm512_loadu_ps(block + cols[j] * kStride), a0);
+      _mm512_storeu_ps(acc + r * kStride, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(b0, b1)));
+      continue;
+    }
+    _mm512_storeu_ps(acc + r * kStride, _mm512_add_ps(a0, a1));
+    _mm512_storeu_ps(acc + r * kStride + 16, _mm512_add_ps(b0, b1));
   }
-  if (j < rp[1]) {
-    const int64_t c = cols[j];
-    const __m256 w = _mm256_set1_ps(static_cast<float>(w_row[c]));
-    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(block + c * 16), a0);
-    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(block + c * 16 + 8), a1);
-  }
-  _mm256_storeu_ps(acc, _mm256_add_ps(a0, b0));
-  _mm256_storeu_ps(acc + 8, _mm256_add_ps(a1, b1));
 }
 
 // 16 vectors of 16 floats transposed in registers: m[i][j] ↔ m[j][i].
@@ -151,7 +160,7 @@ __attribute__((target("avx512f"))) void subtract_tiles_avx512(float* y, int64_t 
   __m512 m[16];
   for (int64_t h = 0; h < kRowsPerItem; h += 16) {
     for (int64_t b = 0; b * 16 < tokens; ++b) {
-      for (int i = 0; i < 16; ++i) m[i] = _mm512_loadu_ps(acc + (h + i) * 32 + b * 16);
+      for (int i = 0; i < 16; ++i) m[i] = _mm512_loadu_ps(acc + (h + i) * kStride + b * 16);
       transpose16(m);
       const int64_t n = std::min<int64_t>(16, tokens - b * 16);
       for (int64_t t = 0; t < n; ++t) {
@@ -162,14 +171,14 @@ __attribute__((target("avx512f"))) void subtract_tiles_avx512(float* y, int64_t 
   }
 }
 
-// One block of 16 tokens (`n` real, rows `in` apart) as (in, 16): 16 × 16 tiles transposed in
-// registers, zeros for the tokens past n.
+// 16 tokens (`n` real, rows `in` apart) into one half of the (in, 32) layout: 16 × 16 tiles
+// transposed in registers, zeros for the tokens past n.
 __attribute__((target("avx512f"))) void transpose_block_avx512(const float* src, int64_t in, int64_t n, float* dst) {
   __m512 m[16];
   for (int64_t c = 0; c < in; c += 16) {
     for (int64_t t = 0; t < 16; ++t) m[t] = t < n ? _mm512_loadu_ps(src + t * in + c) : _mm512_setzero_ps();
     transpose16(m);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c + i) * 16, m[i]);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c + i) * kStride, m[i]);
   }
 }
 
@@ -180,7 +189,7 @@ int best_level() {
   return 0;
 }
 
-// 16 tokens (`n` real, rows `in` apart) as one block of (in, 16) float32, zero past n.
+// 16 tokens (`n` real, rows `in` apart) into one half of the (in, 32) layout, zero past n.
 template <typename scalar_t>
 void to_block(const scalar_t* src, int64_t in, int64_t n, float* dst, int level) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -189,7 +198,7 @@ void to_block(const scalar_t* src, int64_t in, int64_t n, float* dst, int level)
   for (int64_t c0 = 0; c0 < in; c0 += 16) {  // 16 features at a time: 16 lines written in turn
     const int64_t c1 = std::min(in, c0 + 16);
     for (int64_t t = 0; t < 16; ++t)
-      for (int64_t c = c0; c < c1; ++c) dst[c * 16 + t] = t < n ? static_cast<float>(src[t * in + c]) : 0.f;
+      for (int64_t c = c0; c < c1; ++c) dst[c * kStride + t] = t < n ? static_cast<float>(src[t * in + c]) : 0.f;
   }
 }
 
@@ -211,8 +220,8 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
   }
   // work items are (example, 32 tokens) that hold real tokens of a corrected example, longest
   // first, taken one at a time by torch's threads (their costs differ with the lengths, so
-  // fixed shares would leave a thread idle). Each item first lays its tokens out as two blocks
-  // of (in, 16) float32 in a per-thread buffer (zero past the example's length; at most 393 KB,
+  // fixed shares would leave a thread idle). Each item first lays its tokens out as (in, 32)
+  // float32 in a per-thread buffer (zero past the example's length; at most 393 KB,
   // so it stays in L2 while the item's rows run over it), then runs over every output row in
   // order, so its rows of y are read and written front to back, prefetched a chunk ahead
   std::vector<std::pair<int64_t, int64_t>> items;  // (tokens, e * seq + t0)
@@ -222,15 +231,15 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
   std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    float acc[kRowsPerItem * 32];
-    std::vector<float> local(static_cast<size_t>(in) * 32);
+    float acc[kRowsPerItem * kStride];
+    std::vector<float> local(static_cast<size_t>(in) * kStride);
     float* block = local.data();
     for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
       const auto [tokens, first_token] = items[i];
       const int64_t csr = which[first_token / seq];
       for (int64_t b = 0; b * 16 < tokens; ++b)
         to_block<scalar_t>(x_data + (first_token + b * 16) * in, in, std::min<int64_t>(16, tokens - b * 16),
-                           block + b * in * 16, level);
+                           block + b * 16, level);
       const int32_t* rp_all = rp_data[csr];
       const index_t* item_cols = col_data[csr];
       for (int64_t first = 0; first < out; first += kRowsPerItem) {
@@ -240,18 +249,11 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
           const scalar_t* y_next = y_data + (first_token + t) * out + first;
           for (int64_t r = 0; r < rows; r += 64 / sizeof(scalar_t)) __builtin_prefetch(y_next + r, 1);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int32_t* rp = rp_all + first + r;
-          float* row_acc = acc + r * 32;
-          if (rp[0] == rp[1]) { std::fill(row_acc, row_acc + 32, 0.f); continue; }
-          const scalar_t* w_row = w_data + (first + r) * in;
-          if (level == 2 && tokens > 16) row2_avx512(w_row, rp, item_cols, block, in * 16, row_acc, row_acc + 16);
-          else if (level == 2) row_avx512(w_row, rp, item_cols, block, row_acc);
-          else for (int64_t b = 0; b * 16 < tokens; ++b) {
-            if (level == 1) row_avx2(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
-            else row_scalar(w_row, rp, item_cols, block + b * in * 16, row_acc + b * 16);
-          }
-        }
+        const scalar_t* w_first = w_data + first * in;
+        const int halves = tokens > 16 ? 2 : 1;
+        if (level == 2) rows_avx512(w_first, in, rp_all + first, rows, item_cols, block, halves, acc);
+        else if (level == 1) rows_avx2(w_first, in, rp_all + first, rows, item_cols, block, halves, acc);
+        else rows_scalar(w_first, in, rp_all + first, rows, item_cols, block, halves, acc);
         scalar_t* y_first = y_data + first_token * out + first;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (level == 2 && rows == kRowsPerItem) {
@@ -262,7 +264,7 @@ void correct_typed(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
         for (int64_t t = 0; t < tokens; ++t) {
           scalar_t* y_row = y_first + t * out;
           for (int64_t r = 0; r < rows; ++r)
-            y_row[r] = static_cast<scalar_t>(static_cast<float>(y_row[r]) - acc[r * 32 + t]);
+            y_row[r] = static_cast<scalar_t>(static_cast<float>(y_row[r]) - acc[r * kStride + t]);
         }
       }
     }
