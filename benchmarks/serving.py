@@ -10,7 +10,7 @@ Parts (`--parts engine,load,doors` by default; also `precision`, `supermask`):
           peers: peft LoRA r=8 ×100 mixed with `adapter_names`, peft `set_adapter` per task
           group, full fine-tuned copies (10 resident) swapped per task group. Plus a profile of
           our mixed forward (results/serving-profile.txt).
-  supermask  100 supermask tasks mixed at 2/5/10/50 % masked as corrections of the shared
+  supermask  100 supermask tasks mixed at 2/5/7/10/50 % masked as corrections of the shared
           GEMM vs the materialised path (cache for 10), serving bytes and cold load per share
   load    cold load registry → servable per kind vs a full fine-tuned checkpoint; resident
           bytes per task per kind; memory growth from 1 to 1000 resident Dominant-1 tasks.
@@ -372,7 +372,7 @@ def precision_part(backbone_spec: str | None, label: str, texts: list[str], coun
 
 
 def supermask_part(backbone_spec: str | None, label: str, texts: list[str], count: int = BATCHES,
-                   shares: tuple[float, ...] = (0.02, 0.05, 0.10, 0.50)) -> list[dict]:
+                   shares: tuple[float, ...] = (0.02, 0.05, 0.07, 0.10, 0.50)) -> list[dict]:
     """100 supermask tasks mixed at each masked share, as corrections of the shared GEMM (the
     cache holding every task's masked positions), against the plain backbone and the
     materialised path (masked weight copies, a cache for 10) in the same run; plus each
@@ -659,7 +659,7 @@ def main() -> None:
         keep(supermask_part(None, "MiniLM-L6 (bundled)", texts))
         if not args.skip_bert_base:  # 50 % masked on BERT-base would need 8.5 GB of positions for 100 tasks
             keep(supermask_part(str(bert_base_like()), "BERT-base-sized (random)", texts, args.bert_base_batches,
-                                (0.02, 0.05, 0.10)))
+                                (0.02, 0.05, 0.07, 0.10)))
     if "load" in parts:
         keep(load_part(texts))
     if "doors" in parts:
