@@ -37,6 +37,10 @@ pytestmark = pytest.mark.slow
 
 IMAGE = os.environ.get("TICKETSERVE_IMAGE", "localhost/ticketserve:cpu")
 TOKEN = "smoke-token"
+AS_A_CLUSTER_RUNS_IT = ["--user", "10001", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
+                        "--security-opt", "no-new-privileges", "--ulimit", "nofile=4096:4096",
+                        "--ulimit", "nproc=4096:4096", "--tmpfs", "/tmp",
+                        "--tmpfs", "/home/ticketserve/.cache:rw,mode=1777"]
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +76,7 @@ def container(podman: list[str], port: int, http_port: int, env: dict[str, str],
     (secrets / "token").write_text(TOKEN + "\n")
     (secrets / "admin-token").write_text("smoke-admin\n")
     name = f"ticketserve-smoke-{uuid.uuid4().hex[:8]}"
-    command = [*podman, "run", "--detach", "--name", name, "--network", "host",
-               "--user", "10001", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
-               "--security-opt", "no-new-privileges", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
-               "--tmpfs", "/tmp", "--tmpfs", "/home/ticketserve/.cache:rw,mode=1777",
+    command = [*podman, "run", "--detach", "--name", name, "--network", "host", *AS_A_CLUSTER_RUNS_IT,
                "--volume", f"{secrets}:/etc/ticketserve:ro",
                *[a for host, inside in volumes.items() for a in ("--volume", f"{host}:{inside}")],
                *[a for key, value in env.items() for a in ("--env", f"{key}={value}")],
@@ -199,7 +200,7 @@ print("level", kernels.best_level())
 def test_image_carries_the_compiled_kernels_and_the_shipped_ticket(podman):
     """Built in the build stage, loaded in the final one (no compiler there), as uid 10001 on a
     read-only root: the supermask correction runs compiled, on torch's threads."""
-    check = subprocess.run([*podman, "run", "--rm", "--user", "10001", "--read-only", "--network", "none",
+    check = subprocess.run([*podman, "run", "--rm", "--network", "none", *AS_A_CLUSTER_RUNS_IT,
                             "--entrypoint", "python3", IMAGE, "-W", "error::RuntimeWarning", "-c", IMAGE_CHECK],
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
