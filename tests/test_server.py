@@ -280,11 +280,16 @@ def test_lru_eviction_reload_and_metrics(registry, tiny_bert):
     assert "ticketserve_batch_size_bucket" in metrics and "ticketserve_resident_bytes" in metrics
 
 
+def _in_flight(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("ticketserve_requests_in_flight "))
+
+
 def test_sigterm_drains_in_flight_requests(registry, tiny_bert, tmp_path):
     env = os.environ | {"TICKETSERVE_REGISTRY": registry.url}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "ticketserve"), "serve", "--backbone", tiny_bert, "--port", "50191",
-         "--max-queue-delay-ms", "1500", "--preload", "alpha"],
+         "--metrics-port", "50192", "--max-queue-delay-ms", "3000", "--preload", "alpha"],
         env=env, stderr=subprocess.PIPE, text=True)
     try:
         target = "127.0.0.1:50191"
@@ -295,7 +300,10 @@ def test_sigterm_drains_in_flight_requests(registry, tiny_bert, tmp_path):
                 time.sleep(0.3)
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 in_flight = [pool.submit(client.predict, "alpha", [TEXTS[i]]) for i in range(4)]
-                time.sleep(0.5)  # queued, waiting out the 1.5 s batching delay
+                deadline = time.monotonic() + 30  # a fixed sleep raced the requests' arrival (1 run in ~10)
+                while _in_flight(50192) < 4:  # all four at the server, waiting out the batching delay
+                    assert time.monotonic() < deadline, "the requests never reached the server"
+                    time.sleep(0.05)
                 server.send_signal(signal.SIGTERM)
                 results = [f.result(timeout=60) for f in in_flight]
         assert all(r.artifact == "alpha:1" for r in results)

@@ -29,6 +29,8 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batch_seconds = Histogram("ticketserve_batch_seconds", "Forward pass time", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ticketserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.in_flight = Gauge("ticketserve_requests_in_flight", "Requests to our services being served (what a "
+                               "drain waits for)", registry=r)
         self.cache_events = Counter("ticketserve_task_cache", "Task cache hits, misses and evictions", ["event"], registry=r)
         self.resident_bytes = Gauge("ticketserve_resident_bytes", "Bytes of resident task artifacts", registry=r)
         self.resident_tasks = Gauge("ticketserve_resident_tasks", "Resident task versions", registry=r)

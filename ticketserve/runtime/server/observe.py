@@ -37,6 +37,7 @@ class Observe(grpc.aio.ServerInterceptor):
     def __init__(self, metrics):
         self.metrics = metrics
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)
         self.draining = False
         self._idle: asyncio.Event | None = None
 
