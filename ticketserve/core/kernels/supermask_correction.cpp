@@ -9,9 +9,8 @@
 // per-thread buffer that stays in L2 (in huge pages), so one masked weight is one
 // broadcast-FMA per 16 tokens held in a register (AVX-512, an 8-token tail in a ymm; AVX2: two
 // ymm). Its sums, row-major, go back into the token-major y as 16 × 16 tiles transposed in
-// registers (AVX-512, float32). Tokens past
-// an example's length (its padding) are skipped: nothing reads a padding position's output
-// (attention masks it, pooling ignores it).
+// registers (AVX-512, float32). Tokens past an example's length (its padding) are skipped:
+// nothing reads a padding position's output (attention masks it, pooling ignores it).
 //
 // Dispatch at run time: level 2 = AVX-512F+FMA, 1 = AVX2+FMA, 0 = portable C++; -1 = the best
 // this CPU runs.
