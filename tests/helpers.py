@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from ticketserve.core import artifact
@@ -125,3 +127,10 @@ def serve_and_predict(checkpoint: str, registry_dir, **config):
     with BackgroundServer(ServeConfig(port=0, registry=store.url, backbone=checkpoint, **config)) as server:
         with Client(f"127.0.0.1:{server.port}") as client:
             return store, client.predict("rows", TEXTS).predictions, client.server_info()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for a server started as its own process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

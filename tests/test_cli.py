@@ -90,6 +90,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_own_files_without_glue_field_names_say_which_flags_to_pass(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"body": "great", "stars": "good"}\n')
+    result = cli("train", "--method", "bitfit", "--task", "moods", "--data-dir", str(tmp_path), registry=tmp_path / "r",
+                 check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "has fields body, stars; name the text with --text-field (and --text-pair-field), or use GLUE's names" in result.stderr
+
+
 def test_progress_off_a_terminal_names_its_phases_and_the_summary_the_whole_time(tmp_path, tiny_checkpoints):
     """Under make, nohup or CI (stderr not a terminal) training prints plain lines: a start, a
     line per evaluation and per tenth of the run with step, loss, metric, elapsed and ETA; a

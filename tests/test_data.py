@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ticketserve.core.data import infer_labels, load_split
+from ticketserve.core.data import columns, glue_fields, infer_labels, label_file, load_split
 from ticketserve.core.errors import DataUnavailable, InvalidArgument, NotFound
 from ticketserve.core.tasks import GLUE_TASKS, compute_metrics, custom_task, get_task
 
@@ -106,3 +106,39 @@ def test_given_labels_must_match_the_data(tmp_path):
         check_labels(tmp_path, "stars", ["good", "bad", "meh"])
     with pytest.raises(InvalidArgument, match="not named: bad"):
         check_labels(tmp_path, "stars", ["good"])
+
+
+def test_glue_field_names_are_found_pairs_first():
+    assert glue_fields(["sentence", "label"]) == ("sentence", None)
+    assert glue_fields(["label", "question", "sentence", "idx"]) == ("question", "sentence")
+    assert glue_fields(["sentence1", "sentence2", "label"]) == ("sentence1", "sentence2")
+    assert glue_fields(["premise", "hypothesis", "label"]) == ("premise", "hypothesis")
+    assert glue_fields(["body", "stars"]) is None
+
+
+def test_label_names_from_a_file_beside_the_data(tmp_path):
+    assert label_file(tmp_path) is None
+    (tmp_path / "labels.txt").write_text("bad\ngood\n")
+    assert label_file(tmp_path) == (tmp_path / "labels.txt", ["bad", "good"])
+    (tmp_path / "labels.json").write_text('["neg", "pos"]')
+    assert label_file(tmp_path)[1] == ["neg", "pos"]  # JSON first: the shared NER layout's form
+    (tmp_path / "labels.json").write_text('{"neg": 0}')
+    with pytest.raises(InvalidArgument, match="a list of label names"):
+        label_file(tmp_path)
+
+
+def test_csv_cells_stay_text(tmp_path):
+    """"NA", "null" and "" are sentences here, not missing values (pandas' default would drop them)."""
+    (tmp_path / "train.csv").write_text("sentence,label\nNA,1\nnull,0\n\"\",1\n")
+    ds = load_split(get_task("sst2"), "train", tmp_path)
+    assert list(ds["text"]) == ["NA", "null", ""] and list(ds["label"]) == [1, 0, 1]
+    assert columns(tmp_path) == ["sentence", "label"]
+
+
+def test_malformed_json_lines_are_one_line_errors(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"sentence": "ok", "label": 1}\n{"sentence": \n')
+    with pytest.raises(InvalidArgument, match="not JSON lines"):
+        load_split(get_task("sst2"), "train", tmp_path)
+    (tmp_path / "train.jsonl").write_text('["a list", 1]\n')
+    with pytest.raises(InvalidArgument, match="JSON object"):
+        load_split(get_task("sst2"), "train", tmp_path)

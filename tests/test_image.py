@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TEXTS, ByName, publish_row_task
+from tests.helpers import TEXTS, ByName, free_port, publish_row_task
 from ticketserve.core import artifact
 from ticketserve.core.errors import Unavailable
 from ticketserve.registry import open_store
@@ -54,12 +53,6 @@ def podman() -> list[str]:
         pytest.skip(message)
     # crun refuses hosts with hybrid cgroups (as these VMs have); runc runs wherever podman does
     return [exe, *(["--runtime", "runc"] if shutil.which("runc") else [])]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readable_dir() -> Path:

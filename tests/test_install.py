@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -137,12 +136,6 @@ def test_the_check_passes_a_runtime_at_the_floor_and_names_a_missing_one(tmp_pat
     generated.check(tmp_path / "never-built.json", nothing)  # a source tree: ticketserve.v1 says so on use
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_built_wheel_serves_with_only_its_declared_dependencies(tmp_path):
     """sdist and wheel by `python -m build` (the build environment constrained by the lock, as
@@ -150,6 +143,8 @@ def test_the_built_wheel_serves_with_only_its_declared_dependencies(tmp_path):
     installed first, this machine's CPU build of the locked release, as the README tells users
     (an unconstrained resolve takes the CUDA build); then train the demo's task for two steps,
     serve it, and ask over gRPC and HTTP what in-process prediction says."""
+    from tests.helpers import free_port  # imports ticketserve: not at the top, where a broken install must still load
+
     run = dict(check=True, capture_output=True, text=True, timeout=1500)
     builder, user = tmp_path / "builder", tmp_path / "user"
     subprocess.run([sys.executable, "-m", "venv", str(builder)], **run)

@@ -1,11 +1,13 @@
 """Task data from the hub (`datasets`), a local directory of JSONL/CSV/TSV, or the bundled sample.
 
 Whatever the source, rows come out with the task's GLUE field names and integer labels
-(float for regression), ready to tokenize.
+(float for regression), ready to tokenize. Local files are read into memory, never through the
+`datasets` cache: a user's private data leaves no copy outside their directory and the registry.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ticketserve.core.errors import DataUnavailable, InvalidArgument
@@ -13,7 +15,11 @@ from ticketserve.registry.manifest import TaskSpec
 
 SAMPLE_DIR = Path(__file__).parent / "samples"
 SAMPLE = "sample"  # --data-dir sample = the small sample committed inside the package
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+# the field names of GLUE's tasks, pairs first: a file with these (and `label`) needs no field flags
+GLUE_FIELDS = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+               ("premise", "hypothesis"), ("sentence", None))
+LABEL_FILES = ("labels.json", "labels.txt")
 
 
 def sample_dir(task: str) -> Path:
@@ -25,7 +31,7 @@ def sample_dir(task: str) -> Path:
 
 
 def find_split_file(data_dir: Path, split: str) -> Path:
-    for suffix in _BUILDERS:
+    for suffix in SUFFIXES:
         candidate = data_dir / f"{split}{suffix}"
         if candidate.is_file():
             return candidate
@@ -39,20 +45,51 @@ def data_source(spec: TaskSpec, data_dir: str | Path | None) -> str:
     return str(data_dir) if data_dir is not None else spec.hub_dataset
 
 
+def read_file(path: Path):
+    """A local JSONL/JSON/CSV/TSV file as an in-memory `datasets.Dataset` (CSV/TSV cells stay
+    strings: "NA" or "null" is a text, not a missing value)."""
+    import datasets
+    import pandas
+
+    if path.suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text) if text.lstrip().startswith("[") else [
+                json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{path}: not JSON lines ({exc})") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise InvalidArgument(f"{path}: every line must be a JSON object of fields")
+        return datasets.Dataset.from_list(rows)
+    tsv = path.suffix == ".tsv"  # GLUE's TSVs contain bare quotes; never treat them as quoting
+    frame = pandas.read_csv(path, sep="\t" if tsv else ",", quoting=3 if tsv else 0, dtype=str, keep_default_na=False)
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def local_dir(spec_name: str, data_dir: str | Path) -> Path:
+    return sample_dir(spec_name) if str(data_dir) == SAMPLE else Path(data_dir).expanduser()
+
+
 def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None,
                samples: int | None = None, seed: int = 0):
-    """One split of a task as a `datasets.Dataset` with columns text[, text_pair], label."""
+    """One split of a task as a `datasets.Dataset` with columns text[, text_pair], label;
+    `samples`: a random subset of that many, drawn with `seed` (see `subset`)."""
+    return subset(load_full_split(spec, split, data_dir), samples, seed)
+
+
+def subset(ds, samples: int | None, seed: int):
+    """`samples` examples drawn at random with `seed` (the run's --seed, which also seeds its
+    initialisation), or all of them."""
+    return ds.shuffle(seed=seed).select(range(samples)) if samples is not None and samples < len(ds) else ds
+
+
+def load_full_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None):
     import datasets
 
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     if data_dir is not None:
-        directory = sample_dir(spec.name) if str(data_dir) == SAMPLE else Path(data_dir).expanduser()
-        path = find_split_file(directory, split)
-        kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        if path.suffix == ".tsv":  # GLUE's TSVs contain bare quotes; never treat them as quoting
-            kwargs["quoting"] = 3
-        ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **kwargs)
+        ds = read_file(find_split_file(local_dir(spec.name, data_dir), split))
     elif spec.hub_dataset:
         try:
             ds = datasets.load_dataset(spec.hub_dataset, spec.hub_config, split=split)
@@ -63,13 +100,12 @@ def load_split(spec: TaskSpec, split: str, data_dir: str | Path | None = None,
             ) from exc
     else:
         raise DataUnavailable(f"task {spec.name!r} has no hub dataset: pass --data-dir")
-    ds = _normalise(ds, spec, split)
-    if samples is not None and samples < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(samples))
-    return ds
+    return _normalise(ds, spec, split)
 
 
 def _normalise(ds, spec: TaskSpec, split: str):
+    import datasets
+
     fields = [spec.text_field] + ([spec.text_pair_field] if spec.text_pair_field else []) + [spec.label_field]
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
@@ -80,7 +116,9 @@ def _normalise(ds, spec: TaskSpec, split: str):
     if spec.text_pair_field:
         rename[spec.text_pair_field] = "text_pair"
     ds = ds.select_columns(fields).rename_columns(rename)
-    return ds.map(_label_mapper(spec, split), batched=True)
+    features = ds.features.copy()  # labels become numbers whatever the file held (CSV cells are strings)
+    features["label"] = datasets.Value("float64" if spec.is_regression else "int64")
+    return ds.map(_label_mapper(spec, split), batched=True, features=features)
 
 
 def _label_mapper(spec: TaskSpec, split: str):
@@ -107,11 +145,8 @@ def _label_mapper(spec: TaskSpec, split: str):
 
 
 def _label_values(data_dir: str | Path, label_field: str, split: str = "train") -> tuple[Path, set[str]]:
-    import datasets
-
     path = find_split_file(Path(data_dir).expanduser(), split)
-    kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix == ".tsv" else {}
-    ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train", **kwargs)
+    ds = read_file(path)
     if label_field not in ds.column_names:
         raise InvalidArgument(f"{path} has no field {label_field!r}; columns are {', '.join(ds.column_names)}")
     return path, {str(v) for v in ds[label_field]}
@@ -153,3 +188,27 @@ def check_labels(data_dir: str | Path, label_field: str, names: list[str], split
             f"--labels {', '.join(names)} does not match the labels in {path} ({shown})"
             + (f"; not in the data: {', '.join(sorted(missing))}" if missing else "")
             + (f"; not named: {', '.join(sorted(unknown)[:10])}" if unknown else ""))
+
+
+def columns(data_dir: str | Path, split: str = "train") -> list[str]:
+    """The fields of a local split's file."""
+    return read_file(find_split_file(Path(data_dir).expanduser(), split)).column_names
+
+
+def glue_fields(names: list[str]) -> tuple[str, str | None] | None:
+    """The text (and pair) fields of a file that uses GLUE's field names, else None."""
+    return next(((text, pair) for text, pair in GLUE_FIELDS if text in names and (pair is None or pair in names)), None)
+
+
+def label_file(data_dir: str | Path) -> tuple[Path, list[str]] | None:
+    """Label names from DIR/labels.json (a JSON list) or DIR/labels.txt (one per line), in the
+    order of their indices; None when the directory has neither."""
+    for name in LABEL_FILES:
+        path = Path(data_dir).expanduser() / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            names = json.loads(text) if name.endswith(".json") else [line.strip() for line in text.splitlines() if line.strip()]
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise InvalidArgument(f"{path}: expected a list of label names")
+            return path, names
+    return None

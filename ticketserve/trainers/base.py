@@ -63,6 +63,7 @@ class Method(ABC):
     default_lr: ClassVar[float]
     description: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    option_scope: ClassVar[dict[str, str]] = {}  # options some runs of the method use: name → when
 
     def __init__(self, options: BaseModel):
         self.options = options
@@ -78,6 +79,11 @@ class Method(ABC):
     def details(self) -> dict:
         """Method facts recorded in the manifest (options, which rows, which ticket, ...)."""
         return self.options.model_dump(exclude_none=True)
+
+    def resolved(self) -> dict[str, str]:
+        """What the method chose that the user did not type (Dominant: which ticket, from
+        where), once it has chosen: the run prints it in its first lines and its summary."""
+        return {}
 
 
 def run_manifest(name: str, kind: str, method: str, spec: TaskSpec, backbone: BackboneRef, config: TrainConfig, *,

@@ -37,12 +37,12 @@ class SearchOptions(BaseModel):
         description="weight of the L1 pull on the mean |θ − θ0| over the six matrices (the sum divided by their "
                     "parameter count: each parameter feels λ/N)")
     sigma: float | None = Field(None, gt=0, description="out-weighted threshold on |Δ| (absolute)")
-    sigma_quantile: float | None = Field(None, gt=0, lt=1,
-                                         description=f"σ as this quantile of |Δ| (default {DEFAULT_SIGMA_QUANTILE})")
+    sigma_quantile: float = Field(DEFAULT_SIGMA_QUANTILE, gt=0, lt=1,
+                                  description="σ as this quantile of |Δ| (unless --sigma is given)")
 
     @model_validator(mode="after")
     def _one_sigma(self) -> SearchOptions:
-        if self.sigma is not None and self.sigma_quantile is not None:
+        if self.sigma is not None and "sigma_quantile" in self.model_fields_set:
             raise ValueError("give sigma or sigma_quantile, not both")
         return self
 
@@ -74,8 +74,7 @@ class TicketSearch(ArtifactMethod):
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
         deltas = {name: tickets.delta_tilde(m, self.theta0, name) for name, m in self.matrices.items()}
         opts = self.options
-        self.sigma = opts.sigma or tickets.sigma_from_quantile(list(deltas.values()),
-                                                               opts.sigma_quantile or DEFAULT_SIGMA_QUANTILE)
+        self.sigma = opts.sigma or tickets.sigma_from_quantile(list(deltas.values()), opts.sigma_quantile)
         counts = {name: tickets.count_outweighted(d, self.sigma) for name, d in deltas.items()}
         self.outweighted = int(sum(c.sum() for c in counts.values()))
         self.total = sum(d.numel() for d in deltas.values())
@@ -102,6 +101,7 @@ class Dominant(RowMethod):
     name = "dominant"
     description = "Dominant-k: train the top-k out-weighted rows of each matrix of a ticket (+ head)"
     Options = DominantOptions
+    option_scope = {name: "if searching a ticket" for name in SearchOptions.model_fields}  # --ticket search, or auto with none
 
     def rows(self, model: TaskModel, context: RunContext) -> dict[str, list[int]]:
         ref, self.ticket_source = self.options.ticket, "named"
@@ -119,13 +119,14 @@ class Dominant(RowMethod):
             counts = self._search(model, context)
         else:
             found = artifact.load(context.store, ref, context.backbone, expect_kind="ticket")
+            self.ticket_version = str(found.version)
             self.ticket = f"{found.version}@{found.version.digest}"
             self.ticket_task = ",".join(found.manifest.details.get("tasks", [found.manifest.task.name]))
             counts = counts_of(found.tensors)
         return tickets.top_k(counts, self.options.k)
 
     def _search(self, model: TaskModel, context: RunContext) -> dict[str, torch.Tensor]:
-        search_options = SearchOptions(**self.options.model_dump(include=set(SearchOptions.model_fields)))
+        search_options = SearchOptions(**self.options.model_dump(include=set(SearchOptions.model_fields), exclude_unset=True))
         config = context.config.model_copy(update={"lr": None})  # the search's own rate, not the rows'
         outcome = train("ticket-search", context.spec, context.backbone, config, context.store,
                         context.data_dir, name=f"{context.spec.name}-ticket", show_progress=context.show_progress,
@@ -133,9 +134,13 @@ class Dominant(RowMethod):
         context.phase = f"train {context.spec.name} 2/2"
         outcome.method.restore_theta0(model)
         version = outcome.version
+        self.ticket_version = str(version) if version else None
         self.ticket = f"{version}@{version.digest}" if version else None  # None off the main process
         self.ticket_task = context.spec.name
         return counts_of(outcome.tensors)
+
+    def resolved(self) -> dict[str, str]:
+        return {"ticket": self.ticket_version, "ticket_source": self.ticket_source}
 
     def details(self) -> dict:
         return {"k": self.options.k, "ticket": self.ticket, "ticket_task": self.ticket_task,

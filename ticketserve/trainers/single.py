@@ -3,6 +3,7 @@ trainable parameters → `loop.fit` → the method's tensors (+ the head) → on
 
 from __future__ import annotations
 
+import sys
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from ticketserve.core import artifact
-from ticketserve.core.data import data_source, load_split
+from ticketserve.core.data import data_source, load_full_split, subset
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.model import TaskModel
 from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest
@@ -62,15 +63,18 @@ class ArtifactMethod(Method):
         started = time.perf_counter()
         accelerator = accelerator_for(config)
         set_seed(config.seed)
-        with accelerator.main_process_first():  # the first process fills the datasets cache
-            train_ds = tokenize(load_split(spec, spec.train_split, context.data_dir, config.train_samples, config.seed),
-                                backbone.tokenizer, config.max_length)
-            eval_ds = tokenize(load_split(spec, spec.eval_split, context.data_dir, config.eval_samples, config.seed),
-                               backbone.tokenizer, config.max_length)
+        with accelerator.main_process_first():  # the first process fills the datasets cache (hub data)
+            splits = {split: (load_full_split(spec, split, context.data_dir), samples) for split, samples in
+                      ((spec.train_split, config.train_samples), (spec.eval_split, config.eval_samples))}
+            train_ds, eval_ds = (tokenize(subset(full, samples, config.seed), backbone.tokenizer, config.max_length)
+                                 for full, samples in splits.values())
         head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
         model = TaskModel(backbone.model, spec, head)
         params = self.trainable(model, context)
         lr = config.lr or self.default_lr
+        choices = self._choices(context, lr, {split: (len(full), samples) for split, (full, samples) in splits.items()})
+        if context.show_progress and accelerator.is_main_process:
+            print(self._plan(context.phase or f"train {spec.name}", choices), file=sys.stderr, flush=True)
         result = fit(accelerator, model, self, params, train_ds, eval_ds, backbone.tokenizer, config, lr,
                      context.show_progress, context.phase or f"train {spec.name}")
         extra_details = self.after_fit(model, result)
@@ -97,19 +101,44 @@ class ArtifactMethod(Method):
         version = artifact.publish(context.store, manifest, tensors, context.tags) if publish else None
         accelerator.wait_for_everyone()
         return TrainOutcome([version] if version else [],
-                            *self._report(version, manifest, result, context, time.perf_counter() - started),
+                            *self._report(version, manifest, result, context, time.perf_counter() - started, choices),
                             version, manifest, result, tensors, self)
 
-    @staticmethod
-    def _report(version, manifest: Manifest, result: FitResult, context: RunContext, wall: float) -> tuple[dict, str]:
+    def _choices(self, context: RunContext, lr: float, splits: dict[str, tuple[int, int | None]]) -> dict:
+        """The resolved settings a user did not necessarily type: rate, length, data, method choices."""
+        config = context.config
+        data = {split: {"examples": min(total, samples or total), "of": total,
+                        "drawn": f"random subset, seed {config.seed}" if samples and samples < total else "all"}
+                for split, (total, samples) in splits.items()}
+        return {"lr": lr, "lr_from": "--lr" if config.lr else f"{self.name}'s default", "epochs": config.epochs,
+                "max_steps": config.max_steps, "batch_size": config.batch_size, "seed": config.seed,
+                "data": data_source(context.task, context.data_dir), "splits": data} | self.resolved()
+
+    def _plan(self, label: str, choices: dict) -> str:
+        steps = f", at most {choices['max_steps']} steps" if choices["max_steps"] else ""
+        splits = ", ".join(f"{split} {d['examples']:,} of {d['of']:,} ({d['drawn']})" for split, d in choices["splits"].items())
+        lines = [f"{label}: lr {choices['lr']:g} ({choices['lr_from']}), {choices['epochs']} epochs{steps}, "
+                 f"batch {choices['batch_size']}, seed {choices['seed']} (the model's initialisation and any subset)",
+                 f"  data {choices['data']}: {splits}"]
+        if self.resolved():
+            lines.append(f"  {self._resolved_text()}")
+        return "\n".join(lines)
+
+    def _resolved_text(self) -> str:
+        return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in self.resolved().items())
+
+    def _report(self, version, manifest: Manifest, result: FitResult, context: RunContext, wall: float,
+                choices: dict) -> tuple[dict, str]:
         if version is None:
             return {}, ""
         payload_bytes = context.store.manifest(version).payload_bytes
         summary = {"artifact": str(version), "digest": version.digest, "kind": manifest.kind,
                    "task": manifest.task.name, "method": manifest.method, "metrics": manifest.metrics,
                    "trainable_params": manifest.trainable_params, "payload_bytes": payload_bytes,
-                   "train_seconds": round(result.train_seconds, 1), "total_seconds": round(wall, 1), "steps": result.steps}
+                   "train_seconds": round(result.train_seconds, 1), "total_seconds": round(wall, 1), "steps": result.steps,
+                   "choices": choices}
         metric_text = ", ".join(f"{k} {v:.4f}" for k, v in manifest.metrics.items())
+        resolved = f"; {self._resolved_text()}" if self.resolved() else ""
         return summary, (f"published [bold]{version}[/] ({manifest.kind}, {payload_bytes:,} bytes, "
-                         f"{manifest.trainable_params:,} trainable params): {metric_text}; training {summary['train_seconds']} s "
-                         f"of {summary['total_seconds']} s in all")
+                         f"{manifest.trainable_params:,} trainable params{resolved}): {metric_text}; "
+                         f"training {summary['train_seconds']} s of {summary['total_seconds']} s in all")
