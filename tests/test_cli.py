@@ -121,14 +121,16 @@ def test_train_flags_come_from_the_options_of_every_method(tmp_path):
     from ticketserve.trainers import methods
 
     helped = subprocess.run([SCRIPT, "train", "--help"], capture_output=True, text=True, timeout=120,
-                            env=os.environ | {"COLUMNS": "250"})  # wide: no flag cut short
+                            env={k: v for k, v in os.environ.items() if k != "COLUMNS"})  # a pipe, 80 columns
     assert helped.returncode == 0, helped.stderr
-    text = " ".join(helped.stdout.replace("│", " ").split())
+    assert "…" not in helped.stdout and "│" not in helped.stdout  # plain text in a pipe: nothing cut short
+    text = " ".join(helped.stdout.split())
     for name, cls in methods().items():
         for field_name, field in cls.Options.model_fields.items():
             if (field.json_schema_extra or {}).get("cli", True):
                 assert flag(field_name, field) in text, (name, field_name)
     assert "dominant (default 1)" in text and "--lambda" in text and "--mask-embeddings" in text
+    assert "dominant if searching a ticket, ticket-search (default 0.99)" in text  # --sigma-quantile: its default, and when
     listed = {row["method"]: row["options"] for row in as_json(cli("methods", "--json", registry=tmp_path))}
     assert listed.keys() == methods().keys() and listed["dominant"]["--k"] == "default 1"
     assert {"superticket", "ticketshare", "gated-full"} <= listed.keys()

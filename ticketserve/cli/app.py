@@ -8,10 +8,10 @@ import typer
 from pydantic import ValidationError
 
 from ticketserve.cli import registry, serving, tickets, train
-from ticketserve.cli.common import err
+from ticketserve.cli.common import HELP_MARKUP, err
 from ticketserve.core.errors import TicketserveError
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False)
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode=HELP_MARKUP)
 for group in (train.commands, serving.commands):
     app.registered_commands += group.registered_commands
 app.add_typer(registry.registry_app, name="registry")

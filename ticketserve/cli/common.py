@@ -4,6 +4,7 @@ registry/artifact/runtime a command works on."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Optional
 
 import typer
@@ -13,6 +14,8 @@ from ticketserve.core.errors import TicketserveError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+# --help: rich panels on a terminal; in a pipe plain text (rich cuts long names to fit 80 columns)
+HELP_MARKUP = "rich" if sys.stdout.isatty() else None
 
 RegistryOpt = Annotated[Optional[str], typer.Option("--registry", envvar="TICKETSERVE_REGISTRY",
                                                     help="registry URL or directory (default: user cache)")]

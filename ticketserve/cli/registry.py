@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketserve.cli.common import BackboneOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
+from ticketserve.cli.common import HELP_MARKUP, BackboneOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 
-registry_app = typer.Typer(help="Inspect and manage the artifact registry.", no_args_is_help=True)
+registry_app = typer.Typer(help="Inspect and manage the artifact registry.", no_args_is_help=True,
+                           rich_markup_mode=HELP_MARKUP)
 
 
 @registry_app.command("list")

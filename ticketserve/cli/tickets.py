@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ticketserve.cli.common import BackboneOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
+from ticketserve.cli.common import HELP_MARKUP, BackboneOpt, JsonOpt, RegistryOpt, artifact_for, emit, out, store_at
 from ticketserve.core.errors import InvalidArgument
 
-ticket_app = typer.Typer(help="Inspect, compare and plot tickets, masks and super-ticket sweeps.", no_args_is_help=True)
+ticket_app = typer.Typer(help="Inspect, compare and plot tickets, masks and super-ticket sweeps.", no_args_is_help=True,
+                        rich_markup_mode=HELP_MARKUP)
 
 
 @ticket_app.command("show")

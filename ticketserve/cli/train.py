@@ -54,7 +54,7 @@ def train(
     text_pair_field: Annotated[Optional[str], typer.Option(help="custom task: the second text column (default: as --text-field)")] = None,
     label_field: Annotated[str, typer.Option(help="custom task: the label column")] = "label",
     labels: Annotated[Optional[str], typer.Option(help="custom task: comma-separated label names in index order, or 'regression' for a value (default: DIR/labels.json or labels.txt, else the data's values)")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="custom task: accuracy|f1|matthews|pearson|spearman")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="custom task: accuracy, f1, matthews, pearson or spearman")] = None,
     name: Annotated[Optional[str], typer.Option(help="artifact name (default: TASK-METHOD)")] = None,
     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags to move to this version")] = None,
     registry: RegistryOpt = None,
