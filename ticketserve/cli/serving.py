@@ -118,6 +118,7 @@ def serve(
     queue_ms_per_token: Annotated[float, typer.Option(help="queue order: a request's turn comes this much later per padded token (0: first come, first served)")] = 1.0,
     max_queue_size: int = 256,
     max_texts_per_request: int = 32,
+    max_tasks_per_request: Annotated[int, typer.Option(help="tasks one fan-out may name")] = 16,
     max_tokens_per_text: int = 256,
     max_text_bytes: Annotated[int, typer.Option(help="UTF-8 bytes per text; longer ones are refused (INVALID_ARGUMENT)")] = 256 * 1024,
     truncate: Annotated[bool, typer.Option("--truncate/--reject-long", help="truncate or refuse texts over the token limit")] = True,
@@ -132,6 +133,8 @@ def serve(
                                                       "REST API under /v2 and the JSON API under /v1")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics on this port")] = None,
     drain_seconds: Annotated[float, typer.Option(help="on SIGTERM, how long requests in flight may take (new ones get UNAVAILABLE)")] = 30.0,
+    http_request_seconds: Annotated[float, typer.Option(help="HTTP: a request's head and body must arrive within this, or 408 and the connection closes")] = 30.0,
+    http_max_connections: Annotated[int, typer.Option(help="HTTP: connections (and requests) at once; past it new requests get 503")] = 4096,
 ) -> None:
     """Serve every task in the registry from one shared backbone: gRPC (ours and the Open Inference Protocol), and HTTP with --http-port."""
     from ticketserve.runtime.engine import EngineConfig
@@ -143,7 +146,8 @@ def serve(
     engine = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                           max_queue_delay_ms=max_queue_delay_ms, queue_ms_per_token=queue_ms_per_token,
                           max_queue_size=max_queue_size,
-                          max_texts_per_request=max_texts_per_request, max_tokens_per_text=max_tokens_per_text,
+                          max_texts_per_request=max_texts_per_request, max_tasks_per_request=max_tasks_per_request,
+                          max_tokens_per_text=max_tokens_per_text,
                           max_text_bytes=max_text_bytes, truncate=truncate)
     run_server(ServeConfig(
         host=host, port=port, registry=registry, backbone=backbone, device=device, backend=backend, dtype=dtype,
@@ -151,7 +155,8 @@ def serve(
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
         tls_cert=tls_cert, tls_key=tls_key, http_port=http_port, metrics_port=metrics_port,
-        drain_seconds=drain_seconds))
+        drain_seconds=drain_seconds, http_request_seconds=http_request_seconds,
+        http_max_connections=http_max_connections))
 
 
 @commands.command()

@@ -37,6 +37,8 @@ class EngineConfig(BaseModel):
                                       "per padded token it costs (0: first come, first served)")
     max_queue_size: int = Field(256, gt=0, description="queued requests before RESOURCE_EXHAUSTED")
     max_texts_per_request: int = Field(32, gt=0)
+    max_tasks_per_request: int = Field(16, gt=0, description="tasks one fan-out may name (each is a request in "
+                                       "the queue)")
     max_tokens_per_text: int = Field(256, gt=1)
     max_text_bytes: int = Field(256 * 1024, gt=0, description="UTF-8 bytes per text (and per text pair); "
                                 "longer ones are refused")
@@ -104,7 +106,14 @@ class Engine:
         batch when they fit (a fan-out: the same texts to several tasks)."""
         if not self._accepting:
             raise Unavailable("the server is shutting down")
-        prepared = [self._prepare(task, texts, pairs, deadline) for task, texts, pairs in requests]
+        if len(requests) > self.config.max_tasks_per_request:
+            raise InvalidArgument(f"{len(requests)} tasks; at most {self.config.max_tasks_per_request} per request")
+        with self._wake:  # refused before any tokenizing when the queue cannot take them all
+            room = self.config.max_queue_size - len(self._queue)
+        if len(requests) > room:
+            raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
+        tokenized: dict = {}  # one tokenizer, so the same texts are tokenized once for every task
+        prepared = [self._prepare(task, texts, pairs, deadline, tokenized) for task, texts, pairs in requests]
         with self._wake:
             if len(self._queue) + len(prepared) > self.config.max_queue_size:
                 raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
@@ -114,7 +123,7 @@ class Engine:
         return [request.future for request in prepared]
 
     def _prepare(self, task: LoadedTask, texts: list[str], pairs: list[str | None] | None,
-                 deadline: float | None) -> _Request:
+                 deadline: float | None, tokenized: dict[bool, list]) -> _Request:
         spec = task.spec
         if not texts:
             raise InvalidArgument("a request needs at least one input")
@@ -128,22 +137,32 @@ class Engine:
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
         if not spec.text_pair_field and any(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
+        paired = bool(spec.text_pair_field)
+        if paired not in tokenized:
+            tokenized[paired] = self._tokenize(texts, pairs if paired else None)
+        return _Request(task, tokenized[paired], deadline)
+
+    def _tokenize(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, list[int]]]:
         texts = [self._bounded(text, i, "text") for i, text in enumerate(texts)]
-        if spec.text_pair_field:
+        if pairs is not None:
             pairs = [self._bounded(pair, i, "text_pair") for i, pair in enumerate(pairs)]
-        encoded = self.runtime.backbone.tokenizer(
-            texts, pairs if spec.text_pair_field else None, truncation=self.config.truncate,
-            max_length=self.max_tokens if self.config.truncate else None)
+        encoded = self.runtime.backbone.tokenizer(texts, pairs, truncation=self.config.truncate,
+                                                  max_length=self.max_tokens if self.config.truncate else None)
         features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
         for i, feature in enumerate(features):
             if len(feature["input_ids"]) > self.max_tokens:
                 raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
-        return _Request(task, features, deadline)
+        return features
 
     def _bounded(self, text: str, i: int, field: str) -> str:
         """The text within the byte limit, cut to what its first `max_tokens` tokens can come
         from before the tokenizer sees it (the tokenizer's cost grows with the whole text): at
         most CHARS_PER_TOKEN characters per token, ending at a word boundary when one is near."""
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"input {i}: {field} is not valid Unicode (a lone surrogate)") from None
         if len(text) * 4 > self.config.max_text_bytes and len(text.encode()) > self.config.max_text_bytes:
             raise InvalidArgument(f"input {i}: {field} has {len(text.encode()):,} bytes; the limit is "
                                   f"{self.config.max_text_bytes:,}")

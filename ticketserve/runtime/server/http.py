@@ -23,15 +23,14 @@ from ticketserve import __version__
 from ticketserve.core.errors import InvalidArgument, TicketserveError, Unavailable
 from ticketserve.runtime.server import about
 from ticketserve.runtime.server.auth import Tokens, bearer
+from ticketserve.runtime.server.http_door import BINARY, BINARY_HEADER, PUBLIC, Front, method_label
 from ticketserve.runtime.server.observe import Observe
-from ticketserve.runtime.server.openinference import Inferred, OpenInference, Tensor, decode_raw, encode_raw
+from ticketserve.runtime.server.openinference import (Inferred, OpenInference, Tensor, declared_elements, decode_raw,
+                                                         encode_raw)
 from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
 from ticketserve.runtime.status import http_status_of
 
 log = logging.getLogger("ticketserve.runtime.server")
-BINARY_HEADER = "inference-header-content-length"  # the v2 binary tensor data extension
-PROBES = ("/v2/health/live", "/v2/health/ready")
-BINARY = "ticketserve.binary"  # ASGI scope key: the binary part of a v2 request
 
 
 # -- bodies ---------------------------------------------------------------------------------
@@ -222,23 +221,40 @@ def _predict_response(answer: Answer) -> PredictResponse:
                           batch_size=result.batch_size, batch_tasks=result.batch_tasks))
 
 
-def _flat(data: list) -> list:
-    return [x for item in data for x in (_flat(item) if isinstance(item, list) else [item])]
+def _flat(data: list, depth: int, name: str) -> list:
+    """`data` row-major, nested at most `depth` lists deep (the declared shape's rank), without
+    recursion: a body nested deeper than its shape says is refused before it costs a stack."""
+    flat, stack = [], [(iter(data), 1)]
+    while stack:
+        items, level = stack[-1]
+        item = next(items, stack)
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, list):
+            if level >= depth:
+                raise InvalidArgument(f"input {name!r}: data is nested deeper than its shape's {depth} dimension(s)")
+            stack.append((iter(item), level + 1))
+        else:
+            flat.append(item)
+    return flat
 
 
-def _input_tensors(body: InferenceRequest, binary: bytes) -> list[Tensor]:
+def _input_tensors(body: InferenceRequest, binary: bytes, max_elements: int) -> list[Tensor]:
+    """The request's tensors, each checked against its declared shape and the element limit
+    before its data is decoded."""
     tensors, offset = [], 0
     for given in body.inputs:
+        declared = declared_elements(given.name, given.shape, max_elements)
         size = (given.parameters or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidArgument(f"input {given.name!r}: binary_data_size {size} does not fit the binary data")
-            data = decode_raw(given.datatype, binary[offset:offset + size])
+            data = decode_raw(given.datatype, binary[offset:offset + size], declared)
             offset += size
         elif given.data is None:
             raise InvalidArgument(f"input {given.name!r} has neither data nor binary_data_size")
         else:
-            data = _flat(given.data)
+            data = _flat(given.data, max(len(given.shape), 1), given.name)
         tensors.append(Tensor(given.name, given.datatype, given.shape, data))
     if offset != len(binary):
         raise InvalidArgument(f"{len(binary) - offset} bytes of binary data belong to no input")
@@ -276,62 +292,9 @@ def _infer_response(body: InferenceRequest, inferred: Inferred) -> Response:
 
 # -- the app --------------------------------------------------------------------------------
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` is refused (413) before it is parsed; a
-    v2 request with binary data is split, its JSON part handed on as the body and its binary
-    part put in the scope."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        if int(headers.get("content-length") or 0) > self.max_bytes:
-            return await self._refuse(send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        if BINARY_HEADER in headers:
-            try:
-                split = int(headers[BINARY_HEADER])
-            except ValueError:
-                split = -1
-            if not 0 <= split <= len(body):
-                return await self._refuse(send, 400, f"{BINARY_HEADER} {headers[BINARY_HEADER]!r} does not fit the body")
-            body, scope = body[:split], scope | {BINARY: body[split:]}
-            dropped = (b"content-length", b"content-type", BINARY_HEADER.encode())
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() not in dropped]
-            scope["headers"] += [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    async def _refuse(self, send, status: int = 413, message: str | None = None) -> None:
-        body = json.dumps({"error": message or f"request body over {self.max_bytes:,} bytes"}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
 def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
     headers = {"x-request-id": request_id} if request_id else None
+    message = message.encode("utf-8", "backslashreplace").decode()  # an echo of bad input stays sendable
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -356,8 +319,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         given = request.headers.get("x-request-id", "")
         request_id = given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
         request.state.request_id = request_id
-        path = request.url.path
-        own = path not in PROBES and path not in ("/openapi.json", "/docs")
+        own = request.url.path not in PUBLIC
         if own and observe.draining:
             response = _error(503, str(Unavailable("the server is draining; retry on another replica")), request_id)
         else:
@@ -370,7 +332,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
                     observe.leave()
         response.headers["x-request-id"] = request_id
         route = request.scope.get("route")
-        observe.metrics.responses.labels(f"HTTP {request.method} {route.path if route else 'unmatched'}",
+        observe.metrics.responses.labels(f"HTTP {method_label(request.method)} {route.path if route else 'unmatched'}",
                                          str(response.status_code)).inc()
         return response
 
@@ -392,7 +354,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         request_id = getattr(request.state, "request_id", "")
         log.error("unexpected error in HTTP %s %s (request id %s)", request.method, request.url.path, request_id,
                   exc_info=exc)
-        observe.metrics.unexpected_errors.labels(f"HTTP {request.url.path}").inc()
+        route = request.scope.get("route")
+        observe.metrics.unexpected_errors.labels(f"HTTP {route.path if route else 'unmatched'}").inc()
         return _error(500, f"internal error (request id {request_id})", request_id)
 
     # -- the JSON API --------------------------------------------------------------------
@@ -451,7 +414,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         """`text` (BYTES) and for pair tasks `text_pair` in; `label`, `score`, `probabilities` (or `value`)
         out. Binary tensor data (the `Inference-Header-Content-Length` header) is accepted and, when
         asked for with `binary_data`, returned."""
-        tensors = _input_tensors(body, request.scope.get(BINARY, b""))
+        tensors = _input_tensors(body, request.scope.get(BINARY, b""), protocol.max_elements)
         requested = [o.name for o in body.outputs or []]
         return _infer_response(body, await protocol.infer(name, version, tensors, requested))
 
@@ -471,7 +434,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         await protocol.unload(name)
         return {}
 
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    count = (lambda method, status: observe.metrics.responses.labels(method, status).inc()) if observe else None
+    app.add_middleware(Front, max_bytes=max_body_bytes, tokens=tokens, count=count)
     return app
 
 

@@ -35,6 +35,8 @@ from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.auth import TokenAuth, Tokens, read_token
 from ticketserve.runtime.server.http import build_app
+from ticketserve.runtime.server.http_door import DeadlineH11
+from ticketserve.runtime.server.limits import limit_loop_errors, raise_descriptor_limit
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.malformed import RejectMalformed
 from ticketserve.runtime.server.memory import tune_malloc
@@ -76,6 +78,10 @@ class ServeConfig(BaseModel):
     http_port: int | None = Field(None, ge=0, le=65535, description="HTTP: the Open Inference Protocol's REST API "
                                   "(/v2) and the JSON API (/v1); 0 picks a free port")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint; 0 picks a free port")
+    http_request_seconds: float = Field(30.0, gt=0, description="HTTP: a request's head and body must arrive within "
+                                        "this, or 408 and the connection closes")
+    http_max_connections: int = Field(4096, gt=0, description="HTTP: open connections (and requests) at once; past "
+                                      "it new requests get 503")
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long requests in flight may take")
 
 
@@ -133,6 +139,7 @@ class Server:
 
     async def start(self) -> None:
         c = self.config
+        limit_loop_errors(asyncio.get_running_loop())
         for ref in c.preload:  # a task the operator requires: failing to load it fails the start
             name, _, version = ref.partition(":")
             try:
@@ -180,7 +187,9 @@ class Server:
                         lambda: self.serving, c.max_message_bytes)
         tls = {"ssl_certfile": c.tls_cert, "ssl_keyfile": c.tls_key} if c.tls_cert and c.tls_key else {}
         self._http = _Uvicorn(uvicorn.Config(app, host=c.host, port=c.http_port, log_config=None, access_log=False,
-                                             lifespan="off", timeout_graceful_shutdown=5, **tls))
+                                             lifespan="off", timeout_graceful_shutdown=5,
+                                             http=DeadlineH11.with_deadline(c.http_request_seconds),
+                                             limit_concurrency=c.http_max_connections, **tls))
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():  # uvicorn logged why (the port is taken, say) and gave up
@@ -271,6 +280,7 @@ def serve(config: ServeConfig) -> None:
     """Run until SIGTERM/SIGINT, drain (bounded by `drain_seconds`), exit."""
     configure_logging()
     tune_malloc()  # before the backbone and the server's threads allocate
+    raise_descriptor_limit(config.http_max_connections + 1024)
     asyncio.run(_serve(config))
 
 

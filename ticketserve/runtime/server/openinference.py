@@ -53,23 +53,38 @@ class Inferred:
 
 # -- binary tensor data ---------------------------------------------------------------------
 
-def decode_raw(datatype: str, raw: bytes) -> list:
-    """The elements of a tensor sent as raw bytes."""
+def declared_elements(name: str, shape: list[int], limit: int) -> int:
+    """The element count a tensor's shape declares, refused past `limit` before any of its data
+    is decoded (the request's text limit: a model input is one text per element)."""
+    declared = math.prod(shape) if all(d >= 0 for d in shape) else -1
+    if not 0 <= declared <= limit:
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)[:8]} declares {declared} elements; at most {limit} "
+                              "per request")
+    return declared
+
+
+def decode_raw(datatype: str, raw: bytes, elements: int) -> list:
+    """The elements of a tensor sent as raw bytes; decoding stops past the `elements` its shape
+    declares (a short shape with a long body costs no more than the shape allows)."""
     if datatype == "BYTES":
-        elements, offset = [], 0
+        decoded, offset = [], 0
         while offset < len(raw):
+            if len(decoded) == elements:
+                raise InvalidArgument(f"raw BYTES tensor: more elements than its shape's {elements}")
             if offset + 4 > len(raw):
                 raise InvalidArgument("raw BYTES tensor: truncated element length")
             (size,) = struct.unpack_from("<I", raw, offset)
             offset += 4
             if offset + size > len(raw):
                 raise InvalidArgument("raw BYTES tensor: an element runs past the end of the data")
-            elements.append(raw[offset:offset + size])
+            decoded.append(raw[offset:offset + size])
             offset += size
-        return elements
+        return decoded
     if datatype == "FP32":
         if len(raw) % 4:
             raise InvalidArgument("raw FP32 tensor: length is not a multiple of 4")
+        if len(raw) // 4 > elements:
+            raise InvalidArgument(f"raw FP32 tensor: more elements than its shape's {elements}")
         return list(struct.unpack(f"<{len(raw) // 4}f", raw))
     raise InvalidArgument(f"datatype {datatype} is not used by ticketserve's models (BYTES inputs)")
 
@@ -147,6 +162,11 @@ class OpenInference:
 
     async def _blocking(self, call, *args):
         return await self.admission.run(self.admission.loading, call, *args)
+
+    @property
+    def max_elements(self) -> int:
+        """Elements a request's input tensor may hold: one text each."""
+        return self.predictor.engine.config.max_texts_per_request
 
     def server_metadata(self) -> dict:
         return {"name": "ticketserve", "version": __version__, "extensions": EXTENSIONS}

@@ -8,21 +8,22 @@ import time
 
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 from ticketserve.openinference import pb, rpc
-from ticketserve.runtime.server.openinference import OpenInference, Tensor, decode_raw, encode_raw
+from ticketserve.runtime.server.openinference import OpenInference, Tensor, declared_elements, decode_raw, encode_raw
 from ticketserve.runtime.server.status import abort
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents"}
 
 
-def _input_tensors(request: pb.ModelInferRequest) -> list[Tensor]:
+def _input_tensors(request: pb.ModelInferRequest, max_elements: int) -> list[Tensor]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     tensors = []
     for i, tensor in enumerate(request.inputs):
+        declared = declared_elements(tensor.name, list(tensor.shape), max_elements)
         if raw:
-            data = decode_raw(tensor.datatype, raw[i])
+            data = decode_raw(tensor.datatype, raw[i], declared)
         else:
             data = list(getattr(tensor.contents, _CONTENTS.get(tensor.datatype, "bytes_contents")))
         tensors.append(Tensor(tensor.name, tensor.datatype, list(tensor.shape), data))
@@ -66,7 +67,8 @@ class OpenInferenceService(rpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            inferred = await self.protocol.infer(request.model_name, request.model_version, _input_tensors(request),
+            inferred = await self.protocol.infer(request.model_name, request.model_version,
+                                                 _input_tensors(request, self.protocol.max_elements),
                                                  [o.name for o in request.outputs], deadline)
         except TicketserveError as exc:
             await abort(context, exc)
