@@ -13,10 +13,15 @@ sentences over all 12 tasks:
            hostile messages on every gRPC method, both APIs; raw, mutated and hostile bodies
            on the HTTP endpoints) and a publisher of other names
   flood    all of the above, plus 2 clients sending 8 maximum-size texts per request
+  doors    the calm load, plus 2,000 idle TCP connections held on each of the gRPC and HTTP
+           ports (reopened when closed), 20 clients trickling an HTTP body a byte a second,
+           and hostile HTTP requests: lone surrogates, fan-outs naming a task 2,000 times,
+           million-element raw tensors, invented methods, header bytes ≥ 0x80
   settle   the calm load again, so RSS is read under the load it was read under after warm-up
   drain    SIGTERM under all of it, the flood included
 Targets: no unexpected error (UNKNOWN/INTERNAL answers, server-side unexpected exceptions);
-small requests' p99 under the flood ≤ 3× calm; RSS after settling ≤ 1.1× after warm-up; each
+small requests' p99 under the flood and under the door attacks ≤ 3× calm; the server's log
+under 1 MB; RSS after settling ≤ 1.1× after warm-up; each
 swapped name serves only its valid versions, never an older one after a newer one; the drain
 answers only OK or UNAVAILABLE and ends within its bound.
 Results: benchmarks/results/chaos.json and benchmarks/chaos.md.
@@ -29,8 +34,11 @@ import collections
 import json
 import os
 import random
+import resource
+import selectors
 import signal
 import socket
+import struct
 import statistics
 import subprocess
 import sys
@@ -52,6 +60,7 @@ DRAIN_SECONDS = 10.0
 MAX_TEXT_BYTES = 256 * 1024
 UNEXPECTED = {"UNKNOWN", "INTERNAL"}
 HTTP_CLIENTS = 8
+IDLE_PER_PORT, TRICKLERS = 2000, 20
 # an HTTP answer as the status it stands for (runtime/status.py); any other 5xx is unexpected
 HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
               405: "INVALID_ARGUMENT", 412: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
@@ -292,6 +301,91 @@ def http_fuzzer(port: int, record: Recorder, stop: threading.Event, seed: int):
     pool.close()
 
 
+def idle_holder(port: int, count: int, stop: threading.Event, on: threading.Event):
+    """`count` TCP connections to `port` that never send a byte, reopened as the server closes them."""
+    selector = selectors.DefaultSelector()
+    while not stop.is_set():
+        if not on.wait(0.2):
+            for key in list(selector.get_map().values()):
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+            continue
+        while len(selector.get_map()) < count:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                break
+            selector.register(sock, selectors.EVENT_READ)
+        for key, _ in selector.select(timeout=1.0):  # what the server sent (gRPC's SETTINGS, a 408), or a close
+            try:
+                closed = not key.fileobj.recv(4096)
+            except OSError:
+                closed = True
+            if closed:  # reopened on the next round
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()
+
+
+def trickler(port: int, record: Recorder, stop: threading.Event, on: threading.Event):
+    """A JSON API request whose body arrives a byte a second; what ends it is recorded."""
+    body = json.dumps({"task": "chaos-00", "inputs": ["a trickle"]}).encode()
+    head = f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    while not stop.is_set():
+        if not on.wait(0.2):
+            continue
+        started, answer = time.monotonic(), b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(head.encode())
+                for byte in body:
+                    sock.sendall(bytes([byte]))
+                    if stop.wait(1.0):
+                        break
+                answer = sock.recv(64)
+        except OSError:
+            pass
+        code = f"HTTP_{answer.split(b' ')[1].decode()}" if answer.startswith(b"HTTP/1.1 ") else "CLOSED"
+        record.add("trickle", "INTERNAL" if code.startswith("HTTP_5") else code, time.monotonic() - started)
+
+
+def door_abuser(port: int, record: Recorder, stop: threading.Event, on: threading.Event, seed: int):
+    """Hostile requests at the HTTP door, each answered by a client error at little cost."""
+    rng = random.Random(seed)
+    million = b"".join(struct.pack("<I", 0) for _ in range(1_000_000))
+    header = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(million)}}]}).encode()
+    hostile = [
+        ("POST", "/v1/predict", json.dumps({"task": "chaos-00", "inputs": ["\ud800"]}).encode(), {}),
+        ("POST", "/v2/models/chaos-00/infer", json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                                                       "data": ["x\udfff"]}]}).encode(), {}),
+        ("POST", "/v1/fanout", json.dumps({"tasks": ["chaos-00"] * 2000, "inputs": ["a film"] * 32}).encode(), {}),
+        ("POST", "/v2/models/chaos-00/infer", header + million, {"Inference-Header-Content-Length": str(len(header)),
+                                                                 "Content-Type": "application/octet-stream"}),
+        ("INVENTED", "/nope", b"", {}),
+        ("GET", "/v2/health/live", b"", {"X-Junk": "caf\xe9\xff"}),
+    ]
+    while not stop.is_set():
+        if not on.wait(0.2):
+            continue
+        method, path, body, headers = rng.choice(hostile)
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{lines}"
+                   "Connection: close\r\n\r\n").encode("latin-1") + body
+        started, answer = time.monotonic(), b""
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(request)
+                answer = sock.recv(64)
+        except OSError:
+            pass
+        status = int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        code = HTTP_CODES.get(status, "INTERNAL" if status >= 500 or not status else f"HTTP_{status}")
+        record.add("doors", code, time.monotonic() - started)
+        time.sleep(0.02)
+
+
 def swapper(reg: Registry, stop: threading.Event, every: float):
     """A new version of one of the swapped names every `every` seconds, in turn; each name
     gets, in turn, a valid, corrupt, valid, foreign-backbone, valid and unattachable version."""
@@ -394,6 +488,13 @@ def run(args) -> dict:
                 for i in range(HTTP_CLIENTS)]
     threads += [threading.Thread(target=flood_client, args=(target, names, huge, record, stop, flood_on), daemon=True)
                 for _ in range(2)]
+    doors_on = threading.Event()
+    threads += [threading.Thread(target=idle_holder, args=(p, IDLE_PER_PORT, stop, doors_on), daemon=True)
+                for p in (port, http_port)]
+    threads += [threading.Thread(target=trickler, args=(http_port, record, stop, doors_on), daemon=True)
+                for _ in range(TRICKLERS)]
+    threads += [threading.Thread(target=door_abuser, args=(http_port, record, stop, doors_on, 300 + i), daemon=True)
+                for i in range(2)]
     for thread in threads:
         thread.start()
     rss: list[tuple[float, str, int]] = []
@@ -433,6 +534,9 @@ def run(args) -> dict:
     flood_on.set()
     phase("flood", args.seconds)
     flood_on.clear()
+    doors_on.set()
+    phase("doors", args.seconds)
+    doors_on.clear()
     phase("settle", args.settle)  # the same load as at the end of the warm-up: compare like with like
     rss_end = settled_rss("settle")
     metrics = scrape(metrics_port)
@@ -456,7 +560,7 @@ def run(args) -> dict:
     by_phase = collections.defaultdict(collections.Counter)
     for _, ph, who, code, _, _ in rows:
         by_phase[f"{ph}/{who}"][code] += 1
-    small = {ph: [r[4] for r in rows if r[1] == ph and r[2] == "small" and r[3] == "OK"] for ph in ("calm", "flood")}
+    small = {ph: [r[4] for r in rows if r[1] == ph and r[2] == "small" and r[3] == "OK"] for ph in ("calm", "flood", "doors")}
     latency = {ph: {"p50": percentile(v, 0.5), "p99": percentile(v, 0.99), "n": len(v)} for ph, v in small.items()}
     unexpected_answers = sum(1 for r in rows if r[3] in UNEXPECTED)
     unexpected_server = sum(v for k, v in metrics.items() if k.startswith("ticketserve_unexpected_errors_total"))
@@ -472,10 +576,13 @@ def run(args) -> dict:
                        "error_log_lines": len(error_lines), "first_error_lines": error_lines[:3]},
         "small_latency_s": latency,
         "p99_flood_over_calm": latency["flood"]["p99"] / latency["calm"]["p99"],
+        "p99_doors_over_calm": latency["doors"]["p99"] / latency["calm"]["p99"],
+        "server_log_bytes": len(server_log.encode()),
         "flood_requests_ok": by_phase["flood/flood"]["OK"],
         "rss_bytes": {"after_warmup": rss_after_warmup, "end": rss_end, "max": max(v for _, _, v in rss),
                       "by_phase": {ph: [min(v for _, p, v in rss if p == ph), max(v for _, p, v in rss if p == ph)]
-                                   for ph in ("warm-up", "calm", "flood", "settle") if any(p == ph for _, p, _ in rss)},
+                                   for ph in ("warm-up", "calm", "flood", "doors", "settle")
+                                   if any(p == ph for _, p, _ in rss)},
                       "samples": rss},
         "rss_growth": rss_end / rss_after_warmup - 1,
         "publishes": collections.Counter(p["how"] for p in reg.published),
@@ -487,6 +594,8 @@ def run(args) -> dict:
     result["targets"] = {
         "no unexpected errors": unexpected_answers == 0 and unexpected_server == 0 and not error_lines,
         "p99 under flood <= 3x calm": result["p99_flood_over_calm"] <= 3.0,
+        "p99 under the door attacks <= 3x calm": result["p99_doors_over_calm"] <= 3.0,
+        "server log under 1 MB": result["server_log_bytes"] < 1 << 20,
         "RSS growth <= 10%": result["rss_growth"] <= 0.10,
         "versions served in publish order": result["versions"]["in_order"],
         "drain: only OK/UNAVAILABLE, exit 0 within bound": exit_code == 0 and shutdown <= DRAIN_SECONDS + 2
@@ -506,6 +615,7 @@ def report(result: dict) -> str:
         f"row-delta tasks with a cache for {result['cache_tasks']}, hot swaps every 2 s (valid, corrupt, "
         "foreign-backbone and unattachable versions in turn), fuzzers on both gRPC APIs and on HTTP, a "
         "concurrent publisher, then a flood of maximum-size texts (2 clients × 8 texts of 256 KiB per request), "
+        "then attacks on the doors (idle and trickling connections, hostile HTTP requests), "
         f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores. "
         f"Run {result['run']}; raw numbers in `results/chaos.json`.",
         "",
@@ -518,6 +628,12 @@ def report(result: dict) -> str:
         f"p99 {lat['calm']['p99'] * 1000:.0f} ms; flood p50 {lat['flood']['p50'] * 1000:.0f} ms / "
         f"p99 {lat['flood']['p99'] * 1000:.0f} ms: {result['p99_flood_over_calm']:.2f}× | "
         f"{'yes' if t['p99 under flood <= 3x calm'] else '**no**'} |",
+        f"| small requests' p99 under the door attacks ≤ 3× calm | doors p50 {lat['doors']['p50'] * 1000:.0f} ms / "
+        f"p99 {lat['doors']['p99'] * 1000:.0f} ms: {result['p99_doors_over_calm']:.2f}× ({IDLE_PER_PORT:,} idle "
+        f"connections on each port, {TRICKLERS} trickling bodies, hostile HTTP requests) | "
+        f"{'yes' if t['p99 under the door attacks <= 3x calm'] else '**no**'} |",
+        f"| server log under 1 MB | {result['server_log_bytes']:,} bytes | "
+        f"{'yes' if t['server log under 1 MB'] else '**no**'} |",
         f"| RSS growth ≤ 10 % | {result['rss_bytes']['after_warmup'] / 2**20:.0f} MiB after warm-up → "
         f"{result['rss_bytes']['end'] / 2**20:.0f} MiB after the flood and a calm spell, both the median of 5 s "
         f"under the calm load ({result['rss_growth']:+.1%}); highest {result['rss_bytes']['max'] / 2**20:.0f} MiB, "
@@ -554,6 +670,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the idle connections are this process's sockets too
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 3 * IDLE_PER_PORT + 1024)), hard))
     result = run(args)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import free_port, publish_row_task
 from ticketserve.core.backbone import load_backbone
@@ -212,6 +214,46 @@ def test_auth_comes_before_the_body(server):
         assert sock.recv(65536).startswith(b"HTTP/1.1 401")
     answer = raw(server["http"], post("/v2/repository/models/alpha/unload", b"", AUTH))
     assert status(answer) == 403  # a user token never unloads
+
+
+ROUTES = ["/v1/predict", "/v1/fanout", "/v1/tasks", "/v1/info", "/v2", "/v2/health/live", "/v2/health/ready",
+          "/v2/models/alpha", "/v2/models/alpha/ready", "/v2/models/alpha/infer", "/v2/models/pairs/versions/1/infer",
+          "/v2/repository/index", "/v2/repository/models/alpha/load", "/openapi.json"]
+VALID = [b'{"task":"alpha","inputs":["a film"]}', b'{"tasks":["alpha","pairs"],"inputs":["a film"]}',
+         b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["a film"]}]}', b"{}", b""]
+octets = st.binary(min_size=0, max_size=40)
+token = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_!~*"), min_size=1, max_size=12)
+
+
+def _mutated(draw_bytes: bytes, flips: list[tuple[int, int]]) -> bytes:
+    data = bytearray(draw_bytes)
+    for position, value in flips:
+        if data:
+            data[position % len(data)] = value
+    return bytes(data)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+@given(method=st.one_of(st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]), token),
+       path=st.one_of(st.sampled_from(ROUTES), st.builds(lambda r, b: r + b.hex(), st.sampled_from(ROUTES), octets),
+                      st.builds(lambda b: "/" + "".join(f"%{x:02X}" for x in b), octets)),
+       headers=st.lists(st.tuples(st.sampled_from([b"X-Junk", b"User-Agent", b"Authorization", b"Content-Type",
+                                                   b"Inference-Header-Content-Length", b"X-Request-Id", b"Accept"]),
+                                  st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")
+                                                             .replace(b"\x00", b""))), max_size=4),
+       body=st.one_of(octets, st.builds(_mutated, st.sampled_from(VALID),
+                                        st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3))),
+       authorized=st.booleans())
+def test_bytes_at_the_http_door_get_a_clear_answer(server, method, path, headers, body, authorized):
+    """Any method, path, header octets and body: an answer below 500 (or the connection closed
+    by the HTTP parser's own 400), quickly, and the server still serves."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode()
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    head += AUTH.encode() if authorized else b""
+    request = head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+    answer = raw(server["http"], request, timeout=DEADLINE + 10)
+    if answer:
+        assert answer.startswith(b"HTTP/1.1 ") and status(answer) < 500, answer[:300]
 
 
 def test_the_log_holds_no_traceback_and_nothing_was_internal(server):

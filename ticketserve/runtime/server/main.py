@@ -280,7 +280,7 @@ def serve(config: ServeConfig) -> None:
     """Run until SIGTERM/SIGINT, drain (bounded by `drain_seconds`), exit."""
     configure_logging()
     tune_malloc()  # before the backbone and the server's threads allocate
-    raise_descriptor_limit(config.http_max_connections + 1024)
+    raise_descriptor_limit(2 * config.http_max_connections + 1024)  # HTTP's cap, as many on gRPC, the rest
     asyncio.run(_serve(config))
 
 
