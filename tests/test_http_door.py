@@ -262,3 +262,43 @@ def test_the_log_holds_no_traceback_and_nothing_was_internal(server):
                 and ('code="500"' in line or "INTERNAL" in line or "UNKNOWN" in line) and not line.endswith(" 0.0")]
     assert not internal, internal
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_descriptors_exhausted_by_idle_connections_keep_the_log_small_and_recover(tmp_path, tiny_bert):
+    """Under a hard descriptor limit the server cannot raise (300), 800 idle connections exhaust
+    it: every failed accept is still an event-loop error (CPython retries its whole backlog per
+    tick), logged at most once per 10 s with a count, so the log stays small; once the
+    connections close, the server answers again."""
+    store = open_store(str(tmp_path / "registry"))
+    publish_row_task(store, load_backbone(tiny_bert), "alpha", 0)
+    port, http_port = free_port(), free_port()
+    log = tmp_path / "server.log"
+    command = f"ulimit -n 300; exec {SCRIPT} serve --registry {store.url} --backbone {tiny_bert} --port {port} " \
+              f"--http-port {http_port} --preload alpha"
+    process = subprocess.Popen(["bash", "-c", command], stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        ask = post("/v1/predict", b'{"task":"alpha","inputs":["a film"]}', headers="")
+        for _ in range(600):
+            try:
+                if status(raw(http_port, ask, timeout=2)) == 200:
+                    break
+            except (OSError, IndexError):
+                time.sleep(0.2)
+        held = []
+        for target in (port, http_port):
+            for _ in range(400):
+                try:
+                    held.append(socket.create_connection(("127.0.0.1", target), timeout=2))
+                except OSError:
+                    pass
+        time.sleep(12)  # two of the error log's intervals
+        for sock in held:
+            sock.close()
+        time.sleep(2)
+        assert status(raw(http_port, ask, timeout=20)) == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    text = log.read_text()
+    assert "file descriptor limit 300 (hard 300) is below" in text
+    assert "more like it in the last 10 s" in text and len(text) < 64 * 1024, len(text)
