@@ -280,7 +280,8 @@ def synthetic_tasks(backbone_spec: str | None):
     return backbone, store, names
 
 
-def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES) -> list[dict]:
+def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES,
+                profile_to: Path = PROFILE) -> list[dict]:
     backbone, store, names = synthetic_tasks(backbone_spec)
     work = batches(backbone.tokenizer, texts, count=count)
     one_mask = sum(p.numel() * 4 for n, p in backbone.model.named_parameters() if n.endswith(".weight") and "layer." in n
@@ -312,7 +313,7 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
             if workload not in measured:
                 measured[workload], vs_plain[workload] = value, value / got["plain backbone"]
         gc.collect()
-    profile(backbone_spec, store, names["row_delta"], work, label)
+    profile(backbone_spec, store, names["row_delta"], work, label, profile_to)
     return [{"part": "engine", "backbone": label, "workload": k, "examples_per_s": v, "vs_plain": vs_plain[k]}
             for k, v in measured.items()]
 
@@ -419,7 +420,7 @@ def supermask_part(backbone_spec: str | None, label: str, texts: list[str], coun
     return records
 
 
-def profile(backbone_spec, store, names, work, label: str) -> None:
+def profile(backbone_spec, store, names, work, label: str, to: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -435,7 +436,7 @@ def profile(backbone_spec, store, names, work, label: str) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for inputs, tasks in work[:3]:
             runtime.logits([loaded[t] for t in tasks], inputs)
-    with PROFILE.open("a") as handle:
+    with to.open("a") as handle:
         handle.write(f"== {label}: 100 Dominant-1 tasks mixed, 3 batches of {BATCH} ==\n")
         handle.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
 
@@ -640,11 +641,13 @@ def main() -> None:
                 handle.write(json.dumps(run | record) + "\n")
         write_report(args.results, REPORT if args.results == RESULTS else args.results.with_suffix(".md"))
 
-    if "engine" in parts:
-        PROFILE.unlink(missing_ok=True)
-        keep(engine_part(None, "MiniLM-L6 (bundled)", texts))
+    if "engine" in parts:  # the profile goes beside the results: a run elsewhere leaves the tracked one alone
+        profile_to = PROFILE if args.results == RESULTS else args.results.with_name(f"{args.results.stem}-profile.txt")
+        profile_to.unlink(missing_ok=True)
+        keep(engine_part(None, "MiniLM-L6 (bundled)", texts, profile_to=profile_to))
         if not args.skip_bert_base:
-            keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches))
+            keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches,
+                             profile_to=profile_to))
     if "precision" in parts:
         dtypes = tuple(args.dtypes.split(","))
         if args.backbone:

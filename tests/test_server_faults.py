@@ -404,7 +404,7 @@ def test_malloc_settings_for_the_server_process_leave_the_environments_alone(mon
     applied = tune_malloc()
     assert "MALLOC_ARENA_MAX" not in applied
     if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
-        assert applied == {"MALLOC_MMAP_THRESHOLD_": 1 << 20}
+        assert applied == {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
 
 
 def test_preloaded_tasks_are_warmed_up_and_never_evicted(registry, tiny_bert):

@@ -39,7 +39,7 @@ from ticketserve.runtime.server.http_door import DeadlineH11
 from ticketserve.runtime.server.limits import limit_loop_errors, raise_descriptor_limit
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.malformed import RejectMalformed
-from ticketserve.runtime.server.memory import tune_malloc
+from ticketserve.runtime.server.memory import TRIM_SECONDS, trim, tune_malloc
 from ticketserve.runtime.server.metrics import Metrics
 from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import OpenInference
@@ -136,6 +136,7 @@ class Server:
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
+        self._trim: asyncio.Task | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -176,6 +177,7 @@ class Server:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         self._watch = asyncio.create_task(self._watch_registry())
+        self._trim = asyncio.create_task(self._trim_memory())
         log.info("serving %s on %s:%d%s (backbone %s, registry %s)", ", ".join([*SERVICES, OPEN_INFERENCE]), c.host,
                  self.port, f", HTTP (/v2, /v1) on {c.host}:{self.http_port}" if self.http_port else "",
                  self.runtime.backbone.name, self.store.url)
@@ -205,6 +207,11 @@ class Server:
         self.engine.submit(task, ["warm-up"], pairs).result(timeout=300)
         log.info("warmed %s up in %.1f ms", task.name, (time.perf_counter() - started) * 1000)
 
+    async def _trim_memory(self) -> None:
+        """Free heap pages back to the system now and then (runtime/server/memory.py)."""
+        while await asyncio.sleep(TRIM_SECONDS, True):
+            await self.admission.run(self.admission.loading, trim)
+
     async def _watch_registry(self) -> None:
         while True:
             await asyncio.sleep(self.config.watch_seconds)
@@ -222,6 +229,7 @@ class Server:
         self.observe.draining = self.admission.draining = True
         if self._watch:
             self._watch.cancel()
+            self._trim.cancel()
         await self.health.enter_graceful_shutdown()
         drained = await self.observe.wait_idle(self.config.drain_seconds)
         log.info("drained: %s in %.2f s", "all requests served" if drained else
