@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.helpers import ROW_TASKS, TEXTS, ByName, publish_row_task
+from tests.helpers import ROW_TASKS, TEXTS, ByName, free_port, publish_row_task
 from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, NotFound, Unauthenticated
@@ -287,21 +287,23 @@ def _in_flight(metrics_port: int) -> float:
 
 def test_sigterm_drains_in_flight_requests(registry, tiny_bert, tmp_path):
     env = os.environ | {"TICKETSERVE_REGISTRY": registry.url}
+    port, metrics_port = free_port(), free_port()  # fixed ports could be another socket's ephemeral ones
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ticketserve"), "serve", "--backbone", tiny_bert, "--port", "50191",
-         "--metrics-port", "50192", "--max-queue-delay-ms", "3000", "--preload", "alpha"],
+        [str(Path(sys.executable).parent / "ticketserve"), "serve", "--backbone", tiny_bert, "--port", str(port),
+         "--metrics-port", str(metrics_port), "--max-queue-delay-ms", "3000", "--preload", "alpha"],
         env=env, stderr=subprocess.PIPE, text=True)
     try:
-        target = "127.0.0.1:50191"
+        target = f"127.0.0.1:{port}"
         with Client(target, timeout=60) as client:
             deadline = time.monotonic() + 120
             while _code(client.server_info) != grpc.StatusCode.OK:
-                assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+                assert server.poll() is None, f"server exited: {server.stderr.read()[-2000:]}"
+                assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.3)
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 in_flight = [pool.submit(client.predict, "alpha", [TEXTS[i]]) for i in range(4)]
                 deadline = time.monotonic() + 30  # a fixed sleep raced the requests' arrival (1 run in ~10)
-                while _in_flight(50192) < 4:  # all four at the server, waiting out the batching delay
+                while _in_flight(metrics_port) < 4:  # all four at the server, waiting out the batching delay
                     assert time.monotonic() < deadline, "the requests never reached the server"
                     time.sleep(0.05)
                 server.send_signal(signal.SIGTERM)
