@@ -7,6 +7,7 @@ Whatever the source, rows come out with the task's GLUE field names and integer 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,7 +48,14 @@ def data_source(spec: TaskSpec, data_dir: str | Path | None) -> str:
 
 def read_file(path: Path):
     """A local JSONL/JSON/CSV/TSV file as an in-memory `datasets.Dataset` (CSV/TSV cells stay
-    strings: "NA" or "null" is a text, not a missing value)."""
+    strings: "NA" or "null" is a text, not a missing value). Read once per version of the file: a
+    run asks its training file for its fields, its labels and its examples."""
+    stat = path.stat()
+    return _read_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_file(path: Path, mtime_ns: int, size: int):
     import datasets
     import pandas
 

@@ -158,14 +158,12 @@ class Engine:
         """The text within the byte limit, cut to what its first `max_tokens` tokens can come
         from before the tokenizer sees it (the tokenizer's cost grows with the whole text): at
         most CHARS_PER_TOKEN characters per token, ending at a word boundary when one is near."""
-        if not text.isascii():
-            try:
-                text.encode()
-            except UnicodeEncodeError:
-                raise InvalidArgument(f"input {i}: {field} is not valid Unicode (a lone surrogate)") from None
-        if len(text) * 4 > self.config.max_text_bytes and len(text.encode()) > self.config.max_text_bytes:
-            raise InvalidArgument(f"input {i}: {field} has {len(text.encode()):,} bytes; the limit is "
-                                  f"{self.config.max_text_bytes:,}")
+        try:
+            size = len(text) if text.isascii() else len(text.encode())
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"input {i}: {field} is not valid Unicode (a lone surrogate)") from None
+        if size > self.config.max_text_bytes:
+            raise InvalidArgument(f"input {i}: {field} has {size:,} bytes; the limit is {self.config.max_text_bytes:,}")
         if len(text) <= self.max_chars:
             return text
         if not self.config.truncate:

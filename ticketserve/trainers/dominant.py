@@ -119,7 +119,6 @@ class Dominant(RowMethod):
             counts = self._search(model, context)
         else:
             found = artifact.load(context.store, ref, context.backbone, expect_kind="ticket")
-            self.ticket_version = str(found.version)
             self.ticket = f"{found.version}@{found.version.digest}"
             self.ticket_task = ",".join(found.manifest.details.get("tasks", [found.manifest.task.name]))
             counts = counts_of(found.tensors)
@@ -134,13 +133,13 @@ class Dominant(RowMethod):
         context.phase = f"train {context.spec.name} 2/2"
         outcome.method.restore_theta0(model)
         version = outcome.version
-        self.ticket_version = str(version) if version else None
         self.ticket = f"{version}@{version.digest}" if version else None  # None off the main process
         self.ticket_task = context.spec.name
         return counts_of(outcome.tensors)
 
     def resolved(self) -> dict[str, str]:
-        return {"ticket": self.ticket_version, "ticket_source": self.ticket_source}
+        version = self.ticket.partition("@")[0] if self.ticket else None  # name:version@digest
+        return {"ticket": version, "ticket_source": self.ticket_source}
 
     def details(self) -> dict:
         return {"k": self.options.k, "ticket": self.ticket, "ticket_task": self.ticket_task,

@@ -73,10 +73,11 @@ class ArtifactMethod(Method):
         params = self.trainable(model, context)
         lr = config.lr or self.default_lr
         choices = self._choices(context, lr, {split: (len(full), samples) for split, (full, samples) in splits.items()})
+        label = context.phase or f"train {spec.name}"
         if context.show_progress and accelerator.is_main_process:
-            print(self._plan(context.phase or f"train {spec.name}", choices), file=sys.stderr, flush=True)
+            print(self._plan(label, choices), file=sys.stderr, flush=True)
         result = fit(accelerator, model, self, params, train_ds, eval_ds, backbone.tokenizer, config, lr,
-                     context.show_progress, context.phase or f"train {spec.name}")
+                     context.show_progress, label)
         extra_details = self.after_fit(model, result)
         model.eval()
         tensors = self.export(model)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from ticketserve import __version__
 from ticketserve.core.errors import InvalidArgument, TicketserveError, Unavailable
 from ticketserve.runtime.server import about
-from ticketserve.runtime.server.auth import Tokens, bearer
+from ticketserve.runtime.server.auth import Tokens
 from ticketserve.runtime.server.http_door import BINARY, BINARY_HEADER, PUBLIC, Front, method_label
 from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import (Inferred, OpenInference, Tensor, declared_elements, decode_raw,
@@ -292,6 +292,12 @@ def _infer_response(body: InferenceRequest, inferred: Inferred) -> Response:
 
 # -- the app --------------------------------------------------------------------------------
 
+def _route(request: Request) -> str:
+    """The matched route's path pattern (a metric label from a closed set), or `unmatched`."""
+    route = request.scope.get("route")
+    return route.path if route else "unmatched"
+
+
 def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
     headers = {"x-request-id": request_id} if request_id else None
     message = message.encode("utf-8", "backslashreplace").decode()  # an echo of bad input stays sendable
@@ -306,13 +312,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                              404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
                   docs_url="/docs", redoc_url=None)
-    def authorize(admin: bool):
-        def check(request: Request) -> None:
-            tokens.check(bearer(request.headers.getlist("authorization")), admin)
-
-        return Depends(check)
-
-    user, admin = [authorize(False)], [authorize(True)]
+    # the token is checked by `Front`, once and before the body is read (admin paths: the admin token)
 
     @app.middleware("http")
     async def observed(request: Request, call_next):
@@ -331,8 +331,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
                 if own:
                     observe.leave()
         response.headers["x-request-id"] = request_id
-        route = request.scope.get("route")
-        observe.metrics.responses.labels(f"HTTP {method_label(request.method)} {route.path if route else 'unmatched'}",
+        observe.metrics.responses.labels(f"HTTP {method_label(request.method)} {_route(request)}",
                                          str(response.status_code)).inc()
         return response
 
@@ -354,31 +353,30 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         request_id = getattr(request.state, "request_id", "")
         log.error("unexpected error in HTTP %s %s (request id %s)", request.method, request.url.path, request_id,
                   exc_info=exc)
-        route = request.scope.get("route")
-        observe.metrics.unexpected_errors.labels(f"HTTP {route.path if route else 'unmatched'}").inc()
+        observe.metrics.unexpected_errors.labels(f"HTTP {_route(request)}").inc()
         return _error(500, f"internal error (request id {request_id})", request_id)
 
     # -- the JSON API --------------------------------------------------------------------
 
-    @app.post("/v1/predict", response_model=PredictResponse, dependencies=user, tags=["json"])
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["json"])
     async def predict(body: PredictRequest) -> PredictResponse:
         """Predictions of one task for up to `max_texts_per_request` texts."""
         texts, pairs = _texts(body.inputs)
         return _predict_response(await predictor.predict(Ask(body.task, body.version), texts, pairs))
 
-    @app.post("/v1/fanout", response_model=FanOutResponse, dependencies=user, tags=["json"])
+    @app.post("/v1/fanout", response_model=FanOutResponse, tags=["json"])
     async def fan_out(body: FanOutRequest) -> FanOutResponse:
         """The same texts to several tasks, answered from one mixed batch when they fit."""
         texts, pairs = _texts(body.inputs)
         asks = [Ask(*t.split(":", 1)) if ":" in t else Ask(t) for t in body.tasks]
         return FanOutResponse(results=[_predict_response(a) for a in await predictor.fan_out(asks, texts, pairs)])
 
-    @app.get("/v1/tasks", response_model=TasksResponse, dependencies=user, tags=["json"])
+    @app.get("/v1/tasks", response_model=TasksResponse, tags=["json"])
     async def list_tasks(include_registry: bool = Query(False, alias="all")) -> TasksResponse:
         """Resident tasks; with `all=true` also what the registry offers."""
         return TasksResponse(tasks=await about.tasks(predictor.loader, predictor.admission, include_registry))
 
-    @app.get("/v1/info", response_model=ServerInfo, dependencies=user, tags=["json"])
+    @app.get("/v1/info", response_model=ServerInfo, tags=["json"])
     async def server_info() -> ServerInfo:
         return ServerInfo(**info())
 
@@ -392,23 +390,23 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
     async def server_ready() -> Response:
         return Response(status_code=200 if ready() and not observe.draining else 503)
 
-    @app.get("/v2", response_model=ServerMetadata, dependencies=user, tags=["v2"])
+    @app.get("/v2", response_model=ServerMetadata, tags=["v2"])
     async def server_metadata() -> ServerMetadata:
         return ServerMetadata(**protocol.server_metadata())
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadata, dependencies=user, tags=["v2"])
-    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, dependencies=user, tags=["v2"])
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, tags=["v2"])
     async def model_metadata(name: str, version: str | None = None) -> ModelMetadata:
         return ModelMetadata(**await protocol.model_metadata(name, version))
 
-    @app.get("/v2/models/{name}/ready", dependencies=user, tags=["v2"])
-    @app.get("/v2/models/{name}/versions/{version}/ready", dependencies=user, tags=["v2"])
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
     async def model_ready(name: str, version: str | None = None) -> Response:
         """200 when resident (a request is served without a load), else 400."""
         return Response(status_code=200 if protocol.model_ready(name, version) else 400)
 
-    @app.post("/v2/models/{name}/infer", response_model=InferenceResponse, dependencies=user, tags=["v2"])
-    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse, dependencies=user,
+    @app.post("/v2/models/{name}/infer", response_model=InferenceResponse, tags=["v2"])
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
               tags=["v2"])
     async def infer(name: str, body: InferenceRequest, request: Request, version: str | None = None) -> Response:
         """`text` (BYTES) and for pair tasks `text_pair` in; `label`, `score`, `probabilities` (or `value`)
@@ -418,17 +416,17 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         requested = [o.name for o in body.outputs or []]
         return _infer_response(body, await protocol.infer(name, version, tensors, requested))
 
-    @app.post("/v2/repository/index", response_model=list[ModelIndex], dependencies=user, tags=["v2 repository"])
+    @app.post("/v2/repository/index", response_model=list[ModelIndex], tags=["v2 repository"])
     async def repository_index(body: IndexRequest | None = None) -> list[ModelIndex]:
         return [ModelIndex(**m) for m in await protocol.index(body.ready if body else False)]
 
-    @app.post("/v2/repository/models/{name}/load", dependencies=admin, tags=["v2 repository"])
+    @app.post("/v2/repository/models/{name}/load", tags=["v2 repository"])
     async def repository_load(name: str) -> dict:
         """Load a task now (its latest version). Admin token."""
         await protocol.load(name)
         return {}
 
-    @app.post("/v2/repository/models/{name}/unload", dependencies=admin, tags=["v2 repository"])
+    @app.post("/v2/repository/models/{name}/unload", tags=["v2 repository"])
     async def repository_unload(name: str) -> dict:
         """Unload every resident version of a task. Admin token."""
         await protocol.unload(name)

@@ -227,9 +227,9 @@ class Server:
         started = time.monotonic()
         self.serving = False
         self.observe.draining = self.admission.draining = True
-        if self._watch:
-            self._watch.cancel()
-            self._trim.cancel()
+        for task in (self._watch, self._trim):
+            if task:
+                task.cancel()
         await self.health.enter_graceful_shutdown()
         drained = await self.observe.wait_idle(self.config.drain_seconds)
         log.info("drained: %s in %.2f s", "all requests served" if drained else
