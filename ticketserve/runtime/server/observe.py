@@ -121,13 +121,12 @@ class _Observed:
 
     def __enter__(self) -> str:
         self.context.set_trailing_metadata(((REQUEST_ID, self.request_id),))
-        if self.own:
-            self.observe.enter()
+        if self.own:  # in flight until gRPC has sent the status, not only until the handler returns:
+            self.observe.enter()  # a drain that ended in between exited before the answer left
+            self.context.add_done_callback(lambda _: self.observe.leave())
         return self.request_id
 
     def __exit__(self, kind, exc, tb) -> None:
-        if self.own:
-            self.observe.leave()
         if kind is not None and issubclass(kind, asyncio.CancelledError):
             code = grpc.StatusCode.CANCELLED
         else:
