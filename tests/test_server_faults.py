@@ -146,6 +146,44 @@ def test_a_broken_newest_version_keeps_the_old_one_serving_even_after_eviction(r
             time.sleep(0.1)
 
 
+def test_a_slow_first_load_of_an_older_version_never_moves_the_alias_back(registry, tiny_bert):
+    """Seen in the chaos run (cache for 4 of 12 tasks, swaps every 2 s): a request's first load
+    resolved alpha:1, and while it loaded alpha:2 was published, served to another request and
+    evicted; the slow load then put the alias back on alpha:1, and requests that began after
+    clients had alpha:2 got alpha:1."""
+    from ticketserve.runtime.server.loader import TaskLoader
+
+    backbone = load_backbone(tiny_bert)
+    resolved, go_on = threading.Event(), threading.Event()
+
+    class SlowFirstLook(type(registry)):
+        def resolve(self, ref):
+            found = super().resolve(ref)
+            if threading.current_thread().name == "slow":
+                resolved.set()
+                go_on.wait(10)
+            return found
+
+    store = SlowFirstLook(registry.url)
+    loader = TaskLoader(store, Runtime(backbone, device="cpu"), cache_bytes=int(_task_bytes(registry, "alpha") * 1.5))
+    first: list = []
+    slow = threading.Thread(target=lambda: first.append(loader.acquire("alpha")), name="slow")
+    slow.start()
+    assert resolved.wait(10)  # it found alpha:1 and is about to load it
+    publish_row_task(registry, backbone, "alpha", 40)  # alpha:2
+    newer = loader.acquire("alpha")
+    assert newer.key == "alpha:2"
+    loader.release(newer)
+    loader.release(loader.acquire("beta"))  # evicts alpha:2 and its alias (room for one task)
+    go_on.set()
+    slow.join(10)
+    assert first[0].key == "alpha:1"  # it began before alpha:2 existed: served as it resolved
+    loader.release(first[0])
+    again = loader.acquire("alpha")
+    assert again.key == "alpha:2"  # not the older version the slow load brought back
+    loader.release(again)
+
+
 def test_a_failing_attach_is_rolled_back_and_typed(tiny_checkpoints, monkeypatch):
     from tests.helpers import in_memory_artifact
     from ticketserve.core.errors import CorruptArtifact
@@ -405,6 +443,33 @@ def test_malloc_settings_for_the_server_process_leave_the_environments_alone(mon
     assert "MALLOC_ARENA_MAX" not in applied
     if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
         assert applied == {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
+
+
+def test_the_server_trims_malloc_only_when_that_gives_memory_back():
+    from ticketserve.runtime.server.memory import Trimmer, in_use_bytes, resident_bytes
+
+    used, resident, trims = [100], [400], []
+    trimmer = Trimmer(policy="adaptive", in_use=lambda: used[0] << 20, resident=lambda: resident[0] << 20,
+                      trim=lambda: trims.append((used[0], resident[0])))
+
+    def tick(in_use_mib: int, resident_mib: int) -> bool:
+        used[0], resident[0] = in_use_mib, resident_mib
+        return trimmer()
+
+    assert not tick(100, 400)  # the first look sets the baseline: 300 MiB resident beyond what is in use
+    assert not any(tick(100 + t % 7 * 4, 400 + t % 5 * 4) for t in range(100))  # steady: swings under 32 MiB
+    assert not tick(400, 700)  # a flood: the memory is in use, trimming gives nothing
+    assert not tick(380, 700)
+    assert tick(120, 700)  # the flood ended: 280 MiB freed since the highest
+    assert not tick(120, 450)  # one look after the trim: the new baseline, once the working set is back
+    assert not tick(125, 470)
+    assert tick(125, 520)  # a burst between two looks: resident grew 65 MiB beyond what is in use
+    assert trims == [(120, 700), (125, 520)]
+    always = Trimmer(policy="always", trim=lambda: True)
+    assert always() and always()
+    assert not Trimmer(policy="off", trim=lambda: pytest.fail("trimmed"))()
+    if sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert 0 < in_use_bytes() < resident_bytes()
 
 
 def test_preloaded_tasks_are_warmed_up_and_never_evicted(registry, tiny_bert):

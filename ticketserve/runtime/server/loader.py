@@ -6,7 +6,10 @@ new version appears, loads it beside the old one, then switches the alias — re
 flight keep the version they acquired, and the old version unloads once none holds it. A
 failed load is rolled back, marks the alias (and that version) errored, is retried with
 back-off and leaves the old version serving — also when that one was evicted meanwhile: an
-alias remembers the last version it served. Resident versions form an LRU bounded by bytes;
+alias remembers the last version it served. An alias only ever moves to what a later look at
+the registry said: a slow load of what an earlier look found (a request's first load, a poll)
+does not put the alias back on an older version that a newer look replaced — also after the
+newer version was evicted. Resident versions form an LRU bounded by bytes;
 a version in use — or being handed to a request — is never evicted, so a working set larger
 than the budget runs over it (reported) instead of failing requests; nor is a pinned one (the
 operator's `--preload`: the version its alias serves now, whichever that is).
@@ -14,6 +17,7 @@ operator's `--preload`: the version its alias serves now, whichever that is).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -70,6 +74,8 @@ class TaskLoader:
         self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
         self._stamps = self._initial_stamps()  # the registry's ref stamps at the last poll
         self.pinned: set[str] = set()  # aliases and version keys never evicted (the operator's --preload)
+        self._looks = itertools.count()  # numbers each look at the registry, in the order they began
+        self._installed: dict[str, int] = {}  # alias → the look its version came from (kept past eviction)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
 
@@ -91,6 +97,7 @@ class TaskLoader:
             handle = self.resident.get(key) if key else None
             if handle is not None:
                 return self._hold(handle, hit=True)
+        look = next(self._looks)
         target = self.store.resolve(ref)
         try:
             handle = self._load(target)  # held from the moment it is resident
@@ -98,8 +105,7 @@ class TaskLoader:
             handle = self._last_good(alias, target, exc)
         with self._lock:
             if alias and alias not in self.aliases:
-                self.aliases[alias] = handle.key
-                self.last_good[alias] = handle.version
+                self._install(alias, handle, look)
         self._report("miss")
         return handle
 
@@ -139,6 +145,7 @@ class TaskLoader:
         for alias, current in aliases.items():
             if alias.split(":")[0] not in changed and alias not in self.errors:
                 continue
+            look = next(self._looks)
             try:
                 target = self.store.resolve(alias)
             except Exception as exc:  # keep serving what we have
@@ -157,12 +164,22 @@ class TaskLoader:
                 continue
             with self._lock:
                 self.errors.pop(alias, None)
-                self.aliases[alias] = handle.key
-                self.last_good[alias] = handle.version
-                if current not in self.aliases.values() and current in self.resident:
+                moved = self._install(alias, handle, look)
+                if moved and current not in self.aliases.values() and current in self.resident:
                     self._retire(self.resident[current])
             self.release(handle)
-            log.info("%s now serves %s (was %s)", alias, handle.key, current)
+            if moved:
+                log.info("%s now serves %s (was %s)", alias, handle.key, current)
+
+    def _install(self, alias: str, handle: TaskHandle, look: int) -> bool:
+        """Point `alias` at `handle` unless a later look at the registry already placed it (under
+        the lock); True when it moved."""
+        if look < self._installed.get(alias, -1):
+            return False
+        self._installed[alias] = look
+        self.aliases[alias] = handle.key
+        self.last_good[alias] = handle.version
+        return True
 
     def _alias_failed(self, alias: str, current: str, exc: Exception) -> None:
         """Record why an alias cannot follow its tag; log each new reason once (a bug with its traceback)."""
