@@ -79,7 +79,7 @@ class LoraTable:
         """Each example's Aᵀ (B, in, R) and (s·B)ᵀ (B, R, out), zero for examples without factors."""
         table_a, table_b = self.tensors
         rows = torch.tensor(self.rows_of(routing), device=table_a.device)
-        return table_a[rows].transpose(1, 2), table_b[rows]
+        return table_a.index_select(0, rows).transpose(1, 2), table_b.index_select(0, rows)
 
     def add_into(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += s·(x·Aᵀ)·Bᵀ in place, each example with its own task's factors (none: nothing)."""
@@ -97,7 +97,9 @@ class LoraTable:
         if not mine:
             return
         picked = torch.tensor([rows[i] for i in mine], device=table_a.device)
-        factor_a, factor_b = table_a[picked].to(x.dtype).transpose(1, 2), table_b[picked].to(x.dtype)  # Aᵀ, (s·B)ᵀ
+        # index_select, not table[picked]: the same gather at a third of aten::index's time on CPU (profiled)
+        factor_a = table_a.index_select(0, picked).to(x.dtype).transpose(1, 2)  # Aᵀ
+        factor_b = table_b.index_select(0, picked).to(x.dtype)  # (s·B)ᵀ
         if len(mine) == len(rows):  # every example has factors: accumulate into y in place
             y.baddbmm_(torch.bmm(x, factor_a), factor_b)
             return
