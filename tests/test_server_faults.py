@@ -457,14 +457,16 @@ def test_the_server_trims_malloc_only_when_that_gives_memory_back():
         return trimmer()
 
     assert not tick(100, 400)  # the first look sets the baseline: 300 MiB resident beyond what is in use
-    assert not any(tick(100 + t % 7 * 4, 400 + t % 5 * 4) for t in range(100))  # steady: swings under 32 MiB
+    assert not any(tick(100 + t % 7 * 8, 400 + t % 5 * 12) for t in range(100))  # a forward's swings: under 64 MiB
     assert not tick(400, 700)  # a flood: the memory is in use, trimming gives nothing
     assert not tick(380, 700)
-    assert tick(120, 700)  # the flood ended: 280 MiB freed since the highest
+    assert tick(120, 700)  # the flood ended: 280 MiB freed since the highest (slack: a quarter of 400)
     assert not tick(120, 450)  # one look after the trim: the new baseline, once the working set is back
-    assert not tick(125, 470)
-    assert tick(125, 520)  # a burst between two looks: resident grew 65 MiB beyond what is in use
-    assert trims == [(120, 700), (125, 520)]
+    assert not tick(125, 500)
+    assert tick(125, 530)  # a burst between two looks: resident grew 75 MiB beyond what is in use
+    assert not tick(900, 1300)  # a large encoder: its forward swings by hundreds of MiB
+    assert not tick(700, 1300)  # 200 MiB under its highest is within a quarter of 900
+    assert trims == [(120, 700), (125, 530)]
     always = Trimmer(policy="always", trim=lambda: True)
     assert always() and always()
     assert not Trimmer(policy="off", trim=lambda: pytest.fail("trimmed"))()

@@ -39,7 +39,7 @@ from ticketserve.runtime.server.http_door import DeadlineH11
 from ticketserve.runtime.server.limits import limit_loop_errors, raise_descriptor_limit
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.malformed import RejectMalformed
-from ticketserve.runtime.server.memory import TRIM_SECONDS, trim, tune_malloc
+from ticketserve.runtime.server.memory import TRIM_SECONDS, Trimmer, tune_malloc
 from ticketserve.runtime.server.metrics import Metrics
 from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import OpenInference
@@ -208,9 +208,10 @@ class Server:
         log.info("warmed %s up in %.1f ms", task.name, (time.perf_counter() - started) * 1000)
 
     async def _trim_memory(self) -> None:
-        """Free heap pages back to the system now and then (runtime/server/memory.py)."""
+        """Free heap pages back to the system when that gives something back (runtime/server/memory.py)."""
+        trimmer = Trimmer()
         while await asyncio.sleep(TRIM_SECONDS, True):
-            await self.admission.run(self.admission.loading, trim)
+            await self.admission.run(self.admission.loading, trimmer)
 
     async def _watch_registry(self) -> None:
         while True:
