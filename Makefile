@@ -7,9 +7,9 @@ DEMO_REGISTRY ?= $(CURDIR)/.demo/registry
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo demo-serve test test-all bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
+.PHONY: install lock demo demo-serve test test-all docs results bench-quality image-base image-cpu image-cuda image-smoke gpu-bundle gpu-check clean
 
-# Every environment installs locked versions only (README: Development): pip from lock/tools.txt;
+# Every environment installs locked versions only (docs/development.md): pip from lock/tools.txt;
 # the package, its extras and its isolated build environment from constraints.txt (pip's
 # --build-constraint: plain constraints no longer reach build environments from pip 26.2), all
 # as wheels (--only-binary: no other build environment exists); lock/nodeps.txt without
@@ -19,7 +19,7 @@ LOCKED_PIP = $(BIN)/python -m pip install --quiet --constraint constraints.txt -
 $(STAMP): pyproject.toml setup.py constraints.txt lock/tools.txt lock/nodeps.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint lock/tools.txt pip
-	$(LOCKED_PIP) -e '.[test]'  # setup.py compiles protos/ with the locked grpcio-tools
+	$(LOCKED_PIP) -e '.[test,docs]'  # setup.py compiles protos/ with the locked grpcio-tools
 	$(BIN)/python -m pip install --quiet --no-deps -r lock/nodeps.txt
 	$(BIN)/python -m ticketserve.core.kernels build || echo "warning: compiled kernels not built (a C++ compiler is needed); the portable torch path will run"
 	touch $(STAMP)
@@ -75,6 +75,16 @@ demo-serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The docs site (docs/, Sphinx + MyST): warnings are errors, as in tests/test_docs.py. The
+# reference pages are written from the code by the build itself (docs/_ext/reference.py).
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
+
+# The Results page, its plots and the README's numbers, from benchmarks/results/ (after a benchmark ran).
+results: $(STAMP)
+	$(BIN)/python benchmarks/results.py --write
 
 # The default suite with the long fuzzing profile (6,000 examples per RPC property instead of
 # 150) and the tests marked slow (the image smoke test runs when the CPU image is built).

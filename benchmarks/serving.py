@@ -1,11 +1,11 @@
 """Serving benchmark, in one run on one machine (ratios are what to compare across machines).
 
-Parts (`--parts engine,load,doors` by default; also `precision`, `supermask`):
+Parts (`--parts engine,load,doors` by default; also `lora`, `precision`, `supermask`):
   engine  examples/s on the same batches of SST-2 dev sentences (32 per batch, every example's
           task drawn from 100), on the bundled MiniLM and a BERT-base-sized random encoder:
           plain backbone · ours: 1 task, 100 Dominant-1 mixed, 100 structure masks mixed,
           100 LoRA r=8 mixed (all six matrices, as the peft row), LoRA + Dominant-1 +
-          structure masks mixed, 100 supermasks with a cache for 10, ONNX Runtime with 100
+          structure masks mixed, 100 supermasks mixed (5 % masked: corrections), ONNX Runtime with 100
           Dominant-1 mixed ·
           peers: peft LoRA r=8 ×100 mixed with `adapter_names`, peft `set_adapter` per task
           group, full fine-tuned copies (10 resident) swapped per task group. Plus a profile of
@@ -14,14 +14,19 @@ Parts (`--parts engine,load,doors` by default; also `precision`, `supermask`):
           GEMM vs the materialised path (cache for 10), serving bytes and cold load per share
   load    cold load registry → servable per kind vs a full fine-tuned checkpoint; resident
           bytes per task per kind; memory growth from 1 to 1000 resident Dominant-1 tasks.
+  lora    our 100 LoRA r=8 tasks mixed against peft's `adapter_names` mixed path and the plain
+          backbone, one interleaved group, 3+ rounds: per-round ratios (medians and ranges).
   doors   end to end through each front door of one `ticketserve serve` subprocess on
-          127.0.0.1 — our gRPC API, the Open Inference Protocol over HTTP (/v2), the JSON API
-          (/v1) — at 1/8/32 client threads, 1 task and 100 tasks at random, one text per
-          request, protocols interleaved: QPS, p50/p99, against the in-process engine.
+          127.0.0.1 — our gRPC API, the Open Inference Protocol over gRPC and HTTP (/v2), the
+          JSON API (/v1) — the server pinned to all cores but the last, the load (asyncio
+          clients in one process, benchmarks/loadgen.py) to the last; 32 clients (--clients),
+          1 task and 100 tasks at random, one text per request, doors interleaved, 2+ rounds:
+          QPS, p50/p99, the server's CPU and faults, the load's CPU share, against the
+          in-process Engine on the server's cores under as many submitter threads.
 Task artifacts are synthetic (random rows / masks of the right shape): values do not change speed.
 Results: benchmarks/results/serving.jsonl and benchmarks/serving.md.
 
-    python benchmarks/serving.py [--parts engine,load,doors] [--seconds 15]
+    python benchmarks/serving.py [--parts engine,load,doors] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -153,24 +157,29 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def rates(engines: dict, work: list) -> dict[str, float]:
-    """Examples/s per engine: ROUNDS rounds, each one pass over the batches per engine in turn,
-    best pass per engine. Interleaving matters on a shared machine: its speed drifts by 10–20 %
-    over minutes, and engines measured one after another would carry that drift into their
-    ratios; within a round every engine sees the same machine."""
+def passes(engines: dict, work: list, rounds: int) -> dict[str, list[float]]:
+    """Examples/s per engine and round, each round one pass over the batches per engine in turn.
+    Interleaving matters on a shared machine: its speed drifts by 10–20 % over minutes, and
+    engines measured one after another would carry that drift into their ratios; within a round
+    every engine sees the same machine."""
     with torch.inference_mode():
         for run in engines.values():
             run(*work[0])  # warm-up
-        best = dict.fromkeys(engines, 0.0)
-        for _ in range(ROUNDS):
+        measured: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(rounds):
             for name, run in engines.items():
                 started, done = time.perf_counter(), 0
                 for inputs, tasks in work:
                     run(inputs, tasks)
                     done += len(tasks)
                 sync()
-                best[name] = max(best[name], done / (time.perf_counter() - started))
-    return best
+                measured[name].append(done / (time.perf_counter() - started))
+    return measured
+
+
+def rates(engines: dict, work: list) -> dict[str, float]:
+    """Examples/s per engine: the best of ROUNDS interleaved passes."""
+    return {name: max(values) for name, values in passes(engines, work, ROUNDS).items()}
 
 
 def rate(run, work: list) -> float:
@@ -297,8 +306,8 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
                 "ours: 100 LoRA r=8 mixed": ours(backbone_spec, store, names["lora"]),
                 "ours: LoRA r=8 + Dominant-1 + structure masks, 99 mixed": ours(
                     backbone_spec, store, [n for trio in zip(names["lora"], rows, masks) for n in trio][:TASKS - 1]),
-                "ours: 100 supermasks, cache for 10": ours(backbone_spec, store, names["supermask"],
-                                                           mask_cache_bytes=10 * one_mask),
+                "ours: 100 supermasks mixed (5% masked)": ours(backbone_spec, store, names["supermask"],
+                                                               mask_cache_bytes=10 * one_mask),
                 "ours, ONNX Runtime: 100 Dominant-1 mixed": ours(backbone_spec, store, rows, OnnxRuntime),
                 "ours, ONNX Runtime: 1 task": ours(backbone_spec, store, rows[:1], OnnxRuntime)}
 
@@ -316,6 +325,19 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
     profile(backbone_spec, store, names["row_delta"], work, label, profile_to)
     return [{"part": "engine", "backbone": label, "workload": k, "examples_per_s": v, "vs_plain": vs_plain[k]}
             for k, v in measured.items()]
+
+
+def lora_part(texts: list[str], rounds: int) -> list[dict]:
+    """Our LoRA mixed against peft's `adapter_names` mixed path, in one interleaved group with one
+    plain backbone: per round, each against the plain passes and each other of that round."""
+    backbone, store, names = synthetic_tasks(None)
+    work = batches(backbone.tokenizer, texts)
+    plain, ours_name, peft_name = "plain backbone", "ours: 100 LoRA r=8 mixed", "peft LoRA r=8 x100, adapter_names mixed"
+    got = passes({plain: lambda inputs, tasks: backbone.model(**inputs), ours_name: ours(None, store, names["lora"]),
+                  peft_name: peft_engines(backbone)[peft_name]}, work, rounds)
+    return [{"part": "lora", "backbone": "MiniLM-L6 (bundled)", "round": i, "workload": workload, "examples_per_s": value,
+             "vs_plain": value / got[plain][i], "vs_peft": value / got[peft_name][i]}
+            for workload, values in got.items() for i, value in enumerate(values)]
 
 
 def precision_part(backbone_spec: str | None, label: str, texts: list[str], count: int = BATCHES, size: int = BATCH,
@@ -511,107 +533,108 @@ def memory_growth(store_root: str, names: list[str], texts: list[str]) -> list[d
     return records
 
 
-def caller(protocol: str, host: str, ports: dict[str, int]):
-    """(predict(task, text), close) for one client thread speaking `protocol`; predict raises on failure."""
-    if protocol == "grpc":
-        from ticketserve.runtime.client import Client
-
-        client = Client(f"{host}:{ports['grpc']}", timeout=60)
-        return (lambda task, text: client.predict(task, [text])), client.close
-    import urllib3
-
-    pool = urllib3.HTTPConnectionPool(host, ports["http"], maxsize=1, timeout=60, retries=False)
-    headers = {"content-type": "application/json"}
-
-    def post(path: str, body: dict) -> None:
-        response = pool.request("POST", path, body=json.dumps(body).encode(), headers=headers)
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {response.data[:200]!r}")
-
-    if protocol == "json":
-        return (lambda task, text: post("/v1/predict", {"task": task, "inputs": [text]})), pool.close
-    return (lambda task, text: post(f"/v2/models/{task}/infer",
-                                    {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]})), \
-        pool.close
+def cores() -> tuple[list[int], list[int]]:
+    """(the server's cores, the load's core): the last core for the load where there are two or
+    more, so the load does not compete with what it measures; otherwise both share."""
+    available = sorted(os.sched_getaffinity(0))
+    return (available[:-1], available[-1:]) if len(available) > 1 else (available, available)
 
 
-def drive(protocol: str, ports: dict[str, int], names: list[str], texts: list[str], clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    failures = [0]
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def work(seed: int) -> None:
-        rng = random.Random(seed)
-        predict, close = caller(protocol, "127.0.0.1", ports)
-        try:
-            while time.monotonic() < stop:
-                started = time.perf_counter()
-                try:
-                    predict(rng.choice(names), rng.choice(texts))
-                except Exception:
-                    with lock:
-                        failures[0] += 1
-                    continue
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-        finally:
-            close()
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"qps": len(latencies) / elapsed, "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "requests": len(latencies), "failures": failures[0]}
+def pinned(command: list[str], cpus: list[int]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, cpus)), *command]
 
 
-PROTOCOLS = ("grpc", "v2-http", "json")
+def load(door: str, cpus: list[int], tasks: list[str], clients: int, seconds: float, env: dict,
+         server_pid: int | None = None, **where) -> dict:
+    """One run of benchmarks/loadgen.py on `cpus`: QPS, p50/p99, and the CPU, system CPU and
+    minor faults per request of what serves — the server process (`server_pid`, read from /proc
+    over the window; then `load_cpu_share` is what the load itself cost) or the in-process engine."""
+    options = sum(([f"--{k}", str(v)] for k, v in where.items()), [])
+    child = subprocess.Popen(pinned([sys.executable, str(HERE / "loadgen.py"), door, "--tasks", ",".join(tasks),
+                                     "--clients", str(clients), "--seconds", str(seconds), *options], cpus),
+                             stdout=subprocess.PIPE, text=True, env=env)
+    if child.stdout.readline().strip() != "measuring":
+        child.wait()
+        raise RuntimeError(f"loadgen {door} failed before measuring (exit {child.returncode})")
+    before = process_counters(server_pid) if server_pid else None
+    result = json.loads(child.stdout.readline())
+    child.wait()
+    own = result.pop("own")
+    if before is None:
+        return result | own
+    faults, cpu, system = (after - first for after, first in zip(process_counters(server_pid), before))
+    return result | {"cpu_per_s": cpu / seconds, "system_cpu_per_s": system / seconds,
+                     "faults_per_request": faults / max(result["requests"], 1), "load_cpu_share": own["cpu_per_s"]}
 
 
-def doors_part(texts: list[str], seconds: float, clients: list[int], port: int) -> list[dict]:
+def process_counters(pid: int) -> tuple[int, float, float]:
+    """Minor faults, CPU seconds (user + system) and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[7]), (int(fields[11]) + int(fields[12])) / ticks, int(fields[12]) / ticks
+
+
+def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
+    """Each door of one `ticketserve serve` against the in-process Engine on the same core(s),
+    the load in its own pinned process; rounds alternate the engine and the server."""
+    from loadgen import DOORS
+
     from ticketserve.core.backbone import load_backbone
     from ticketserve.registry import open_store
 
     backbone = load_backbone()
     registry = tempfile.mkdtemp(prefix="ts-bench-doors-")
-    store = open_store(registry)
     names = [f"door-d1-{i:03d}" for i in range(TASKS)]
-    publish(store, backbone, "row_delta", names)
-    work = batches(backbone.tokenizer, texts)
-    engine = rates({"1 task": ours(None, store, names[:1]), f"{TASKS} tasks random": ours(None, store, names)}, work)
-    records = [{"part": "doors-engine", "workload": k, "examples_per_s": v, "batch": BATCH} for k, v in engine.items()]
-    ports = {"grpc": port, "http": port + 1}
-    server = subprocess.Popen([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(port),
-                               "--http-port", str(port + 1), *sum((["--preload", n] for n in names), [])],
-                              stderr=subprocess.DEVNULL)
+    publish(open_store(registry), backbone, "row_delta", names)
+    server_cpus, load_cpus = cores()
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    grpc_port, http_port = free_port(), free_port()
+    log = tempfile.NamedTemporaryFile(prefix="ts-bench-doors-", suffix=".log", delete=False)
+    server = subprocess.Popen(pinned([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port",
+                                      str(grpc_port), "--http-port", str(http_port),
+                                      *sum((["--preload", n] for n in names), [])], server_cpus),
+                              stderr=log, env=env)
+    placement = {"server_cores": server_cpus, "load_cores": load_cpus}
+    records = []
     try:
-        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{port}", "--wait", "300"],
-                       check=True, capture_output=True)
-        for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
-            for count in clients:
-                for protocol in PROTOCOLS:  # interleaved: each client count sees the three doors back to back
-                    result = drive(protocol, ports, pool, texts, count, seconds)
-                    records.append({"part": "doors", "protocol": protocol, "workload": workload, "clients": count,
-                                    **result, "vs_in_process": result["qps"] / engine[workload]})
+        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{grpc_port}", "--wait",
+                        "300"], check=True, capture_output=True)
+        for round_ in range(rounds):
+            for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
+                for count in clients:
+                    engine = load("engine", server_cpus, pool, count, seconds, env, registry=registry)
+                    records.append({"part": "doors-engine", "round": round_, "workload": workload, "clients": count,
+                                    **placement, **engine})
                     print(json.dumps(records[-1]), flush=True)
+                    doors = DOORS if round_ % 2 == 0 else DOORS[::-1]
+                    for door in doors:
+                        port = grpc_port if "grpc" in door else http_port
+                        result = load(door, load_cpus, pool, count, seconds, env, server.pid, port=port)
+                        records.append({"part": "doors", "round": round_, "protocol": door, "workload": workload,
+                                        "clients": count, **placement, **result, "engine_qps": engine["qps"],
+                                        "vs_in_process": result["qps"] / engine["qps"]})
+                        print(json.dumps(records[-1]), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
     return records
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main() -> None:
     global ROUNDS, DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="engine,load,doors")
-    parser.add_argument("--seconds", type=float, default=15.0, help="per end-to-end measurement")
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--port", type=int, default=50171)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per end-to-end measurement")
+    parser.add_argument("--clients", default="32", help="doors: concurrent clients, comma-separated")
     parser.add_argument("--skip-bert-base", action="store_true")
     parser.add_argument("--bert-base-batches", type=int, default=3, help="batches per BERT-base measurement")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; each passes once per engine, in turn; the best pass counts")
@@ -630,7 +653,7 @@ def main() -> None:
     texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
     run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "rounds": args.rounds, "device": str(DEVICE),
-           "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else platform.processor() or "cpu"}
+           "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()}
     parts = args.parts.split(",")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
 
@@ -648,6 +671,8 @@ def main() -> None:
         if not args.skip_bert_base:
             keep(engine_part(str(bert_base_like()), "BERT-base-sized (random)", texts, count=args.bert_base_batches,
                              profile_to=profile_to))
+    if "lora" in parts:
+        keep(lora_part(texts, max(args.rounds, 3)))
     if "precision" in parts:
         dtypes = tuple(args.dtypes.split(","))
         if args.backbone:
@@ -666,7 +691,15 @@ def main() -> None:
     if "load" in parts:
         keep(load_part(texts))
     if "doors" in parts:
-        keep(doors_part(texts, args.seconds, [int(c) for c in args.clients.split(",")], args.port))
+        keep(doors_part(args.seconds, [int(c) for c in args.clients.split(",")], max(args.rounds, 2)))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), for the records: ratios are compared on one machine."""
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "cpu"
 
 
 def bert_base_like() -> Path:
@@ -735,18 +768,9 @@ def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
                   "| resident tasks | RSS growth | mixed-batch examples/s |", "|---|---|---|"]
         lines += [f"| {r['tasks']} | {r['rss_growth_bytes'] / 2**20:.1f} MiB | {r['mixed_examples_per_s']:.1f} |" for r in growth]
         lines.append("")
-    door_rows = [r for r in latest if r["part"] == "doors"]
-    if door_rows:
-        engine_rows = [r for r in latest if r["part"] == "doors-engine"]
-        lines += ["## End to end through each front door, MiniLM (one text per request)", "",
-                  "In-process engine, same run: " + ", ".join(f"{r['workload']}: {r['examples_per_s']:.1f} examples/s"
-                                                             for r in engine_rows) + " (batches of 32). Clients run "
-                  "on the same machine as the server.", "",
-                  "| workload | clients | protocol | QPS | p50 ms | p99 ms | failures | QPS / in-process examples/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['workload']} | {r['clients']} | {r['protocol']} | {r['qps']:.1f} | {r['p50_ms']:.1f} | "
-                  f"{r['p99_ms']:.1f} | {r['failures']} | {r['vs_in_process']:.3f} |" for r in door_rows]
-        lines.append("")
+    from results import doors, lora_group
+
+    lines += [line.replace("### ", "## ", 1) for line in lora_group(records) + doors(records)]
     discussion = HERE / "serving_discussion.md"
     tail = discussion.read_text() if report == REPORT and discussion.exists() else ""
     report.write_text("\n".join(lines) + "\n" + tail)

@@ -1,5 +1,5 @@
-"""A new user's first own task, as the README shows it: a directory of JSONL files with GLUE's
-field names and word labels → `train` (no field flags) → `eval` → `serve` → predict over HTTP,
+"""A new user's first own task, as docs/getting-started/first-task.md shows it: a directory of
+JSONL files with GLUE's field names and word labels → `train` (no field flags) → `eval` → `serve` → predict over HTTP,
 with HOME an empty read-only directory (an operator's service account) and the registry
 elsewhere: nothing may need to write there, and the run must say what it resolved."""
 

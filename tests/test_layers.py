@@ -1,4 +1,4 @@
-"""The layers of docs/ARCHITECTURE.md, checked: import-linter's contracts (pyproject.toml)
+"""The layers of docs/concepts/architecture.md, checked: import-linter's contracts (pyproject.toml)
 must hold, and no module imports ours inside a function to get around them."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ticketserve.registry.manifest import BackboneRef
 DEFAULT_BACKBONE = "minilm"
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled checkpoint is, on the hub
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
-# The six dense matrices of every transformer block (DESIGN.md: "matrix").
+# The six dense matrices of every transformer block (docs/concepts/methods.md#the-six-matrices).
 MATRICES = (
     "attention.self.query",
     "attention.self.key",

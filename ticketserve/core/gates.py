@@ -1,4 +1,5 @@
-"""Per-example gates on every attention head and every FFN block (DESIGN.md §3).
+"""Per-example gates on every attention head and every FFN block
+(docs/concepts/methods.md#super-tickets-and-ticket-share).
 
 transformers 5 ignores `head_mask`, so gates are hooks of our own:
   * head gate: a forward pre-hook on `attention.output.dense` multiplies each head's slice of

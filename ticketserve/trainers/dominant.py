@@ -1,4 +1,4 @@
-"""Dominant winning tickets (Gong et al.; DESIGN.md §1): the L1 ticket search, Dominant-k
+"""Dominant winning tickets (Gong et al.; docs/concepts/methods.md#dominant-tickets): the L1 ticket search, Dominant-k
 training on a ticket's top rows, and the Random-k control with the same shape."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One-shot pruning of heads and FFN blocks by importance (super tickets, DESIGN.md §3)."""
+"""One-shot pruning of heads and FFN blocks by importance (super tickets:
+docs/concepts/methods.md#super-tickets-and-ticket-share)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Super tickets (Liang et al.; DESIGN.md §3): head/FFN importance, then one-shot pruning at
-several levels with rewinding to the pre-trained weights, fine-tuning each survivor
+"""Super tickets (Liang et al.; docs/concepts/methods.md#super-tickets-and-ticket-share):
+head/FFN importance, then one-shot pruning at several levels with rewinding to the pre-trained weights, fine-tuning each survivor
 structure; the best level on dev is the super ticket. The sweep traces the phase transition
 (winning vs random vs losing tickets).
 """

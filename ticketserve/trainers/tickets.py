@@ -1,4 +1,5 @@
-"""Dominant-ticket math (DESIGN.md §1): out-weighted parameters, per-dimension counts, top-k.
+"""Dominant-ticket math (docs/concepts/methods.md#dominant-tickets): out-weighted parameters,
+per-dimension counts, top-k.
 
 A matrix is viewed as W̃ ∈ R^{(in+1)×out} (y = [x, 1]·W̃): dimension j < in is input
 feature j, dimension `in` is the bias. A parameter is out-weighted when |Δ| > σ; a ticket

@@ -1,5 +1,5 @@
-"""Ticket-Share (Liang et al.; DESIGN.md §3): one encoder trained on several tasks at once,
-each batch from one task and run with that task's super-ticket gates. A structure kept by
+"""Ticket-Share (Liang et al.; docs/concepts/methods.md#super-tickets-and-ticket-share): one
+encoder trained on several tasks at once, each batch from one task and run with that task's super-ticket gates. A structure kept by
 several tasks is updated by all of them, one kept by one task only by that task, one kept
 by none never. Strict sharing: a structure masked for a task gets no update from it — not
 through the gradient (zero anyway), nor through AdamW's momentum or weight decay.

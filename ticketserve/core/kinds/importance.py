@@ -1,5 +1,6 @@
-"""Kind `importance`: head/FFN importance scores (mean |∂L/∂gate|, DESIGN.md §3), a record of
-an analysis rather than a task. Payload: `importance.heads` float[L, H], `importance.ffn` float[L]."""
+"""Kind `importance`: head/FFN importance scores (mean |∂L/∂gate|,
+docs/concepts/methods.md#super-tickets-and-ticket-share), a record of an analysis rather than a
+task. Payload: `importance.heads` float[L, H], `importance.ffn` float[L]."""
 
 from __future__ import annotations
 

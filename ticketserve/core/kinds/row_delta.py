@@ -1,4 +1,5 @@
-"""Kind `row_delta`: per matrix, a few rows of W̃ = [Wᵀ; b] replaced by W̃ + Δ (DESIGN.md §1).
+"""Kind `row_delta`: per matrix, a few rows of W̃ = [Wᵀ; b] replaced by W̃ + Δ
+(docs/concepts/methods.md#dominant-tickets).
 
 Row j < in is input feature j, row `in` is the bias. Applying it needs no dense copy:
     y = x·W + b + x[..., idx_in]·D_in + D_bias

@@ -1,4 +1,5 @@
-"""Kind `structure_mask`: which attention heads and FFN blocks a task uses (DESIGN.md §3).
+"""Kind `structure_mask`: which attention heads and FFN blocks a task uses
+(docs/concepts/methods.md#super-tickets-and-ticket-share).
 
 Payload: `gates.heads` uint8[L, H] and `gates.ffn` uint8[L] (1 = kept). Applied as
 per-example gates on the shared encoder it names — for Ticket-Share, the shared multi-task

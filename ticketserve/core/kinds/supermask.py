@@ -1,5 +1,5 @@
 """Kind `supermask`: the pre-trained weights times a per-task binary mask, θ = θ0 ⊙ μ
-(Radiya-Dixit & Wang; DESIGN.md §2).
+(Radiya-Dixit & Wang; docs/concepts/methods.md#supermasks).
 
 Payload per masked matrix (or the word embeddings): `<name>.mask` uint8 — the mask bits,
 packed and compressed — and `<name>.codec` uint8[1], which codec the saver picked as the
