@@ -40,6 +40,13 @@ def newest(records: list[dict], **match) -> list[dict]:
     return [r for r in matching if r["run"] == run]
 
 
+def per_backbone(part: str) -> dict[str, list[dict]]:
+    """The newest run of a serving part on each backbone that has one."""
+    serving = read("serving.jsonl")
+    runs = {label: newest(serving, part=part, backbone=label) for label in (MINILM, BERT_BASE)}
+    return {label: rows for label, rows in runs.items() if rows}
+
+
 def machine(record: dict) -> str:
     name = record.get("device_name")
     device = f"{record.get('device', 'cpu')}{f' ({name})' if name and name != 'cpu' else ''}"
@@ -109,9 +116,7 @@ ENGINE_ROWS = ("ours: 1 task (Dominant-1)", "ours: 100 Dominant-1 mixed", "ours:
 
 
 def engine_throughput() -> list[str]:
-    serving = read("serving.jsonl")
-    runs = {label: newest(serving, part="engine", backbone=label) for label in (MINILM, BERT_BASE)}
-    runs = {label: rows for label, rows in runs.items() if rows}
+    runs = per_backbone("engine")
     if not runs:
         return []
     lines = ["### Many tasks in one batch", "",
@@ -167,9 +172,7 @@ def precision() -> list[str]:
 
 
 def supermask_corrections() -> list[str]:
-    serving = read("serving.jsonl")
-    runs = {label: newest(serving, part="supermask", backbone=label) for label in (MINILM, BERT_BASE)}
-    runs = {label: rows for label, rows in runs.items() if rows}
+    runs = per_backbone("supermask")
     if not runs:
         return []
     shares = sorted({r["masked_share"] for rows in runs.values() for r in rows if "masked_share" in r})
