@@ -321,9 +321,10 @@ def headline() -> str:
         rows.append(f"| the chaos run (floods, fuzzers, hot swaps of corrupt artifacts, SIGTERM) | {met} of "
                     f"{len(chaos_result['targets'])} targets met, {chaos_result['unexpected']['answers']} unexpected "
                     "errors |")
+    where = f" on {machine(engine[0])}" if engine else ""
     return "\n".join(["| measured | result |", "|---|---|", *rows, "",
-                      "Each from its newest run on a 2-core CPU machine; the [Results](docs/results.md) page has every "
-                      "table with its date and the command that reproduces it.", ""])
+                      f"Each from its newest run{where}; the [Results](docs/results.md) page has every table with its "
+                      "date, machine and the command that reproduces it.", ""])
 
 
 def plots(to: Path = PLOTS) -> list[Path]:
