@@ -16,8 +16,11 @@ the server's trim policy, runtime/server/memory.py):
                       `malloc_trim` every 2 s
   32MiB-no-trim       the same thresholds, never trimming
   32MiB-trim-adaptive the same thresholds, `malloc_trim` only when it gives memory back: in-use
-                      bytes fell, or resident bytes grew beyond them, by 32 MiB (the default)
+                      bytes fell, or resident bytes grew beyond them, by the slack
+  32MiB-adaptive-huge-pages  the same, and glibc.malloc.hugetlb=1 (transparent huge pages for
+                      malloc; the server's default since #34) — for the engine too
 
+Every other setting runs with glibc.malloc.hugetlb=0, which the server respects.
 The in-process engine never trims, so it is measured once per malloc environment and round.
 
 Results: benchmarks/results/allocator.jsonl and benchmarks/allocator.md.
@@ -43,11 +46,13 @@ CLIENTS = 32
 SHIPPED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "2",  # glibc's trim threshold stays at
            "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}                         # 128 KiB once mmap's is fixed
 RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "2"}
+NO_HUGE, HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 SETTINGS = {  # name → (malloc environment, the engine run it is compared with, the server's trim policy)
-    "shipped-1MiB": (SHIPPED, "1MiB", "off"),
-    "32MiB-trim-2s": (RAISED, "32MiB", "always"),
-    "32MiB-no-trim": (RAISED, "32MiB", "off"),
-    "32MiB-trim-adaptive": (RAISED, "32MiB", "adaptive"),
+    "shipped-1MiB": (SHIPPED | NO_HUGE, "1MiB", "off"),
+    "32MiB-trim-2s": (RAISED | NO_HUGE, "32MiB", "always"),
+    "32MiB-no-trim": (RAISED | NO_HUGE, "32MiB", "off"),
+    "32MiB-trim-adaptive": (RAISED | NO_HUGE, "32MiB", "adaptive"),
+    "32MiB-adaptive-huge-pages": (RAISED | HUGE, "32MiB-huge", "adaptive"),
 }
 
 
