@@ -587,11 +587,8 @@ def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
     names = [f"door-d1-{i:03d}" for i in range(TASKS)]
     publish(open_store(registry), backbone, "row_delta", names)
     server_cpus, load_cpus = cores()
-    from ticketserve.runtime.server.memory import huge_pages_environment
-
     env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    env = huge_pages_environment(env) or env  # what the server starts itself with, for the engine too
     grpc_port, http_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="ts-bench-doors-", suffix=".log", delete=False)
     server = subprocess.Popen(pinned([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port",

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port
-from ticketserve.runtime.server.memory import huge_pages_environment
 
 SCRIPT = str(Path(sys.executable).parent / "ticketserve")
 KINDS = {"billing": ["I was charged twice for {}", "refund my {} payment", "my invoice for {} is wrong"],
@@ -83,8 +82,6 @@ def test_first_own_task_from_jsonl_files_to_http(tmp_path, user):
                               env=user, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         run(user, "info", "--server", f"127.0.0.1:{port}", "--wait", "120", cwd=tmp_path)
-        if huge_pages_environment({}) is not None:  # it started itself again with malloc's huge pages
-            assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in Path(f"/proc/{server.pid}/environ").read_bytes()
         request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/predict",
                                          data=json.dumps({"task": "tickets-dominant", "inputs": texts}).encode(),
                                          headers={"content-type": "application/json"})

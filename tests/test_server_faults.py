@@ -474,17 +474,6 @@ def test_the_server_trims_malloc_only_when_that_gives_memory_back():
         assert 0 < in_use_bytes() < resident_bytes()
 
 
-def test_malloc_huge_pages_are_added_to_the_environment_unless_it_names_them():
-    from ticketserve.runtime.server.memory import HUGE_PAGES, huge_pages_environment
-
-    if huge_pages_environment({}) is None:
-        pytest.skip("not glibc ≥ 2.35 with transparent huge pages")
-    assert huge_pages_environment({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES}
-    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})["GLIBC_TUNABLES"] == \
-        f"glibc.pthread.rseq=0:{HUGE_PAGES}"
-    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the operator's choice
-
-
 def test_preloaded_tasks_are_warmed_up_and_never_evicted(registry, tiny_bert):
     """--preload is the operator's working set: it is served once before the port opens (one
     warm-up forward each) and stays resident whatever else passes through a small cache."""

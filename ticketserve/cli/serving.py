@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -138,10 +137,6 @@ def serve(
     http_max_connections: Annotated[int, typer.Option(help="HTTP: connections (and requests) at once; past it new requests get 503")] = 4096,
 ) -> None:
     """Serve every task in the registry from one shared backbone: gRPC (ours and the Open Inference Protocol), and HTTP with --http-port."""
-    from ticketserve.runtime.server.memory import with_huge_pages
-
-    if sys.argv[1:2] == ["serve"]:  # this process is the command (not a program calling the app)
-        with_huge_pages(sys.argv[1:])  # malloc's huge pages need a fresh process (runtime/server/memory.py)
     from ticketserve.runtime.engine import EngineConfig
     from ticketserve.runtime.server.main import ServeConfig
     from ticketserve.runtime.server.main import serve as run_server

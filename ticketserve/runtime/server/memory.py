@@ -18,15 +18,9 @@ returns the free pages of every arena, and the pages a forward uses again fault 
 every 2 s held the chaos run's RSS (+7.8 %, +21.8 % never trimming) but cost 190–220 faults per
 request against the engine's 2–11, so the server trims only when that gives memory back (see
 `Trimmer`). Values set in the environment (MALLOC_MMAP_THRESHOLD_,
-MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) win; elsewhere than glibc nothing changes.
-
-Even reused from the heap, a forward's pages kept faulting in the server (39–53 minor faults
-per request against the in-process engine's 1–21); with glibc's `glibc.malloc.hugetlb=1`
-tunable malloc asks for transparent huge pages, so one fault maps 2 MiB: 8.8 faults per
-request and 78 against 75 QPS (same sitting). A tunable is read only when a process starts,
-so `ticketserve serve` starts itself again with it (`with_huge_pages`, before it loads
-anything) where glibc ≥ 2.35 and the kernel's transparent huge pages allow it (`madvise` or
-`always`); GLIBC_TUNABLES naming glibc.malloc.hugetlb (=0 to turn it off) wins.
+MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) win; elsewhere than glibc nothing changes. Transparent
+huge pages for malloc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) halved the server's faults but
+let the chaos run's RSS grow 15 % after the flood, so the server leaves them to the operator.
 TICKETSERVE_MALLOC_TRIM=always (every 2 s, the policy before) or =off (never) override the
 policy, for measuring it (`benchmarks/allocator.py`).
 """
@@ -37,7 +31,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,34 +47,6 @@ def _libc_function(name: str):
         return getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
-
-
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_pages_environment(environ: dict[str, str]) -> dict[str, str] | None:
-    """`environ` with malloc's transparent-huge-page tunable added, or None where it is set
-    already, glibc is older than 2.35 (or not glibc), or the kernel's huge pages are off."""
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
-        return None
-    try:
-        version = tuple(int(part) for part in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
-        mode = open(THP_MODE).read()
-    except (ValueError, OSError, IndexError, AttributeError):
-        return None
-    if version < (2, 35) or "[never]" in mode:
-        return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
-
-
-def with_huge_pages(argv: list[str]) -> None:
-    """Start this command again as `python -m ticketserve.cli ARGV` with the huge-page tunable,
-    where it is missing and would apply (the process is replaced; same PID)."""
-    environ = huge_pages_environment(dict(os.environ))
-    if environ is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "ticketserve.cli", *argv], environ)
 
 
 def tune_malloc() -> dict[str, int]:
