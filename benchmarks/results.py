@@ -245,7 +245,9 @@ def allocator() -> list[str]:
     lines = ["### The server's allocator", "",
              "`ticketserve serve` on one core under 32 asyncio gRPC clients on the other, against the in-process engine "
              "under the same malloc environment; ranges over rounds (`benchmarks/allocator.md`). "
-             f"{provenance(rows[0], 'python benchmarks/allocator.py')}", "",
+             + provenance(rows[0], "python benchmarks/allocator.py --settings "
+                                   f"{','.join(dict.fromkeys(r['setting'] for r in rows))} --seconds {rows[0]['seconds']:g}"),
+             "",
              "| setting | server QPS ÷ engine | faults / request, server (engine) | system CPU s/s, server (engine) |",
              "|---|---|---|---|"]
     for setting in dict.fromkeys(r["setting"] for r in rows):
