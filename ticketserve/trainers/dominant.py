@@ -1,5 +1,6 @@
-"""Dominant winning tickets (Gong et al.; docs/concepts/methods.md#dominant-tickets): the L1 ticket search, Dominant-k
-training on a ticket's top rows, and the Random-k control with the same shape."""
+"""Dominant winning tickets (Gong et al.; docs/concepts/methods.md#dominant-tickets): the L1
+ticket search, Dominant-k training on a ticket's top rows, and the Random-k control with the
+same shape."""
 
 from __future__ import annotations
 

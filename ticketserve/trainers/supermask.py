@@ -1,7 +1,7 @@
-"""Supermask training (Radiya-Dixit & Wang; docs/concepts/methods.md#supermasks): the pre-trained weights never
-change; a real score ν per masked weight is trained and the forward uses θ0 ⊙ μ with
-μ ~ Bernoulli(sigmoid(ν)) and a straight-through gradient to ν. What ships is the
-deterministic mask sigmoid(ν) > 0.5, compressed (kind `supermask`).
+"""Supermask training (Radiya-Dixit & Wang; docs/concepts/methods.md#supermasks): the
+pre-trained weights never change; a real score ν per masked weight is trained and the forward
+uses θ0 ⊙ μ with μ ~ Bernoulli(sigmoid(ν)) and a straight-through gradient to ν. What ships is
+the deterministic mask sigmoid(ν) > 0.5, compressed (kind `supermask`).
 """
 
 from __future__ import annotations

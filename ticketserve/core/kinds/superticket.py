@@ -1,6 +1,7 @@
 """Kind `superticket`: a super-ticket sweep (docs/concepts/methods.md#super-tickets-and-ticket-share)
-— the importance scores it pruned by, the keep-masks of every pruning level (`level-<p>.gates.heads`, `level-<p>.gates.ffn`) and, in
-the manifest, the phase curve and the best level. A record, not a task."""
+— the importance scores it pruned by, the keep-masks of every pruning level
+(`level-<p>.gates.heads`, `level-<p>.gates.ffn`) and, in the manifest, the phase curve and the
+best level. A record, not a task."""
 
 from __future__ import annotations
 

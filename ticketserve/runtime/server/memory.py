@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("ticketserve.runtime.server")
@@ -41,12 +43,23 @@ SETTINGS = {"MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, 32 << 20), "MALLOC_TRIM
 TRIM_SECONDS = 2.0  # how often the server asks its Trimmer
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@functools.cache
 def _libc_function(name: str):
+    """A C library function, looked up once (find_library runs ldconfig: not every 2 s)."""
     library = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(library), name) if library else None
+        function = getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
+    if function is not None and name == "mallinfo2":
+        function.restype = _MallInfo2
+    return function
 
 
 def tune_malloc() -> dict[str, int]:
@@ -68,25 +81,16 @@ def trim() -> bool:
     return bool(malloc_trim and malloc_trim(0))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
 def in_use_bytes() -> int | None:
     """Bytes malloc has handed out from its arenas (glibc 2.33+'s mallinfo2; None elsewhere)."""
     mallinfo2 = _libc_function("mallinfo2")
-    if mallinfo2 is None:
-        return None
-    mallinfo2.restype = _MallInfo2
-    return mallinfo2().uordblks
+    return mallinfo2().uordblks if mallinfo2 else None
 
 
 def resident_bytes() -> int:
     """This process's resident set (Linux's /proc/self/statm; 0 elsewhere)."""
-    statm = "/proc/self/statm"
-    return int(open(statm).read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists(statm) else 0
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else 0
 
 
 @dataclass
