@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,6 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "allocator.jsonl"
 REPORT = HERE / "allocator.md"
-SST2_DEV = HERE.parent / "ticketserve" / "core" / "samples" / "sst2" / "validation.jsonl"
 TASKS = [f"alloc-{i}" for i in range(8)]
 CLIENTS = 32
 SHIPPED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "2",  # glibc's trim threshold stays at
@@ -65,19 +63,10 @@ def environment(setting: str) -> dict[str, str]:
 
 def serve_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
     """`ticketserve serve` on core 0 under 32 asyncio gRPC channels on core 1 (benchmarks/loadgen.py)."""
-    from serving import free_port, load, pinned
+    from serving import load, served
 
-    port = free_port()
-    server = subprocess.Popen(pinned([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port",
-                                      str(port), *sum((["--preload", t] for t in TASKS), [])], [0]),
-                              env=environment(setting), stderr=subprocess.DEVNULL)
-    try:
-        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{port}", "--wait",
-                        "300"], check=True, capture_output=True)
+    with served(registry, TASKS, [0], environment(setting)) as (server, port, _):
         return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), server.pid, port=port, warmup=warmup)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def engine_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:

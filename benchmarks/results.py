@@ -12,9 +12,9 @@ command that reproduces it; the studies' full tables and discussions stay in the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -26,7 +26,9 @@ END = "<!-- /results -->"
 MINILM, BERT_BASE = "MiniLM-L6 (bundled)", "BERT-base-sized (random)"
 
 
+@functools.cache
 def read(name: str) -> list[dict]:
+    """The records of one results file (read once per process; callers do not change them)."""
     path = RESULTS / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -69,26 +71,31 @@ def ratio(rows: list[dict], workload: str, key: str = "vs_plain") -> str:
 
 # -- the sections ---------------------------------------------------------------------------
 
-def method_choice() -> list[str]:
-    """Quality per task next to bytes per task and the mixed serving speed of the method's kind."""
-    sys.path.insert(0, str(HERE))
+TASKS = ("sst2", "mrpc", "rte", "cola")
+
+
+def method_groups() -> dict[str, tuple[str, object]]:
+    """Each method of the comparison: key → (label, task → its recorded runs at the chosen rate)."""
     from lora import TARGETS, chosen_rate, peer_rows, records
 
+    return {"bitfit": ("BitFit", lambda t: peer_rows(t, "bitfit")),
+            "dominant": ("Dominant-1", lambda t: peer_rows(t, "dominant")),
+            **{prefix: ("LoRA r=8, " + ("query+value" if prefix == "lora" else "all six matrices"),
+                        lambda t, target=target: [r for r in records(t, target=target)
+                                                  if r["lr"] == chosen_rate(t, target)])
+               for target, prefix in TARGETS.items()},
+            "supermask": ("supermask", lambda t: peer_rows(t, "supermask")),
+            "full": ("full fine-tuning", lambda t: peer_rows(t, "full"))}
+
+
+def method_choice() -> list[str]:
+    """Quality per task next to bytes per task and the mixed serving speed of the method's kind."""
     engine = newest(read("serving.jsonl"), part="engine", backbone=MINILM)
     masks = newest(read("serving.jsonl"), part="supermask", backbone=MINILM)
     served = {"bitfit": ratio(engine, "ours: 100 Dominant-1 mixed"), "dominant": ratio(engine, "ours: 100 Dominant-1 mixed"),
               "lora": ratio(engine, "ours: 100 LoRA r=8 mixed"), "lora6": ratio(engine, "ours: 100 LoRA r=8 mixed"),
               "supermask": ratio(masks, "ours: 100 supermasks mixed, 5% masked, as corrections"),
               "full": ratio(engine, "full fine-tuned copies (10 resident), swapped per task group")}
-    tasks = ("sst2", "mrpc", "rte", "cola")
-    groups = {"bitfit": ("BitFit", lambda t: peer_rows(t, "bitfit")),
-              "dominant": ("Dominant-1", lambda t: peer_rows(t, "dominant")),
-              **{prefix: ("LoRA r=8, " + ("query+value" if prefix == "lora" else "all six matrices"),
-                          lambda t, target=target: [r for r in records(t, target=target)
-                                                    if r["lr"] == chosen_rate(t, target)])
-                 for target, prefix in TARGETS.items()},
-              "supermask": ("supermask", lambda t: peer_rows(t, "supermask")),
-              "full": ("full fine-tuning", lambda t: peer_rows(t, "full"))}
     lines = ["### Which method, at which byte budget per task", "", "<!-- method-choice -->", "",
              "Dev metric on real GLUE dev sets, bundled MiniLM, 3 epochs, mean over seeds (count), each method at its "
              "study's chosen rate: `python benchmarks/lora.py --jobs 2` (with the runs of `benchmarks/dominant.py` and "
@@ -97,9 +104,9 @@ def method_choice() -> list[str]:
              "masked).", "",
              "| method | bytes per task | sst2 (acc) | mrpc (F1) | rte (acc) | cola (MCC) | served mixed ÷ plain |",
              "|---|---|---|---|---|---|---|"]
-    for key, (label, rows_of) in groups.items():
+    for key, (label, rows_of) in method_groups().items():
         cells, size = [], None
-        for task in tasks:
+        for task in TASKS:
             rows = rows_of(task)
             size = size or (rows[-1]["artifact_bytes"] if rows else None)
             cells.append(f"{statistics.mean(r['metric'] for r in rows):.3f} ({len(rows)})" if rows else "—")
@@ -211,7 +218,8 @@ def load_and_memory() -> list[str]:
 
 
 def doors(serving: list[dict] | None = None) -> list[str]:
-    rows = [r for r in newest(read("serving.jsonl") if serving is None else serving, part="doors") if "round" in r]
+    serving = read("serving.jsonl") if serving is None else serving
+    rows = [r for r in newest(serving, part="doors") if "round" in r]
     if not rows:
         return []
     first = rows[0]
@@ -230,7 +238,7 @@ def doors(serving: list[dict] | None = None) -> list[str]:
                          f"{span([r['p99_ms'] for r in group], '.0f')} | {sum(r['failures'] for r in group)} | "
                          f"{span([r['faults_per_request'] for r in group], '.0f')} | "
                          f"{span([r['load_cpu_share'] for r in group])} |")
-        engine = [r for r in newest(serving or read("serving.jsonl"), part="doors-engine") if r["workload"] == workload]
+        engine = [r for r in newest(serving, part="doors-engine") if r["workload"] == workload]
         lines.append(f"| {workload} | in-process engine | {span([r['qps'] for r in engine], '.1f')} | 1 | "
                      f"{span([r['p50_ms'] for r in engine], '.0f')} | {span([r['p99_ms'] for r in engine], '.0f')} | "
                      f"{sum(r['failures'] for r in engine)} | {span([r['faults_per_request'] for r in engine], '.0f')} | "
@@ -329,7 +337,7 @@ def headline() -> str:
                       "date, machine and the command that reproduces it.", ""])
 
 
-def plots(to: Path = PLOTS) -> list[Path]:
+def plots(to: Path = PLOTS) -> None:
     """The Results page's figures: quality against bytes per task, throughput against resident
     tasks, the supermask curve."""
     import matplotlib
@@ -337,20 +345,10 @@ def plots(to: Path = PLOTS) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, str(HERE))
-    from lora import TARGETS, chosen_rate, peer_rows, records
-
     to.mkdir(parents=True, exist_ok=True)
-    written = []
-    tasks = ("sst2", "mrpc", "rte", "cola")
-    methods = {"BitFit": lambda t: peer_rows(t, "bitfit"), "Dominant-1": lambda t: peer_rows(t, "dominant"),
-               **{"LoRA " + ("q+v" if prefix == "lora" else "all six"): (
-                   lambda t, target=target: [r for r in records(t, target=target) if r["lr"] == chosen_rate(t, target)])
-                  for target, prefix in TARGETS.items()},
-               "supermask": lambda t: peer_rows(t, "supermask"), "full FT": lambda t: peer_rows(t, "full")}
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-    for axis, task in zip(axes, tasks):
-        for label, rows_of in methods.items():
+    for axis, task in zip(axes, TASKS):
+        for label, rows_of in method_groups().values():
             rows = rows_of(task)
             if rows:
                 axis.scatter(rows[-1]["artifact_bytes"], statistics.mean(r["metric"] for r in rows), label=label)
@@ -358,7 +356,7 @@ def plots(to: Path = PLOTS) -> list[Path]:
     axes[0].set_ylabel("dev metric")
     axes[-1].legend(fontsize=7)
     figure.tight_layout()
-    written.append(_save(figure, to / "method-choice.png"))
+    _save(figure, to / "method-choice.png")
     serving = read("serving.jsonl")
     growth = newest(serving, part="growth")
     if growth:
@@ -367,7 +365,7 @@ def plots(to: Path = PLOTS) -> list[Path]:
         axis.set(xscale="log", xlabel="resident Dominant-1 tasks, mixed in every batch", ylabel="examples/s",
                  ylim=(0, None), title="MiniLM, CPU")
         figure.tight_layout()
-        written.append(_save(figure, to / "mixed-tasks.png"))
+        _save(figure, to / "mixed-tasks.png")
     figure, axis = plt.subplots(figsize=(5, 3.2))
     for label in (MINILM, BERT_BASE):
         rows = [r for r in newest(serving, part="supermask", backbone=label) if "as corrections" in r.get("workload", "")]
@@ -377,16 +375,14 @@ def plots(to: Path = PLOTS) -> list[Path]:
     axis.set(xlabel="masked share, %", ylabel="÷ plain backbone", ylim=(0, 1.05), title="100 supermask tasks mixed")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    written.append(_save(figure, to / "supermask-curve.png"))
-    return written
+    _save(figure, to / "supermask-curve.png")
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: the same data, the same bytes
     plt.close(figure)
-    return path
 
 
 def replaced(text: str, block: str) -> str:

@@ -32,6 +32,7 @@ Results: benchmarks/results/serving.jsonl and benchmarks/serving.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -574,6 +575,23 @@ def process_counters(pid: int) -> tuple[int, float, float]:
     return int(fields[7]), (int(fields[11]) + int(fields[12])) / ticks, int(fields[12]) / ticks
 
 
+@contextlib.contextmanager
+def served(registry: str, tasks: list[str], cpus: list[int], env: dict, http: bool = False):
+    """A `ticketserve serve` pinned to `cpus` with `tasks` preloaded, once it answers: yields
+    (its process, its gRPC port, its HTTP port or None); stopped (SIGTERM) on the way out."""
+    grpc_port, http_port = free_port(), free_port() if http else None
+    command = [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(grpc_port),
+               *(["--http-port", str(http_port)] if http else []), *sum((["--preload", t] for t in tasks), [])]
+    server = subprocess.Popen(pinned(command, cpus), env=env, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{grpc_port}", "--wait",
+                        "300"], check=True, capture_output=True)
+        yield server, grpc_port, http_port
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
     """Each door of one `ticketserve serve` against the in-process Engine on the same core(s),
     the load in its own pinned process; rounds alternate the engine and the server."""
@@ -589,17 +607,9 @@ def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
     server_cpus, load_cpus = cores()
     env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    grpc_port, http_port = free_port(), free_port()
-    log = tempfile.NamedTemporaryFile(prefix="ts-bench-doors-", suffix=".log", delete=False)
-    server = subprocess.Popen(pinned([sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port",
-                                      str(grpc_port), "--http-port", str(http_port),
-                                      *sum((["--preload", n] for n in names), [])], server_cpus),
-                              stderr=log, env=env)
     placement = {"server_cores": server_cpus, "load_cores": load_cpus}
     records = []
-    try:
-        subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{grpc_port}", "--wait",
-                        "300"], check=True, capture_output=True)
+    with served(registry, names, server_cpus, env, http=True) as (server, grpc_port, http_port):
         for round_ in range(rounds):
             for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
                 for count in clients:
@@ -615,9 +625,6 @@ def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
                                         "clients": count, **placement, **result, "engine_qps": engine["qps"],
                                         "vs_in_process": result["qps"] / engine["qps"]})
                         print(json.dumps(records[-1]), flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     return records
 
 
