@@ -15,7 +15,6 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent
 ROOT = DOCS.parent
-GENERATED = ("reference/cli.md", "reference/http.md", "reference/grpc.md", "reference/metrics.md", "reference/kinds.md")
 
 
 def setup(app):
@@ -24,10 +23,9 @@ def setup(app):
 
 
 def write_pages() -> None:
-    pages = {"reference/cli.md": cli_page(), "reference/http.md": http_page(), "reference/grpc.md": grpc_page(), "reference/metrics.md": metrics_page(),
-             "reference/kinds.md": kinds_page()}
-    for name, text in pages.items():
-        path = DOCS / name
+    pages = {"cli": cli_page, "http": http_page, "grpc": grpc_page, "metrics": metrics_page, "kinds": kinds_page}
+    for name, page in pages.items():
+        path, text = DOCS / "reference" / f"{name}.md", page()
         if not path.exists() or path.read_text() != text:  # unchanged pages keep their mtime: no rebuild
             path.write_text(text)
 
@@ -143,6 +141,11 @@ def descriptors():
     return result
 
 
+def _stream(streaming: bool, type_name: str) -> str:
+    name = type_name.rsplit(".", 1)[1]
+    return f"stream {name}" if streaming else name
+
+
 def grpc_page() -> str:
     from google.protobuf.descriptor_pb2 import FieldDescriptorProto
 
@@ -157,10 +160,8 @@ def grpc_page() -> str:
             lines += [f"### service `{service.name}`", "", cell(comments.get((6, s))), "",
                       "| method | request | response | |", "|---|---|---|---|"]
             for m, method in enumerate(service.method):
-                stream = lambda flag, name: f"stream {name}" if flag else name  # noqa: E731
-                lines.append(f"| `{method.name}` | {stream(method.client_streaming, method.input_type.rsplit('.', 1)[1])} | "
-                             f"{stream(method.server_streaming, method.output_type.rsplit('.', 1)[1])} | "
-                             f"{cell(comments.get((6, s, 2, m)))} |")
+                lines.append(f"| `{method.name}` | {_stream(method.client_streaming, method.input_type)} | "
+                             f"{_stream(method.server_streaming, method.output_type)} | {cell(comments.get((6, s, 2, m)))} |")
             lines.append("")
         lines += ["### Messages", ""]
 
