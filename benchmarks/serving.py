@@ -204,14 +204,14 @@ def ours(backbone_spec, store, names: list[str], runtime_cls=None, mask_cache_by
     """A runtime on its own copy of the backbone serving `names`; returns its batch runner."""
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
-    from ticketserve.core.kinds.supermask import cache_for
+    from ticketserve.core.kinds.supermask import masks_on
     from ticketserve.runtime.executor import Runtime
 
     backbone = load_backbone(backbone_spec)
     runtime = runtime_cls(backbone, device="cpu") if runtime_cls else Runtime(backbone, device=DEVICE, dtype=dtype,
                                                                               quantize=quantize)
     if mask_cache_bytes is not None:
-        cache_for(runtime.encoder).max_bytes = mask_cache_bytes
+        masks_on(runtime.shared).cache.max_bytes = mask_cache_bytes
     loaded = [runtime.add(artifact.load(store, name, backbone)) for name in names]
     return lambda inputs, tasks: runtime.logits([loaded[t % len(loaded)] for t in tasks], inputs)
 
@@ -423,7 +423,7 @@ def supermask_part(backbone_spec: str | None, label: str, texts: list[str], coun
             started = time.perf_counter()
             task = probe.add(artifact.load(store, names[0], probe.backbone))
             load_ms = 1000 * (time.perf_counter() - started)
-            serving_bytes = kind.cache_for(probe.encoder).bytes
+            serving_bytes = kind.masks_on(probe.shared).cache.bytes
             engines[f"ours: 100 supermasks mixed, {share:.0%} masked, as corrections"] = ours(
                 backbone_spec, store, names, mask_cache_bytes=2 * TASKS * serving_bytes)
         records.append({"part": "supermask", "backbone": label, "masked_share": share,
@@ -471,7 +471,7 @@ def load_part(texts: list[str]) -> list[dict]:
 
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
-    from ticketserve.core.kinds.supermask import cache_for
+    from ticketserve.core.kinds.supermask import masks_on
     from ticketserve.registry import open_store
     from ticketserve.runtime.executor import Runtime
 
@@ -488,7 +488,7 @@ def load_part(texts: list[str]) -> list[dict]:
             task = runtime.add(artifact.load(store, name, backbone))
             times.append(time.perf_counter() - started)
             found = artifact.read(store, name)
-            resident.append(cache_for(runtime.encoder).bytes if kind == "supermask"  # its serving form
+            resident.append(masks_on(runtime.shared).cache.bytes if kind == "supermask"  # its serving form
                             else sum(t.numel() * t.element_size() for t in found.tensors.values()))
             runtime.remove(task)
         records.append({"part": "load", "kind": kind, "cold_load_ms_median": 1000 * sorted(times)[len(times) // 2],

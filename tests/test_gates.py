@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import ByName, in_memory_artifact, random_row_delta
-from ticketserve.core import gates
-from ticketserve.core.gates import Gates, gating
+from ticketserve.core.backbone import fresh_copy
+from ticketserve.core.gates import Gates
 from ticketserve.core.kinds.structure_mask import to_tensors
+from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.runtime.executor import Runtime
 from ticketserve.trainers.pruning import level_counts, prune
 
@@ -30,13 +31,14 @@ def ones(encoder, batch: int) -> Gates:
 def test_all_gates_open_equal_the_plain_model(tiny_backbone):
     inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
     plain = run(tiny_backbone.model, inputs)
-    gates.install(tiny_backbone.model)
-    with gating(ones(tiny_backbone.model, len(TEXTS))):
-        torch.testing.assert_close(run(tiny_backbone.model, inputs), plain, atol=1e-6, rtol=0)
+    shared = SharedEncoder(fresh_copy(tiny_backbone.model))
+    with torch.no_grad():
+        gated = shared.encode(**inputs, gates=ones(tiny_backbone.model, len(TEXTS)))
+    torch.testing.assert_close(gated, plain, atol=1e-6, rtol=0)
 
 
 def test_closed_head_equals_its_context_zeroed_and_closed_ffn_gives_layernorm_of_residual(tiny_backbone):
-    encoder = tiny_backbone.model
+    encoder = fresh_copy(tiny_backbone.model)
     inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
     head_dim = encoder.config.hidden_size // encoder.config.num_attention_heads
     reference = copy.deepcopy(encoder)
@@ -45,12 +47,12 @@ def test_closed_head_equals_its_context_zeroed_and_closed_ffn_gives_layernorm_of
         ffn = reference.encoder.layer[1].output.dense  # FFN of layer 1 adds nothing to the residual
         ffn.weight.zero_()
         ffn.bias.zero_()
-    gates.install(encoder)
+    shared = SharedEncoder(encoder)
     closed = ones(encoder, len(TEXTS))
     closed.heads[:, 0, 1] = 0
     closed.ffn[:, 1] = 0
-    with gating(closed):
-        gated = run(encoder, inputs)
+    with torch.no_grad():
+        gated = shared.encode(**inputs, gates=closed)
     torch.testing.assert_close(gated, run(reference, inputs), atol=1e-5, rtol=0)
     assert (gated - run(encoder, inputs)).abs().max() > 1e-3
 
@@ -74,8 +76,8 @@ def test_padding_stays_masked_and_patterns_mix_per_example(tiny_backbone):
 
 
 def test_gates_hold_when_row_delta_tasks_come_after_them(tiny_backbone):
-    """Row-delta tasks wrap the dense layers the gate hooks sit on; the hooks move with them
-    (a structure mask loaded before the first row-delta task was once silently ungated)."""
+    """Gates and row deltas meet in the same shared layers, whatever came first (a structure
+    mask loaded before the first row-delta task was once silently ungated)."""
     config = tiny_backbone.config
     keep = torch.ones(config.num_hidden_layers, config.num_attention_heads, dtype=torch.bool)
     keep[0, 1] = False
@@ -96,12 +98,11 @@ def test_per_token_gates_carry_gradients():
 
     encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=32), add_pooling_layer=False).eval()
-    gates.install(encoder)
+    shared = SharedEncoder(encoder)
     ids = torch.randint(0, 50, (3, 5))
     heads = torch.ones(3, 5, 2, 4, requires_grad=True)
     ffn = torch.ones(3, 5, 2, requires_grad=True)
-    with gating(Gates(heads, ffn)):
-        encoder(input_ids=ids).last_hidden_state.sum().backward()
+    shared.encode(ids, torch.ones_like(ids), gates=Gates(heads, ffn)).sum().backward()
     assert heads.grad.abs().sum() > 0 and ffn.grad.abs().sum() > 0
 
 

@@ -1,7 +1,8 @@
 """One suite for every registered task kind — and proof that a kind is one file.
 
 `ToyShift`, defined here and nowhere else, is a kind that shares the backbone and keeps
-per-task state of its own (a vector added to each example's embeddings). It registers itself
+per-task state of its own (a vector added to one dense matrix's output: a `Terms` of the
+shared encoder, its vectors in the shared slot table). It registers itself
 like any kind, so every test below runs it next to the real kinds: served mixed with them in
 one batch, on torch and on ONNX (where it has no graph form and runs on torch, explicitly).
 A new kind joins by adding one sample payload to SAMPLES (a test checks that none is missing).
@@ -10,6 +11,7 @@ A new kind joins by adding one sample payload to SAMPLES (a test checks that non
 from __future__ import annotations
 
 import gc
+import itertools
 import weakref
 
 import pytest
@@ -23,17 +25,32 @@ from ticketserve.core.kinds import Kind, Tensors, get_kind, kinds, register_kind
 from ticketserve.core.kinds.full import PREFIX
 from ticketserve.core.kinds.structure_mask import to_tensors
 from ticketserve.core.kinds.supermask import encode_masks
-from ticketserve.core.routing import current
+from ticketserve.core.routing import DEFAULT_SLOT, Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
+from ticketserve.core.slot_table import Column, SlotTable
 from ticketserve.runtime.executor import Runtime
 from ticketserve.runtime.onnx_backend import OnnxRuntime
 
 SHIFT = "toy.shift"
-_SHIFTS: weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+SHIFTED = "encoder.layer.0.attention.output.dense"  # the matrix whose output it shifts
+
+
+class Shifts(Terms):
+    """ToyShift's tasks on one shared encoder: one vector per task, in the shared slot table."""
+
+    def __init__(self, shared: SharedEncoder):
+        self.table = SlotTable(Column((shared.config.hidden_size,), padded=False))
+
+    def add(self, matrix, layer, x, y, routing):
+        if matrix != SHIFTED or not self.table:
+            return y
+        (shift,) = self.table.for_batch(routing or Routing.single(DEFAULT_SLOT, len(y)))
+        return y + shift.unsqueeze(1).to(y.dtype)
 
 
 @register_kind
 class ToyShift(Kind):
-    """Adds a per-task vector to the embeddings' output of the examples routed to its slots."""
+    """Adds a per-task vector to one dense matrix's output, for the examples routed to its slots."""
 
     name = "toy_shift"
 
@@ -42,26 +59,12 @@ class ToyShift(Kind):
                 or not tensors[SHIFT].is_floating_point():
             raise CorruptArtifact(f"a toy_shift holds exactly {SHIFT}: float[hidden]")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        if encoder not in _SHIFTS:
-            _SHIFTS[encoder] = {}
-            encoder.embeddings.register_forward_hook(self._hook(_SHIFTS[encoder]))
-        _SHIFTS[encoder][slot] = tensors[SHIFT].clone()
-        return encoder
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
+        shared.state(self.name, Shifts).table.put(slot, 0, (tensors[SHIFT].to(shared.device),))
+        return shared.module
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
-        _SHIFTS.get(encoder, {}).pop(slot, None)
-
-    @staticmethod
-    def _hook(shifts: dict[int, torch.Tensor]):
-        def hook(module, args, output):
-            routing = current()
-            if routing is None or not any(s in shifts for s in routing.slot_list):
-                return None
-            add = torch.stack([shifts.get(s, torch.zeros(output.shape[-1])) for s in routing.slot_list])
-            return output + add.unsqueeze(1).to(output.device, output.dtype)
-
-        return hook
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
+        shared.state(self.name, Shifts).table.drop(slot)
 
 
 def _masks(backbone, seed: int) -> dict[str, torch.Tensor]:
@@ -222,3 +225,27 @@ def test_onnx_equals_torch(kind, tiny_checkpoints, onnx_cache):
         in_graph = {task.kind.name for task in (onnx_runtime.add(a) for a in artifacts[:1])
                     if onnx_runtime.group(task)[0] == "graph"}
         assert (kind in in_graph) == get_kind(kind).in_graph  # a kind without a graph form runs on torch
+
+
+def test_attach_order_cannot_change_a_single_bit(tiny_backbone):
+    """One task of every task kind, attached in every order (with a detach and re-attach in
+    between every other time): the mixed batch's logits are bit-identical."""
+    runtime = Runtime(tiny_backbone, device="cpu")
+    artifacts = [_artifact(tiny_backbone, kind, 1) for kind in TASK_KINDS]
+    for found in artifacts:  # checked once, as the registry's load does
+        found.prepared = get_kind(found.manifest.kind).prepare(found.kind_tensors, tiny_backbone.model)
+    inputs = runtime.tokenize(TEXTS[:len(artifacts)])
+    expected, tasks = None, {}
+    for n, order in enumerate(itertools.permutations(range(len(artifacts)))):
+        for task in tasks.values():
+            runtime.remove(task)
+        tasks = {}
+        for position, i in enumerate(order):
+            tasks[i] = runtime.add(artifacts[i])
+            if n % 2 and position == len(order) // 2:  # one task leaves and comes back mid-way
+                runtime.remove(tasks[order[0]])
+                tasks[order[0]] = runtime.add(artifacts[order[0]])
+        logits = torch.stack(runtime.logits([tasks[i] for i in range(len(artifacts))], inputs))
+        if expected is None:
+            expected = logits
+        assert torch.equal(logits, expected), f"attach order {[TASK_KINDS[i] for i in order]} changed the logits"

@@ -10,7 +10,8 @@ from tests.test_kinds import SAMPLES
 from ticketserve.core.backbone import fresh_copy
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder
 
 TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again"]
 
@@ -33,23 +34,20 @@ def test_on_the_fly_equals_merged_weights_alone_and_mixed(tiny_backbone):
     with torch.no_grad():
         references = [hidden(merged(tiny_backbone, t), inputs) for t in (first, second)]
         plain = hidden(tiny_backbone.model, inputs)
-    shared = kind.attach(tiny_backbone.model, 5, first)
-    kind.attach(tiny_backbone.model, 6, second)
-    try:
-        with torch.no_grad():
-            with route(Routing.single(5, len(TEXTS))):
-                alone = hidden(shared, inputs)
-            with route(Routing([5, 6, 0, 6])):  # two ranks and a plain example in one batch
-                mixed = hidden(shared, inputs)
-        torch.testing.assert_close(alone, references[0], atol=1e-5, rtol=0)
-        for i, want in enumerate([references[0][0], references[1][1], plain[2], references[1][3]]):
-            torch.testing.assert_close(mixed[i], want, atol=1e-5, rtol=0)
-        assert (alone - plain).abs().max() > 1e-3  # the factors really changed the outputs
-    finally:
-        kind.detach(tiny_backbone.model, 5)
-        kind.detach(tiny_backbone.model, 6)
+    shared = SharedEncoder(fresh_copy(tiny_backbone.model))
+    kind.attach(shared, 5, first)
+    kind.attach(shared, 6, second)
     with torch.no_grad():
-        torch.testing.assert_close(hidden(tiny_backbone.model, inputs), plain, atol=0, rtol=0)
+        alone = shared.encode(**inputs, routing=Routing.single(5, len(TEXTS)))
+        mixed = shared.encode(**inputs, routing=Routing([5, 6, 0, 6]))  # two ranks and a plain example in one batch
+    torch.testing.assert_close(alone, references[0], atol=1e-5, rtol=0)
+    for i, want in enumerate([references[0][0], references[1][1], plain[2], references[1][3]]):
+        torch.testing.assert_close(mixed[i], want, atol=1e-5, rtol=0)
+    assert (alone - plain).abs().max() > 1e-3  # the factors really changed the outputs
+    kind.detach(shared, 5)
+    kind.detach(shared, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.encode(**inputs, routing=Routing([5, 6, 0, 6])), plain, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("damage", ["rank mismatch", "no scaling", "a vector scaling", "infinite", "unknown matrix"])

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from tests.helpers import in_memory_artifact, random_row_delta
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.routing import Routing
 from ticketserve.formats.peft import export_peft
 from ticketserve.runtime.executor import Runtime
 
@@ -27,8 +27,8 @@ def test_peft_adapter_reproduces_the_served_outputs(tiny_backbone, tmp_path):
     runtime = Runtime(tiny_backbone, device="cpu")
     loaded = runtime.add(task)
     inputs = runtime.tokenize(TEXTS)
-    with torch.no_grad(), route(Routing.single(loaded.slot, len(TEXTS))):
-        ours = runtime.encoder(**inputs).last_hidden_state
+    with torch.no_grad():
+        ours = runtime.hidden([loaded], inputs, Routing.single(loaded.slot, len(TEXTS)))
     with torch.no_grad():
         theirs = stock(**inputs).last_hidden_state
         plain = AutoModel.from_pretrained(tiny_backbone.source, add_pooling_layer=False)(**inputs).last_hidden_state

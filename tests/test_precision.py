@@ -143,7 +143,7 @@ def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
     from ticketserve.core.backbone import dense_matrices
     from ticketserve.core.kinds.lora import update
     from ticketserve.core.kinds.row_delta import split_payload
-    from ticketserve.core.routing import Routing, route
+    from ticketserve.core.routing import Routing
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     runtime = Runtime(backbone, device="cpu", quantize="int8")
@@ -154,9 +154,9 @@ def test_task_terms_on_an_int8_encoder_are_exact(tiny_checkpoints):
     layer = dense_matrices(runtime.encoder)[name]
     x = torch.randn(4, 5, layer.in_features)
     with torch.inference_mode():
-        with route(Routing.single(10_000, 4)):  # a slot no task holds: the shared int8 product alone
+        with runtime.shared.applying(Routing.single(10_000, 4)):  # a slot no task holds: the shared int8 product alone
             plain = layer(x)
-        with route(Routing([rows_task.slot, lora_task.slot, 10_000, masked_task.slot])):
+        with runtime.shared.applying(Routing([rows_task.slot, lora_task.slot, 10_000, masked_task.slot])):
             mixed = layer(x)
     assert not torch.allclose(plain, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4), \
         "the shared product is not int8 here: this test would prove nothing"

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tests.helpers import ByName, in_memory_artifact, random_row_delta
-from ticketserve.core.backbone import dense_matrices
+from ticketserve.core.backbone import dense_matrices, fresh_copy
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.kinds.row_delta import RowDeltaLinear, add_trainable, export, materialize
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.kinds.row_delta import add_trainable, export, materialize, rows_on
+from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder, TaskLinear
 from ticketserve.runtime.executor import Runtime
 
 TEXTS = ["a gripping, beautifully shot film", "the plot makes no sense at all", "fine.", "I would not watch it again, ever"]
@@ -29,12 +30,12 @@ def test_on_the_fly_equals_materialised_weights(tiny_backbone):
     reference = copy.deepcopy(tiny_backbone.model)
     materialize(reference, tensors)
     inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    shared = kind.attach(tiny_backbone.model, 3, tensors)
-    with torch.no_grad(), route(Routing.single(3, len(TEXTS))):
-        on_the_fly = hidden(shared, inputs)
+    shared = SharedEncoder(fresh_copy(tiny_backbone.model))
+    kind.attach(shared, 3, tensors)
     with torch.no_grad():
+        on_the_fly = shared.encode(**inputs, routing=Routing.single(3, len(TEXTS)))
         dense = hidden(reference, inputs)
-        untouched = hidden(shared, inputs)  # no routing: slot 0, which holds nothing
+        untouched = shared.encode(**inputs)  # no routing: slot 0, which holds nothing
     torch.testing.assert_close(on_the_fly, dense, atol=1e-5, rtol=0)
     assert (on_the_fly - untouched).abs().max() > 1e-3  # the delta really changed the outputs
 
@@ -77,23 +78,23 @@ def test_replacing_and_removing_a_task_detaches_its_rows(tiny_backbone):
     runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=1)))
     first_slot = runtime.get("t").slot
     runtime.add(in_memory_artifact(tiny_backbone, "t", random_row_delta(tiny_backbone, seed=2)))
-    layers = dense_matrices(tiny_backbone.model).values()
-    assert all(not layer.has_task(first_slot) for layer in layers)
+    tables = rows_on(runtime.shared).tables.values()
+    assert all(first_slot not in table.slots for table in tables)
     runtime.remove("t")
-    assert all(not layer.table and not layer.trainable for layer in layers)
+    assert all(not table for table in tables)
 
 
 def test_the_row_table_grows_reuses_freed_rows_and_widens_without_changing_results(tiny_backbone):
     runtime = ByName(Runtime(tiny_backbone, device="cpu"))
     for i in range(20):  # past the first growth step
         runtime.add(in_memory_artifact(tiny_backbone, f"t{i}", random_row_delta(tiny_backbone, k=1, seed=i), seed=i))
-    layer = next(iter(dense_matrices(tiny_backbone.model).values()))
-    rows_before = len(layer.table.tensors[0])
+    table = next(iter(rows_on(runtime.shared).tables.values()))
+    rows_before = len(table.tensors[0])
     for i in range(5):
         runtime.remove(f"t{i}")
     for i in range(3):  # freed rows are reused; k = 4 widens the table in place of a rebuild per task
         runtime.add(in_memory_artifact(tiny_backbone, f"w{i}", random_row_delta(tiny_backbone, k=4, seed=50 + i), seed=i))
-    index, delta = layer.table.tensors
+    index, delta = table.tensors
     assert len(index) == rows_before and index.shape[1] == 4 and delta.shape[1] == 5
     names = ["w0", "t7", "w2", "t19", "t5", "w1"]
     texts = TEXTS + TEXTS[:2]
@@ -102,32 +103,29 @@ def test_the_row_table_grows_reuses_freed_rows_and_widens_without_changing_resul
         torch.testing.assert_close(mixed[i], runtime.logits([name], runtime.tokenize([text]))[0], atol=1e-5, rtol=0)
     reference = copy.deepcopy(tiny_backbone.model)  # a task written into a reused, widened row is exactly its payload
     tensors = random_row_delta(tiny_backbone, k=4, seed=51)
-    for module in reference.modules():
-        if isinstance(module, RowDeltaLinear):
-            module.clear()
     materialize(reference, tensors)
     inputs = tiny_backbone.tokenizer(TEXTS[:1], return_tensors="pt")
-    with route(Routing.single(runtime.get("w1").slot, 1)):
-        served = hidden(tiny_backbone.model, inputs)
+    served = runtime.shared.encode(**inputs, routing=Routing.single(runtime.get("w1").slot, 1))
     torch.testing.assert_close(served, hidden(reference, inputs), atol=1e-5, rtol=0)
 
 
 def test_trainable_rows_round_trip_through_the_payload(tiny_backbone):
-    encoder = tiny_backbone.model
+    encoder = fresh_copy(tiny_backbone.model)
+    shared = SharedEncoder(encoder)
     rows = {name: [0, 5, linear.in_features] for name, linear in dense_matrices(encoder).items()}
-    params = add_trainable(encoder, 0, rows)
+    params = add_trainable(shared, 0, rows)
     assert sum(p.numel() for p in params) == sum(3 * m.out_features for m in dense_matrices(encoder).values())
     with torch.no_grad():
         for p in params:
             p.normal_()
-    tensors = export(encoder, 0)
+    tensors = export(shared, 0)
     inputs = tiny_backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         trained = hidden(encoder, inputs)  # slot 0 applies without routing
-    get_kind("row_delta").detach(encoder, 0)
-    get_kind("row_delta").attach(encoder, 9, tensors)
-    with torch.no_grad(), route(Routing.single(9, len(TEXTS))):
-        served = hidden(encoder, inputs)
+    get_kind("row_delta").detach(shared, 0)
+    get_kind("row_delta").attach(shared, 9, tensors)
+    with torch.no_grad():
+        served = shared.encode(**inputs, routing=Routing.single(9, len(TEXTS)))
     torch.testing.assert_close(served, trained, atol=1e-6, rtol=0)
 
 
@@ -164,7 +162,7 @@ def test_a_full_task_shares_no_rows_and_leaves_the_row_tasks_intact(tiny_backbon
         tuned.encoder.layer[1].attention.self.query.weight.mul_(1.5)
     runtime.add(in_memory_artifact(tiny_backbone, "full", changed_tensors(tuned.state_dict(), reference), kind="full"))
     private = runtime.get("full").encoder
-    assert all(not m.table for m in private.modules() if isinstance(m, RowDeltaLinear))  # the copy serves no row task
+    assert not any(isinstance(m, TaskLinear) for m in private.modules())  # the copy serves no row task
     inputs = runtime.tokenize(TEXTS[:1])
     with torch.no_grad():
         torch.testing.assert_close(private(**inputs).last_hidden_state, tuned(**inputs).last_hidden_state, atol=1e-6, rtol=0)

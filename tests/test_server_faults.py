@@ -26,7 +26,7 @@ from tests.test_server import _code, assert_same, config, in_process
 from ticketserve.core import artifact
 from ticketserve.core.backbone import load_backbone
 from ticketserve.core.errors import InvalidArgument
-from ticketserve.core.kinds.row_delta import RowDeltaLinear
+from ticketserve.core.kinds.row_delta import RowDeltas, rows_on
 from ticketserve.runtime.client import Client
 from ticketserve.runtime.engine import Engine, EngineConfig
 from ticketserve.runtime.executor import Runtime
@@ -42,7 +42,7 @@ def _metrics(server) -> str:
 
 def _row_slots(runtime: Runtime) -> int:
     """Task rows held in the shared encoder's row tables, over every matrix."""
-    return sum(len(m.table) for m in runtime.encoder.modules() if isinstance(m, RowDeltaLinear))
+    return sum(len(table) for table in rows_on(runtime.shared).tables.values())
 
 
 def _task_bytes(store, name: str) -> int:
@@ -193,15 +193,15 @@ def test_a_failing_attach_is_rolled_back_and_typed(tiny_checkpoints, monkeypatch
     runtime.add(in_memory_artifact(backbone, "ok", random_row_delta(backbone)))
     before = _row_slots(runtime)
     calls = {"n": 0}
-    original = RowDeltaLinear.serve
+    original = RowDeltas.serve
 
-    def fail_midway(self, slot, index, delta):
+    def fail_midway(self, slot, matrix, index, delta):
         calls["n"] += 1
         if calls["n"] == 5:  # four matrices already hold the task's rows
             raise RuntimeError("device out of memory")
-        original(self, slot, index, delta)
+        original(self, slot, matrix, index, delta)
 
-    monkeypatch.setattr(RowDeltaLinear, "serve", fail_midway)
+    monkeypatch.setattr(RowDeltas, "serve", fail_midway)
     with pytest.raises(CorruptArtifact, match="cannot be attached .*out of memory"):
         runtime.add(in_memory_artifact(backbone, "bad", random_row_delta(backbone, seed=1)))
     assert _row_slots(runtime) == before and set(runtime.tasks) == {"ok"}

@@ -19,14 +19,14 @@ from ticketserve.core.kinds.supermask import (
     CODECS,
     MAX_CORRECTED_SHARE,
     MaskCache,
-    cache_for,
     decode_mask,
     decode_masks,
     encode_mask,
     encode_masks,
     magnitude_mask,
+    masks_on,
 )
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.routing import Routing
 from ticketserve.core.tasks import get_task
 from ticketserve.runtime.executor import Runtime
 from ticketserve.trainers.config import TrainConfig
@@ -160,8 +160,7 @@ def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_bac
     with torch.no_grad():
         reference = offline(**inputs).last_hidden_state
         task = runtime.get("mask-a")
-        with route(Routing.single(task.slot, len(TEXTS))):
-            served = task.encoder(**inputs).last_hidden_state
+        served = runtime.hidden([task], inputs, Routing.single(task.slot, len(TEXTS)))
         shared = runtime.encoder(**inputs).last_hidden_state
     assert (task.encoder is runtime.encoder) == (zeros <= MAX_CORRECTED_SHARE)
     torch.testing.assert_close(served, reference, atol=1e-6, rtol=0)
@@ -176,7 +175,7 @@ def test_the_mask_cache_counts_corrected_tasks_at_their_serving_size(tiny_backbo
     runtime = Runtime(tiny_backbone, device="cpu")
     task = runtime.add(in_memory_artifact(tiny_backbone, "mask", encode_masks(_random_masks(tiny_backbone, 4, 0.05)),
                                           kind="supermask"))
-    cache = cache_for(runtime.encoder)
+    cache = masks_on(runtime.shared).cache
     positions = cache.entries[task.slot]
     assert cache.bytes == sum(p.row_ptr.numel() * 4 + p.cols.numel() * p.cols.element_size() for p in positions.values())
     assert cache.bytes < 0.1 * sum(m.weight.numel() * 4 for m in dense_matrices(tiny_backbone.model).values())

@@ -4,6 +4,7 @@ checksums (via the store), the backbone fingerprint and the tensors' fit to thei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +26,7 @@ class Artifact:
     version: ArtifactVersion
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
+    prepared: Any = None  # what its kind's `prepare` returned, once `load` checked it for a backbone
 
     @property
     def head_tensors(self) -> dict[str, torch.Tensor]:
@@ -67,7 +69,7 @@ def load(store: Store, ref: str | Reference | ArtifactVersion, backbone: Backbon
     try:
         if kind.is_task:
             _check_head(artifact, backbone)
-        kind.validate(artifact.kind_tensors, backbone.model)
+        artifact.prepared = kind.prepare(artifact.kind_tensors, backbone.model)
     except TicketserveError:
         raise
     except Exception as exc:  # a check tripping over tensors it did not foresee: still a bad artifact

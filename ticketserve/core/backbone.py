@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +190,6 @@ def dense_matrices(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MASTERS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def dtype_named(name: str) -> torch.dtype:
@@ -201,20 +199,13 @@ def dtype_named(name: str) -> torch.dtype:
 
 
 def in_precision(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The encoder to serve on `device` in `dtype`. float32: the loaded model itself, moved.
-    Otherwise a cast copy; the float32 model stays on the host as its `master`, for what needs
-    the exact weights the artifacts were made against (supermask references are magnitude
-    orders, which rounding would reshuffle)."""
+    """The encoder to serve on `device` in `dtype`: a module of its own (sharing the loaded
+    model's tensors in float32, a cast copy otherwise); the loaded float32 model stays the
+    master, for what needs the exact weights the artifacts were made against (supermask
+    references are magnitude orders, which rounding would reshuffle)."""
     if dtype == torch.float32:
-        return model.to(device)
-    served = fresh_copy(model).to(device, dtype)
-    _MASTERS[served] = model
-    return served
-
-
-def master(encoder: nn.Module) -> nn.Module:
-    """The float32 model an encoder in reduced precision was cast from (itself, in float32)."""
-    return _MASTERS.get(encoder, encoder)
+        return fresh_copy(model.to(device))
+    return fresh_copy(model).to(device, dtype)
 
 
 def fresh_copy(encoder: nn.Module, replace: dict[str, torch.Tensor] | None = None) -> nn.Module:

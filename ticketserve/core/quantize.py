@@ -43,25 +43,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y if bias is None else y.add_(bias)
 
 
-class Int8Linear(nn.Linear):
-    """A shared dense layer whose product runs through `linear` (int8 once quantized); the
-    same weight and bias Parameters, so state dicts and the kinds see what they saw."""
-
-    @classmethod
-    def of(cls, base: nn.Linear) -> Int8Linear:
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = base.in_features, base.out_features
-        layer.weight, layer.bias = base.weight, base.bias
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
 def quantize_int8(encoder: nn.Module) -> None:
-    """Give every dense matrix of a CPU float32 encoder its int8 copy (before tasks attach)."""
-    for name, layer in dense_matrices(encoder).items():
+    """Give every dense matrix of a CPU float32 encoder its int8 copy, which the shared
+    encoder's product (`TaskLinear`) then uses."""
+    for layer in dense_matrices(encoder).values():
         weight = layer.weight.detach()
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise InvalidArgument("--quantize int8 runs float32 encoders on the CPU (dtype float32, device cpu)")
@@ -71,6 +56,3 @@ def quantize_int8(encoder: nn.Module) -> None:
             quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
                                                    torch.qint8)
         setattr(layer.weight, PACKED, torch.ops.quantized.linear_prepack(quantized, None))
-        if type(layer) is nn.Linear:
-            parent, _, child = name.rpartition(".")
-            encoder.get_submodule(parent).register_module(child, Int8Linear.of(layer))

@@ -1,14 +1,12 @@
-"""Which task slot each example of the running batch belongs to.
+"""Which task slot each example of a batch belongs to.
 
-Set around a forward pass with `route(...)`; layers that hold per-task state read it. A
-context variable keeps concurrent forwards on different threads apart. Without a routing,
-every example uses DEFAULT_SLOT (training); the runtime's slots start above it.
+The runtime builds one `Routing` per forward and passes it to the shared encoder
+(`SharedEncoder.applying`); terms and gates read it from there. Without a routing, every
+example uses DEFAULT_SLOT (training); the runtime's slots start above it.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -39,18 +37,4 @@ class Routing:
         return cls([slot] * batch_size, device)
 
 
-DEFAULT_SLOT = 0  # used when no routing is set: the slot a trainer trains in
-_CURRENT: ContextVar[Routing | None] = ContextVar("ticketserve_routing", default=None)
-
-
-@contextmanager
-def route(routing: Routing):
-    token = _CURRENT.set(routing)
-    try:
-        yield routing
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> Routing | None:
-    return _CURRENT.get()
+DEFAULT_SLOT = 0  # used when no routing is given: the slot a trainer trains in

@@ -21,7 +21,8 @@ from ticketserve.core.errors import CorruptArtifact, InvalidArgument, Ticketserv
 from ticketserve.core.kinds import Kind, get_kind
 from ticketserve.core.model import TaskHead, encode
 from ticketserve.core.quantize import QUANTIZATIONS, quantize_int8
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.registry import ArtifactVersion
 from ticketserve.registry.manifest import Manifest, TaskSpec
 
@@ -62,9 +63,11 @@ class Runtime:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype  # of the shared encoder; task terms follow it, heads stay float32
         self.quantize = quantize  # "int8": the shared dense products in int8 (CPU), task terms exact
-        self.encoder = in_precision(backbone.model, self.device, dtype).eval()
         if quantize not in QUANTIZATIONS:
             raise InvalidArgument(f"unknown quantization {quantize!r} (one of: {', '.join(QUANTIZATIONS)})")
+        # every kind's per-task state for this runtime lives in its shared encoder
+        self.shared = SharedEncoder(in_precision(backbone.model, self.device, dtype).eval(), master=backbone.model)
+        self.encoder = self.shared.module
         if quantize == "int8":
             quantize_int8(self.encoder)
         self.max_length = max_length
@@ -81,10 +84,12 @@ class Runtime:
         with self._lock:  # kinds change their shared state one task at a time
             slot = next(self._slots)
             try:
-                encoder = kind.attach(self.encoder, slot, artifact.kind_tensors)  # placed on the encoder's device
+                prepared = artifact.prepared if artifact.prepared is not None else \
+                    kind.prepare(artifact.kind_tensors, self.shared.master)
+                encoder = kind.attach(self.shared, slot, prepared)  # placed on the encoder's device
                 head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
             except Exception as exc:  # no forward routes to this slot yet: undo whatever attach did
-                kind.detach(self.encoder, slot)
+                kind.detach(self.shared, slot)
                 if isinstance(exc, TicketserveError):
                     raise
                 raise CorruptArtifact(f"{artifact.version} passed its checks but cannot be attached "
@@ -94,7 +99,7 @@ class Runtime:
     def remove(self, task: LoadedTask) -> None:
         """Stop serving a task: its kind releases its slot, never under a forward that uses it."""
         with self._forward_lock, self._lock:
-            task.kind.detach(self.encoder, task.slot)
+            task.kind.detach(self.shared, task.slot)
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         if pairs is not None and len(pairs) != len(texts):
@@ -135,8 +140,9 @@ class Runtime:
 
     def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
         """Token states of one group of examples (the execution backend's job)."""
-        with route(routing):
-            return encode(tasks[0].encoder, inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+        if tasks[0].encoder is self.encoder:
+            return self.shared.encode(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), routing)
+        return encode(tasks[0].encoder, inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
 
     def predict(self, tasks: Sequence[LoadedTask], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         if len(tasks) != len(texts):

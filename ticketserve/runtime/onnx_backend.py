@@ -14,58 +14,49 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable
-from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ticketserve.core import gates
-from ticketserve.core.backbone import Backbone, dense_matrices, fresh_copy
-from ticketserve.core.gates import Gates, gating
+from ticketserve.core.backbone import Backbone, fresh_copy
+from ticketserve.core.gates import Gates
 from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
 from ticketserve.runtime.executor import LoadedTask, Runtime
 
-_TASK_INPUTS: ContextVar[dict[str, tuple[torch.Tensor, ...]] | None] = ContextVar("onnx_task_inputs", default=None)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PER_MATRIX = ("rows", "delta", "bias", "lora_a", "lora_b")  # graph inputs of each dense matrix
 GRAPH_VERSION = 2  # bump when the exported graph's inputs change: it names the cached file
 
 
-class BatchTaskLinear(nn.Module):
-    """y = x·W + b + x[..., idx_e]·D_e + d_e + (x·Aᵀ_e)·(s·B)ᵀ_e for each example e, all given as tensors."""
+class GraphTerms(Terms):
+    """Every matrix's task terms given as graph inputs, per example e:
+    y += x[..., idx_e]·D_e + d_e + (x·Aᵀ_e)·(s·B)ᵀ_e."""
 
-    def __init__(self, base: nn.Linear, name: str):
-        super().__init__()
-        self.base, self.name = base, name
+    def __init__(self, shared: SharedEncoder):
+        self.inputs: dict[str, tuple[torch.Tensor, ...]] = {}  # matrix → (rows, delta, bias, lora_a, lora_b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index, delta, bias, lora_a, lora_b = _TASK_INPUTS.get()[self.name]
+    def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        index, delta, bias, lora_a, lora_b = self.inputs[matrix]
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
         low_rank = torch.bmm(torch.bmm(x, lora_a), lora_b)
-        return self.base(x) + torch.einsum("bsk,bko->bso", picked, delta) + bias.unsqueeze(1) + low_rank
+        return y + torch.einsum("bsk,bko->bso", picked, delta) + bias.unsqueeze(1) + low_rank
 
 
 class ExportableEncoder(nn.Module):
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = fresh_copy(encoder)  # none of the live runtime's task state
-        self.names = list(dense_matrices(self.encoder))
-        for name, linear in dense_matrices(self.encoder).items():
-            parent, _, child = name.rpartition(".")
-            self.encoder.get_submodule(parent).register_module(child, BatchTaskLinear(linear, name))
-        gates.install(self.encoder)
+        self.shared = SharedEncoder(self.encoder)
+        self.terms = self.shared.state("graph", GraphTerms)
+        self.names = list(self.shared.matrices)
 
     def forward(self, input_ids, attention_mask, token_type_ids, head_gates, ffn_gates, *per_matrix):
         n = len(PER_MATRIX)
-        token = _TASK_INPUTS.set({name: per_matrix[n * i:n * i + n] for i, name in enumerate(self.names)})
-        try:
-            with gating(Gates(head_gates, ffn_gates)):
-                return self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                    token_type_ids=token_type_ids).last_hidden_state
-        finally:
-            _TASK_INPUTS.reset(token)
+        self.terms.inputs = {name: per_matrix[n * i:n * i + n] for i, name in enumerate(self.names)}
+        return self.shared.encode(input_ids, attention_mask, token_type_ids, gates=Gates(head_gates, ffn_gates))
 
 
 def matrix_input_names(names: list[str]) -> list[str]:
@@ -74,10 +65,10 @@ def matrix_input_names(names: list[str]) -> list[str]:
 
 def export(backbone: Backbone, path: Path) -> Path:
     """Export the backbone to `path` (an .onnx file, weights in .onnx.data beside it)."""
-    model = ExportableEncoder(backbone.model)
+    model = ExportableEncoder(backbone.model).eval()
     config = backbone.config
     batch, seq, k, rank = 2, 7, 2, 3
-    linears = {n: m.base for n, m in dense_matrices(model.encoder).items()}
+    linears = model.shared.matrices
     example = [torch.randint(5, 100, (batch, seq)), torch.ones(batch, seq, dtype=torch.long),
                torch.zeros(batch, seq, dtype=torch.long),
                torch.ones(batch, config.num_hidden_layers, config.num_attention_heads),
@@ -134,8 +125,7 @@ class OnnxRuntime(Runtime):
             device is None and "CUDAExecutionProvider" in available) else []
         self.session = ort.InferenceSession(str(self.onnx_path),
                                             providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
-        self.shapes = {name: (layer.in_features, layer.out_features)
-                       for name, layer in dense_matrices(self.encoder).items()}
+        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.shared.matrices.items()}
 
     def group(self, task: LoadedTask) -> Hashable:
         """Tasks the graph can express share one session run; the rest run on torch."""
@@ -147,7 +137,7 @@ class OnnxRuntime(Runtime):
             return super().hidden(tasks, inputs, routing)
         feeds = Feeds(self.backbone.config, self.shapes, inputs, len(routing.slots))
         for kind in {id(task.kind): task.kind for task in tasks}.values():
-            kind.feed_graph(self.encoder, routing, feeds)
+            kind.feed_graph(self.shared, routing, feeds)
         (hidden,) = self.session.run(["last_hidden_state"], feeds.arrays())
         return torch.from_numpy(hidden)
 

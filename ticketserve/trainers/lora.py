@@ -2,9 +2,9 @@
 alpha / r; everything else frozen but the head. Publishes a `lora` artifact, which serves
 mixed with every other kind and exports to a stock PEFT adapter.
 
-The factors train as Parameters of the task model, applied by forward hooks on the shared
-encoder's linears (the serving kind's way, autograd-friendly: `output + delta`, not in place);
-the hooks go when the artifact is exported. A is PEFT's initialisation (Kaiming-uniform), B
+The factors train as Parameters of the task model, applied as a term of the shared encoder's
+matrices (as the serving kind applies them; autograd-friendly: `y + delta`, not in place); the
+term goes when the artifact is exported. A is PEFT's initialisation (Kaiming-uniform), B
 starts at zero, so training starts from the backbone's own function.
 """
 
@@ -18,6 +18,8 @@ from torch import nn
 
 from ticketserve.core.backbone import MATRICES, dense_matrices
 from ticketserve.core.model import TaskModel
+from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
 from ticketserve.trainers.base import RunContext, register_method
 from ticketserve.trainers.single import ArtifactMethod
 
@@ -50,6 +52,23 @@ class LoraFactors(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
 
+TRAINING = "lora-training"  # the term's name on the shared encoder
+
+
+class TrainingFactors(Terms):
+    """y + s·(x·Aᵀ)·Bᵀ on the matrices being trained (every example: training has one task)."""
+
+    def __init__(self, factors: nn.ModuleDict, scaling: float):
+        self.factors, self.scaling = factors, scaling
+
+    def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        key = matrix.replace(".", "/")
+        if key not in self.factors:
+            return y
+        factors = self.factors[key]
+        return y + self.scaling * ((x @ factors.A.T) @ factors.B.T)
+
+
 @register_method
 class Lora(ArtifactMethod):
     name = "lora"
@@ -67,21 +86,14 @@ class Lora(ArtifactMethod):
                                                                          self.options.r)
                                     for name, linear in chosen.items()})
         self.scaling = self.options.alpha / self.options.r
-        self.hooks = [linear.register_forward_hook(self._hook(model.lora[name.replace(".", "/")]))
-                      for name, linear in chosen.items()]
+        self.shared = SharedEncoder(model.encoder)
+        self.shared.state(TRAINING, lambda shared: TrainingFactors(model.lora, self.scaling))
         for parameter in model.encoder.parameters():
             parameter.requires_grad_(False)
         return [*model.lora.parameters(), *model.head.parameters()]
 
-    def _hook(self, factors: LoraFactors):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self.scaling * ((args[0] @ factors.A.T) @ factors.B.T)
-
-        return hook
-
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
-        for handle in self.hooks:
-            handle.remove()
+        self.shared.release(TRAINING)
         for parameter in model.encoder.parameters():
             parameter.requires_grad_(True)
         tensors = {}

@@ -15,6 +15,7 @@ from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.kinds import row_delta
 from ticketserve.core.model import TaskModel
 from ticketserve.core.routing import DEFAULT_SLOT
+from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.trainers.base import RunContext
 from ticketserve.trainers.single import ArtifactMethod
 
@@ -36,10 +37,11 @@ class RowMethod(ArtifactMethod):
 
     def trainable(self, model: TaskModel, context: RunContext) -> list[nn.Parameter]:
         self.chosen = self.rows(model, context)
-        return row_delta.add_trainable(model.encoder, DEFAULT_SLOT, self.chosen) + list(model.head.parameters())
+        self.shared = SharedEncoder(model.encoder)
+        return row_delta.add_trainable(self.shared, DEFAULT_SLOT, self.chosen) + list(model.head.parameters())
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
-        return row_delta.export(model.encoder, DEFAULT_SLOT)
+        return row_delta.export(self.shared, DEFAULT_SLOT)
 
     def details(self) -> dict:
         return super().details() | {"rows": sum(len(r) for r in self.chosen.values()),

@@ -13,18 +13,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from ticketserve.core import artifact, gates
-from ticketserve.core.backbone import Backbone
+from ticketserve.core import artifact
+from ticketserve.core.backbone import Backbone, fresh_copy
 from ticketserve.core.data import data_source, load_split
 from ticketserve.core.errors import InvalidArgument
-from ticketserve.core.gates import Gates, gating
+from ticketserve.core.gates import Gates
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.kinds.full import PREFIX
 from ticketserve.core.kinds.importance import FFN as SCORES_FFN
 from ticketserve.core.kinds.importance import HEADS as SCORES_HEADS
 from ticketserve.core.kinds.structure_mask import FFN, HEADS, to_tensors
 from ticketserve.core.model import TaskHead, TaskModel
 from ticketserve.core.routing import DEFAULT_SLOT
+from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.registry import ArtifactVersion, Manifest, Store, TaskSpec
 from ticketserve.trainers.base import Method, Outcome, RunContext, register_method, run_manifest
 from ticketserve.trainers.config import TrainConfig
@@ -44,12 +44,12 @@ def importance(model: TaskModel, batches) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     head_total, ffn_total, examples = torch.zeros(layers, heads), torch.zeros(layers), 0
     model.eval()
-    gates.install(model.encoder)
+    shared = SharedEncoder(model.encoder)
     for batch in batches:
         size, length = batch["input_ids"].shape
         head_gates = torch.ones(size, length, layers, heads, device=device, requires_grad=True)
         ffn_gates = torch.ones(size, length, layers, device=device, requires_grad=True)
-        with gating(Gates(head_gates, ffn_gates)):
+        with shared.applying(gates=Gates(head_gates, ffn_gates)):
             logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
             loss = model.loss(logits, batch["labels"]) * size  # each example's own gradient, whatever the batch size
         head_grad, ffn_grad = torch.autograd.grad(loss, [head_gates, ffn_gates])
@@ -114,7 +114,7 @@ def score_fine_tuned(ref: str, spec: TaskSpec, backbone: Backbone, store: Store,
         raise InvalidArgument(f"{found.version} was trained on {source.details.get('data')}, "
                               f"not on {data_source(spec, data_dir)}: importance is scored on the training data")
     config = TrainConfig(**{k: v for k, v in source.hyperparameters.items() if k in TrainConfig.model_fields})
-    encoder = get_kind("full").attach(backbone.model, DEFAULT_SLOT, {k: v for k, v in found.tensors.items() if k.startswith(PREFIX)})
+    encoder = fresh_copy(backbone.model, get_kind("full").dense_state(backbone.model, found.kind_tensors))
     model = TaskModel(encoder, spec, source.head)
     model.head = TaskHead.from_tensors(found.tensors, source.head)
     train_ds = tokenize(load_split(spec, spec.train_split, data_dir, config.train_samples, config.seed),
@@ -167,7 +167,8 @@ class GatedFineTuning(FullFineTuning):
         heads, ffn = self.options.heads, self.options.ffn
         if self.options.structure is not None:
             heads, ffn = self._start_from(self.options.structure, model, context)
-        gates.install(model.encoder).patterns[DEFAULT_SLOT] = (
+        self.shared = SharedEncoder(model.encoder)
+        self.shared.gates.patterns[DEFAULT_SLOT] = (
             torch.tensor(heads, dtype=torch.float32, device=device), torch.tensor(ffn, dtype=torch.float32, device=device))
         return super().trainable(model, context)
 
@@ -184,7 +185,7 @@ class GatedFineTuning(FullFineTuning):
         return found.tensors[HEADS].int().tolist(), found.tensors[FFN].int().tolist()
 
     def export(self, model: TaskModel) -> dict[str, torch.Tensor]:
-        gates.install(model.encoder).patterns.pop(DEFAULT_SLOT, None)
+        self.shared.gates.patterns.pop(DEFAULT_SLOT, None)
         return super().export(model)
 
     def details(self) -> dict:

@@ -23,12 +23,13 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from pydantic import Field
 from torch import nn
 
-from ticketserve.core import artifact, gates
+from ticketserve.core import artifact
 from ticketserve.core.backbone import Backbone, encoder_layers, fingerprint
 from ticketserve.core.data import load_split
 from ticketserve.core.kinds.structure_mask import to_tensors
-from ticketserve.core.model import TaskHead, encode, task_loss
-from ticketserve.core.routing import Routing, route
+from ticketserve.core.model import TaskHead, task_loss
+from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.core.tasks import get_task
 from ticketserve.registry import ArtifactVersion, BackboneRef, HeadConfig, Store, TaskSpec
 from ticketserve.trainers.base import Method, Outcome, RunContext, register_method, run_manifest
@@ -91,13 +92,14 @@ class StrictSharing:
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, encoder: nn.Module, heads: dict[str, TaskHead], slots: dict[str, int]):
+    def __init__(self, shared: SharedEncoder, heads: dict[str, TaskHead], slots: dict[str, int]):
         super().__init__()
-        self.encoder, self.heads, self.slots = encoder, nn.ModuleDict(heads), slots
+        self.encoder, self.heads, self.slots = shared.module, nn.ModuleDict(heads), slots
+        self.shared = shared
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids=None):
-        with route(Routing.single(self.slots[task], input_ids.shape[0], input_ids.device)):
-            hidden = encode(self.encoder, input_ids, attention_mask, token_type_ids)
+        routing = Routing.single(self.slots[task], input_ids.shape[0], input_ids.device)
+        hidden = self.shared.encode(input_ids, attention_mask, token_type_ids, routing)
         return self.heads[task](hidden, attention_mask)
 
 
@@ -123,11 +125,11 @@ def train_ticketshare(specs: list[TaskSpec], backbone: Backbone, config: TrainCo
     method = "mtl" if masks is None else "ticketshare"
     masks = {spec.name: (masks or {}).get(spec.name, open_mask) for spec in specs}
     slots = {spec.name: i + 1 for i, spec in enumerate(specs)}
-    table = gates.install(encoder)
+    shared = SharedEncoder(encoder)
     for spec in specs:
-        table.patterns[slots[spec.name]] = (masks[spec.name][0].float(), masks[spec.name][1].float())
+        shared.gates.patterns[slots[spec.name]] = (masks[spec.name][0].float(), masks[spec.name][1].float())
     head_config = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
-    model = MultiTaskModel(encoder, {s.name: TaskHead(backbone.config.hidden_size, s.num_outputs, head_config)
+    model = MultiTaskModel(shared, {s.name: TaskHead(backbone.config.hidden_size, s.num_outputs, head_config)
                                      for s in specs}, slots)
 
     train_loaders, eval_loaders = {}, {}

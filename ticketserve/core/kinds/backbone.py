@@ -9,6 +9,7 @@ from torch import nn
 
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
+from ticketserve.core.shared_encoder import SharedEncoder
 
 
 @register_kind
@@ -25,5 +26,5 @@ class BackboneKind(Kind):
                 raise CorruptArtifact(f"backbone entry {key}: {tensor.dtype} {tuple(tensor.shape)} where the base encoder "
                                       f"has {state[key].dtype} {tuple(state[key].shape)}")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
         raise InvalidArgument("a backbone entry is not a task: serve it with --backbone registry:NAME")

@@ -1,22 +1,25 @@
 """What an artifact kind is, and the registry of kinds by name.
 
-A kind knows tensors, never storage. `attach` returns the encoder a task runs on: kinds that
-share the backbone return the shared encoder itself and keep their per-task state under a
-task slot (so one forward mixes their tasks); the others return an encoder of their own, and
-the runtime groups their examples per task. A kind that can feed an exported graph (the ONNX
-backend) says so with `feed_graph`; every other kind runs on torch there.
+A kind knows tensors, never storage. `prepare` checks a payload against the backbone and
+returns what `attach` needs (the payload itself, or what checking it decoded); `attach`
+returns the module a task runs on: kinds that share the backbone keep their per-task state
+under a task slot in the `SharedEncoder` (its gates, or `Terms` of its dense matrices, so one
+forward mixes their tasks) and return the shared module; the others return an encoder of
+their own, and the runtime groups their examples per task. A kind that can feed an exported
+graph (the ONNX backend) says so with `feed_graph`; every other kind runs on torch there.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from ticketserve.core.errors import InvalidArgument, NotFound
 from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder
 
 Tensors = dict[str, torch.Tensor]
 
@@ -44,14 +47,20 @@ class Kind(ABC):
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
         """Raise CorruptArtifact unless the tensors fit this encoder exactly."""
 
-    @abstractmethod
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        """Make the task runnable; returns the encoder to run it on."""
+    def prepare(self, tensors: Tensors, encoder: nn.Module) -> Any:
+        """Validate, and return what `attach` takes: the tensors, unless checking them built
+        something `attach` would build again."""
+        self.validate(tensors, encoder)
+        return tensors
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
+    @abstractmethod
+    def attach(self, shared: SharedEncoder, slot: int, prepared: Any) -> nn.Module:
+        """Make the task runnable; returns the module to run it on (`shared.module` to share it)."""
+
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
         """Release what `attach` kept for this slot (nothing, for encoders of their own)."""
 
-    def feed_graph(self, encoder: nn.Module, routing: Routing, inputs: GraphInputs) -> None:
+    def feed_graph(self, shared: SharedEncoder, routing: Routing, inputs: GraphInputs) -> None:
         """Express this kind's tasks in `routing` as graph inputs (only when `in_graph`)."""
         raise NotImplementedError(f"kind {self.name} runs on torch only")
 

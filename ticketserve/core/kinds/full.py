@@ -10,6 +10,7 @@ from torch import nn
 from ticketserve.core.backbone import fresh_copy
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
+from ticketserve.core.shared_encoder import SharedEncoder
 
 PREFIX = "encoder."
 
@@ -38,8 +39,8 @@ class FullKind(Kind):
             if tensor.is_floating_point() != state[name].is_floating_point():
                 raise CorruptArtifact(f"full artifact {key}: dtype {tensor.dtype} cannot stand for {state[name].dtype}")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        return fresh_copy(encoder, self.dense_state(encoder, tensors))
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
+        return fresh_copy(shared.module, self.dense_state(shared.module, tensors))
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         return {k.removeprefix(PREFIX): v for k, v in tensors.items()}

@@ -8,6 +8,7 @@ from torch import nn
 
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
+from ticketserve.core.shared_encoder import SharedEncoder
 
 HEADS, FFN = "importance.heads", "importance.ffn"
 
@@ -30,5 +31,5 @@ class ImportanceKind(Kind):
             if scores is None or tuple(scores.shape) != shape or not scores.is_floating_point():
                 raise CorruptArtifact(f"{self.name} entry: {key} must be float{list(shape)} for this backbone")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
         raise InvalidArgument(f"a {self.name} entry is not a task")

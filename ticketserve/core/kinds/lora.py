@@ -4,14 +4,11 @@ Payload, for every matrix the adapter changes: `<matrix>.lora_A` float[r, in],
 `<matrix>.lora_B` float[out, r] and `<matrix>.scaling` float[] (PEFT's alpha / r). Ranks may
 differ between matrices and between tasks. Applying it needs no merged copy:
     y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ
-added into the shared linear's output in place, per example, by a forward hook on the linear
-(so it composes with the other kinds that share the backbone: row deltas wrap the same
-layers, gates hook them). Served tasks of one matrix live in one `LoraTable`.
+added into the shared product in place, per example: a term of the shared encoder's matrices
+(`LoraFactors`), so it mixes with every other kind that shares the backbone.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -19,116 +16,65 @@ from torch import nn
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
-from ticketserve.core.routing import DEFAULT_SLOT, Routing, current
+from ticketserve.core.routing import DEFAULT_SLOT, Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
+from ticketserve.core.slot_table import Column, SlotTable
 
 SUFFIXES = (".lora_A", ".lora_B", ".scaling")
 
 
-class LoraTable:
-    """Every served task's factors of one matrix, padded to the largest rank among them, in the
-    layouts the batched matmuls read fastest: A (rows, R, in) as PEFT stores it (x·Aᵀ reads it
-    transposed: 2× faster than a stored Aᵀ for R ≪ in, measured) and (s·B)ᵀ (rows, R, out),
-    the scaling folded in; row 0 is "no task" (zero). Loading writes one row in place (the
-    table grows when full or when a larger rank arrives); tensors are swapped as one tuple, so
-    a concurrent forward sees a whole table."""
+class LoraFactors(Terms):
+    """Every served task's factors on one shared encoder: per matrix one `SlotTable` padded to
+    the largest rank among them, in the layouts the batched matmuls read fastest: A (rows, R,
+    in) as PEFT stores it (x·Aᵀ reads it transposed: 2× faster than a stored Aᵀ for R ≪ in,
+    measured) and (s·B)ᵀ (rows, R, out), the scaling folded in."""
 
-    def __init__(self, in_features: int, out_features: int):
-        self.in_features, self.out_features = in_features, out_features
-        self.slots: dict[int, tuple[int, int]] = {}  # slot → (table row, rank)
-        self.free: list[int] = []
-        self.tensors = (torch.zeros(1, 1, in_features), torch.zeros(1, 1, out_features))  # A, (s·B)ᵀ
+    def __init__(self, shared: SharedEncoder):
+        self.tables = {name: SlotTable(Column((layer.in_features,)), Column((layer.out_features,)))
+                       for name, layer in shared.matrices.items()}
 
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    def put(self, slot: int, matrix: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Serve `slot` with factors a (r, in) and b (out, r), b already scaled."""
-        self.drop(slot)
-        rank = a.shape[0]
-        table_a, table_b = self.tensors
-        if rank > table_a.shape[1] or not self.free:
-            grow = 0 if self.free else max(16, len(table_a) // 4)
-            table_a, table_b = self._resized(max(table_a.shape[1], rank), len(table_a) + grow, a.device)
-        row = self.free.pop()
-        with torch.no_grad():
-            table_a[row, :rank], table_b[row, :rank] = a, b.T
-        self.slots[slot] = (row, rank)
-
-    def _resized(self, rank: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        old_a, old_b = self.tensors
-        table_a = torch.zeros(rows, rank, self.in_features, device=device)
-        table_b = torch.zeros(rows, rank, self.out_features, device=device)
-        table_a[:len(old_a), :old_a.shape[1]] = old_a.to(device)
-        table_b[:len(old_b), :old_b.shape[1]] = old_b.to(device)
-        self.free += range(rows - 1, len(old_a) - 1, -1)  # lowest first
-        self.tensors = (table_a, table_b)
-        return table_a, table_b
+        self.tables[matrix].put(slot, a.shape[0], (a, b.T))
 
     def drop(self, slot: int) -> None:
-        if slot in self.slots:
-            row = self.slots.pop(slot)[0]
-            table_a, table_b = self.tensors
-            table_a[row], table_b[row] = 0, 0
-            self.free.append(row)
+        for table in self.tables.values():
+            table.drop(slot)
 
-    def rows_of(self, routing: Routing) -> list[int]:
-        """Each example's table row (0: no factors here)."""
-        return [self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list]
-
-    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def for_batch(self, matrix: str, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each example's Aᵀ (B, in, R) and (s·B)ᵀ (B, R, out), zero for examples without factors."""
-        table_a, table_b = self.tensors
-        rows = torch.tensor(self.rows_of(routing), device=table_a.device)
-        return table_a.index_select(0, rows).transpose(1, 2), table_b.index_select(0, rows)
+        table_a, table_b = self.tables[matrix].for_batch(routing)
+        return table_a.transpose(1, 2), table_b
 
-    def add_into(self, y: torch.Tensor, x: torch.Tensor) -> None:
+    def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         """y += s·(x·Aᵀ)·Bᵀ in place, each example with its own task's factors (none: nothing)."""
-        routing = current()
-        table_a, table_b = self.tensors
+        table = self.tables[matrix]
+        if not table:
+            return y
+        table_a, table_b = table.tensors
         if routing is None or routing.uniform is not None:
-            slot = DEFAULT_SLOT if routing is None else routing.uniform
-            if slot in self.slots:
-                row, rank = self.slots[slot]
+            found = table.row(DEFAULT_SLOT if routing is None else routing.uniform)
+            if found is not None:
+                row, rank = found
                 low = x.reshape(-1, x.shape[-1]) @ table_a[row, :rank].T.to(x.dtype)
                 y.view(-1, y.shape[-1]).addmm_(low, table_b[row, :rank].to(x.dtype))
-            return
-        rows = self.rows_of(routing)
+            return y
+        rows = table.rows_of(routing)
         mine = [i for i, row in enumerate(rows) if row]
         if not mine:
-            return
+            return y
         picked = torch.tensor([rows[i] for i in mine], device=table_a.device)
         # index_select, not table[picked]: the same gather at a third of aten::index's time on CPU (profiled)
         factor_a = table_a.index_select(0, picked).to(x.dtype).transpose(1, 2)  # Aᵀ
         factor_b = table_b.index_select(0, picked).to(x.dtype)  # (s·B)ᵀ
         if len(mine) == len(rows):  # every example has factors: accumulate into y in place
-            y.baddbmm_(torch.bmm(x, factor_a), factor_b)
-            return
+            return y.baddbmm_(torch.bmm(x, factor_a), factor_b)
         examples = torch.tensor(mine, device=x.device)
-        y.index_add_(0, examples, torch.bmm(torch.bmm(x[examples], factor_a), factor_b))
+        return y.index_add_(0, examples, torch.bmm(torch.bmm(x[examples], factor_a), factor_b))
 
 
-_TABLES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoraTable]] = weakref.WeakKeyDictionary()
-
-
-def install(encoder: nn.Module) -> dict[str, LoraTable]:
-    """Hook every dense matrix of the encoder once; returns its tables by matrix name. The hook
-    holds its table, so it keeps working on a layer that another kind wraps later (row
-    deltas copy a layer's hooks onto their wrapper)."""
-    tables = _TABLES.get(encoder)
-    if tables is None:
-        tables = _TABLES[encoder] = {}
-        for name, linear in dense_matrices(encoder).items():
-            table = tables[name] = LoraTable(linear.in_features, linear.out_features)
-            linear.register_forward_hook(_hook(table))
-    return tables
-
-
-def _hook(table: LoraTable):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-        if table:
-            table.add_into(output, args[0])
-
-    return hook
+def factors_on(shared: SharedEncoder) -> LoraFactors:
+    return shared.state(LoraKind.name, LoraFactors)
 
 
 def matrices(tensors: Tensors) -> set[str]:
@@ -169,26 +115,23 @@ class LoraKind(Kind):
             if not torch.isfinite(scaling) or not torch.isfinite(a).all() or not torch.isfinite(b).all():
                 raise CorruptArtifact(f"lora {name}: factors and scaling must be finite")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        changed = matrices(tensors)
-        for name, table in install(encoder).items():
-            if name in changed:
-                weight = encoder.get_submodule(name).weight
-                a = tensors[f"{name}.lora_A"].to(weight.device, torch.float32)
-                b = tensors[f"{name}.lora_B"].to(weight.device, torch.float32) * tensors[f"{name}.scaling"].float()
-                table.put(slot, a, b)
-            else:
-                table.drop(slot)
-        return encoder
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
+        state, device = factors_on(shared), shared.device
+        state.drop(slot)
+        for name in sorted(matrices(tensors)):
+            a = tensors[f"{name}.lora_A"].to(device, torch.float32)
+            b = tensors[f"{name}.lora_B"].to(device, torch.float32) * tensors[f"{name}.scaling"].float()
+            state.put(slot, name, a, b)
+        return shared.module
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
-        for table in install(encoder).values():
-            table.drop(slot)
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
+        factors_on(shared).drop(slot)
 
-    def feed_graph(self, encoder: nn.Module, routing: Routing, inputs: GraphInputs) -> None:
-        for name, table in install(encoder).items():
+    def feed_graph(self, shared: SharedEncoder, routing: Routing, inputs: GraphInputs) -> None:
+        state = factors_on(shared)
+        for name, table in state.tables.items():
             if table:
-                inputs.add_low_rank(name, *table.for_batch(routing))
+                inputs.add_low_rank(name, *state.for_batch(name, routing))
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         return {f"{name}.weight": (encoder.get_submodule(name).weight.detach().float() + update(tensors, name))

@@ -3,7 +3,8 @@
 
 Row j < in is input feature j, row `in` is the bias. Applying it needs no dense copy:
     y = x·W + b + x[..., idx_in]·D_in + D_bias
-so the base matrices stay shared and each example adds only its own task's rows.
+so the base matrices stay shared and each example adds only its own task's rows (a term of
+the shared encoder's matrices, `RowDeltas`).
 Payload: `<matrix>.index` int32[k'] and `<matrix>.delta` float[k', out] for every matrix
 with at least one row (BitFit: the bias row only; Dominant-k: at most k rows).
 """
@@ -16,13 +17,14 @@ from torch import nn
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
-from ticketserve.core.quantize import linear as shared_linear
-from ticketserve.core.routing import DEFAULT_SLOT, Routing, current
+from ticketserve.core.routing import DEFAULT_SLOT, Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
+from ticketserve.core.slot_table import Column, SlotTable
 
 
 class RowDelta(nn.Module):
     """One task's rows for one matrix: input rows (index + delta) and an optional bias delta —
-    as Parameters while a trainer trains them (served tasks live in a `RowTable`)."""
+    as Parameters while a trainer trains them (served tasks live in `RowDeltas`' tables)."""
 
     def __init__(self, in_index: torch.Tensor, in_delta: torch.Tensor | None,
                  bias_delta: torch.Tensor | None, trainable: bool = False):
@@ -35,8 +37,8 @@ class RowDelta(nn.Module):
             self.register_buffer("in_delta", in_delta, persistent=False)
             self.register_buffer("bias_delta", bias_delta, persistent=False)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _fused_linear(x, weight, bias, self.in_index, self.in_delta, self.bias_delta)
+    def add_into(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return add_rows(x, y, self.in_index, self.in_delta, self.bias_delta)
 
     def to_payload(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         indices, rows = [], []
@@ -64,170 +66,90 @@ def split_payload(index: torch.Tensor, delta: torch.Tensor, in_features: int):
     return in_index, (delta[~is_bias] if in_index.numel() else None), (delta[is_bias][0] if is_bias.any() else None)
 
 
-class RowTable:
-    """Every served task's rows of one matrix in one padded table, which is their only copy:
-    row 0 is "no task" (all zero), each task owns one row, `delta[:, K]` is its bias delta
-    (a constant-1 input column picks it up in the same matmul as the input rows). Rows are
-    written in place and the table grows by a quarter when full, so loading a task costs its
-    own rows, not a rebuild. Tensors are swapped as one tuple: a concurrent forward sees
-    either the old or the new table, never half of each."""
+class RowDeltas(Terms):
+    """Every task's rows on one shared encoder: served tasks in one `SlotTable` per matrix,
+    which is their only copy (`delta[:, K]` is a task's bias delta: a constant-1 input column
+    picks it up in the same matmul as the input rows), a task being trained in `trainable`
+    (its rows are Parameters)."""
 
-    def __init__(self, out_features: int):
-        self.out_features = out_features
-        self.slots: dict[int, tuple[int, int, bool]] = {}  # slot → (table row, k, has bias)
-        self.free: list[int] = []
-        self.tensors = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, out_features))  # index, delta
+    def __init__(self, shared: SharedEncoder):
+        # per matrix: index (rows, K) and delta (rows, K + 1, out), the bias delta last
+        self.tables = {name: SlotTable(Column((), torch.long), Column((layer.out_features,), extra=1))
+                       for name, layer in shared.matrices.items()}
+        self.in_features = {name: layer.in_features for name, layer in shared.matrices.items()}
+        self.trainable: dict[str, dict[int, RowDelta]] = {}  # matrix → slot → rows
 
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def put(self, slot: int, in_index: torch.Tensor, in_delta: torch.Tensor | None, bias_delta: torch.Tensor | None) -> None:
-        self.drop(slot)
+    def serve(self, slot: int, matrix: str, index: torch.Tensor, delta: torch.Tensor) -> None:
+        """Put a payload's rows (`.index`, `.delta`) into the matrix's table under `slot`."""
+        self.drop(slot, matrix)
+        in_index, in_delta, bias_delta = split_payload(index, delta, self.in_features[matrix])
         k = in_index.numel() if in_delta is not None else 0
-        index, delta = self.tensors
-        width = index.shape[1]
-        if k > width or not self.free:
-            index, delta = self._resized(max(width, k), len(index) + (0 if self.free else max(16, len(index) // 4)), in_index.device)
-        row = self.free.pop()
-        with torch.no_grad():
-            if k:
-                index[row, :k], delta[row, :k] = in_index, in_delta
-            if bias_delta is not None:
-                delta[row, -1] = bias_delta
-        self.slots[slot] = (row, k, bias_delta is not None)
+        rows = torch.cat([in_delta if in_delta is not None else delta[:0],
+                          (bias_delta if bias_delta is not None else torch.zeros_like(delta[0])).unsqueeze(0)])
+        self.tables[matrix].put(slot, k, (in_index, rows))
 
-    def _resized(self, width: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        old_index, old_delta = self.tensors
-        index = torch.zeros(rows, width, dtype=torch.long, device=device)
-        delta = torch.zeros(rows, width + 1, self.out_features, device=device)
-        old_rows, old_width = old_index.shape
-        index[:old_rows, :old_width] = old_index.to(device)
-        delta[:old_rows, :old_width] = old_delta[:, :-1].to(device)
-        delta[:old_rows, -1] = old_delta[:, -1].to(device)
-        self.free += range(rows - 1, old_rows - 1, -1)  # lowest first
-        self.tensors = (index, delta)
-        return index, delta
+    def drop(self, slot: int, matrix: str | None = None) -> None:
+        for name in [matrix] if matrix else list(self.tables):
+            self.trainable.get(name, {}).pop(slot, None)
+            self.tables[name].drop(slot)
 
-    def drop(self, slot: int) -> None:
-        if slot in self.slots:
-            row = self.slots.pop(slot)[0]
-            index, delta = self.tensors
-            index[row], delta[row] = 0, 0
-            self.free.append(row)
-
-    def for_batch(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each example's input rows (B, K) and row deltas + bias delta (B, K + 1, out)."""
-        index, delta = self.tensors
-        rows = torch.tensor([self.slots[s][0] if s in self.slots else 0 for s in routing.slot_list], device=index.device)
-        return index[rows], delta[rows]
-
-    def linear(self, slot: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One task's x·W + b with its rows, fused as in `RowDelta.linear`, reading views of its table row."""
-        row, k, has_bias = self.slots[slot]
-        index, delta = self.tensors
-        return _fused_linear(x, weight, bias, index[row, :k], delta[row, :k] if k else None,
-                             delta[row, -1] if has_bias else None)
+    def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        table = self.tables[matrix]
+        uniform = DEFAULT_SLOT if routing is None else routing.uniform
+        if uniform is not None:  # one task (or training): its own rows only
+            if uniform in self.trainable.get(matrix, {}):
+                return self.trainable[matrix][uniform].add_into(x, y)
+            found = table.row(uniform)
+            if found is None:
+                return y
+            (row, k), (index, delta) = found, table.tensors
+            return add_rows(x, y, index[row, :k], delta[row, :k] if k else None, delta[row, -1])
+        if not table or not any(table.rows_of(routing)):
+            return y
+        index, delta = table.for_batch(routing)
+        picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
+        picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
+        return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
 
 
-def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_index: torch.Tensor,
-                  in_delta: torch.Tensor | None, bias_delta: torch.Tensor | None) -> torch.Tensor:
-    """x·W + b with one task's rows: the bias delta rides in the GEMM's bias and the input rows
-    accumulate into its output in place (no full-size temporaries or adds)."""
+def add_rows(x: torch.Tensor, y: torch.Tensor, in_index: torch.Tensor, in_delta: torch.Tensor | None,
+              bias_delta: torch.Tensor | None) -> torch.Tensor:
+    """y += x[..., in_index]·in_delta + bias_delta, in place (no full-size temporaries)."""
     if bias_delta is not None:
-        bias = bias_delta.to(x.dtype) if bias is None else bias + bias_delta.to(x.dtype)
-    y = shared_linear(x, weight, bias)
+        y.add_(bias_delta.to(x.dtype))
     if in_delta is not None:
         picked = x.index_select(-1, in_index)
         y.view(-1, y.shape[-1]).addmm_(picked.reshape(-1, picked.shape[-1]), in_delta.to(x.dtype))
     return y
 
 
-class RowDeltaLinear(nn.Linear):
-    """A shared linear layer (same weight and bias Parameters, same state-dict names) plus
-    per-slot row deltas, applied per example according to the current routing: served tasks
-    live in one `RowTable`, a task being trained in `trainable` (its rows are Parameters)."""
-
-    def __init__(self, base: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-            getattr(self, hooks).update(getattr(base, hooks))  # what other kinds hung on the layer stays on it
-        self.trainable = nn.ModuleDict()
-        self.table = RowTable(self.out_features)
-
-    def set_trainable(self, slot: int, rows: RowDelta) -> None:
-        self.drop_task(slot)
-        self.trainable[str(slot)] = rows
-
-    def serve(self, slot: int, index: torch.Tensor, delta: torch.Tensor) -> None:
-        """Put a payload's rows (`.index`, `.delta`) into the table under `slot`."""
-        self.drop_task(slot)
-        self.table.put(slot, *split_payload(index.to(self.weight.device), delta.to(self.weight.device, torch.float32),
-                                            self.in_features))
-
-    def drop_task(self, slot: int) -> None:
-        if str(slot) in self.trainable:
-            del self.trainable[str(slot)]
-        self.table.drop(slot)
-
-    def has_task(self, slot: int) -> bool:
-        return str(slot) in self.trainable or slot in self.table.slots
-
-    def clear(self) -> None:
-        self.trainable.clear()
-        self.table = RowTable(self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = current()
-        uniform = DEFAULT_SLOT if routing is None else routing.uniform
-        if uniform is not None or not self.table:  # one task (or training): its own rows only
-            if str(uniform) in self.trainable:
-                return self.trainable[str(uniform)].linear(x, self.weight, self.bias)
-            if uniform in self.table.slots:
-                return self.table.linear(uniform, x, self.weight, self.bias)
-            return shared_linear(x, self.weight, self.bias)
-        index, delta = self.table.for_batch(routing)
-        picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
-        picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
-        y = shared_linear(x, self.weight, self.bias)
-        return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
+def rows_on(shared: SharedEncoder) -> RowDeltas:
+    return shared.state(RowDeltaKind.name, RowDeltas)
 
 
-def install(encoder: nn.Module) -> dict[str, RowDeltaLinear]:
-    """Wrap every dense matrix of the encoder (once); returns the wrappers by matrix name."""
-    wrapped = {}
-    for name, module in dense_matrices(encoder).items():
-        if not isinstance(module, RowDeltaLinear):
-            parent_name, _, child = name.rpartition(".")
-            module = RowDeltaLinear(module)
-            encoder.get_submodule(parent_name).register_module(child, module)
-        wrapped[name] = module
-    return wrapped
-
-
-def add_trainable(encoder: nn.Module, slot: int, rows: dict[str, list[int]]) -> list[nn.Parameter]:
+def add_trainable(shared: SharedEncoder, slot: int, rows: dict[str, list[int]]) -> list[nn.Parameter]:
     """Zero-initialised trainable deltas for the given rows (row `in` = bias) of each matrix.
     Only these rows get gradients and optimizer state: no dense masked tensors."""
-    params = []
-    for name, layer in install(encoder).items():
+    params, state = [], rows_on(shared)
+    for name, layer in shared.matrices.items():
         chosen = sorted(set(rows.get(name, [])))
+        state.drop(slot, name)
         if not chosen:
             continue
         index = torch.tensor(chosen, dtype=torch.long, device=layer.weight.device)
         delta = RowDelta.from_payload(index, torch.zeros(len(chosen), layer.out_features, device=index.device),
                                       layer.in_features, trainable=True)
-        layer.set_trainable(slot, delta)
+        state.trainable.setdefault(name, {})[slot] = delta
         params += [p for p in delta.parameters()]
     return params
 
 
-def export(encoder: nn.Module, slot: int) -> Tensors:
+def export(shared: SharedEncoder, slot: int) -> Tensors:
     tensors: Tensors = {}
-    for name, layer in install(encoder).items():
-        if str(slot) in layer.trainable:
-            index, delta = layer.trainable[str(slot)].to_payload(layer.in_features)
+    state = rows_on(shared)
+    for name, by_slot in state.trainable.items():
+        if slot in by_slot:
+            index, delta = by_slot[slot].to_payload(state.in_features[name])
             tensors[f"{name}.index"], tensors[f"{name}.delta"] = index, delta
     return tensors
 
@@ -238,10 +160,10 @@ def materialize(encoder: nn.Module, tensors: Tensors) -> None:
     state = {}
     for name, linear in dense_matrices(encoder).items():
         state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight, linear.bias
-    _add_rows(state, tensors, {key.rsplit(".", 1)[0] for key in tensors})
+    _write_rows(state, tensors, {key.rsplit(".", 1)[0] for key in tensors})
 
 
-def _add_rows(state: dict[str, torch.Tensor], tensors: Tensors, names: set[str]) -> None:
+def _write_rows(state: dict[str, torch.Tensor], tensors: Tensors, names: set[str]) -> None:
     """W̃[idx] += Δ on `<name>.weight` / `<name>.bias` tensors of a state dict, in place."""
     with torch.no_grad():
         for name in names:
@@ -277,23 +199,24 @@ class RowDeltaKind(Kind):
             if index.numel() and (index.min() < 0 or index.max() > linear.in_features or index.unique().numel() != index.numel()):
                 raise CorruptArtifact(f"row_delta {name}: indices must be distinct and within 0..{linear.in_features}")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        for name, layer in install(encoder).items():
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
+        state, device = rows_on(shared), shared.device
+        for name in shared.matrices:
             if f"{name}.index" in tensors:
-                layer.serve(slot, tensors[f"{name}.index"], tensors[f"{name}.delta"])
+                state.serve(slot, name, tensors[f"{name}.index"].to(device),
+                            tensors[f"{name}.delta"].to(device, torch.float32))
             else:
-                layer.drop_task(slot)
-        return encoder
+                state.drop(slot, name)
+        return shared.module
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
-        for layer in install(encoder).values():
-            layer.drop_task(slot)
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
+        rows_on(shared).drop(slot)
 
-    def feed_graph(self, encoder: nn.Module, routing: Routing, inputs: GraphInputs) -> None:
-        for name, layer in install(encoder).items():
-            if layer.table:
-                index, table = layer.table.for_batch(routing)
-                inputs.add_rows(name, index, table[:, :-1], table[:, -1])
+    def feed_graph(self, shared: SharedEncoder, routing: Routing, inputs: GraphInputs) -> None:
+        for name, table in rows_on(shared).tables.items():
+            if table:
+                index, delta = table.for_batch(routing)
+                inputs.add_rows(name, index, delta[:, :-1], delta[:, -1])
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         changed = {key.rsplit(".", 1)[0] for key in tensors}
@@ -301,6 +224,6 @@ class RowDeltaKind(Kind):
         for name, linear in dense_matrices(encoder).items():
             if name in changed:
                 state[f"{name}.weight"], state[f"{name}.bias"] = linear.weight.detach().clone(), linear.bias.detach().clone()
-        _add_rows(state, tensors, changed)
+        _write_rows(state, tensors, changed)
         return state
 

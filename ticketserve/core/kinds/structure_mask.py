@@ -2,8 +2,9 @@
 (docs/concepts/methods.md#super-tickets-and-ticket-share).
 
 Payload: `gates.heads` uint8[L, H] and `gates.ffn` uint8[L] (1 = kept). Applied as
-per-example gates on the shared encoder it names — for Ticket-Share, the shared multi-task
-encoder published as a `backbone` entry — so structure-mask tasks mix in one batch.
+per-example gates of the shared encoder it names (`SharedEncoder.gates`) — for Ticket-Share,
+the shared multi-task encoder published as a `backbone` entry — so structure-mask tasks mix
+in one batch.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ticketserve.core import gates
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
 from ticketserve.core.routing import Routing
+from ticketserve.core.shared_encoder import SharedEncoder
 
 HEADS, FFN = "gates.heads", "gates.ffn"
 
@@ -42,15 +43,15 @@ class StructureMaskKind(Kind):
         if (heads.sum(1) == 0).any():
             raise CorruptArtifact("a structure mask must keep at least one head per layer")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        device = next(encoder.parameters()).device
-        gates.install(encoder).patterns[slot] = (tensors[HEADS].float().to(device), tensors[FFN].float().to(device))
-        return encoder
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
+        device = shared.device
+        shared.gates.patterns[slot] = (tensors[HEADS].float().to(device), tensors[FFN].float().to(device))
+        return shared.module
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
-        gates.install(encoder).patterns.pop(slot, None)
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
+        shared.gates.patterns.pop(slot, None)
 
-    def feed_graph(self, encoder: nn.Module, routing: Routing, inputs: GraphInputs) -> None:
-        gated = gates.install(encoder).for_batch(routing)
+    def feed_graph(self, shared: SharedEncoder, routing: Routing, inputs: GraphInputs) -> None:
+        gated = shared.gates.for_batch(routing)
         if gated is not None:
-            inputs.set_gates(*gated)
+            inputs.set_gates(gated.heads, gated.ffn)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import lzma
 import os
 import threading
-import weakref
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,10 +33,10 @@ from bitarray import bitarray
 from bitarray.util import sc_decode, sc_encode
 from torch import nn
 
-from ticketserve.core.backbone import dense_matrices, master
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
-from ticketserve.core.routing import DEFAULT_SLOT, current
+from ticketserve.core.routing import DEFAULT_SLOT, Routing
+from ticketserve.core.shared_encoder import SharedEncoder, Terms
 from ticketserve.core.sparse_correction import MaskedPositions, subtract
 
 MASK, CODEC, REFERENCE = ".mask", ".codec", ".reference"
@@ -125,9 +125,22 @@ def encode_masks(masks: dict[str, torch.Tensor], weights: dict[str, torch.Tensor
     return tensors
 
 
-def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor], cuts: dict | None = None) -> dict[str, torch.Tensor]:
-    """The masks; `cuts` memoises each reference's magnitude cut by (name, dropped)."""
-    cuts = {} if cuts is None else cuts
+CUTS = "_ticketserve_cuts"  # the attribute of a weight that memoises its references' cuts by dropped count
+
+
+def reference_cut(weight: torch.Tensor, dropped: int) -> tuple[float, int]:
+    """`magnitude_cut`, memoised on the weight itself (it goes with it): every task trained
+    from the same reference shares one kthvalue."""
+    cuts = getattr(weight, CUTS, None)
+    if cuts is None:
+        cuts = {}
+        setattr(weight, CUTS, cuts)
+    if dropped not in cuts:
+        cuts[dropped] = magnitude_cut(weight, dropped)
+    return cuts[dropped]
+
+
+def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     masks = {}
     for name in masked_names(tensors):
         stored = decode_mask(tensors[name + MASK], tensors[name + CODEC], weights[name].shape, name)
@@ -135,9 +148,7 @@ def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor], cuts: dict 
             dropped = int(tensors[name + REFERENCE][0])
             if not 0 < dropped <= weights[name].numel():
                 raise CorruptArtifact(f"{name}: reference drops {dropped} of {weights[name].numel()} weights")
-            if (name, dropped) not in cuts:
-                cuts[name, dropped] = magnitude_cut(weights[name], dropped)
-            stored = ~stored ^ magnitude_mask(weights[name], dropped, cuts[name, dropped])
+            stored = ~stored ^ magnitude_mask(weights[name], dropped, reference_cut(weights[name], dropped))
         masks[name] = stored
     return masks
 
@@ -155,7 +166,6 @@ class MaskCache:
         self.entries: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self.bytes = self.hits = self.misses = self.evictions = 0
         self.lock = threading.Lock()
-        self.cuts: dict[tuple[str, int], tuple[float, int]] = {}  # magnitude references of the shared weights
 
     @staticmethod
     def size(entry: dict[str, torch.Tensor | MaskedPositions]) -> int:
@@ -184,125 +194,90 @@ class MaskCache:
                 self.bytes -= self.size(self.entries.pop(slot))
 
 
-_CACHES: weakref.WeakKeyDictionary[nn.Module, MaskCache] = weakref.WeakKeyDictionary()
-_CACHES_LOCK = threading.Lock()
+@dataclass
+class Prepared:
+    """A checked supermask payload and the masks checking it decoded (for the first build)."""
+
+    tensors: Tensors
+    masks: dict[str, torch.Tensor]
 
 
-def cache_for(encoder: nn.Module) -> MaskCache:
-    """One cache per shared encoder (tasks of a backbone share its memory budget), kept here,
-    not on the encoder: it goes when the encoder goes."""
-    with _CACHES_LOCK:
-        if encoder not in _CACHES:
-            _CACHES[encoder] = MaskCache()
-        return _CACHES[encoder]
+class Supermasks(Terms):
+    """The supermask tasks of one shared encoder: one byte-bounded cache of their serving forms
+    (tasks of a backbone share its memory budget), and the tasks that run as corrections of
+    its dense matrices — per example, the product of its task's switched-off weights is
+    subtracted from the shared product."""
+
+    def __init__(self, shared: SharedEncoder):
+        self.shared = shared
+        self.cache = MaskCache()
+        self.sources: dict[int, Tensors] = {}  # corrected slot → the artifact's tensors (rebuilt from on a cache miss)
+
+    def masks(self, tensors: Tensors) -> dict[str, torch.Tensor]:
+        """A task's masks, references decoded against the float32 weights."""
+        exact = dict(self.shared.master.named_parameters())
+        return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in masked_names(tensors)})
+
+    def positions(self, slot: int) -> dict[str, MaskedPositions]:
+        return self.cache.get(slot, lambda: masked_positions(self.shared, self.masks(self.sources[slot])))
+
+    def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        if not self.sources:
+            return y
+        slots = [DEFAULT_SLOT] * y.shape[0] if routing is None else routing.slot_list
+        index: dict[int, int] = {}
+        found: list[MaskedPositions] = []
+        for slot in dict.fromkeys(slots):
+            masked = self.positions(slot).get(matrix) if slot in self.sources else None
+            if masked is not None and masked.nnz:
+                index[slot] = len(found)
+                found.append(masked)
+        if found:
+            subtract(y, x, layer.weight, found, [index.get(slot, -1) for slot in slots],
+                     None if routing is None else routing.lengths)
+        return y
+
+
+def masks_on(shared: SharedEncoder) -> Supermasks:
+    return shared.state(SupermaskKind.name, Supermasks)
 
 
 class MaskedEncoder(nn.Module):
     """Runs the shared encoder with one task's masked weights substituted for its own."""
 
-    def __init__(self, base: nn.Module, slot: int, tensors: Tensors):
+    def __init__(self, shared: SharedEncoder, slot: int, tensors: Tensors):
         super().__init__()
-        self.base = [base]  # a list: not registered as a submodule (it is shared, not owned)
+        self.shared = [shared]  # a list: not registered as a submodule (it is shared, not owned)
         self.slot = slot
         self.tensors = tensors
-        self.config = base.config
+        self.config = shared.config
 
-    def masked_weights(self) -> dict[str, torch.Tensor]:
-        base = self.base[0]
-        params = dict(base.named_parameters())
+    def masked_weights(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        shared = self.shared[0]
+        state = masks_on(shared)
+        params = dict(shared.module.named_parameters())
 
         def build() -> dict[str, torch.Tensor]:
             weights = {n: params[f"{n}.weight"].detach() for n in masked_names(self.tensors)}
             return {f"{n}.weight": weights[n] * m.to(weights[n].device, weights[n].dtype)
-                    for n, m in exact_masks(base, self.tensors).items()}
+                    for n, m in (masks or state.masks(self.tensors)).items()}
 
-        return cache_for(base).get(self.slot, build)
+        return state.cache.get(self.slot, build)
 
     def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self.base[0], self.masked_weights(), args, kwargs, strict=False)
+        return torch.func.functional_call(self.shared[0].module, self.masked_weights(), args, kwargs, strict=False)
 
 
-class Corrections:
-    """The supermask tasks of one encoder that run as corrections of its shared dense layers: a
-    forward hook on each matrix subtracts, per example, its task's masked weights' product."""
-
-    def __init__(self, encoder: nn.Module):
-        self.encoder = weakref.ref(encoder)
-        self.sources: dict[int, Tensors] = {}  # slot → the artifact's tensors (rebuilt from on a cache miss)
-
-    def positions(self, slot: int) -> dict[str, MaskedPositions]:
-        encoder = self.encoder()
-        return cache_for(encoder).get(slot, lambda: masked_positions(encoder, exact_masks(encoder, self.sources[slot])))
-
-    def hook(self, name: str):
-        def subtract_masked(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not self.sources:
-                return
-            routing = current()
-            slots = [DEFAULT_SLOT] * output.shape[0] if routing is None else routing.slot_list
-            index: dict[int, int] = {}
-            found: list[MaskedPositions] = []
-            for slot in dict.fromkeys(slots):
-                masked = self.positions(slot).get(name) if slot in self.sources else None
-                if masked is not None and masked.nnz:
-                    index[slot] = len(found)
-                    found.append(masked)
-            if found:
-                subtract(output, args[0], module.weight, found, [index.get(slot, -1) for slot in slots],
-                         None if routing is None else routing.lengths)
-
-        return subtract_masked
+def masked_positions(shared: SharedEncoder, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions]:
+    return {n: MaskedPositions.of(m).to(shared.device) for n, m in masks.items()}
 
 
-_CORRECTIONS: weakref.WeakKeyDictionary[nn.Module, Corrections] = weakref.WeakKeyDictionary()
-
-
-def corrections_for(encoder: nn.Module) -> Corrections:
-    """The encoder's corrections, its hooks installed on first use (kept on the layer when
-    another kind wraps it later, as row deltas copy a layer's hooks)."""
-    with _CACHES_LOCK:
-        if encoder not in _CORRECTIONS:
-            corrections = _CORRECTIONS[encoder] = Corrections(encoder)
-            for name, linear in dense_matrices(encoder).items():
-                linear.register_forward_hook(corrections.hook(name))
-        return _CORRECTIONS[encoder]
-
-
-# the masks `validate` decoded last, for the `attach` that follows it: taken once, and only by
-# the very same tensors on the same weights (one entry: a load between the two decodes again)
-_VALIDATED: list[tuple[nn.Module, Tensors, dict[str, torch.Tensor]]] = []
-_VALIDATED_LOCK = threading.Lock()
-
-
-def _decode_exact(encoder: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
-    exact = dict(master(encoder).named_parameters())
-    return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in masked_names(tensors)}, cache_for(encoder).cuts)
-
-
-def exact_masks(encoder: nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
-    """A task's masks, references decoded against the float32 weights."""
-    with _VALIDATED_LOCK:
-        if _VALIDATED:
-            weights, seen, masks = _VALIDATED[0]
-            if weights is master(encoder) and seen.keys() == tensors.keys() and all(
-                    seen[k] is tensors[k] for k in seen):
-                _VALIDATED.clear()
-                return masks
-    return _decode_exact(encoder, tensors)
-
-
-def masked_positions(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions]:
-    device = next(encoder.parameters()).device
-    return {n: MaskedPositions.of(m).to(device) for n, m in masks.items()}
-
-
-def correctable(encoder: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions] | None:
+def correctable(shared: SharedEncoder, masks: dict[str, torch.Tensor]) -> dict[str, MaskedPositions] | None:
     """The task's masked positions, if it runs as a correction: only dense matrices masked,
     none beyond MAX_CORRECTED_SHARE; else None."""
-    dense = dense_matrices(encoder)
-    if not all(n in dense for n in masks):
+    if not all(n in shared.matrices for n in masks):
         return None
-    positions = masked_positions(encoder, masks)
+    positions = masked_positions(shared, masks)
     fits = all(p.nnz <= MAX_CORRECTED_SHARE * masks[n].numel() for n, p in positions.items())
     return positions if fits else None
 
@@ -312,6 +287,10 @@ class SupermaskKind(Kind):
     name = "supermask"
 
     def validate(self, tensors: Tensors, encoder: nn.Module) -> None:
+        self.prepare(tensors, encoder)
+
+    def prepare(self, tensors: Tensors, encoder: nn.Module) -> Prepared:
+        """Checked, and decoded against the float32 `encoder` (a mask that does not decode fails now)."""
         params = dict(encoder.named_parameters())
         names = masked_names(tensors)
         expected = {f"{n}{suffix}" for n in names for suffix in (MASK, CODEC)}
@@ -327,25 +306,25 @@ class SupermaskKind(Kind):
             reference = tensors.get(name + REFERENCE)
             if reference is not None and (reference.dtype != torch.int64 or reference.shape != (1,)):
                 raise CorruptArtifact(f"supermask {name}: reference must be one int64 count")
-        masks = _decode_exact(encoder, tensors)  # fail now, not later
-        with _VALIDATED_LOCK:
-            _VALIDATED[:] = [(master(encoder), dict(tensors), masks)]
+        return Prepared(tensors, decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)}))
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
-        positions = correctable(encoder, exact_masks(encoder, tensors))
+    def attach(self, shared: SharedEncoder, slot: int, prepared: Prepared) -> nn.Module:
+        positions = correctable(shared, prepared.masks)
+        state = masks_on(shared)
         if positions is None:
-            return MaskedEncoder(encoder, slot, tensors)
-        corrections = corrections_for(encoder)
-        cache_for(encoder).get(slot, lambda: positions)  # built at load, not in a batch
-        corrections.sources[slot] = tensors
-        return encoder
+            encoder = MaskedEncoder(shared, slot, prepared.tensors)
+            encoder.masked_weights(prepared.masks)  # built at load, not in a batch
+            return encoder
+        state.cache.get(slot, lambda: positions)  # built at load, not in a batch
+        state.sources[slot] = prepared.tensors
+        return shared.module
 
-    def detach(self, encoder: nn.Module, slot: int) -> None:
-        if encoder in _CORRECTIONS:
-            _CORRECTIONS[encoder].sources.pop(slot, None)
-        cache_for(encoder).drop(slot)
+    def detach(self, shared: SharedEncoder, slot: int) -> None:
+        state = masks_on(shared)
+        state.sources.pop(slot, None)
+        state.cache.drop(slot)
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         params = dict(encoder.named_parameters())
-        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)}, cache_for(encoder).cuts)
+        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)})
         return {f"{n}.weight": params[f"{n}.weight"].detach() * m for n, m in masks.items()}

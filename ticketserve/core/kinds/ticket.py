@@ -13,6 +13,7 @@ from torch import nn
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument
 from ticketserve.core.kinds.base import Kind, Tensors, register_kind
+from ticketserve.core.shared_encoder import SharedEncoder
 
 SUFFIX = ".counts"
 
@@ -39,5 +40,5 @@ class TicketKind(Kind):
             if counts.dtype != torch.int32 or tuple(counts.shape) != (linear.in_features + 1,) or (counts < 0).any():
                 raise CorruptArtifact(f"ticket {name}: counts must be int32[{linear.in_features + 1}], non-negative")
 
-    def attach(self, encoder: nn.Module, slot: int, tensors: Tensors) -> nn.Module:
+    def attach(self, shared: SharedEncoder, slot: int, tensors: Tensors) -> nn.Module:
         raise InvalidArgument("a ticket is not a task: train on it with `--method dominant --ticket NAME`")
