@@ -6,10 +6,11 @@ import socket
 
 import torch
 
-from ticketserve.core import artifact
+from ticketserve.core import artifact, synthetic
 from ticketserve.core.artifact import Artifact
-from ticketserve.core.backbone import Backbone, dense_matrices
+from ticketserve.core.backbone import Backbone
 from ticketserve.core.kinds.supermask import encode_masks
+from ticketserve.core.synthetic import row_delta as random_row_delta
 from ticketserve.core.tasks import get_task
 from ticketserve.registry import HeadConfig, Manifest
 from ticketserve.registry.store import ArtifactVersion
@@ -17,19 +18,6 @@ from ticketserve.registry.store import ArtifactVersion
 
 def manifest_for(backbone: Backbone, name: str = "t", kind: str = "row_delta", task: str = "sst2") -> Manifest:
     return Manifest(name=name, kind=kind, method="test", task=get_task(task), head=HeadConfig(), backbone=backbone.ref())
-
-
-def random_row_delta(backbone: Backbone, k: int = 3, seed: int = 0, bias: bool = True, scale: float = 0.1) -> dict:
-    """k random input rows (+ the bias row) per matrix, with random deltas."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, linear in dense_matrices(backbone.model).items():
-        rows = torch.randperm(linear.in_features, generator=generator)[:k]
-        if bias:
-            rows = torch.cat([rows, torch.tensor([linear.in_features])])
-        tensors[f"{name}.index"] = rows.int()
-        tensors[f"{name}.delta"] = torch.randn(len(rows), linear.out_features, generator=generator) * scale
-    return tensors
 
 
 def random_head(backbone: Backbone, outputs: int = 2, seed: int = 0) -> dict:
@@ -53,10 +41,8 @@ def publish_row_task(store, backbone: Backbone, name: str, seed: int, task: str 
 
 
 def publish_mask_task(store, backbone: Backbone, name: str, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    masks = {n: torch.rand(m.weight.shape, generator=generator) > 0.3 for n, m in dense_matrices(backbone.model).items()}
     return artifact.publish(store, manifest_for(backbone, name, kind="supermask"),
-                            encode_masks(masks) | random_head(backbone, seed=seed))
+                            encode_masks(synthetic.masks(backbone, 0.3, seed)) | random_head(backbone, seed=seed))
 
 
 class ByName:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tests.helpers import TEXTS, in_memory_artifact, random_row_delta
+from ticketserve.core import synthetic
 from ticketserve.core.backbone import dense_matrices, load_backbone
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import Kind, Tensors, get_kind, kinds, register_kind
@@ -29,7 +30,6 @@ from ticketserve.core.routing import DEFAULT_SLOT, Routing
 from ticketserve.core.shared_encoder import SharedEncoder, Terms
 from ticketserve.core.slot_table import Column, SlotTable
 from ticketserve.runtime.executor import Runtime
-from ticketserve.runtime.onnx_backend import OnnxRuntime
 
 SHIFT = "toy.shift"
 SHIFTED = "encoder.layer.0.attention.output.dense"  # the matrix whose output it shifts
@@ -67,11 +67,6 @@ class ToyShift(Kind):
         shared.state(self.name, Shifts).table.drop(slot)
 
 
-def _masks(backbone, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(m.weight.shape, generator=generator) > 0.2 for n, m in dense_matrices(backbone.model).items()}
-
-
 def _full(backbone, seed: int) -> Tensors:
     generator = torch.Generator().manual_seed(seed)
     name = next(iter(dense_matrices(backbone.model)))
@@ -88,14 +83,7 @@ def _gates(backbone, seed: int) -> Tensors:
 
 def _lora(backbone, seed: int) -> Tensors:
     """Query and value of every layer (the PEFT default for BERT), rank 2–4 by seed."""
-    generator, rank = torch.Generator().manual_seed(seed), 2 + seed % 3
-    tensors = {}
-    for name, linear in dense_matrices(backbone.model).items():
-        if name.endswith(("query", "value")):
-            tensors[f"{name}.lora_A"] = torch.randn(rank, linear.in_features, generator=generator) * 0.3
-            tensors[f"{name}.lora_B"] = torch.randn(linear.out_features, rank, generator=generator) * 0.3
-            tensors[f"{name}.scaling"] = torch.tensor(16 / rank)
-    return tensors
+    return synthetic.lora(backbone, rank=2 + seed % 3, seed=seed, matrices=("query", "value"), scale=0.3)
 
 
 def _scores(backbone, seed: int) -> Tensors:
@@ -123,7 +111,7 @@ RECORDS = {  # kinds that are not tasks: records of analyses, and whole encoders
 }
 SAMPLES = {  # kind → a valid payload (without the head) for a backbone, varied by seed
     "row_delta": lambda backbone, seed: random_row_delta(backbone, k=2, seed=seed, scale=0.3),
-    "supermask": lambda backbone, seed: encode_masks(_masks(backbone, seed)),
+    "supermask": lambda backbone, seed: encode_masks(synthetic.masks(backbone, 0.2, seed)),
     "structure_mask": _gates,
     "full": _full,
     "lora": _lora,
@@ -215,7 +203,7 @@ def onnx_cache(tmp_path_factory):
 def test_onnx_equals_torch(kind, tiny_checkpoints, onnx_cache):
     for arch in ("bert", "roberta"):
         path = str(tiny_checkpoints[arch])
-        torch_runtime, onnx_runtime = Runtime(load_backbone(path), device="cpu"), OnnxRuntime(load_backbone(path))
+        torch_runtime, onnx_runtime = Runtime(load_backbone(path), device="cpu"), Runtime(load_backbone(path), backend="onnx")
         artifacts = [_artifact(torch_runtime.backbone, kind, 1), *_company(torch_runtime.backbone),
                      _artifact(torch_runtime.backbone, kind, 2)]
         expected = torch_runtime.logits([torch_runtime.add(a) for a in artifacts], torch_runtime.tokenize(TEXTS[:6]))
@@ -223,7 +211,7 @@ def test_onnx_equals_torch(kind, tiny_checkpoints, onnx_cache):
         for got, want in zip(served, expected):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         in_graph = {task.kind.name for task in (onnx_runtime.add(a) for a in artifacts[:1])
-                    if onnx_runtime.group(task)[0] == "graph"}
+                    if onnx_runtime.backend.group(task)[0] == "graph"}
         assert (kind in in_graph) == get_kind(kind).in_graph  # a kind without a graph form runs on torch
 
 

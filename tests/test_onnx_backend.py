@@ -11,7 +11,6 @@ from ticketserve.core.backbone import load_backbone
 from ticketserve.core.kinds.structure_mask import to_tensors
 from ticketserve.core.kinds.supermask import encode_masks
 from ticketserve.runtime.executor import Runtime
-from ticketserve.runtime.onnx_backend import OnnxRuntime
 
 TEXTS = ["a fine, moving film", "dreadful", "it could have been shorter, and funnier", "yes", "no way"]
 
@@ -39,7 +38,7 @@ def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints):
     for arch in ("bert", "roberta"):
         path = str(tiny_checkpoints[arch])
         torch_runtime = ByName(Runtime(load_backbone(path), device="cpu"))
-        onnx_runtime = ByName(OnnxRuntime(load_backbone(path)))
+        onnx_runtime = ByName(Runtime(load_backbone(path), backend="onnx"))
         for task in _tasks(torch_runtime.backbone):
             torch_runtime.add(task)
             onnx_runtime.add(task)
@@ -54,7 +53,7 @@ def test_onnx_matches_torch_on_a_batch_mixing_every_kind(tiny_checkpoints):
 
 
 def test_export_is_cached_by_fingerprint(tiny_checkpoints, onnx_cache):
-    from ticketserve.runtime.onnx_backend import cached_export
+    from ticketserve.runtime.backends.onnx_backend import cached_export
 
     backbone = load_backbone(str(tiny_checkpoints["bert"]))
     first = cached_export(backbone)

@@ -28,7 +28,7 @@ def test_peft_adapter_reproduces_the_served_outputs(tiny_backbone, tmp_path):
     loaded = runtime.add(task)
     inputs = runtime.tokenize(TEXTS)
     with torch.no_grad():
-        ours = runtime.hidden([loaded], inputs, Routing.single(loaded.slot, len(TEXTS)))
+        ours = runtime.backend.hidden([loaded], inputs, Routing.single(loaded.slot, len(TEXTS)))
     with torch.no_grad():
         theirs = stock(**inputs).last_hidden_state
         plain = AutoModel.from_pretrained(tiny_backbone.source, add_pooling_layer=False)(**inputs).last_hidden_state

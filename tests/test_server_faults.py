@@ -257,7 +257,7 @@ def test_huge_texts_are_cut_before_tokenizing_with_the_same_prediction(tiny_chec
     engine = Engine(runtime, EngineConfig(max_tokens_per_text=64))
     try:
         words = " ".join(random.Random(0).choice(["good", "bad", "plot", "actors", "film,"]) for _ in range(30_000))
-        recorder = backbone.tokenizer = _RecordingTokenizer(backbone.tokenizer)
+        recorder = engine.tokenization.tokenizer = _RecordingTokenizer(backbone.tokenizer)
         huge = engine.submit(runtime.get("ok"), [words, words[:500]]).result(timeout=60).predictions
         assert max(recorder.longest) <= 64 * 24 < len(words)  # the tokenizer never saw the whole text
         cut = words[:64 * 24].rsplit(" ", 1)[0]

@@ -11,21 +11,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tests.helpers import ByName, in_memory_artifact, manifest_for, random_head, random_row_delta
-from ticketserve.core import artifact
+from ticketserve.core import artifact, synthetic
 from ticketserve.core.backbone import dense_matrices, load_backbone
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.kinds.supermask import (
-    CODECS,
-    MAX_CORRECTED_SHARE,
-    MaskCache,
-    decode_mask,
-    decode_masks,
-    encode_mask,
-    encode_masks,
-    magnitude_mask,
-    masks_on,
-)
+from ticketserve.core.kinds.supermask import (CODECS, MAX_CORRECTED_SHARE, MaskCache, decode_mask, decode_masks,
+                                              encode_mask, encode_masks, magnitude_mask, masks_on)
 from ticketserve.core.routing import Routing
 from ticketserve.core.tasks import get_task
 from ticketserve.runtime.executor import Runtime
@@ -140,9 +131,7 @@ def test_a_reference_out_of_range_is_refused(tiny_backbone):
 
 
 def _random_masks(backbone, seed: int, zeros: float = 0.2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(m.weight.shape, generator=generator) >= zeros
-            for name, m in dense_matrices(backbone.model).items()}
+    return synthetic.masks(backbone, zeros, seed)
 
 
 @pytest.mark.parametrize("zeros", [0.2, 0.7])  # a correction inside the shared forward; materialised weights
@@ -160,7 +149,7 @@ def test_serving_equals_weights_masked_offline_and_groups_mixed_batches(tiny_bac
     with torch.no_grad():
         reference = offline(**inputs).last_hidden_state
         task = runtime.get("mask-a")
-        served = runtime.hidden([task], inputs, Routing.single(task.slot, len(TEXTS)))
+        served = runtime.backend.hidden([task], inputs, Routing.single(task.slot, len(TEXTS)))
         shared = runtime.encoder(**inputs).last_hidden_state
     assert (task.encoder is runtime.encoder) == (zeros <= MAX_CORRECTED_SHARE)
     torch.testing.assert_close(served, reference, atol=1e-6, rtol=0)

@@ -1,3 +1,5 @@
+"""`python -m ticketserve.cli`: the same command as `ticketserve`."""
+
 from ticketserve.cli.app import main
 
 main()

@@ -1,8 +1,7 @@
 """Dynamic micro-batching across concurrent requests, mixing tasks in one forward pass.
 
-Requests are bounded (bytes per text; cut before tokenizing, so a huge text costs no more
-than one of `max_tokens` tokens), tokenized by the caller, queued, and served by one inference thread that
-gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
+Requests are bounded and tokenized by the caller (`tokenizing.py`: bytes per text, cut before
+tokenizing), queued, and served by one inference thread that gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
 `max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
 unbounded memory); expired or cancelled requests are dropped before they cost a forward.
 The engine knows nothing of gRPC: callers get `concurrent.futures.Future`s.
@@ -20,11 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ticketserve.core.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from ticketserve.runtime.executor import LoadedTask, Prediction, Runtime
-
-# A text is cut to this many characters per allowed token before tokenizing: far above what
-# real text needs (English averages 4–5 per WordPiece/BPE token), so truncation gives the same
-# tokens as tokenizing the whole text; only junk (a token per 24+ characters) sees fewer.
-CHARS_PER_TOKEN = 24
+from ticketserve.runtime.tokenizing import MAX_TEXT_BYTES, Tokenization
 
 
 class EngineConfig(BaseModel):
@@ -40,7 +35,7 @@ class EngineConfig(BaseModel):
     max_tasks_per_request: int = Field(16, gt=0, description="tasks one fan-out may name (each is a request in "
                                        "the queue)")
     max_tokens_per_text: int = Field(256, gt=1)
-    max_text_bytes: int = Field(256 * 1024, gt=0, description="UTF-8 bytes per text (and per text pair); "
+    max_text_bytes: int = Field(MAX_TEXT_BYTES, gt=0, description="UTF-8 bytes per text (and per text pair); "
                                 "longer ones are refused")
     truncate: bool = Field(True, description="truncate longer texts (true) or refuse them (false)")
 
@@ -81,9 +76,9 @@ class Engine:
         self.runtime = runtime
         self.config = config or EngineConfig()
         self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
-        self.max_tokens = min(self.config.max_tokens_per_text, runtime.backbone.tokenizer.model_max_length,
-                              runtime.backbone.config.max_position_embeddings - 2)
-        self.max_chars = self.max_tokens * CHARS_PER_TOKEN
+        self.tokenization = Tokenization.for_backbone(runtime.backbone, self.config.max_tokens_per_text,
+                                                      self.config.max_text_bytes, self.config.truncate)
+        self.max_tokens = self.tokenization.max_tokens
         self._queue: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = True
@@ -139,39 +134,8 @@ class Engine:
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
         paired = bool(spec.text_pair_field)
         if paired not in tokenized:
-            tokenized[paired] = self._tokenize(texts, pairs if paired else None)
+            tokenized[paired] = self.tokenization.features(texts, pairs if paired else None)
         return _Request(task, tokenized[paired], deadline)
-
-    def _tokenize(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, list[int]]]:
-        texts = [self._bounded(text, i, "text") for i, text in enumerate(texts)]
-        if pairs is not None:
-            pairs = [self._bounded(pair, i, "text_pair") for i, pair in enumerate(pairs)]
-        encoded = self.runtime.backbone.tokenizer(texts, pairs, truncation=self.config.truncate,
-                                                  max_length=self.max_tokens if self.config.truncate else None)
-        features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
-        for i, feature in enumerate(features):
-            if len(feature["input_ids"]) > self.max_tokens:
-                raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
-        return features
-
-    def _bounded(self, text: str, i: int, field: str) -> str:
-        """The text within the byte limit, cut to what its first `max_tokens` tokens can come
-        from before the tokenizer sees it (the tokenizer's cost grows with the whole text): at
-        most CHARS_PER_TOKEN characters per token, ending at a word boundary when one is near."""
-        try:
-            size = len(text) if text.isascii() else len(text.encode())
-        except UnicodeEncodeError:
-            raise InvalidArgument(f"input {i}: {field} is not valid Unicode (a lone surrogate)") from None
-        if size > self.config.max_text_bytes:
-            raise InvalidArgument(f"input {i}: {field} has {size:,} bytes; the limit is {self.config.max_text_bytes:,}")
-        if len(text) <= self.max_chars:
-            return text
-        if not self.config.truncate:
-            raise InvalidArgument(f"input {i}: {field} has {len(text):,} characters, more than {self.max_tokens} "
-                                  f"tokens can hold ({self.max_chars:,}); shorten it or ask a server that truncates")
-        window = text[:self.max_chars]
-        space = max(window.rfind(c, 3 * self.max_chars // 4) for c in " \t\n\r")
-        return window[:space] if space > 0 else window
 
     # -- the inference thread ---------------------------------------------------------------
 
@@ -248,8 +212,7 @@ class Engine:
         started = time.monotonic()
         tasks = [r.task for r in batch for _ in r.features]
         features = [f for r in batch for f in r.features]
-        inputs = self.runtime.backbone.tokenizer.pad(features, return_tensors="pt")
-        inputs = {k: v.to(self.runtime.device) for k, v in inputs.items()}
+        inputs = self.tokenization.pad(features, self.runtime.device)
         predictions = self.runtime.predictions(tasks, self.runtime.logits(tasks, inputs))
         seconds = time.monotonic() - started
         distinct = len({id(task) for task in tasks})

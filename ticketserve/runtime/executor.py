@@ -2,7 +2,8 @@
 
 Tasks of backbone-sharing kinds attach to the shared encoder under a slot, so one forward
 pass serves a batch that mixes them; other kinds run on their own encoder. Each task keeps
-its own head. The gRPC server builds on this; the CLI's eval and predict use it directly.
+its own head. The runtime's backend (`backends/`: torch, ONNX) runs the forwards. The server
+builds on this; the CLI's eval and predict use it directly.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from ticketserve.core.artifact import Artifact
 from ticketserve.core.backbone import Backbone, in_precision
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.core.kinds import Kind, get_kind
-from ticketserve.core.model import TaskHead, encode
+from ticketserve.core.model import TaskHead
 from ticketserve.core.quantize import QUANTIZATIONS, quantize_int8
 from ticketserve.core.routing import Routing
 from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.registry import ArtifactVersion
 from ticketserve.registry.manifest import Manifest, TaskSpec
+from ticketserve.runtime.backends import backend_named
+from ticketserve.runtime.tokenizing import Tokenization
 
 
 @dataclass
@@ -58,9 +61,10 @@ class Runtime:
     and pass those objects back in."""
 
     def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
-                 dtype: torch.dtype = torch.float32, quantize: str = "none"):
+                 dtype: torch.dtype = torch.float32, quantize: str = "none", backend: str = "torch"):
         self.backbone = backbone
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backend_cls = backend_named(backend)
+        self.device = backend_cls.placement(device, dtype, quantize)
         self.dtype = dtype  # of the shared encoder; task terms follow it, heads stay float32
         self.quantize = quantize  # "int8": the shared dense products in int8 (CPU), task terms exact
         if quantize not in QUANTIZATIONS:
@@ -70,7 +74,8 @@ class Runtime:
         self.encoder = self.shared.module
         if quantize == "int8":
             quantize_int8(self.encoder)
-        self.max_length = max_length
+        self.backend = backend_cls(self.shared, backbone, None if device is None else str(device))  # runs the forwards
+        self.tokenization = Tokenization.for_backbone(backbone, max_length)  # the engine's way, with its defaults
         self._slots = itertools.count(1)
         self._lock = threading.Lock()
         # forwards on the shared encoder run one at a time (supermask tasks substitute their
@@ -102,11 +107,7 @@ class Runtime:
             task.kind.detach(self.shared, task.slot)
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
-        if pairs is not None and len(pairs) != len(texts):
-            raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
-        encoded = self.backbone.tokenizer(texts, pairs, padding=True, truncation=True,
-                                          max_length=self.max_length, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in encoded.items()}
+        return self.tokenization(texts, pairs, self.device)
 
     @torch.inference_mode()
     def logits(self, tasks: Sequence[LoadedTask], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -116,13 +117,13 @@ class Runtime:
             outputs: list[torch.Tensor | None] = [None] * len(tasks)
             groups: dict[Hashable, list[int]] = {}
             for i, task in enumerate(tasks):
-                groups.setdefault(self.group(task), []).append(i)
+                groups.setdefault(self.backend.group(task), []).append(i)
             for rows in groups.values():
                 index = torch.tensor(rows, device=self.device)
                 sub = {k: v.index_select(0, index) for k, v in inputs.items()}
                 members = [tasks[i] for i in rows]
                 lengths = sub["attention_mask"].sum(1).tolist() if self.device.type == "cpu" else None
-                hidden = self.hidden(members, sub, Routing([t.slot for t in members], self.device, lengths))
+                hidden = self.backend.hidden(members, sub, Routing([t.slot for t in members], self.device, lengths))
                 by_task: dict[int, list[int]] = {}
                 for position, task in enumerate(members):
                     by_task.setdefault(id(task), []).append(position)
@@ -133,16 +134,6 @@ class Runtime:
                     for position, row in zip(positions, out):
                         outputs[rows[position]] = row
         return outputs  # type: ignore[return-value]
-
-    def group(self, task: LoadedTask) -> Hashable:
-        """Which examples run in one forward: those on the same encoder."""
-        return id(task.encoder)
-
-    def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
-        """Token states of one group of examples (the execution backend's job)."""
-        if tasks[0].encoder is self.encoder:
-            return self.shared.encode(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), routing)
-        return encode(tasks[0].encoder, inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
 
     def predict(self, tasks: Sequence[LoadedTask], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         if len(tasks) != len(texts):

@@ -41,7 +41,7 @@ from ticketserve.core.sparse_correction import MaskedPositions, subtract
 
 MASK, CODEC, REFERENCE = ".mask", ".codec", ".reference"
 DEFAULT_CACHE_BYTES = int(os.environ.get("TICKETSERVE_MASK_CACHE_BYTES", 512 * 2**20))
-MAX_CORRECTED_SHARE = 0.5  # beyond it, materialised weights; at 50 % corrections still ran 3.6× their speed (benchmarks/serving.md)
+MAX_CORRECTED_SHARE = 0.5  # beyond it, materialised weights; at 50 % corrections still ran 3.6× their speed (benchmarks/system/serving.md)
 
 
 def _bits(packed: bytes, length: int) -> bitarray:

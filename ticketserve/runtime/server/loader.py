@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ticketserve.core import artifact
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, TicketserveError
-from ticketserve.registry import ArtifactVersion, Reference, Store
+from ticketserve.registry import ArtifactVersion, Manifest, Reference, Store
 from ticketserve.registry.store import DEFAULT_TAG, check_name
 from ticketserve.runtime.executor import LoadedTask, Runtime
 
@@ -46,6 +46,16 @@ class TaskHandle:
     @property
     def key(self) -> str:
         return str(self.version)
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A resident version as `describe` shows it."""
+
+    version: ArtifactVersion
+    manifest: Manifest
+    bytes: int
+    alias: str | None  # the name or name:tag it serves, if any
 
 
 @dataclass
@@ -312,12 +322,11 @@ class TaskLoader:
             self.observer.cache(event)
         self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
 
-    def describe(self) -> tuple[list[dict], dict[str, str]]:
+    def describe(self) -> tuple[list[Resident], dict[str, str]]:
         """Resident versions (with the alias each serves, if any) and the aliases whose last load failed."""
         with self._lock:
             serving = {key: alias for alias, key in self.aliases.items()}
-            rows = [{"name": h.version.name, "artifact": h.key, "digest": h.version.digest, "bytes": h.bytes,
-                     "manifest": h.loaded.manifest, "alias": serving.get(h.key)}
+            rows = [Resident(h.version, h.loaded.manifest, h.bytes, serving.get(h.key))
                     for h in self.resident.values() if not h.retired]
             errored = dict(self.errors)
         return rows, errored

@@ -22,15 +22,15 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ticketserve.core.backbone import dtype_named, load_backbone
 from ticketserve.core.errors import InvalidArgument, TicketserveError
 from ticketserve.openinference import rpc as openinference_rpc
 from ticketserve.registry import open_store
+from ticketserve.runtime.backends import backends
 from ticketserve.runtime.engine import Engine, EngineConfig
 from ticketserve.runtime.executor import Runtime
-from ticketserve.runtime.onnx_backend import OnnxRuntime
 from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.auth import TokenAuth, Tokens, read_token
@@ -45,7 +45,7 @@ from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import OpenInference
 from ticketserve.runtime.server.openinference_grpc import SERVICE as OPEN_INFERENCE
 from ticketserve.runtime.server.openinference_grpc import OpenInferenceService
-from ticketserve.runtime.server.predictor import Predictor
+from ticketserve.runtime.server.predictor import Ask, Predictor
 from ticketserve.runtime.server.service import InferenceService, InfoService, TasksService
 from ticketserve.v1 import pb, rpc
 
@@ -61,7 +61,7 @@ class ServeConfig(BaseModel):
     registry: str | None = None
     backbone: str | None = None
     device: str | None = None
-    backend: Literal["torch", "onnx"] = Field("torch", description="execution of the shared encoder")
+    backend: str = Field("torch", description="execution of the shared encoder (a registered backend)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="precision of the shared encoder")
     quantize: Literal["none", "int8"] = Field("none", description="int8: the shared dense products in int8 (CPU)")
     cache_bytes: int = Field(1 << 30, gt=0, description="resident task artifacts, least recently used evicted")
@@ -69,6 +69,13 @@ class ServeConfig(BaseModel):
     watch_seconds: float = Field(5.0, gt=0, description="how often aliases are re-resolved in the registry")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     max_message_bytes: int = Field(4 << 20, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in backends():
+            raise ValueError(f"unknown backend {value!r} (one of: {', '.join(backends())})")
+        return value
     token_file: str | None = None
     token_env: str | None = None
     admin_token_file: str | None = None
@@ -113,14 +120,8 @@ class Server:
         self.metrics = Metrics(config.cache_bytes)
         self.store = open_store(config.registry)
         backbone = load_backbone(config.backbone, self.store)
-        if config.backend == "onnx":
-            if config.dtype != "float32" or config.quantize != "none":
-                raise InvalidArgument("the ONNX backend runs the encoder in float32: --dtype and --quantize need "
-                                      "--backend torch")
-            self.runtime: Runtime = OnnxRuntime(backbone, device=config.device)
-        else:
-            self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype),
-                                   quantize=config.quantize)
+        self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype), quantize=config.quantize,
+                               backend=config.backend)
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
         self.admission = Admission(config.engine.max_queue_size)
@@ -142,9 +143,9 @@ class Server:
         c = self.config
         limit_loop_errors(asyncio.get_running_loop())
         for ref in c.preload:  # a task the operator requires: failing to load it fails the start
-            name, _, version = ref.partition(":")
+            ask = Ask.parse(ref)
             try:
-                handle = self.loader.preload(name, version or None, pin=True)
+                handle = self.loader.preload(ask.task, ask.version, pin=True)
                 await asyncio.to_thread(self._warm_up, handle.loaded)
             except TicketserveError as exc:
                 raise type(exc)(f"--preload {ref}: {exc}") from None

@@ -4,14 +4,14 @@ By default glibc raises its mmap threshold each time a large block is freed (up 
 so later large buffers — request messages, activations of long batches — come from the heap
 and its per-thread arenas, where freed memory fragments instead of going back to the system.
 Under a mix of large and small requests the chaos run saw RSS swing between 600 and 1,000 MiB
-with the same load; two arenas and a fixed threshold keep it steady (`benchmarks/chaos.md`).
+with the same load; two arenas and a fixed threshold keep it steady (`benchmarks/system/chaos.md`).
 
 The threshold is fixed at glibc's maximum, 32 MiB, with the trim threshold at 1 GiB: a forward's
 activations (a 32-text batch of short texts: a few MiB each) are then reused from the heap on
 every batch. At the 1 MiB threshold shipped before, each of them was mmapped, unmapped and
 page-faulted again on every forward: 1,500–1,700 minor faults per one-text request, 0.17–0.19
 of a core in the kernel and 65 QPS where the same server now does 76–79
-(`benchmarks/allocator.md`, the in-process engine under each setting beside it). Memory a
+(`benchmarks/system/allocator.md`, the in-process engine under each setting beside it). Memory a
 burst left free inside the heap (a flood of 2 MB messages) is then kept rather than unmapped,
 so the server returns it itself, when that gives something back (`Trimmer`): `malloc_trim(0)`
 returns the free pages of every arena, and the pages a forward uses again fault back in. Trimming
@@ -22,7 +22,7 @@ MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) win; elsewhere than glibc nothing chan
 huge pages for malloc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) halved the server's faults but
 let the chaos run's RSS grow 15 % after the flood, so the server leaves them to the operator.
 TICKETSERVE_MALLOC_TRIM=always (every 2 s, the policy before) or =off (never) override the
-policy, for measuring it (`benchmarks/allocator.py`).
+policy, for measuring it (`benchmarks/system/allocator.py`).
 """
 
 from __future__ import annotations

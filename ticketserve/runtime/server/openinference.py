@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from ticketserve import __version__
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.registry import Reference, Store
+from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
-from ticketserve.runtime.server.catalog import offers
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
 
@@ -137,7 +137,7 @@ def _inputs(tensors: list[Tensor]) -> tuple[list[str], list[str | None] | None]:
 
 
 def _outputs(answer: Answer, requested: list[str] | None) -> list[Tensor]:
-    predictions = answer.result.predictions
+    predictions = answer.predictions
     n = len(predictions)
     if answer.labels:
         available = {
@@ -198,28 +198,22 @@ class OpenInference:
                     deadline: float | None = None) -> Inferred:
         texts, pairs = _inputs(inputs)
         answer = await self.predictor.predict(Ask(name, version or None), texts, pairs, deadline)
-        result = answer.result
         parameters: dict[str, str | int] = {
-            "artifact": answer.artifact, "digest": answer.digest, "batch_size": result.batch_size,
-            "batch_tasks": result.batch_tasks, "queue_time_us": int(result.queue_seconds * 1e6),
-            "inference_time_us": int(result.inference_seconds * 1e6)}
+            "artifact": str(answer.version), "digest": answer.version.digest, "batch_size": answer.batch_size,
+            "batch_tasks": answer.batch_tasks, "queue_time_us": answer.queue_time_us,
+            "inference_time_us": answer.inference_time_us}
         if answer.labels:
             parameters["labels"] = json.dumps(answer.labels)
-        return Inferred(name, answer.version, _outputs(answer, requested), parameters)
+        return Inferred(name, str(answer.version.version), _outputs(answer, requested), parameters)
 
     async def index(self, ready_only: bool = False) -> list[dict]:
         """Every task the registry offers (newest version) and every resident one: READY when
         resident, else UNAVAILABLE (loadable, or with the reason it is not)."""
-        rows, _ = self.loader.describe()
-        models = {r["artifact"]: {"name": r["name"], "version": r["artifact"].rsplit(":", 1)[1], "state": "READY",
-                                  "reason": ""} for r in rows}
-        if not ready_only:
-            for offer in await self._blocking(offers, self.store, self.loader.runtime.backbone, self.loader.failed()):
-                if offer.artifact not in models:
-                    name, _, number = offer.artifact.partition(":")
-                    models[offer.artifact] = {"name": name, "version": number, "state": "UNAVAILABLE",
-                                              "reason": offer.error or "not loaded"}
-        return sorted(models.values(), key=lambda m: (m["name"], m["version"]))
+        models = [{"name": info.name, "version": info.artifact.rpartition(":")[2],
+                   "state": "READY" if info.state == about.READY else "UNAVAILABLE",
+                   "reason": "" if info.state == about.READY else info.error or "not loaded"}
+                  for info in await about.tasks(self.loader, self.admission, not ready_only)]
+        return sorted(models, key=lambda m: (m["name"], m["version"]))
 
     async def load(self, name: str, version: str | None = None) -> None:
         await self._blocking(self.loader.preload, name, version)

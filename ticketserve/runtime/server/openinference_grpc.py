@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import time
 
-from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.core.errors import InvalidArgument
 from ticketserve.openinference import pb, rpc
 from ticketserve.runtime.server.openinference import OpenInference, Tensor, declared_elements, decode_raw, encode_raw
-from ticketserve.runtime.server.status import abort
+from ticketserve.runtime.server.status import statuses
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents"}
@@ -47,31 +47,25 @@ class OpenInferenceService(rpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(**self.protocol.server_metadata())
 
+    @statuses
     async def ModelReady(self, request, context):
-        try:
-            return pb.ModelReadyResponse(ready=self.protocol.model_ready(request.name, request.version))
-        except TicketserveError as exc:
-            await abort(context, exc)
+        return pb.ModelReadyResponse(ready=self.protocol.model_ready(request.name, request.version))
 
+    @statuses
     async def ModelMetadata(self, request, context):
-        try:
-            meta = await self.protocol.model_metadata(request.name, request.version)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        meta = await self.protocol.model_metadata(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=[tensor(**t) for t in meta["inputs"]],
                                         outputs=[tensor(**t) for t in meta["outputs"]])
 
+    @statuses
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        try:
-            inferred = await self.protocol.infer(request.model_name, request.model_version,
-                                                 _input_tensors(request, self.protocol.max_elements),
-                                                 [o.name for o in request.outputs], deadline)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        inferred = await self.protocol.infer(request.model_name, request.model_version,
+                                             _input_tensors(request, self.protocol.max_elements),
+                                             [o.name for o in request.outputs], deadline)
         response = pb.ModelInferResponse(model_name=inferred.model_name, model_version=inferred.model_version,
                                          id=request.id)
         for key, value in inferred.parameters.items():
@@ -81,24 +75,18 @@ class OpenInferenceService(rpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(encode_raw(tensor))
         return response
 
+    @statuses
     async def RepositoryIndex(self, request, context):
-        try:
-            models = await self.protocol.index(request.ready)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        models = await self.protocol.index(request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models])
 
+    @statuses
     async def RepositoryModelLoad(self, request, context):
-        try:
-            await self.protocol.load(request.model_name)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        await self.protocol.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @statuses
     async def RepositoryModelUnload(self, request, context):
-        try:
-            await self.protocol.unload(request.model_name)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        await self.protocol.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass
 
 from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.registry import ArtifactVersion
 from ticketserve.runtime.engine import Engine, Result
+from ticketserve.runtime.executor import Prediction
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskHandle, TaskLoader
 from ticketserve.runtime.server.metrics import OTHER_TASK, Metrics
@@ -24,17 +26,29 @@ class Ask:
     task: str
     version: str | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> Ask:
+        """`name` or `name:version` (a number or a tag), as users write a task."""
+        name, _, version = text.partition(":")
+        return cls(name, version or None)
+
 
 @dataclass(frozen=True)
 class Answer:
-    artifact: str  # the exact version that answered: name:version
-    digest: str
-    labels: list[str]  # the task's labels in order (empty for regression)
-    result: Result
+    """One task's answer to one request, protocol-neutral: each door converts it once."""
 
-    @property
-    def version(self) -> str:
-        return self.artifact.rsplit(":", 1)[1]
+    version: ArtifactVersion  # the exact version that answered
+    labels: list[str]  # the task's labels in order (empty for regression)
+    predictions: list[Prediction]
+    queue_time_us: int
+    inference_time_us: int
+    batch_size: int  # examples in the batch that served it (every task)
+    batch_tasks: int  # distinct tasks in that batch
+
+    @classmethod
+    def of(cls, version: ArtifactVersion, labels: list[str], result: Result) -> Answer:
+        return cls(version, labels, result.predictions, int(result.queue_seconds * 1e6),
+                   int(result.inference_seconds * 1e6), result.batch_size, result.batch_tasks)
 
 
 class Predictor:
@@ -84,5 +98,5 @@ class Predictor:
             self.metrics.latency.labels(task).observe(seconds)
             self.metrics.examples.labels(task).inc(len(texts))
             self.metrics.requests.labels(task, "OK").inc()
-            answers.append(Answer(handle.key, handle.version.digest, list(handle.loaded.manifest.task.labels), result))
+            answers.append(Answer.of(handle.version, list(handle.loaded.manifest.task.labels), result))
         return answers

@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.core.errors import InvalidArgument
 from ticketserve.registry import Reference
 from ticketserve.runtime.engine import Engine
 from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.predictor import Ask, Predictor
-from ticketserve.runtime.server.status import abort
+from ticketserve.runtime.server.status import statuses
 from ticketserve.v1 import pb, rpc
 
 
@@ -23,8 +23,8 @@ def _version(request) -> str | None:
     return request.version if request.HasField("version") and request.version else None
 
 
-def _task(row: dict) -> pb.TaskInfo:
-    return pb.TaskInfo(**(row | {"state": pb.TaskState.Value(f"TASK_STATE_{row['state']}")}))
+def _task(info: about.TaskInfo) -> pb.TaskInfo:
+    return pb.TaskInfo(**(info.model_dump() | {"state": pb.TaskState.Value(f"TASK_STATE_{info.state}")}))
 
 
 class InferenceService(rpc.InferenceServicer):
@@ -36,22 +36,19 @@ class InferenceService(rpc.InferenceServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         texts = [i.text for i in request.inputs]
         pairs = [i.text_pair if i.HasField("text_pair") else None for i in request.inputs]
-        try:
-            answer = await self.predictor.predict(Ask(request.task, _version(request)), texts, pairs, deadline)
-        except TicketserveError as exc:
-            await abort(context, exc)
-        result = answer.result
+        answer = await self.predictor.predict(Ask(request.task, _version(request)), texts, pairs, deadline)
         return pb.PredictResponse(
             predictions=[pb.Prediction(label=p.label or "", score=p.score, probabilities=p.probabilities,
-                                       **({"value": p.score} if p.label is None else {})) for p in result.predictions],
-            artifact=answer.artifact, digest=answer.digest,
-            metadata=pb.Metadata(queue_time_us=int(result.queue_seconds * 1e6),
-                                 inference_time_us=int(result.inference_seconds * 1e6),
-                                 batch_size=result.batch_size, batch_tasks=result.batch_tasks))
+                                       **({"value": p.score} if p.label is None else {})) for p in answer.predictions],
+            artifact=str(answer.version), digest=answer.version.digest,
+            metadata=pb.Metadata(queue_time_us=answer.queue_time_us, inference_time_us=answer.inference_time_us,
+                                 batch_size=answer.batch_size, batch_tasks=answer.batch_tasks))
 
+    @statuses
     async def Predict(self, request, context):
         return await self._answer(request, context)
 
+    @statuses
     async def PredictStream(self, request_iterator, context) -> AsyncIterator[pb.PredictResponse]:
         async for request in request_iterator:
             yield await self._answer(request, context)
@@ -64,23 +61,19 @@ class TasksService(rpc.TasksServicer):
     async def _blocking(self, call, *args):
         return await self.admission.run(self.admission.loading, call, *args)
 
+    @statuses
     async def ListTasks(self, request, context):
-        try:
-            rows = await about.tasks(self.loader, self.admission, request.include_registry)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        rows = await about.tasks(self.loader, self.admission, request.include_registry)
         return pb.ListTasksResponse(tasks=[_task(row) for row in rows])
 
+    @statuses
     async def GetTask(self, request, context):
         store = self.loader.store
-        try:
-            ref = Reference.of(request.task, _version(request))
-            version = await self._blocking(store.resolve, ref)
-            manifest = await self._blocking(store.manifest, version)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        ref = Reference.of(request.task, _version(request))
+        version = await self._blocking(store.resolve, ref)
+        manifest = await self._blocking(store.manifest, version)
         rows, errored = self.loader.describe()
-        resident = {r["artifact"]: r["bytes"] for r in rows}
+        resident = {str(r.version): r.bytes for r in rows}
         state = about.READY if str(version) in resident else about.AVAILABLE
         error = self.loader.failed().get(str(version)) or next(
             (e for a, e in errored.items() if a.split(":")[0] == request.task), "")
@@ -90,23 +83,19 @@ class TasksService(rpc.TasksServicer):
                                                              resident.get(str(version), 0), error)),
                                   manifest_json=manifest.model_dump_json())
 
+    @statuses
     async def LoadTask(self, request, context):
-        try:
-            if not request.task:
-                raise InvalidArgument("task is required")
-            handle = await self._blocking(self.loader.preload, request.task, _version(request))
-        except TicketserveError as exc:
-            await abort(context, exc)
+        if not request.task:
+            raise InvalidArgument("task is required")
+        handle = await self._blocking(self.loader.preload, request.task, _version(request))
         return pb.LoadTaskResponse(task=_task(about.task_info(handle.key, handle.version.digest, handle.loaded.manifest,
                                                               about.READY, handle.bytes)))
 
+    @statuses
     async def UnloadTask(self, request, context):
-        try:
-            if not request.task:
-                raise InvalidArgument("task is required")
-            unloaded = await self._blocking(self.loader.unload, request.task)
-        except TicketserveError as exc:
-            await abort(context, exc)
+        if not request.task:
+            raise InvalidArgument("task is required")
+        unloaded = await self._blocking(self.loader.unload, request.task)
         return pb.UnloadTaskResponse(unloaded=unloaded)
 
 
@@ -116,4 +105,4 @@ class InfoService(rpc.InfoServicer):
 
     async def ServerInfo(self, request, context):
         info = about.server_info(self.engine, self.registry_url, self.max_message_bytes)
-        return pb.ServerInfoResponse(**(info | {"limits": pb.Limits(**info["limits"])}))
+        return pb.ServerInfoResponse(**(info.model_dump() | {"limits": pb.Limits(**info.limits.model_dump())}))

@@ -1,7 +1,11 @@
 """How the server ends an RPC with a ticketserve error: its status from the one table
-(runtime/status.py), its class name in the trailing metadata, its message cut to fit a header."""
+(runtime/status.py), its class name in the trailing metadata, its message cut to fit a header.
+`statuses` is the one place a servicer method's errors become statuses."""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import grpc
 
@@ -16,3 +20,26 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.TicketserveError)
     if len(message) > MAX_DETAILS:
         message = message[:MAX_DETAILS] + "…"
     await context.abort(status_of(exc), message, trailing_metadata=((ERROR_KEY, type(exc).__name__),))
+
+
+def statuses(method):
+    """A servicer method (unary or streaming) whose ticketserve errors end its RPC with their status."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except errors.TicketserveError as exc:
+                await abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except errors.TicketserveError as exc:
+            await abort(context, exc)
+
+    return unary

@@ -1,4 +1,4 @@
-"""ONNX Runtime execution of the shared encoder, with every task-dependent part a graph input.
+"""The ONNX backend: ONNX Runtime runs the shared encoder, every task-dependent part a graph input.
 
 The backbone is exported once (dynamic batch, sequence and rows axes) and cached on disk by
 fingerprint. Per matrix the graph takes each example's row indices (B, K), row deltas
@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from ticketserve.core.backbone import Backbone, fresh_copy
+from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.gates import Gates
 from ticketserve.core.routing import Routing
 from ticketserve.core.shared_encoder import SharedEncoder, Terms
-from ticketserve.runtime.executor import LoadedTask, Runtime
+from ticketserve.runtime.backends.base import Backend, register_backend
+from ticketserve.runtime.backends.torch_backend import TorchBackend
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PER_MATRIX = ("rows", "delta", "bias", "lora_a", "lora_b")  # graph inputs of each dense matrix
@@ -110,31 +112,43 @@ def cached_export(backbone: Backbone, cache_dir: Path | None = None) -> Path:
     return path
 
 
-class OnnxRuntime(Runtime):
-    """The runtime with the shared encoder on ONNX Runtime: tasks attach exactly as on torch
-    (their kinds then express that state as graph inputs); only the shared forward changes."""
+@register_backend
+class OnnxBackend(Backend):
+    """The shared encoder on ONNX Runtime: tasks attach exactly as on torch (their kinds then
+    express that state as graph inputs); the kinds without a graph form, and tasks with an
+    encoder of their own, run on torch."""
 
-    def __init__(self, backbone: Backbone, device: str | torch.device | None = None, max_length: int = 256,
-                 cache_dir: Path | None = None):
+    name = "onnx"
+
+    def __init__(self, shared: SharedEncoder, backbone: Backbone, device: str | None, cache_dir: Path | None = None):
         import onnxruntime as ort
 
-        super().__init__(backbone, device="cpu", max_length=max_length)
+        super().__init__(shared, backbone, device)
+        self.torch = TorchBackend(shared, backbone, device)
         self.onnx_path = cached_export(backbone, cache_dir)
         available = ort.get_available_providers()
         wanted = ["CUDAExecutionProvider"] if (device or "").startswith("cuda") or (
             device is None and "CUDAExecutionProvider" in available) else []
         self.session = ort.InferenceSession(str(self.onnx_path),
                                             providers=[p for p in wanted if p in available] + ["CPUExecutionProvider"])
-        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in self.shared.matrices.items()}
+        self.shapes = {name: (layer.in_features, layer.out_features) for name, layer in shared.matrices.items()}
 
-    def group(self, task: LoadedTask) -> Hashable:
+    @classmethod
+    def placement(cls, device, dtype: torch.dtype, quantize: str) -> torch.device:
+        """Tasks and their inputs stay on the host (the session places the graph itself)."""
+        if dtype != torch.float32 or quantize != "none":
+            raise InvalidArgument("the ONNX backend runs the encoder in float32: --dtype and --quantize need "
+                                  "--backend torch")
+        return torch.device("cpu")
+
+    def group(self, task) -> Hashable:
         """Tasks the graph can express share one session run; the rest run on torch."""
-        in_graph = task.encoder is self.encoder and task.kind.in_graph
-        return ("graph", None) if in_graph else ("torch", super().group(task))
+        in_graph = task.encoder is self.shared.module and task.kind.in_graph
+        return ("graph", None) if in_graph else ("torch", self.torch.group(task))
 
-    def hidden(self, tasks: list[LoadedTask], inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
+    def hidden(self, tasks, inputs: dict[str, torch.Tensor], routing: Routing) -> torch.Tensor:
         if self.group(tasks[0])[0] == "torch":
-            return super().hidden(tasks, inputs, routing)
+            return self.torch.hidden(tasks, inputs, routing)
         feeds = Feeds(self.backbone.config, self.shapes, inputs, len(routing.slots))
         for kind in {id(task.kind): task.kind for task in tasks}.values():
             kind.feed_graph(self.shared, routing, feeds)
