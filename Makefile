@@ -84,7 +84,7 @@ docs: $(STAMP)
 
 # The Results page, its plots and the README's numbers, from benchmarks/results/ (after a benchmark ran).
 results: $(STAMP)
-	$(BIN)/python benchmarks/results.py --write
+	$(BIN)/python -m benchmarks.results --write
 
 # The default suite with the long fuzzing profile (6,000 examples per RPC property instead of
 # 150) and the tests marked slow (the image smoke test runs when the CPU image is built).
@@ -109,7 +109,7 @@ gpu-bundle: $(STAMP)
 
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR [GPU_DEVICE=cuda] [GPU_PYTHON=python3]"; exit 2; }
-	GPU_BUNDLE=.gpu bash benchmarks/gpu_check.sh "$(OUT)" "$(GPU_DEVICE)" "$(GPU_PYTHON)"
+	GPU_BUNDLE=.gpu bash benchmarks/system/gpu_check.sh "$(OUT)" "$(GPU_DEVICE)" "$(GPU_PYTHON)"
 
 # Container images: one Dockerfile (deploy/docker/), a CPU and a CUDA build; buildah where it
 # is installed (no daemon needed), else docker. Where no image registry is reachable,
@@ -141,7 +141,7 @@ image-smoke: image-cpu $(STAMP)
 	TICKETSERVE_IMAGE=localhost/ticketserve:cpu TICKETSERVE_IMAGE_REQUIRED=1 $(BIN)/python -m pytest -m slow tests/test_image.py
 
 bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/quality.py --tasks sst2 --methods full,bitfit --train-samples 8000
+	$(BIN)/python -m benchmarks.studies.quality --tasks sst2 --methods full,bitfit --train-samples 8000
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) .demo .pytest_cache

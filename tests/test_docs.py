@@ -14,7 +14,7 @@ import typer
 
 from tests.test_readme import ROOT, all_lines
 
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "docs" / "_ext")]
+sys.path[:0] = [str(ROOT / "docs" / "_ext")]  # the docs' Sphinx extensions, as Sphinx loads them
 
 
 def test_the_docs_build_strictly(tmp_path):
@@ -23,7 +23,7 @@ def test_the_docs_build_strictly(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     built = tmp_path / "html"
     for page in ("index", "reference/cli", "reference/http", "reference/grpc", "reference/metrics", "reference/kinds",
-                 "results", "concepts/methods", "guides/training"):
+                 "reference/modules", "results", "concepts/methods", "guides/training"):
         assert (built / f"{page}.html").exists(), page
     cli = (built / "reference" / "cli.html").read_text()
     assert "--max-batch-size" in cli and "--init-sparsity" in cli  # a serve flag, a method's flag
@@ -32,8 +32,27 @@ def test_the_docs_build_strictly(tmp_path):
     assert "/v1/predict" in (built / "reference" / "http.html").read_text()
 
 
+def test_the_architecture_pages_match_the_tree():
+    """Every package is placed on the architecture page, and every module or package either
+    page names exists (the generated module map lists them all, from the tree itself)."""
+    import re
+
+    architecture = (ROOT / "docs" / "concepts" / "architecture.md").read_text()
+    development = (ROOT / "docs" / "development.md").read_text()
+    package = ROOT / "ticketserve"
+    packages = {p.relative_to(package).as_posix() for p in package.rglob("__init__.py")} - {"__init__.py"}
+    for init in sorted(packages):
+        name = init.removesuffix("/__init__.py")
+        assert f"{name.rsplit('/', 1)[-1]}/" in architecture, f"the architecture page does not place {name}/"
+    modules = {p.name for p in package.rglob("*.py")} | {p.name + "/" for p in package.rglob("*") if p.is_dir()}
+    for page, text in (("architecture", architecture), ("development", development)):
+        for named in set(re.findall(r"\b([a-z_]+\.py)\b", text)) - {"setup.py", "conf.py"}:
+            assert named in modules or (ROOT / "tests" / named).exists() or any((ROOT / "benchmarks").rglob(named)) \
+                or (ROOT / "docs" / "_ext" / named).exists(), f"docs/{page} names {named}, which is not in the tree"
+
+
 def test_results_page_plots_and_readme_numbers_are_current():
-    import results
+    from benchmarks import results
 
     assert (ROOT / "docs" / "results.md").read_text() == results.render(), "run `make results`"
     readme = (ROOT / "README.md").read_text()

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path):
     out = tmp_path / "gpu-check"
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "cpu", sys.executable, "--quick"], cwd=REPO,
+    done = subprocess.run(["bash", "benchmarks/system/gpu_check.sh", str(out), "cpu", sys.executable, "--quick"], cwd=REPO,
                           env=os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr + (out / "gpu-tests.txt").read_text()

@@ -2,7 +2,8 @@
 from the server's OpenAPI document, the gRPC APIs from the .proto files (with their comments),
 the metrics from the server's metric registry, the artifact kinds from the kind registry, and
 the command line from the typer app's command tree (every command and flag, as `--help` has
-them; typer carries its own copy of click, which sphinx-click does not take). The Results page
+them; typer carries its own copy of click, which sphinx-click does not take), and the module
+map from the package tree and its docstrings. The Results page
 is written from benchmarks/results/ by benchmarks/results.py (committed, checked
 current by the tests). Generated pages are not committed (.gitignore)."""
 
@@ -23,7 +24,8 @@ def setup(app):
 
 
 def write_pages() -> None:
-    pages = {"cli": cli_page, "http": http_page, "grpc": grpc_page, "metrics": metrics_page, "kinds": kinds_page}
+    pages = {"cli": cli_page, "http": http_page, "grpc": grpc_page, "metrics": metrics_page, "kinds": kinds_page,
+             "modules": modules_page}
     for name, page in pages.items():
         path, text = DOCS / "reference" / f"{name}.md", page()
         if not path.exists() or path.read_text() != text:  # unchanged pages keep their mtime: no rebuild
@@ -220,6 +222,27 @@ def kinds_page() -> str:
     for name, kind in sorted(registered.items()):
         doc = inspect.getdoc(sys.modules[type(kind).__module__]) or ""
         lines += [f"(kind-{name.replace('_', '-')})=", f"## `{name}`", "", "```text", doc, "```", ""]
+    return "\n".join(lines)
+
+
+# -- the module map ------------------------------------------------------------------------
+
+def modules_page() -> str:
+    """Every package and module of the tree with the first paragraph of its docstring."""
+    import ast
+
+    lines = ["# Module map", "", "Generated from the tree: every package and module of `ticketserve`, with the "
+             "first paragraph of its docstring. [The architecture](../concepts/architecture.md) says how they fit.", ""]
+    package = ROOT / "ticketserve"
+    for directory in sorted(p for p in [package, *package.rglob("*")] if (p / "__init__.py").is_file()):
+        modules = sorted(directory.glob("*.py"))
+        if not any(m.name != "__init__.py" for m in modules) and directory != package:
+            continue
+        lines += [f"## `{directory.relative_to(ROOT).as_posix()}/`", "", "| module | |", "|---|---|"]
+        for module in modules:
+            doc = ast.get_docstring(ast.parse(module.read_text())) or ""
+            lines.append(f"| `{module.name}` | {cell(doc.split(chr(10) + chr(10))[0])} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from ticketserve.trainers.run import train
 from ticketserve.trainers.single import ArtifactMethod
 from ticketserve.trainers.ticket_sources import auto_ticket
 
-# the study's cut (benchmarks/dominant.md): 1 % of the parameters out-weighted; an absolute σ
+# the study's cut (benchmarks/studies/dominant.md): 1 % of the parameters out-weighted; an absolute σ
 # depends on the backbone, the rate and the training length
 DEFAULT_SIGMA_QUANTILE = 0.99
 # benchmarks/results/lambda-pilot.jsonl (MRPC, 1 epoch): at 100 the search learns as plain fine-tuning

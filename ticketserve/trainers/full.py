@@ -15,7 +15,7 @@ from ticketserve.trainers.single import ArtifactMethod
 class FullFineTuning(ArtifactMethod):
     name = "full"
     kind = "full"
-    # benchmarks/dominant.md: MRPC's grid (2e-5–2e-4) peaks at 2e-4, SST-2 and RTE choose it too (CoLA: 5e-5, by 0.007)
+    # benchmarks/studies/dominant.md: MRPC's grid (2e-5–2e-4) peaks at 2e-4, SST-2 and RTE choose it too (CoLA: 5e-5, by 0.007)
     default_lr = 2e-4
     description = "all encoder weights + head (baseline; artifact holds every changed tensor)"
 

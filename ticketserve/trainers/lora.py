@@ -73,7 +73,7 @@ class TrainingFactors(Terms):
 class Lora(ArtifactMethod):
     name = "lora"
     kind = "lora"
-    # benchmarks/lora.md: on query,value (the default target) 2e-3 beats 5e-4 on every task
+    # benchmarks/studies/lora.md: on query,value (the default target) 2e-3 beats 5e-4 on every task
     default_lr = 2e-3
     description = "LoRA factors on chosen matrices + head (lora artifact; PEFT-compatible)"
     Options = LoraOptions

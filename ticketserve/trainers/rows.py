@@ -27,7 +27,7 @@ def matrix_sizes(encoder: nn.Module) -> dict[str, int]:
 
 class RowMethod(ArtifactMethod):
     kind = "row_delta"
-    # benchmarks/dominant.md: every row method peaks at 3e-3 on MRPC's grid (3e-4–1e-2), SST-2 and RTE choose it
+    # benchmarks/studies/dominant.md: every row method peaks at 3e-3 on MRPC's grid (3e-4–1e-2), SST-2 and RTE choose it
     # too (CoLA: 1e-3 for BitFit and Dominant); 15× full fine-tuning's rate, as the paper's 10–100×
     default_lr = 3e-3
 

@@ -74,7 +74,7 @@ class Importance(ArtifactMethod):
 
     name = "importance"
     kind = "importance"
-    default_lr = 5e-5  # the rate benchmarks/supertickets.md ran at; gated runs were not tuned further
+    default_lr = 5e-5  # the rate benchmarks/studies/supertickets.md ran at; gated runs were not tuned further
     description = "fine-tune (or take --fine-tuned), then head/FFN importance (mean |dL/dgate|): an importance entry"
     Options = ImportanceOptions
 

@@ -2,7 +2,7 @@
 shipped for the backbone, published to the registry on first use, else the registry's newest
 ticket found on that backbone. And the consensus of several tickets, which is what ships.
 
-Tickets transfer between tasks (benchmarks/dominant.md), so a new task need not pay for a
+Tickets transfer between tasks (benchmarks/studies/dominant.md), so a new task need not pay for a
 search: the shipped ticket is the consensus of the four GLUE tasks' tickets on the bundled
 MiniLM, stored as a registry bundle (`registry export`) inside the package.
 """

@@ -34,16 +34,8 @@ from ticketserve.core.tasks import get_task
 from ticketserve.registry import ArtifactVersion, BackboneRef, HeadConfig, Store, TaskSpec
 from ticketserve.trainers.base import Method, Outcome, RunContext, register_method, run_manifest
 from ticketserve.trainers.config import TrainConfig
-from ticketserve.trainers.loop import (
-    MODEL_INPUTS,
-    accelerator_for,
-    adamw,
-    evaluation_batches,
-    linear_schedule,
-    scores,
-    tokenize,
-    training_batches,
-)
+from ticketserve.trainers.loop import (MODEL_INPUTS, accelerator_for, adamw, evaluation_batches, linear_schedule,
+                                       scores, tokenize, training_batches)
 from ticketserve.trainers.supertickets import SweepOptions, keep_masks, sweep
 
 Mask = tuple[torch.Tensor, torch.Tensor]  # keep heads (L, H), keep FFN (L,)

@@ -1,0 +1,1 @@
+"""System benchmarks: serving speed, memory, the chaos run, kernels, the GPU check."""

@@ -1,0 +1,142 @@
+"""The server process's malloc settings against the forward pass: QPS, page faults and system
+CPU of `ticketserve serve` under a gRPC load, and of the in-process Engine under the same
+load, for each allocator setting, in one sitting, runs interleaved.
+
+    python -m benchmarks.system.allocator [--seconds 20] [--rounds 2]
+
+The server (or the in-process engine) runs on core 0 with one torch thread; the load — 32
+asyncio gRPC channels (server), or 32 submitter threads (in process) — on core 1. One SST-2
+sentence per request over 8 Dominant-1-sized row-delta tasks at random, on the bundled MiniLM.
+Each setting is the environment the process starts with (glibc reads MALLOC_*_ itself; our
+`tune_malloc()` applies only what the environment leaves unset; TICKETSERVE_MALLOC_TRIM picks
+the server's trim policy, runtime/server/memory.py):
+
+  shipped-1MiB        as shipped until #34: a fixed 1 MiB mmap threshold, 2 arenas, no trimming
+  32MiB-trim-2s       mmap threshold 32 MiB (glibc's maximum), trim threshold 1 GiB, 2 arenas,
+                      `malloc_trim` every 2 s
+  32MiB-no-trim       the same thresholds, never trimming
+  32MiB-trim-adaptive the same thresholds, `malloc_trim` only when it gives memory back: in-use
+                      bytes fell, or resident bytes grew beyond them, by the slack
+  32MiB-adaptive-huge-pages  the same, and glibc.malloc.hugetlb=1 (transparent huge pages for
+                      malloc) for the engine too: half the server's faults, but the chaos run's
+                      RSS grew 15 % (target 10 %), so the server does not set it
+
+Every other setting runs with glibc.malloc.hugetlb=0 (glibc's default, spelled out).
+The in-process engine never trims, so it is measured once per malloc environment and round.
+
+Results: benchmarks/results/allocator.jsonl and benchmarks/system/allocator.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks.common import cpu_name, publish
+from benchmarks.system.serving import load, served
+
+HERE = Path(__file__).parent
+RESULTS = common.RESULTS / "allocator.jsonl"
+REPORT = HERE / "allocator.md"
+TASKS = [f"alloc-{i}" for i in range(8)]
+CLIENTS = 32
+SHIPPED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "2",  # glibc's trim threshold stays at
+           "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}                         # 128 KiB once mmap's is fixed
+RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "2"}
+NO_HUGE, HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+SETTINGS = {  # name → (malloc environment, the engine run it is compared with, the server's trim policy)
+    "shipped-1MiB": (SHIPPED | NO_HUGE, "1MiB", "off"),
+    "32MiB-trim-2s": (RAISED | NO_HUGE, "32MiB", "always"),
+    "32MiB-no-trim": (RAISED | NO_HUGE, "32MiB", "off"),
+    "32MiB-trim-adaptive": (RAISED | NO_HUGE, "32MiB", "adaptive"),
+    "32MiB-adaptive-huge-pages": (RAISED | HUGE, "32MiB-huge", "adaptive"),
+}
+
+
+def environment(setting: str) -> dict[str, str]:
+    malloc, _, policy = SETTINGS[setting]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return env | malloc | {"TICKETSERVE_MALLOC_TRIM": policy}
+
+
+def serve_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
+    """`ticketserve serve` on core 0 under 32 asyncio gRPC channels on core 1 (benchmarks/system/loadgen.py)."""
+    with served(registry, TASKS, [0], environment(setting)) as (server, port, _):
+        return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), server.pid, port=port, warmup=warmup)
+
+
+def engine_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
+    """The in-process Engine under 32 submitter threads on core 0 (its submitters share that core,
+    as the server's event loop does)."""
+    return load("engine", [0], TASKS, CLIENTS, seconds, environment(setting), registry=registry, warmup=warmup)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    args = parser.parse_args()
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.registry import open_store
+
+    registry = tempfile.mkdtemp(prefix="ts-alloc-")
+    store = open_store(registry)
+    publish(store, load_backbone(None, store), "row_delta", TASKS)
+    settings, run = args.settings.split(","), time.strftime("%Y-%m-%dT%H:%M:%S")
+    records = []
+    for round_ in range(args.rounds):
+        order = settings if round_ % 2 == 0 else settings[::-1]
+        engines = {}  # one engine run per malloc environment and round, before its first server run
+        for setting in order:
+            if SETTINGS[setting][1] not in engines:
+                engines[SETTINGS[setting][1]] = engine_side(registry, setting, args.seconds, args.warmup)
+            record = {"run": run, "cpu_count": os.cpu_count(), "device": "cpu", "device_name": cpu_name(),
+                      "round": round_, "seconds": args.seconds, "setting": setting, "side": "server",
+                      **serve_side(registry, setting, args.seconds, args.warmup)}
+            records += [record, {**record, **engines[SETTINGS[setting][1]], "side": "engine"}]
+            print(json.dumps(records[-2]), json.dumps(records[-1]), sep="\n", flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as out:
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    REPORT.write_text(report(records))
+    print(REPORT.read_text())
+
+
+def report(records: list[dict]) -> str:
+    lines = ["# Allocator settings: the server against the in-process engine", "",
+             f"`python -m benchmarks.system.allocator` ({records[0]['run']}, {len({r['round'] for r in records})} rounds, "
+             "interleaved). Server or engine on core 0 with one torch thread, the load on core 1; one SST-2 sentence "
+             f"per request, 8 row-delta tasks at random, bundled MiniLM, {records[0]['seconds']:.0f} s per measurement. "
+             "The engine never trims; its row is the same run for settings sharing its malloc environment. Ranges over "
+             "rounds.", "",
+             "| setting | side | QPS | server ÷ engine (same round) | minor faults / request | server ÷ engine | "
+             "system CPU s/s | server ÷ engine |", "|---|---|---|---|---|---|---|---|"]
+
+    def span(values: list[float], fmt: str) -> str:
+        low, high = min(values), max(values)
+        return format(low, fmt) if format(low, fmt) == format(high, fmt) else f"{format(low, fmt)}–{format(high, fmt)}"
+
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        for side in ("server", "engine"):
+            rows = [r for r in records if r["setting"] == setting and r["side"] == side]
+            pairs = [(s, e) for s in rows for e in records if e["setting"] == setting and e["side"] == "engine"
+                     and e["round"] == s["round"]] if side == "server" else []
+
+            def ratio(key: str) -> str:
+                return span([s[key] / max(e[key], 1e-9) for s, e in pairs], ".2f") if pairs else ""
+
+            lines.append(f"| {setting} | {side} | {span([r['qps'] for r in rows], '.1f')} | {ratio('qps')} | "
+                         f"{span([r['faults_per_request'] for r in rows], '.0f')} | {ratio('faults_per_request')} | "
+                         f"{span([r['system_cpu_per_s'] for r in rows], '.3f')} | {ratio('system_cpu_per_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
