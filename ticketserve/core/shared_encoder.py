@@ -6,8 +6,10 @@ state-dict names) that computes the shared product y = x·Wᵀ + b once — in i
 terms of every kind that keeps per-task state on this encoder (row deltas, LoRA factors,
 supermask corrections, a test's toy kind), always in the order of the kinds' names, so the
 result never depends on which task was attached first. Head and FFN gates are applied at
-their two fixed points (`gates.py`). The batch's routing and any explicit gates are given to
-the forward (`applying`), not read from ambient state.
+their two fixed points (`gates.py`). The batch's routing and any explicit gates are arguments
+of the encoder's forward (`encode`, `applying`), which holds them for its layers on the calling
+thread (transformers' layers call each Linear with the activations alone), never in a
+module-level context variable.
 
 The owner — the runtime, or a trainer — holds the `SharedEncoder` and with it every kind's
 state for this encoder (`state`): nothing lives in module globals, and two runtimes over one

@@ -1,2 +1,3 @@
-"""Runtime: applying tasks to the shared backbone (executor, ONNX backend), batching (engine),
-the gRPC server and its client. Imports core, never trainers."""
+"""Runtime: applying tasks to the shared backbone (executor, with its torch or ONNX backend),
+one tokenization (tokenizing), batching (engine), the server and its client. Imports core,
+never trainers."""
