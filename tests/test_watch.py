@@ -50,5 +50,5 @@ def test_a_poll_lists_the_registry_once_and_follows_what_moved(where, tmp_path, 
     counts.clear()
     loader.refresh()
     assert counts["ref_stamps"] == 1 and counts["resolve"] == 1, dict(counts)  # only the alias that moved
-    served = {row.alias: str(row.version) for row in loader.describe()[0] if row.alias}
+    served = {str(row.alias): str(row.version) for row in loader.describe()[0] if row.alias}
     assert served["w03:latest"] == "w03:2" and served["w04:latest"] == "w04:1"

@@ -75,7 +75,7 @@ def task_info(artifact: str, digest: str, manifest, state: str, resident_bytes: 
 async def tasks(loader: TaskLoader, admission: Admission, include_registry: bool) -> list[TaskInfo]:
     """Resident tasks, and with `include_registry` what else the registry offers."""
     rows, errored = loader.describe()
-    found = [task_info(str(r.version), r.version.digest, r.manifest, READY, r.bytes, errored.get(r.alias or "", ""))
+    found = [task_info(str(r.version), r.version.digest, r.manifest, READY, r.bytes, errored.get(r.alias, ""))
              for r in rows]
     if include_registry:
         loaded = {str(r.version) for r in rows}

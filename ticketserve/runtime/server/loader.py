@@ -55,7 +55,7 @@ class Resident:
     version: ArtifactVersion
     manifest: Manifest
     bytes: int
-    alias: str | None  # the name or name:tag it serves, if any
+    alias: Reference | None  # the name:tag it serves, if any
 
 
 @dataclass
@@ -78,14 +78,14 @@ class TaskLoader:
         # .task_resident(handle, resident: bool)
         self.observer = observer
         self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
-        self.aliases: dict[str, str] = {}  # "name:tag" → resident key
-        self.errors: dict[str, str] = {}  # alias → why its last load failed
-        self.last_good: dict[str, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
+        self.aliases: dict[Reference, str] = {}  # name:tag → resident key
+        self.errors: dict[Reference, str] = {}  # alias → why its last load failed
+        self.last_good: dict[Reference, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
         self.failures: dict[str, LoadFailure] = {}  # version key → its last failed load
         self._stamps = self._initial_stamps()  # the registry's ref stamps at the last poll
-        self.pinned: set[str] = set()  # aliases and version keys never evicted (the operator's --preload)
+        self.pinned: set[Reference] = set()  # aliases and versions never evicted (the operator's --preload)
         self._looks = itertools.count()  # numbers each look at the registry, in the order they began
-        self._installed: dict[str, int] = {}  # alias → the look its version came from (kept past eviction)
+        self._installed: dict[Reference, int] = {}  # alias → the look its version came from (kept past eviction)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
 
@@ -119,7 +119,7 @@ class TaskLoader:
         self._report("miss")
         return handle
 
-    def _last_good(self, alias: str | None, target: ArtifactVersion, exc: TicketserveError) -> TaskHandle:
+    def _last_good(self, alias: Reference | None, target: ArtifactVersion, exc: TicketserveError) -> TaskHandle:
         """The version an alias served before its tag moved to one that cannot be served —
         what hot swap keeps serving, so it keeps doing so after an eviction too."""
         previous = self.last_good.get(alias) if alias else None
@@ -153,7 +153,7 @@ class TaskLoader:
         changed = {name for name in stamps.keys() | self._stamps.keys() if stamps.get(name) != self._stamps.get(name)}
         self._stamps = stamps
         for alias, current in aliases.items():
-            if alias.split(":")[0] not in changed and alias not in self.errors:
+            if alias.name not in changed and alias not in self.errors:
                 continue
             look = next(self._looks)
             try:
@@ -181,7 +181,7 @@ class TaskLoader:
             if moved:
                 log.info("%s now serves %s (was %s)", alias, handle.key, current)
 
-    def _install(self, alias: str, handle: TaskHandle, look: int) -> bool:
+    def _install(self, alias: Reference, handle: TaskHandle, look: int) -> bool:
         """Point `alias` at `handle` unless a later look at the registry already placed it (under
         the lock); True when it moved."""
         if look < self._installed.get(alias, -1):
@@ -191,7 +191,7 @@ class TaskLoader:
         self.last_good[alias] = handle.version
         return True
 
-    def _alias_failed(self, alias: str, current: str, exc: Exception) -> None:
+    def _alias_failed(self, alias: Reference, current: str, exc: Exception) -> None:
         """Record why an alias cannot follow its tag; log each new reason once (a bug with its traceback)."""
         expected = isinstance(exc, TicketserveError)
         reason = str(exc) if expected else f"unexpected {type(exc).__name__}: {exc}"
@@ -205,7 +205,7 @@ class TaskLoader:
         handle = self.acquire(name, version)
         if pin:
             with self._lock:
-                self.pinned.add(self._alias(Reference.of(name, version)) or handle.key)
+                self.pinned.add(self._alias(Reference.of(name, version)) or _pin(handle.version))
         self.release(handle)
         return handle
 
@@ -214,9 +214,9 @@ class TaskLoader:
         hold a version finish on it; it goes when the last one releases it."""
         check_name(name)
         with self._lock:
-            for alias in [a for a in self.aliases if a.split(":")[0] == name]:
+            for alias in [a for a in self.aliases if a.name == name]:
                 del self.aliases[alias]
-            self.pinned = {pin for pin in self.pinned if pin.split(":")[0] != name}
+            self.pinned = {pin for pin in self.pinned if pin.name != name}
             handles = [h for h in self.resident.values() if h.version.name == name and not h.retired]
             for handle in handles:
                 self._retire(handle)
@@ -225,8 +225,9 @@ class TaskLoader:
     # -- internals ----------------------------------------------------------------------------
 
     @staticmethod
-    def _alias(ref: Reference) -> str | None:
-        return None if ref.pinned else f"{ref.name}:{ref.selector or DEFAULT_TAG}"
+    def _alias(ref: Reference) -> Reference | None:
+        """What an unpinned reference follows: its name and tag (`latest` when it names none)."""
+        return None if ref.pinned else Reference(ref.name, ref.selector or DEFAULT_TAG)
 
     def _hold(self, handle: TaskHandle, hit: bool) -> TaskHandle:
         handle.refs += 1
@@ -292,15 +293,15 @@ class TaskLoader:
             if total <= self.cache_bytes:
                 break
             handle = self.resident[key]
-            if handle.refs == 0 and not self._pinned(key):
+            if handle.refs == 0 and not self._pinned(handle):
                 total -= handle.bytes
                 self._unload(handle)
                 for alias in [a for a, k in self.aliases.items() if k == key]:
                     del self.aliases[alias]
                 self._report("eviction")
 
-    def _pinned(self, key: str) -> bool:
-        return key in self.pinned or any(self.aliases.get(alias) == key for alias in self.pinned)
+    def _pinned(self, handle: TaskHandle) -> bool:
+        return _pin(handle.version) in self.pinned or any(self.aliases.get(pin) == handle.key for pin in self.pinned)
 
     def _retire(self, handle: TaskHandle) -> None:
         handle.retired = True
@@ -348,3 +349,8 @@ class TaskLoader:
         """Version key → why its last load failed."""
         with self._lock:
             return {key: str(failure.error) for key, failure in self.failures.items()}
+
+
+def _pin(version: ArtifactVersion) -> Reference:
+    """The reference that pins one version."""
+    return Reference(version.name, str(version.version))

@@ -76,7 +76,7 @@ class TasksService(rpc.TasksServicer):
         resident = {str(r.version): r.bytes for r in rows}
         state = about.READY if str(version) in resident else about.AVAILABLE
         error = self.loader.failed().get(str(version)) or next(
-            (e for a, e in errored.items() if a.split(":")[0] == request.task), "")
+            (e for a, e in errored.items() if a.name == request.task), "")
         if error and state != about.READY:
             state = about.ERRORED
         return pb.GetTaskResponse(task=_task(about.task_info(str(version), version.digest, manifest, state,
