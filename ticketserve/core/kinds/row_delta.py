@@ -78,6 +78,7 @@ class RowDeltas(Terms):
                        for name, layer in shared.matrices.items()}
         self.in_features = {name: layer.in_features for name, layer in shared.matrices.items()}
         self.trainable: dict[str, dict[int, RowDelta]] = {}  # matrix → slot → rows
+        self.biased: set[tuple[str, int]] = set()  # (matrix, slot) whose rows include the bias row
 
     def serve(self, slot: int, matrix: str, index: torch.Tensor, delta: torch.Tensor) -> None:
         """Put a payload's rows (`.index`, `.delta`) into the matrix's table under `slot`."""
@@ -87,11 +88,14 @@ class RowDeltas(Terms):
         rows = torch.cat([in_delta if in_delta is not None else delta[:0],
                           (bias_delta if bias_delta is not None else torch.zeros_like(delta[0])).unsqueeze(0)])
         self.tables[matrix].put(slot, k, (in_index, rows))
+        if bias_delta is not None:
+            self.biased.add((matrix, slot))
 
     def drop(self, slot: int, matrix: str | None = None) -> None:
         for name in [matrix] if matrix else list(self.tables):
             self.trainable.get(name, {}).pop(slot, None)
             self.tables[name].drop(slot)
+            self.biased.discard((name, slot))
 
     def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         table = self.tables[matrix]
@@ -103,10 +107,12 @@ class RowDeltas(Terms):
             if found is None:
                 return y
             (row, k), (index, delta) = found, table.tensors
-            return add_rows(x, y, index[row, :k], delta[row, :k] if k else None, delta[row, -1])
-        if not table or not any(table.rows_of(routing)):
+            return add_rows(x, y, index[row, :k], delta[row, :k] if k else None,
+                            delta[row, -1] if (matrix, uniform) in self.biased else None)
+        rows = table.rows_of(routing)
+        if not any(rows):
             return y
-        index, delta = table.for_batch(routing)
+        index, delta = table.gather(rows)
         picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
         picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
         return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
