@@ -153,6 +153,12 @@ def decode_masks(tensors: Tensors, weights: dict[str, torch.Tensor]) -> dict[str
     return masks
 
 
+def masks_for(tensors: Tensors, encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A payload's masks, references decoded against `encoder`'s weights (the float32 ones)."""
+    params = dict(encoder.named_parameters())
+    return decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)})
+
+
 def masked_names(tensors: Tensors) -> list[str]:
     return sorted(key.removesuffix(MASK) for key in tensors if key.endswith(MASK))
 
@@ -213,13 +219,9 @@ class Supermasks(Terms):
         self.cache = MaskCache()
         self.sources: dict[int, Tensors] = {}  # corrected slot → the artifact's tensors (rebuilt from on a cache miss)
 
-    def masks(self, tensors: Tensors) -> dict[str, torch.Tensor]:
-        """A task's masks, references decoded against the float32 weights."""
-        exact = dict(self.shared.master.named_parameters())
-        return decode_masks(tensors, {n: exact[f"{n}.weight"] for n in masked_names(tensors)})
-
     def positions(self, slot: int) -> dict[str, MaskedPositions]:
-        return self.cache.get(slot, lambda: masked_positions(self.shared, self.masks(self.sources[slot])))
+        shared = self.shared
+        return self.cache.get(slot, lambda: masked_positions(shared, masks_for(self.sources[slot], shared.master)))
 
     def add(self, matrix: str, layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         if not self.sources:
@@ -254,15 +256,14 @@ class MaskedEncoder(nn.Module):
 
     def masked_weights(self, masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         shared = self.shared[0]
-        state = masks_on(shared)
-        params = dict(shared.module.named_parameters())
 
-        def build() -> dict[str, torch.Tensor]:
+        def build() -> dict[str, torch.Tensor]:  # on a cache miss only
+            params = dict(shared.module.named_parameters())
             weights = {n: params[f"{n}.weight"].detach() for n in masked_names(self.tensors)}
             return {f"{n}.weight": weights[n] * m.to(weights[n].device, weights[n].dtype)
-                    for n, m in (masks or state.masks(self.tensors)).items()}
+                    for n, m in (masks or masks_for(self.tensors, shared.master)).items()}
 
-        return state.cache.get(self.slot, build)
+        return masks_on(shared).cache.get(self.slot, build)
 
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.shared[0].module, self.masked_weights(), args, kwargs, strict=False)
@@ -306,7 +307,7 @@ class SupermaskKind(Kind):
             reference = tensors.get(name + REFERENCE)
             if reference is not None and (reference.dtype != torch.int64 or reference.shape != (1,)):
                 raise CorruptArtifact(f"supermask {name}: reference must be one int64 count")
-        return Prepared(tensors, decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)}))
+        return Prepared(tensors, masks_for(tensors, encoder))
 
     def attach(self, shared: SharedEncoder, slot: int, prepared: Prepared) -> nn.Module:
         positions = correctable(shared, prepared.masks)
@@ -326,5 +327,4 @@ class SupermaskKind(Kind):
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         params = dict(encoder.named_parameters())
-        masks = decode_masks(tensors, {n: params[f"{n}.weight"] for n in masked_names(tensors)})
-        return {f"{n}.weight": params[f"{n}.weight"].detach() * m for n, m in masks.items()}
+        return {f"{n}.weight": params[f"{n}.weight"].detach() * m for n, m in masks_for(tensors, encoder).items()}
