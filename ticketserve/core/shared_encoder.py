@@ -100,14 +100,15 @@ class SharedEncoder:
         self._lock = threading.Lock()
         self.matrices: dict[str, TaskLinear] = {}
         for index, block in enumerate(encoder_layers(module)):
-            for suffix, linear in {s: block.get_submodule(s) for s in MATRICES}.items():
-                name = f"encoder.layer.{index}.{suffix}"
+            for suffix in MATRICES:
+                name, linear = f"encoder.layer.{index}.{suffix}", block.get_submodule(suffix)
                 if isinstance(linear, TaskLinear):  # composed before: this host takes it over, empty
                     linear.host = self
                 else:
                     linear = TaskLinear(linear, name, self, index if suffix == "attention.output.dense" else None,
                                         index if suffix == "output.dense" else None)
-                    block.get_submodule(suffix.rpartition(".")[0]).register_module(suffix.rpartition(".")[2], linear)
+                    parent, _, child = suffix.rpartition(".")
+                    block.get_submodule(parent).register_module(child, linear)
                 self.matrices[name] = linear
 
     @property

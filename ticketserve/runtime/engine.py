@@ -1,8 +1,8 @@
 """Dynamic micro-batching across concurrent requests, mixing tasks in one forward pass.
 
 Requests are bounded and tokenized by the caller (`tokenizing.py`: bytes per text, cut before
-tokenizing), queued, and served by one inference thread that gathers up to `max_batch_size` examples / `max_batch_tokens` padded tokens, waiting at most
-`max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
+tokenizing), queued, and served by one inference thread that gathers up to `max_batch_size`
+examples / `max_batch_tokens` padded tokens, waiting at most `max_queue_delay_ms` for company. A full queue refuses new work (back-pressure, not
 unbounded memory); expired or cancelled requests are dropped before they cost a forward.
 The engine knows nothing of gRPC: callers get `concurrent.futures.Future`s.
 """
@@ -78,7 +78,6 @@ class Engine:
         self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
         self.tokenization = Tokenization.for_backbone(runtime.backbone, self.config.max_tokens_per_text,
                                                       self.config.max_text_bytes, self.config.truncate)
-        self.max_tokens = self.tokenization.max_tokens
         self._queue: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = True

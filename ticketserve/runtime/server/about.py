@@ -57,7 +57,7 @@ def server_info(engine: Engine, registry_url: str, max_message_bytes: int) -> Se
         version=__version__, backbone=backbone.name, fingerprint=backbone.fingerprint,
         model_type=backbone.config.model_type, device=str(engine.runtime.device),
         dtype=str(engine.runtime.dtype).removeprefix("torch."), quantize=engine.runtime.quantize, registry=registry_url,
-        limits=Limits(max_texts_per_request=config.max_texts_per_request, max_tokens_per_text=engine.max_tokens,
+        limits=Limits(max_texts_per_request=config.max_texts_per_request, max_tokens_per_text=engine.tokenization.max_tokens,
                       truncate=config.truncate, max_batch_size=config.max_batch_size,
                       max_batch_tokens=config.max_batch_tokens, max_queue_size=config.max_queue_size,
                       max_message_bytes=max_message_bytes, max_text_bytes=config.max_text_bytes))
