@@ -184,6 +184,44 @@ def test_a_slow_first_load_of_an_older_version_never_moves_the_alias_back(regist
     loader.release(again)
 
 
+def test_a_newer_first_load_that_finishes_last_still_moves_the_alias_forward(registry, tiny_bert):
+    """Seen in the chaos run: two first loads raced, the older look (alpha:1) finished first and
+    took the alias; the newer (alpha:2) finished second, found the alias taken and left it, so
+    requests that began after a client had alpha:2 got alpha:1 until the next poll."""
+    from ticketserve.runtime.server.loader import TaskLoader
+
+    backbone = load_backbone(tiny_bert)
+    resolved = {"older": threading.Event(), "newer": threading.Event()}
+    go_on = {"older": threading.Event(), "newer": threading.Event()}
+
+    class PausedLooks(type(registry)):
+        def resolve(self, ref):
+            found = super().resolve(ref)
+            name = threading.current_thread().name
+            if name in resolved:
+                resolved[name].set()
+                go_on[name].wait(10)
+            return found
+
+    loader = TaskLoader(PausedLooks(registry.url), Runtime(backbone, device="cpu"), cache_bytes=1 << 30)
+    got: dict = {}
+    threads = {name: threading.Thread(target=lambda name=name: got.__setitem__(name, loader.acquire("alpha")), name=name)
+               for name in ("older", "newer")}
+    threads["older"].start()
+    assert resolved["older"].wait(10)  # found alpha:1
+    publish_row_task(registry, backbone, "alpha", 40)  # alpha:2
+    threads["newer"].start()
+    assert resolved["newer"].wait(10)  # found alpha:2
+    for name in ("older", "newer"):  # the older look finishes first
+        go_on[name].set()
+        threads[name].join(10)
+        loader.release(got[name])
+    assert (got["older"].key, got["newer"].key) == ("alpha:1", "alpha:2")
+    again = loader.acquire("alpha")
+    assert again.key == "alpha:2"  # the alias follows the newer look, whichever finished last
+    loader.release(again)
+
+
 def test_a_failing_attach_is_rolled_back_and_typed(tiny_checkpoints, monkeypatch):
     from tests.helpers import in_memory_artifact
     from ticketserve.core.errors import CorruptArtifact

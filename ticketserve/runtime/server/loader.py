@@ -114,7 +114,7 @@ class TaskLoader:
         except (CorruptArtifact, BackboneMismatch) as exc:
             handle = self._last_good(alias, target, exc)
         with self._lock:
-            if alias and alias not in self.aliases:
+            if alias:  # whichever first load finishes last, the newest look places the alias
                 self._install(alias, handle, look)
         self._report("miss")
         return handle
