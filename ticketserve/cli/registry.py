@@ -158,16 +158,19 @@ def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help
                                                           "hf a directory or a Hugging Face hub id")],
                     format: Annotated[str, typer.Option(help="bundle (written by `registry export`) | peft (a LoRA "
                                                         "adapter written by PeftModel.save_pretrained) | hf (a "
-                                                        "fine-tuned *ForSequenceClassification checkpoint)")] = "bundle",
+                                                        "fine-tuned *ForSequenceClassification checkpoint) | "
+                                                        "sentence-transformers (an embedding model)")] = "bundle",
                     task: Annotated[Optional[str], typer.Option(help="peft, hf: the task the classifier serves "
                                                                 "(sst2, mrpc, …)")] = None,
-                    name: Annotated[Optional[str], typer.Option(help="peft, hf: the artifact name")] = None,
+                    name: Annotated[Optional[str], typer.Option(help="peft, hf, sentence-transformers: the artifact "
+                                                                "name")] = None,
                     backbone: BackboneOpt = None,
                     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags")] = None,
                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
     """Publish a bundle written by `registry export` (every checksum checked); a PEFT LoRA
-    adapter of a BERT/RoBERTa sequence classifier as a `lora` artifact; or a fine-tuned
-    Hugging Face sequence classifier as a `full` artifact."""
+    adapter of a BERT/RoBERTa sequence classifier as a `lora` artifact; a fine-tuned
+    Hugging Face sequence classifier as a `full` artifact; or a sentence-transformers model as
+    an embedding task (`plain` on its own base model, else `full`)."""
     store = store_at(registry)
     if format == "bundle":
         if not Path(source).is_file():
@@ -185,8 +188,17 @@ def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help
         read = read_peft if format == "peft" else read_classifier
         manifest, tensors = read(source, load_backbone(backbone, store), name, get_task(task))
         version = artifact.publish(store, manifest, tensors, tuple(tag or ()))
+    elif format == "sentence-transformers":
+        from ticketserve.core import artifact
+        from ticketserve.core.backbone import load_backbone
+        from ticketserve.formats.sentence_transformers import read_sentence_transformer
+
+        if name is None:
+            raise InvalidArgument("--format sentence-transformers needs --name (the embedding task's name)")
+        manifest, tensors = read_sentence_transformer(source, load_backbone(backbone, store), name)
+        version = artifact.publish(store, manifest, tensors, tuple(tag or ()))
     else:
-        raise InvalidArgument(f"unknown import format {format!r} (bundle, peft, hf)")
+        raise InvalidArgument(f"unknown import format {format!r} (bundle, peft, hf, sentence-transformers)")
     emit(as_json, {"artifact": str(version), "digest": version.digest}, lambda: out.print(f"imported {version}"))
 
 

@@ -84,7 +84,7 @@ def predict(
             raise InvalidArgument("give an ARTIFACT and at least one text (or --server HOST:PORT --task NAME)")
         runtime, loaded = runtime_for(args[0], registry, backbone, dtype, quantize)
         texts = args[1:]
-        if loaded.spec.text_pair_field and not pair:
+        if loaded.spec.takes_pairs and not pair:
             raise InvalidArgument(f"task {loaded.spec.name} takes text pairs: give --pair once per text")
         results = runtime.predict([loaded] * len(texts), texts, pair)
         artifact_name, regression = str(loaded.version), loaded.spec.is_regression

@@ -15,7 +15,7 @@ from ticketserve import __version__
 from ticketserve.core.backbone import Backbone
 from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.core.kinds import get_kind
-from ticketserve.core.model import HEAD_PREFIX, TaskHead
+from ticketserve.core.model import HEAD_PREFIX, head_shapes
 from ticketserve.registry import ArtifactVersion, Manifest, Reference, Store
 
 PAYLOAD = "payload.safetensors"
@@ -87,12 +87,12 @@ def check_backbone(version: ArtifactVersion, manifest: Manifest, backbone: Backb
 
 
 def _check_head(artifact: Artifact, backbone: Backbone) -> None:
-    """Exactly the head's tensors (a weight and a bias; a dense layer's too with `dense`),
-    floating point, shaped for the task's outputs and the backbone's width — whatever
-    `TaskHead.from_tensors` would fail on later fails here."""
+    """Exactly the head's tensors (a weight and a bias; a dense layer's too with `dense`; an
+    embedding's projection, or none), floating point, shaped for the task's outputs and the
+    backbone's width — whatever `head_from_tensors` would fail on later fails here."""
     version, manifest, tensors = artifact.version, artifact.manifest, artifact.head_tensors
     outputs, hidden = manifest.task.num_outputs, backbone.config.hidden_size
-    expected = TaskHead.shapes(hidden, outputs, manifest.head)
+    expected = head_shapes(manifest.task, manifest.head, hidden)
     if tensors.keys() != expected.keys():
         raise CorruptArtifact(f"{version}: the task head must be exactly {', '.join(expected)} "
                               f"(payload has {', '.join(sorted(tensors)) or 'none'})")

@@ -1,13 +1,16 @@
-"""The task model: shared encoder → pooling → task head. Used by trainers and the runtime."""
+"""The task model: shared encoder → pooling → task head (a label, value or score: `TaskHead`;
+a vector: `EmbeddingHead`). Used by trainers and the runtime."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ticketserve.core.losses import task_loss
 from ticketserve.registry.manifest import HeadConfig, TaskSpec
 
 HEAD_PREFIX = "head."
+PAIR = "pair_"  # a training batch's second texts, embedded apart: pair_input_ids, pair_attention_mask, …
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -59,21 +62,90 @@ class TaskHead(nn.Module):
         return head.eval()
 
 
-class TaskModel(nn.Module):
-    """Encoder + head; `forward` returns logits (or one value per example for regression)."""
+class EmbeddingHead(nn.Module):
+    """Pooling, an optional projection (+ activation) and optional L2 normalisation — what a
+    sentence-transformers model's Pooling, Dense and Normalize modules compute. Its tensors,
+    with a projection only: `head.weight` (projection, hidden) and `head.bias`."""
 
-    def __init__(self, encoder: nn.Module, spec: TaskSpec, head_config: HeadConfig):
+    def __init__(self, hidden_size: int, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.projection = nn.Linear(hidden_size, config.projection) if config.projection else None
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+            if self.config.activation == "tanh":
+                pooled = torch.tanh(pooled)
+        return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {HEAD_PREFIX + k.removeprefix("projection."): v.detach().cpu().contiguous()
+                for k, v in self.state_dict().items()}
+
+    @staticmethod
+    def shapes(hidden_size: int, config: HeadConfig) -> dict[str, tuple[int, ...]]:
+        if not config.projection:
+            return {}
+        return {HEAD_PREFIX + "weight": (config.projection, hidden_size), HEAD_PREFIX + "bias": (config.projection,)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: HeadConfig, hidden_size: int) -> EmbeddingHead:
+        head = cls(hidden_size, config)
+        head.load_state_dict({"projection." + k.removeprefix(HEAD_PREFIX): v
+                              for k, v in tensors.items() if k.startswith(HEAD_PREFIX)})
+        return head.eval()
+
+    def width(self, hidden_size: int) -> int:
+        return self.config.projection or hidden_size
+
+
+def make_head(spec: TaskSpec, config: HeadConfig, hidden_size: int) -> nn.Module:
+    """A fresh head for a task: an embedding head, or a linear head of the task's outputs."""
+    if spec.type == "embedding":
+        return EmbeddingHead(hidden_size, config)
+    return TaskHead(hidden_size, spec.num_outputs, config)
+
+
+def head_shapes(spec: TaskSpec, config: HeadConfig, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Every head tensor's name and shape, for a task, its head config and a backbone width."""
+    if spec.type == "embedding":
+        return EmbeddingHead.shapes(hidden_size, config)
+    return TaskHead.shapes(hidden_size, spec.num_outputs, config)
+
+
+def head_from_tensors(spec: TaskSpec, config: HeadConfig, tensors: dict[str, torch.Tensor],
+                      hidden_size: int) -> nn.Module:
+    """A stored head, ready to run (shapes checked by `artifact.load` before)."""
+    if spec.type == "embedding":
+        return EmbeddingHead.from_tensors(tensors, config, hidden_size)
+    return TaskHead.from_tensors(tensors, config)
+
+
+class TaskModel(nn.Module):
+    """Encoder + head; `forward` returns logits (one value per example for regression and
+    reranking, a vector for embeddings). A training batch of an embedding task carries both
+    texts of each pair (the second under `pair_…` names): both are embedded, stacked (B, 2, d)."""
+
+    def __init__(self, encoder: nn.Module, spec: TaskSpec, head_config: HeadConfig, loss: str | None = None):
         super().__init__()
         self.encoder = encoder
         self.spec = spec
-        self.head = TaskHead(encoder.config.hidden_size, spec.num_outputs, head_config)
+        self.objective = loss
+        self.head = make_head(spec, head_config, encoder.config.hidden_size)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
-        hidden = encode(self.encoder, input_ids, attention_mask, token_type_ids)
-        return self.head(hidden, attention_mask)
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, pair_input_ids=None,
+                pair_attention_mask=None, pair_token_type_ids=None):
+        out = self.head(encode(self.encoder, input_ids, attention_mask, token_type_ids), attention_mask)
+        if pair_input_ids is None:
+            return out
+        other = self.head(encode(self.encoder, pair_input_ids, pair_attention_mask, pair_token_type_ids),
+                          pair_attention_mask)
+        return torch.stack((out, other), 1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return task_loss(self.spec, logits, labels)
+        return task_loss(self.spec, logits, labels, self.objective)
 
 
 def encode(encoder: nn.Module, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -82,11 +154,8 @@ def encode(encoder: nn.Module, input_ids, attention_mask, token_type_ids=None) -
 
 
 def predictions(spec: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    """What a task's metrics score: label ids, values, relevance logits, or — for an embedding
+    task's pairs (B, 2, d) — the cosine similarity of each pair."""
+    if spec.type == "embedding":
+        return nn.functional.cosine_similarity(logits[:, 0], logits[:, 1], dim=-1)
     return logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)
-
-
-def task_loss(spec: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean squared error for regression, cross-entropy for classification."""
-    if spec.is_regression:
-        return nn.functional.mse_loss(logits.squeeze(-1), labels.float())
-    return nn.functional.cross_entropy(logits, labels)

@@ -45,6 +45,20 @@ def get_task(name: str) -> TaskSpec:
         ) from None
 
 
+def as_type(spec: TaskSpec, task_type: str) -> TaskSpec:
+    """A pair task turned into another type over the same data (`train --type`): `embedding`
+    embeds each text apart and is scored by the Spearman correlation of the pairs' cosine
+    similarity with their labels (STS-B's scores, MRPC's paraphrase labels); `reranking` scores
+    each pair with one relevance logit, trained against labels scaled to [0, 1]."""
+    if task_type == spec.type:
+        return spec
+    if task_type not in ("embedding", "reranking"):
+        raise InvalidArgument(f"--type {task_type}: a task turns into embedding or reranking (it is {spec.type})")
+    if not spec.text_pair_field:
+        raise InvalidArgument(f"task {spec.name} has single texts; {task_type} tasks train on text pairs")
+    return spec.model_copy(update={"type": task_type, "labels": [], "metric": "spearman", "extra_metrics": ["pearson"]})
+
+
 def custom_task(name: str, text_field: str, text_pair_field: str | None, label_field: str,
                 labels: list[str], metric: str | None = None) -> TaskSpec:
     """A task over the user's own files; `labels` empty means regression."""
@@ -55,7 +69,8 @@ def custom_task(name: str, text_field: str, text_pair_field: str | None, label_f
 
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """Primary + extra metrics. `predictions` are label ids, or values for regression."""
+    """Primary + extra metrics. `predictions` are label ids, values, relevance logits or pairs'
+    cosine similarities (what `model.predictions` gives)."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 

@@ -39,7 +39,7 @@ def read_classifier(source: str | Path, backbone: Backbone, name: str,
     """The manifest and tensors of a `full` artifact equal to the classifier on this backbone."""
     directory = local_directory(str(source), FILES)
     _check_config(directory, backbone)
-    state = {encoder_key(key): tensor for key, tensor in _weights(directory).items()
+    state = {encoder_key(key): tensor for key, tensor in read_weights(directory).items()
              if encoder_key(key) not in BUFFERS}
     head, head_config = classifier_head(state, backbone, spec)
     reference = backbone.model.state_dict()
@@ -63,6 +63,11 @@ def _check_config(directory: Path, backbone: Backbone) -> None:
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise InvalidArgument(f"{directory} is a {', '.join(architectures) or 'model without architectures'}; "
                               "--format hf imports *ForSequenceClassification checkpoints")
+    check_same_config(config, backbone)
+
+
+def check_same_config(config: dict, backbone: Backbone) -> None:
+    """Refuse a checkpoint config whose shapes or numerics differ from the backbone's."""
     ours = backbone.config.to_dict()
     differ = [f"{key} {config.get(key)!r} (backbone: {ours.get(key)!r})" for key in SAME_CONFIG
               if key in config and config[key] != ours.get(key)]
@@ -71,7 +76,7 @@ def _check_config(directory: Path, backbone: Backbone) -> None:
                               "— pass --backbone with the model it was fine-tuned from")
 
 
-def _weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \

@@ -11,10 +11,12 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+# What a task returns: a label, a value, a vector, or a pair's relevance score (a cross-encoder).
+TASK_TYPES = ("classification", "regression", "embedding", "reranking")
 
 
 class _Strict(BaseModel):
@@ -22,9 +24,13 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """A supervised text task: which fields hold the text, what the labels mean, how it is scored."""
+    """A supervised text task: what it returns, which fields hold the text, what the labels
+    mean, how it is scored. An embedding task's pair field and labels are its training data
+    (pairs with a similarity score, or positive pairs); it embeds one text at a time."""
 
     name: str
+    type: Literal[TASK_TYPES] = Field(description="classification | regression | embedding | reranking; "  # type: ignore[valid-type]
+                                      "manifests without it are classification (labels) or regression")
     text_field: str
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -36,9 +42,30 @@ class TaskSpec(_Strict):
     train_split: str = "train"
     eval_split: str = "validation"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _type_of_older_manifests(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") is None:
+            data = {**data, "type": "classification" if data.get("labels") else "regression"}
+        return data
+
+    @model_validator(mode="after")
+    def _labels_fit_the_type(self) -> TaskSpec:
+        if (self.type == "classification") != bool(self.labels):
+            raise ValueError(f"a {self.type} task {'needs' if self.type == 'classification' else 'takes no'} label names")
+        if self.type in ("embedding", "reranking") and not self.text_pair_field:
+            raise ValueError(f"an {self.type} task trains on text pairs: it needs text_pair_field")
+        return self
+
     @property
     def is_regression(self) -> bool:
+        """Whether its labels are numbers (every type but classification)."""
         return not self.labels
+
+    @property
+    def takes_pairs(self) -> bool:
+        """Whether a request's inputs are text pairs (an embedding task embeds single texts)."""
+        return self.text_pair_field is not None and self.type != "embedding"
 
     @property
     def num_outputs(self) -> int:
@@ -46,13 +73,19 @@ class TaskSpec(_Strict):
 
 
 class HeadConfig(_Strict):
-    """The task head on top of the encoder: pooling of token states, optionally a dense layer
-    with tanh (`dense`: the heads of Hugging Face's BERT and RoBERTa sequence classifiers,
-    which pool the first token), then dropout + linear."""
+    """The task head on top of the encoder: pooling of token states, then for a label, value or
+    score optionally a dense layer with tanh (`dense`: the heads of Hugging Face's BERT and
+    RoBERTa sequence classifiers, which pool the first token), dropout + linear; for an
+    embedding optionally a projection (sentence-transformers' `Dense`) and L2 normalisation."""
 
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     dense: bool = False
+    projection: int | None = Field(None, gt=0, description="embedding: output width of a linear projection")
+    activation: Literal["identity", "tanh"] = Field("identity", description="embedding: after the projection")
+    normalize: bool = Field(False, description="embedding: unit length (cosine similarity = dot product)")
+    dimensions: list[int] = Field(default_factory=list, description="embedding: smaller widths its leading "
+                                  "dimensions keep meaning at (trained with a Matryoshka loss); requests may ask for them")
 
 
 class BackboneRef(_Strict):

@@ -127,11 +127,11 @@ class Engine:
         if len(pairs) != len(texts):
             raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
         has_pairs = [p is not None for p in pairs]
-        if spec.text_pair_field and not all(has_pairs):
+        paired = spec.takes_pairs
+        if paired and not all(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
-        if not spec.text_pair_field and any(has_pairs):
+        if not paired and any(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
-        paired = bool(spec.text_pair_field)
         if paired not in tokenized:
             tokenized[paired] = self.tokenization.features(texts, pairs if paired else None)
         return _Request(task, tokenized[paired], deadline)

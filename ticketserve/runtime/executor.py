@@ -20,7 +20,7 @@ from ticketserve.core.artifact import Artifact
 from ticketserve.core.backbone import Backbone, in_precision
 from ticketserve.core.errors import CorruptArtifact, InvalidArgument, TicketserveError, excerpt
 from ticketserve.core.kinds import Kind, get_kind
-from ticketserve.core.model import TaskHead
+from ticketserve.core.model import head_from_tensors
 from ticketserve.core.quantize import QUANTIZATIONS, quantize_int8
 from ticketserve.core.routing import Routing
 from ticketserve.core.shared_encoder import SharedEncoder
@@ -40,7 +40,7 @@ class LoadedTask:
     manifest: Manifest
     slot: int
     encoder: nn.Module
-    head: TaskHead
+    head: nn.Module  # TaskHead or EmbeddingHead
     kind: Kind
 
     @property
@@ -51,8 +51,9 @@ class LoadedTask:
 @dataclass
 class Prediction:
     label: str | None
-    score: float  # probability of the label, or the regression value
+    score: float  # probability of the label, the regression value, or a pair's relevance (0…1)
     probabilities: dict[str, float]
+    embedding: list[float] | None = None  # embedding tasks (their score is 0)
 
 
 class Runtime:
@@ -92,7 +93,9 @@ class Runtime:
                 prepared = artifact.prepared if artifact.prepared is not None else \
                     kind.prepare(artifact.kind_tensors, self.shared.master)
                 encoder = kind.attach(self.shared, slot, prepared)  # placed on the encoder's device
-                head = TaskHead.from_tensors(artifact.head_tensors, artifact.manifest.head).to(self.device)
+                manifest = artifact.manifest
+                head = head_from_tensors(manifest.task, manifest.head, artifact.head_tensors,
+                                         self.backbone.config.hidden_size).to(self.device)
             except Exception as exc:  # no forward routes to this slot yet: undo whatever attach did
                 kind.detach(self.shared, slot)
                 if isinstance(exc, TicketserveError):
@@ -142,12 +145,17 @@ class Runtime:
 
     @staticmethod
     def predictions(tasks: Sequence[LoadedTask], outputs: list[torch.Tensor]) -> list[Prediction]:
-        """Labels and probabilities (or values, for regression) from per-example outputs."""
+        """Labels and probabilities, values, relevance scores (the sigmoid of a reranker's logit)
+        or embeddings from per-example outputs."""
         results = []
         for task, row in zip(tasks, outputs):
             spec = task.spec
+            if spec.type == "embedding":
+                results.append(Prediction(None, 0.0, {}, row.float().tolist()))
+                continue
             if spec.is_regression:
-                results.append(Prediction(None, float(row[0]), {}))
+                value = row[0].float()
+                results.append(Prediction(None, float(value.sigmoid() if spec.type == "reranking" else value), {}))
                 continue
             probs = row.float().softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)

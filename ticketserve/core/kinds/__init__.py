@@ -5,6 +5,7 @@ from ticketserve.core.kinds import (  # noqa: F401
     full,
     importance,
     lora,
+    plain,
     row_delta,
     structure_mask,
     supermask,

@@ -203,7 +203,7 @@ class Server:
     def _warm_up(self, task) -> None:
         """One forward pass of a preloaded task before the port opens: lazily built state (the
         kind's tables, allocator pools, kernels) exists before the first request needs it."""
-        pairs = ["warm-up"] if task.spec.text_pair_field else None
+        pairs = ["warm-up"] if task.spec.takes_pairs else None
         started = time.perf_counter()
         self.engine.submit(task, ["warm-up"], pairs).result(timeout=300)
         log.info("warmed %s up in %.1f ms", task.name, (time.perf_counter() - started) * 1000)

@@ -31,6 +31,7 @@ from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
 PLATFORM = "ticketserve"
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
 TEXT, TEXT_PAIR = "text", "text_pair"
+EMBEDDING = "embedding"  # an embedding task's output: FP32 [n, d]
 CLASSIFICATION_OUTPUTS = ("label", "score", "probabilities")
 REGRESSION_OUTPUTS = ("value",)
 
@@ -146,8 +147,12 @@ def _outputs(answer: Answer, requested: list[str] | None) -> list[Tensor]:
             "probabilities": Tensor("probabilities", "FP32", [n, len(answer.labels)],
                                     [p.probabilities[label] for p in predictions for label in answer.labels]),
         }
+    elif answer.type == "embedding":
+        width = len(predictions[0].embedding or [])
+        available = {EMBEDDING: Tensor(EMBEDDING, "FP32", [n, width], [x for p in predictions for x in p.embedding or []])}
     else:
-        available = {"value": Tensor("value", "FP32", [n], [p.score for p in predictions])}
+        name = "score" if answer.type == "reranking" else "value"
+        available = {name: Tensor(name, "FP32", [n], [p.score for p in predictions])}
     if not requested:
         return list(available.values())
     unknown = [name for name in requested if name not in available]
@@ -182,14 +187,16 @@ class OpenInference:
         resolved, manifest, versions = await self._blocking(read)
         spec = manifest.task
         inputs = [{"name": TEXT, "datatype": "BYTES", "shape": [-1]}]
-        if spec.text_pair_field:
+        if spec.takes_pairs:
             inputs.append({"name": TEXT_PAIR, "datatype": "BYTES", "shape": [-1]})
         if spec.labels:
             outputs = [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                        {"name": "score", "datatype": "FP32", "shape": [-1]},
                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]}]
+        elif spec.type == "embedding":
+            outputs = [{"name": EMBEDDING, "datatype": "FP32", "shape": [-1, -1]}]
         else:
-            outputs = [{"name": "value", "datatype": "FP32", "shape": [-1]}]
+            outputs = [{"name": "score" if spec.type == "reranking" else "value", "datatype": "FP32", "shape": [-1]}]
         return {"name": name, "versions": [str(v) for v in sorted(versions)], "platform": PLATFORM,
                 "inputs": inputs, "outputs": outputs, "labels": list(spec.labels), "task": spec.name,
                 "kind": manifest.kind, "method": manifest.method, "artifact": str(resolved)}

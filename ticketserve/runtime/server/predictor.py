@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ticketserve.core.errors import InvalidArgument, TicketserveError
-from ticketserve.registry import ArtifactVersion
+from ticketserve.registry import ArtifactVersion, TaskSpec
 from ticketserve.runtime.engine import Engine, Result
 from ticketserve.runtime.executor import Prediction
 from ticketserve.runtime.server.admission import Admission
@@ -38,7 +38,8 @@ class Answer:
     """One task's answer to one request, protocol-neutral: each door converts it once."""
 
     version: ArtifactVersion  # the exact version that answered
-    labels: list[str]  # the task's labels in order (empty for regression)
+    type: str  # the task's type: classification, regression, embedding, reranking
+    labels: list[str]  # the task's labels in order (empty but for classification)
     predictions: list[Prediction]
     queue_time_us: int
     inference_time_us: int
@@ -46,8 +47,8 @@ class Answer:
     batch_tasks: int  # distinct tasks in that batch
 
     @classmethod
-    def of(cls, version: ArtifactVersion, labels: list[str], result: Result) -> Answer:
-        return cls(version, labels, result.predictions, int(result.queue_seconds * 1e6),
+    def of(cls, version: ArtifactVersion, spec: TaskSpec, result: Result) -> Answer:
+        return cls(version, spec.type, list(spec.labels), result.predictions, int(result.queue_seconds * 1e6),
                    int(result.inference_seconds * 1e6), result.batch_size, result.batch_tasks)
 
 
@@ -98,5 +99,5 @@ class Predictor:
             self.metrics.latency.labels(task).observe(seconds)
             self.metrics.examples.labels(task).inc(len(texts))
             self.metrics.requests.labels(task, "OK").inc()
-            answers.append(Answer.of(handle.version, list(handle.loaded.manifest.task.labels), result))
+            answers.append(Answer.of(handle.version, handle.loaded.spec, result))
         return answers

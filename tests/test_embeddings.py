@@ -1,0 +1,116 @@
+"""Embedding and reranking tasks: imports equal sentence-transformers, losses equal its
+definitions, and embedding, reranking and classification tasks mix in one batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ticketserve.core import artifact, losses, synthetic
+from ticketserve.core.backbone import load_backbone
+from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.tasks import as_type, get_task
+from ticketserve.formats.sentence_transformers import read_sentence_transformer
+from ticketserve.registry import HeadConfig, Manifest
+from ticketserve.runtime.executor import Runtime
+from tests.helpers import TEXTS, random_head
+
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer  # noqa: E402
+
+
+def _served(store, backbone, version, texts):
+    runtime = Runtime(backbone)
+    task = runtime.add(artifact.load(store, version, backbone))
+    return np.array([p.embedding for p in runtime.predict([task] * len(texts), texts)])
+
+
+def test_the_bundled_minilm_serves_its_own_embeddings_as_sentence_transformers_computes_them(minilm, store):
+    path = minilm.source
+    manifest, tensors = read_sentence_transformer(path, minilm, "minilm-embed")
+    assert (manifest.kind, manifest.task.type, tensors) == ("plain", "embedding", {})
+    assert manifest.head.pooling == "mean" and manifest.head.normalize
+    version = artifact.publish(store, manifest, tensors)
+    expected = st.SentenceTransformer(path, device="cpu").encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(_served(store, load_backbone(), version, TEXTS), expected, atol=1e-5)
+
+
+def test_a_fine_tuned_model_with_cls_pooling_and_a_dense_projection_imports_as_full(tiny_checkpoints, store, tmp_path):
+    base = str(tiny_checkpoints["bert"])
+    transformer = Transformer(base)
+    with torch.no_grad():  # fine-tuned: one matrix moved away from the base
+        transformer.model.encoder.layer[0].attention.self.query.weight.add_(0.05)
+    model = st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls"),
+                                            Dense(transformer.get_embedding_dimension(), 16), Normalize()], device="cpu")
+    model.save(str(tmp_path / "st"))
+    backbone = load_backbone(base)
+    manifest, tensors = read_sentence_transformer(tmp_path / "st", backbone, "tiny-embed")
+    assert manifest.kind == "full" and manifest.head.projection == 16 and manifest.head.activation == "tanh"
+    assert [k for k in tensors if not k.startswith("head.")] == ["encoder.encoder.layer.0.attention.self.query.weight"]
+    version = artifact.publish(store, manifest, tensors)
+    np.testing.assert_allclose(_served(store, backbone, version, TEXTS), model.encode(TEXTS), atol=1e-5)
+
+
+def test_other_pooling_modes_and_modules_are_refused(tiny_checkpoints, tmp_path):
+    base = str(tiny_checkpoints["bert"])
+    transformer = Transformer(base)
+    st.SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "max")],
+                           device="cpu").save(str(tmp_path / "max"))
+    with pytest.raises(InvalidArgument, match="pooling max"):
+        read_sentence_transformer(tmp_path / "max", load_backbone(base), "x")
+
+
+@pytest.mark.parametrize("name", ["cosent", "cosine", "mnrl"])
+def test_embedding_losses_equal_sentence_transformers_definitions(name):
+    from sentence_transformers.sentence_transformer import losses as st_losses
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = torch.randn(12, 2, 8, generator=generator)
+    labels = torch.rand(12, generator=generator)
+    theirs = {"cosent": st_losses.CoSENTLoss, "cosine": st_losses.CosineSimilarityLoss,
+              "mnrl": st_losses.MultipleNegativesRankingLoss}[name](model=None)
+    expected = theirs.compute_loss_from_embeddings([pairs[:, 0], pairs[:, 1]], labels)
+    torch.testing.assert_close(losses.task_loss(as_type(get_task("stsb"), "embedding"), pairs, labels, name),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
+def _embedding_manifest(backbone, name, kind, **head) -> Manifest:
+    return Manifest(name=name, kind=kind, method="test", task=as_type(get_task("stsb"), "embedding"),
+                    head=HeadConfig(**head), backbone=backbone.ref())
+
+
+def test_embedding_reranking_and_classification_tasks_mix_in_one_batch_as_each_alone(tiny_backbone, store):
+    backbone = tiny_backbone
+    hidden = backbone.config.hidden_size
+    published = [
+        artifact.publish(store, _embedding_manifest(backbone, "embed-plain", "plain", normalize=True), {}),
+        artifact.publish(store, _embedding_manifest(backbone, "embed-rows", "row_delta", pooling="cls", projection=8),
+                         synthetic.row_delta(backbone, k=2, seed=1, scale=0.5)
+                         | {"head.weight": torch.randn(8, hidden), "head.bias": torch.randn(8)}),
+        artifact.publish(store, Manifest(name="rerank", kind="row_delta", method="test",
+                                         task=as_type(get_task("mrpc"), "reranking"), head=HeadConfig(),
+                                         backbone=backbone.ref()),
+                         synthetic.row_delta(backbone, k=2, seed=2, scale=0.5) | random_head(backbone, outputs=1)),
+        artifact.publish(store, Manifest(name="sst2", kind="row_delta", method="test", task=get_task("sst2"),
+                                         head=HeadConfig(), backbone=backbone.ref()),
+                         synthetic.row_delta(backbone, k=2, seed=3, scale=0.5) | random_head(backbone)),
+    ]
+    runtime = Runtime(backbone)
+    tasks = [runtime.add(artifact.load(store, v, backbone)) for v in published]
+    pairs = {"rerank"}
+    texts = TEXTS[:4]
+    mixed_tasks = [t for t in tasks for _ in texts]
+    mixed_texts = texts * len(tasks)
+    alone = {t.name: runtime.predict([t] * len(texts), texts, texts if t.name in pairs else None) for t in tasks}
+    rows = [runtime.tokenization.features([x], [x] if t.name in pairs else None)[0] for t, x in zip(mixed_tasks, mixed_texts)]
+    mixed = runtime.predictions(mixed_tasks, runtime.logits(mixed_tasks, runtime.tokenization.pad(rows, runtime.device)))
+    for i, (task, prediction) in enumerate(zip(mixed_tasks, mixed)):
+        expected = alone[task.name][i % len(texts)]
+        if task.spec.type == "embedding":
+            np.testing.assert_allclose(prediction.embedding, expected.embedding, atol=1e-5)
+        else:
+            assert prediction.label == expected.label and prediction.score == pytest.approx(expected.score, abs=1e-5)
+    assert 0 < alone["rerank"][0].score < 1 and alone["rerank"][0].label is None
+    assert len(alone["embed-rows"][0].embedding) == 8
+    assert np.linalg.norm(alone["embed-plain"][0].embedding) == pytest.approx(1.0, abs=1e-5)
