@@ -114,3 +114,65 @@ def test_embedding_reranking_and_classification_tasks_mix_in_one_batch_as_each_a
     assert 0 < alone["rerank"][0].score < 1 and alone["rerank"][0].label is None
     assert len(alone["embed-rows"][0].embedding) == 8
     assert np.linalg.norm(alone["embed-plain"][0].embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+def _spearman_served(store, version, backbone, spec, samples):
+    from scipy.stats import spearmanr
+
+    from ticketserve.core.data import load_split
+
+    rows = load_split(spec, spec.eval_split, "sample", samples, seed=42)
+    runtime = Runtime(backbone)
+    task = runtime.add(artifact.load(store, version, backbone))
+    first = np.array([p.embedding for p in runtime.predict([task] * len(rows), rows["text"])])
+    second = np.array([p.embedding for p in runtime.predict([task] * len(rows), rows["text_pair"])])
+    cosine = (first * second).sum(1) / np.linalg.norm(first, axis=1) / np.linalg.norm(second, axis=1)
+    return spearmanr(cosine, rows["label"])[0]
+
+
+def test_a_trained_embedding_task_serves_the_spearman_its_training_measured(store):
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.run import train
+
+    minilm = load_backbone()  # training attaches rows to it: a private copy, not the session one
+    config = TrainConfig(max_steps=3, batch_size=16, train_samples=64, eval_samples=96, task_type="embedding")
+    outcome = train("bitfit", get_task("stsb"), minilm, config, store, data_dir="sample", show_progress=False)
+    manifest = store.manifest(outcome.published[0])
+    assert (manifest.task.type, manifest.head.normalize, manifest.details["loss"]) == ("embedding", True, "cosent")
+    served = _spearman_served(store, outcome.published[0], load_backbone(), manifest.task, 96)
+    assert served == pytest.approx(manifest.metrics["spearman"], abs=1e-4)
+
+
+def test_a_reranker_trains_on_scaled_scores_and_answers_relevance(store):
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.run import train
+
+    minilm = load_backbone()  # a private copy: training attaches to it
+    config = TrainConfig(max_steps=2, batch_size=16, train_samples=32, eval_samples=32, task_type="reranking")
+    outcome = train("lora", get_task("stsb"), minilm, config, store, data_dir="sample", show_progress=False)
+    manifest = store.manifest(outcome.published[0])
+    assert manifest.task.type == "reranking" and manifest.details["label_scale"] == pytest.approx(0.2)
+    backbone = load_backbone()
+    runtime = Runtime(backbone)
+    task = runtime.add(artifact.load(store, outcome.published[0], backbone))
+    scores = [p.score for p in runtime.predict([task] * 2, ["a dog runs", "a dog runs"], ["a dog is running", "tax law"])]
+    assert all(0 < s < 1 for s in scores)
+    with pytest.raises(InvalidArgument, match="trains with bce"):
+        train("lora", get_task("stsb"), minilm, config.model_copy(update={"loss": "mnrl"}), store, data_dir="sample",
+              show_progress=False)
+
+
+def test_a_peft_lora_adapter_of_a_sentence_transformer_imports_as_a_lora_embedding_task(minilm, store, tmp_path):
+    from peft import LoraConfig
+
+    model = st.SentenceTransformer(minilm.source, device="cpu")
+    model.add_adapter(LoraConfig(task_type="FEATURE_EXTRACTION", r=4, lora_alpha=8, target_modules=["query", "value"]))
+    with torch.no_grad():  # trained: B moved away from its zero start
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    manifest, tensors = read_sentence_transformer(tmp_path / "adapter", minilm, "minilm-lora-embed")
+    assert (manifest.kind, manifest.task.type, manifest.head.normalize) == ("lora", "embedding", True)
+    version = artifact.publish(store, manifest, tensors)
+    np.testing.assert_allclose(_served(store, load_backbone(), version, TEXTS), model.encode(TEXTS), atol=1e-5)

@@ -88,9 +88,16 @@ def predict(
             raise InvalidArgument(f"task {loaded.spec.name} takes text pairs: give --pair once per text")
         results = runtime.predict([loaded] * len(texts), texts, pair)
         artifact_name, regression = str(loaded.version), loaded.spec.is_regression
-    rows = [{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities} for t, r in zip(texts, results)]
+    rows = [{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities}
+            | ({"embedding": r.embedding} if r.embedding is not None else {}) for t, r in zip(texts, results)]
 
     def table() -> None:
+        if "embedding" in rows[0]:  # an embedding task: its width and leading values
+            grid = Table("text", "embedding", title=artifact_name)
+            for row in rows:
+                vector = row["embedding"]
+                grid.add_row(row["text"], f"[{', '.join(f'{x:.4f}' for x in vector[:4])}, …] ({len(vector)} dimensions)")
+            return out.print(grid)
         grid = Table("text", "value" if regression else "label", "score", title=artifact_name)
         for row in rows:
             grid.add_row(row["text"], row["label"] or f"{row['score']:.4f}", f"{row['score']:.4f}")

@@ -41,10 +41,7 @@ def read_peft(source: str | Path, backbone: Backbone, name: str,
     """The manifest and tensors of a `lora` artifact equal to the adapter (a directory or a hub
     id) on this backbone."""
     directory = local_directory(str(source), FILES)
-    config = _config(directory)
-    _check_base(config, backbone, directory)
-    state = _state(directory)
-    tensors, leftovers = _factors(config, state, backbone)
+    tensors, leftovers = lora_factors(directory, backbone)
     head, head_config = _head(leftovers, backbone, spec, directory)
     if leftovers:
         raise InvalidArgument(f"the adapter also changes {', '.join(sorted(leftovers)[:3])}: ticketserve serves LoRA "
@@ -52,6 +49,14 @@ def read_peft(source: str | Path, backbone: Backbone, name: str,
     get_kind("lora").validate(tensors, backbone.model)
     manifest = Manifest(name=name, kind="lora", method="peft-lora", task=spec, head=head_config, backbone=backbone.ref())
     return manifest, tensors | head
+
+
+def lora_factors(directory: Path, backbone: Backbone) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The adapter's factors and scalings as a `lora` payload for this backbone, and the tensors
+    it saved beside them (a classifier, or what nothing serves)."""
+    config = _config(directory)
+    _check_base(config, backbone, directory)
+    return _factors(config, _state(directory), backbone)
 
 
 def _config(directory: Path) -> dict:

@@ -1,11 +1,13 @@
 """Import a sentence-transformers model directory (or hub id) as an embedding task.
 
 Read: `modules.json` and the modules it lists — the Transformer (config.json + safetensors
-weights at the model's root), Pooling (mean or cls), an optional Dense (projection +
-activation, its safetensors weights) and an optional Normalize. Encoder weights equal to the
-backbone's make a `plain` artifact (the backbone itself under the pooling: no encoder bytes,
-e.g. the bundled MiniLM's own embeddings); weights fine-tuned from it make a `full` artifact of
-the tensors that differ. Refused: other modules (a second Transformer, a custom module, a
+weights at the model's root, or a PEFT LoRA adapter there: adapter_config.json +
+adapter_model.safetensors, as `add_adapter` + `save_pretrained` write it), Pooling (mean or
+cls), an optional Dense (projection + activation, its safetensors weights) and an optional
+Normalize. Encoder weights equal to the backbone's make a `plain` artifact (the backbone itself
+under the pooling: no encoder bytes, e.g. the bundled MiniLM's own embeddings); weights
+fine-tuned from it a `full` artifact of the tensors that differ; an adapter a `lora` artifact
+(its base must be the backbone; peft_import.py's checks). Refused: other modules (a second Transformer, a custom module, a
 CNN), other pooling modes, pickled weights, a config whose shapes differ from the backbone's.
 """
 
@@ -25,10 +27,11 @@ from ticketserve.core.model import HEAD_PREFIX
 from ticketserve.formats.classifier_head import encoder_key
 from ticketserve.formats.hf_import import BUFFERS, check_same_config, read_weights
 from ticketserve.formats.hub import local_directory, read_json
+from ticketserve.formats.peft_import import lora_factors
 from ticketserve.registry import HeadConfig, Manifest, TaskSpec
 
 FILES = ["modules.json", "config.json", "sentence_bert_config.json", "*.safetensors", "model.safetensors.index.json",
-         "*/config.json", "*/model.safetensors"]
+         "adapter_config.json", "*/config.json", "*/model.safetensors"]
 ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity"}
 
 
@@ -52,14 +55,22 @@ def read_sentence_transformer(source: str | Path, backbone: Backbone, name: str)
         by_type[kind] = directory / str(module.get("path", ""))
     if "Transformer" not in by_type or "Pooling" not in by_type:
         raise InvalidArgument(f"{directory}/modules.json lists no Transformer and Pooling modules")
-    check_same_config(read_json(by_type["Transformer"] / "config.json", "the Transformer's config"), backbone)
-    tensors = _encoder_changes(by_type["Transformer"], backbone)
+    transformer = by_type["Transformer"]
+    if (transformer / "adapter_config.json").is_file():
+        tensors, leftovers = lora_factors(transformer, backbone)
+        if leftovers:
+            raise InvalidArgument(f"the adapter also changes {', '.join(sorted(leftovers)[:3])}: ticketserve serves "
+                                  "LoRA on the six dense matrices of each block, nothing else")
+    else:
+        check_same_config(read_json(transformer / "config.json", "the Transformer's config"), backbone)
+        tensors = _encoder_changes(transformer, backbone)
     head = HeadConfig(pooling=_pooling(by_type["Pooling"]), dropout=0.0, normalize="Normalize" in by_type)
     if "Dense" in by_type:
         projection, activation = _dense(by_type["Dense"], backbone.config.hidden_size)
         head = head.model_copy(update={"projection": projection[HEAD_PREFIX + "weight"].shape[0], "activation": activation})
         tensors |= projection
-    kind = "full" if any(not k.startswith(HEAD_PREFIX) for k in tensors) else "plain"
+    encoder = [k for k in tensors if not k.startswith(HEAD_PREFIX)]
+    kind = "plain" if not encoder else "lora" if any(k.endswith(".lora_A") for k in encoder) else "full"
     get_kind(kind).validate({k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}, backbone.model)
     manifest = Manifest(name=name, kind=kind, method="sentence-transformers", task=embedding_spec(name), head=head,
                         backbone=backbone.ref(), details={"source": str(source)})

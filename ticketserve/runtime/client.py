@@ -47,10 +47,12 @@ class Prediction:
     label: str | None
     score: float
     probabilities: dict[str, float]
+    embedding: list[float] | None = None
 
     @classmethod
     def from_proto(cls, p: pb.Prediction) -> Prediction:
-        return cls(p.label or None, p.value if p.HasField("value") else p.score, dict(p.probabilities))
+        return cls(p.label or None, p.value if p.HasField("value") else p.score, dict(p.probabilities),
+                   list(p.embedding) or None)
 
 
 @dataclass

@@ -53,6 +53,7 @@ class Result:
     inference_seconds: float
     batch_size: int
     batch_tasks: int
+    tokens: int  # the request's tokens (its texts' ids, special tokens included)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Engine:
             room = self.config.max_queue_size - len(self._queue)
         if len(requests) > room:
             raise Overloaded(f"request queue is full ({self.config.max_queue_size}); retry later")
-        tokenized: dict = {}  # one tokenizer, so the same texts are tokenized once for every task
+        tokenized: dict = {}  # one tokenizer, so the same texts (a fan-out's) are tokenized once for every task
         prepared = [self._prepare(task, texts, pairs, deadline, tokenized) for task, texts, pairs in requests]
         with self._wake:
             if len(self._queue) + len(prepared) > self.config.max_queue_size:
@@ -117,7 +118,7 @@ class Engine:
         return [request.future for request in prepared]
 
     def _prepare(self, task: LoadedTask, texts: list[str], pairs: list[str | None] | None,
-                 deadline: float | None, tokenized: dict[bool, list]) -> _Request:
+                 deadline: float | None, tokenized: dict[tuple, list]) -> _Request:
         spec = task.spec
         if not texts:
             raise InvalidArgument("a request needs at least one input")
@@ -132,9 +133,10 @@ class Engine:
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
         if not paired and any(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
-        if paired not in tokenized:
-            tokenized[paired] = self.tokenization.features(texts, pairs if paired else None)
-        return _Request(task, tokenized[paired], deadline)
+        key = (id(texts), id(pairs) if paired else None)  # the same lists: the same tokens
+        if key not in tokenized:
+            tokenized[key] = self.tokenization.features(texts, pairs if paired else None)
+        return _Request(task, tokenized[key], deadline)
 
     # -- the inference thread ---------------------------------------------------------------
 
@@ -219,7 +221,8 @@ class Engine:
         for request in batch:
             count = len(request.features)
             request.future.set_result(Result(predictions[offset:offset + count], started - request.enqueued,
-                                             seconds, len(tasks), distinct))
+                                             seconds, len(tasks), distinct,
+                                             sum(len(f["input_ids"]) for f in request.features)))
             offset += count
         if self.observer is not None:
             self.observer.batch(len(tasks), distinct, seconds)

@@ -1,4 +1,5 @@
-"""Score a loaded task on a data split through the runtime: the same path serving takes."""
+"""Score a loaded task on a data split through the runtime: the same path serving takes (an
+embedding task by the Spearman correlation of its pairs' cosine similarity with their labels)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ def evaluate(runtime: Runtime, task: LoadedTask, dataset, batch_size: int = 128)
     preds, refs = [], []
     for start in range(0, len(order), batch_size):
         rows = dataset.select(order[start:start + batch_size].tolist())
-        inputs = runtime.tokenize(list(rows["text"]), list(rows["text_pair"]) if has_pair else None)
-        logits = torch.stack(runtime.logits([task] * len(rows), inputs))
+        if spec.type == "embedding":  # each text of a pair embedded alone, as a request would: (B, 2, d)
+            sides = [runtime.logits([task] * len(rows), runtime.tokenize(list(rows[column])))
+                     for column in ("text", "text_pair")]
+            logits = torch.stack([torch.stack(side) for side in sides], 1)
+        else:
+            inputs = runtime.tokenize(list(rows["text"]), list(rows["text_pair"]) if has_pair else None)
+            logits = torch.stack(runtime.logits([task] * len(rows), inputs))
         preds.append(predictions(spec, logits).float().cpu().numpy())
         refs.append(np.asarray(list(rows["label"]), dtype=np.float32))
     return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))

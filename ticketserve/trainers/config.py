@@ -24,6 +24,13 @@ class TrainConfig(BaseModel):
     seed: int = 42
     train_samples: int | None = Field(None, gt=0, description="random subset of the training split")
     eval_samples: int | None = Field(None, gt=0, description="random subset of the evaluation split")
+    task_type: Literal["embedding", "reranking"] | None = Field(
+        None, description="train a pair task as an embedding task (each text embedded apart; scored by the Spearman "
+                          "correlation of the pairs' cosine similarity) or a reranker (one relevance score per pair)")
+    loss: Literal["cosent", "cosine", "mnrl"] | None = Field(
+        None, description="embedding tasks: cosent (scored pairs; the default), cosine (squared error of the cosine "
+                          "against labels scaled to 0…1), mnrl (positive pairs — the rows with the highest label — "
+                          "against in-batch negatives)")
     pooling: Literal["mean", "cls"] = "mean"
     head_dropout: float = Field(0.1, ge=0, lt=1)
     log_every: int = Field(10, gt=0, description="steps per point of the train-loss curve")

@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from ticketserve.core.errors import InvalidArgument
-from ticketserve.core.model import TaskModel, predictions
+from ticketserve.core.model import PAIR, TaskModel, predictions
 from ticketserve.core.tasks import compute_metrics
 from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.progress import RunProgress
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# an embedding task's batches hold both texts of each pair, embedded apart: the second as pair_…
+MODEL_INPUTS = (*TOKEN_INPUTS, *(PAIR + name for name in TOKEN_INPUTS))
 
 
 class TrainingHooks(Protocol):
@@ -134,11 +136,18 @@ class FitResult:
     train_loader: object = None  # the prepared training batches (e.g. for importance scores)
 
 
-def tokenize(dataset, tokenizer, max_length: int):
-    """Token ids + `labels` + `length` columns; the text columns are dropped."""
+def tokenize(dataset, tokenizer, max_length: int, apart: bool = False):
+    """Token ids + `labels` + `length` columns; the text columns are dropped. `apart`: the two
+    texts of a pair tokenized each alone (an embedding task's), the second as `pair_…` columns."""
     has_pair = "text_pair" in dataset.column_names
 
     def encode(batch):
+        if apart:
+            encoded = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
+            second = tokenizer(batch["text_pair"], truncation=True, max_length=max_length)
+            encoded |= {PAIR + key: value for key, value in second.items()}
+            encoded["length"] = [max(len(a), len(b)) for a, b in zip(encoded["input_ids"], second["input_ids"])]
+            return encoded
         encoded = tokenizer(batch["text"], batch["text_pair"] if has_pair else None,
                             truncation=True, max_length=max_length)
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
@@ -152,12 +161,27 @@ def _columns(dataset) -> list[str]:
     return [c for c in (*MODEL_INPUTS, "labels") if c in dataset.column_names]
 
 
+class PaddedBatches:
+    """Pads a batch's token columns to its longest text, each text of a pair apart when the
+    batch holds `pair_…` columns (the collator of `transformers` pads one set)."""
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features: list[dict]) -> dict:
+        if PAIR + "input_ids" not in features[0]:
+            return self.pad(features)
+        first = self.pad([{k: v for k, v in f.items() if not k.startswith(PAIR)} for f in features])
+        second = self.pad([{k.removeprefix(PAIR): v for k, v in f.items() if k.startswith(PAIR)} for f in features])
+        return dict(first) | {PAIR + k: v for k, v in second.items()}
+
+
 def training_batches(train_ds, tokenizer, config: TrainConfig) -> DataLoader:
     """The training data in length-grouped batches, padded per batch (`batch_sampler.set_epoch`
     reshuffles them)."""
     sampler = LengthGroupedBatches(list(train_ds["length"]), config.batch_size, config.seed)
     return DataLoader(train_ds.select_columns(_columns(train_ds)), batch_sampler=sampler,
-                      collate_fn=DataCollatorWithPadding(tokenizer))
+                      collate_fn=PaddedBatches(tokenizer))
 
 
 def evaluation_batches(eval_ds, tokenizer, config: TrainConfig) -> DataLoader:
@@ -165,7 +189,7 @@ def evaluation_batches(eval_ds, tokenizer, config: TrainConfig) -> DataLoader:
     with warnings.catch_warnings():  # pyarrow deprecation inside datasets' sort
         warnings.simplefilter("ignore", FutureWarning)
         eval_sorted = eval_ds.sort("length").select_columns(_columns(eval_ds))
-    return DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+    return DataLoader(eval_sorted, batch_size=config.eval_batch_size, collate_fn=PaddedBatches(tokenizer))
 
 
 def fit(accelerator: Accelerator, model: TaskModel, method: TrainingHooks, params: list[nn.Parameter], train_ds, eval_ds,

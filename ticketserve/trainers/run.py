@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ticketserve.core.backbone import Backbone
+from ticketserve.core.tasks import as_type
 from ticketserve.registry import Store, TaskSpec
 from ticketserve.trainers.base import Method, Outcome, RunContext, get_method
 from ticketserve.trainers.config import TrainConfig
@@ -17,9 +18,12 @@ def train(method: str | Method, spec: TaskSpec | None, backbone: Backbone, confi
           show_progress: bool = True, options: dict[str, Any] | None = None, publish: bool = True,
           phase: str | None = None) -> Outcome:
     """Run a method (its `options` by field name) and return what it published; `publish=False`
-    returns the result without storing it (e.g. a sweep's levels)."""
+    returns the result without storing it (e.g. a sweep's levels). The config's `task_type`
+    turns a pair task into an embedding or reranking task first."""
     if isinstance(method, str):
         method = get_method(method, options)
     elif options:
         raise ValueError("options go with a method name, not with a configured method")
+    if spec is not None and config.task_type is not None:
+        spec = as_type(spec, config.task_type)
     return method.run(RunContext(spec, backbone, config, store, data_dir, show_progress, name, tags, publish, phase))

@@ -15,6 +15,7 @@ from torch import nn
 from ticketserve.core import artifact
 from ticketserve.core.data import data_source, load_full_split, subset
 from ticketserve.core.kinds import get_kind
+from ticketserve.core.losses import check_loss
 from ticketserve.core.model import TaskModel
 from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest
 from ticketserve.trainers.base import Method, Outcome, RunContext, run_manifest
@@ -28,6 +29,20 @@ class TrainOutcome(Outcome):
     fit: FitResult
     tensors: dict[str, torch.Tensor]  # the payload (every process has it, published or not)
     method: Method
+
+
+def for_loss(train, loss: str):
+    """The training split as `loss` takes it, and what was done (for the manifest's details):
+    `mnrl` keeps the positive pairs (the rows with the highest label); `cosine` and `bce` take
+    labels scaled into [0, 1] by the largest (STS-B's 0…5 → 0…1)."""
+    if loss == "mnrl":
+        positive = max(train["label"])
+        return train.filter(lambda row: row["label"] == positive), {"loss": loss, "positive_label": positive}
+    if loss in ("cosine", "bce"):
+        largest = max(abs(v) for v in train["label"])
+        if largest > 1:
+            return train.map(lambda row: {"label": row["label"] / largest}), {"loss": loss, "label_scale": 1 / largest}
+    return train, {"loss": loss}
 
 
 class ArtifactMethod(Method):
@@ -63,13 +78,17 @@ class ArtifactMethod(Method):
         started = time.perf_counter()
         accelerator = accelerator_for(config)
         set_seed(config.seed)
+        loss = check_loss(spec, config.loss)
         with accelerator.main_process_first():  # the first process fills the datasets cache (hub data)
             splits = {split: (load_full_split(spec, split, context.data_dir), samples) for split, samples in
                       ((spec.train_split, config.train_samples), (spec.eval_split, config.eval_samples))}
-            train_ds, eval_ds = (tokenize(subset(full, samples, config.seed), backbone.tokenizer, config.max_length)
+            train_full, objective = for_loss(splits[spec.train_split][0], loss)
+            splits[spec.train_split] = (train_full, config.train_samples)
+            apart = spec.type == "embedding"
+            train_ds, eval_ds = (tokenize(subset(full, samples, config.seed), backbone.tokenizer, config.max_length, apart)
                                  for full, samples in splits.values())
-        head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout)
-        model = TaskModel(backbone.model, spec, head)
+        head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout, normalize=apart)
+        model = TaskModel(backbone.model, spec, head, loss)
         params = self.trainable(model, context)
         lr = config.lr or self.default_lr
         choices = self._choices(context, lr, {split: (len(full), samples) for split, (full, samples) in splits.items()})
@@ -89,7 +108,7 @@ class ArtifactMethod(Method):
             metrics=result.metrics,
             curves=result.curves,
             trainable_params=sum(p.numel() for p in params),
-            details=self.details() | extra_details | {
+            details=self.details() | extra_details | objective | {
                 "train_examples": len(train_ds), "eval_examples": len(eval_ds), "steps": result.steps,
                 "best_step": result.best_step, "train_seconds": round(result.train_seconds, 2),
                 "seconds_per_step": round(result.train_seconds / max(result.steps, 1), 4),

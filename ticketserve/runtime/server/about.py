@@ -22,6 +22,7 @@ class TaskInfo(BaseModel):
     kind: str
     method: str
     task: str
+    type: str = Field(description="what it returns: classification, regression, embedding, reranking")
     labels: list[str]
     state: str = Field(description="READY (resident), AVAILABLE (in the registry), ERRORED (see error)")
     resident_bytes: int
@@ -65,10 +66,10 @@ def server_info(engine: Engine, registry_url: str, max_message_bytes: int) -> Se
 
 def task_info(artifact: str, digest: str, manifest, state: str, resident_bytes: int = 0, error: str = "") -> TaskInfo:
     if manifest is None:  # a registry entry that cannot be read
-        return TaskInfo(name=artifact.split(":")[0], artifact=artifact, digest="", kind="", method="", task="", labels=[],
+        return TaskInfo(name=artifact.split(":")[0], artifact=artifact, digest="", kind="", method="", task="", type="", labels=[],
                         state=state, resident_bytes=0, error=error)
     return TaskInfo(name=manifest.name, artifact=artifact, digest=digest, kind=manifest.kind, method=manifest.method,
-                    task=manifest.task.name, labels=list(manifest.task.labels), state=state,
+                    task=manifest.task.name, type=manifest.task.type, labels=list(manifest.task.labels), state=state,
                     resident_bytes=resident_bytes, error=error)
 
 

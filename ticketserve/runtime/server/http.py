@@ -1,6 +1,7 @@
 """HTTP on its own port, one process with the gRPC server and on the same request path
 (predictor.py): the Open Inference Protocol's REST half under /v2 (with the binary tensor data
-and model repository extensions) and a JSON API for people with curl under /v1. This module is
+and model repository extensions), a JSON API for people with curl under /v1, and the OpenAI
+embeddings and rerank shapes (http_peer_apis.py). This module is
 the FastAPI app — its middleware, its error handlers (the one place HTTP maps errors to
 statuses: runtime/status.py's table, as {"error": "..."}, as the v2 protocol has them) and its
 routes; the bodies are in http_bodies.py, the v2 tensors in http_tensors.py, what stands in
@@ -28,6 +29,7 @@ from ticketserve.runtime.server.http_bodies import (ErrorResponse, FanOutRequest
                                                     PredictRequest, PredictResponse, ServerMetadata, TasksResponse,
                                                     predict_response, texts_of)
 from ticketserve.runtime.server.http_door import BINARY, PUBLIC, Front, method_label
+from ticketserve.runtime.server import http_peer_apis
 from ticketserve.runtime.server.http_tensors import infer_response, input_tensors
 from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import OpenInference
@@ -45,17 +47,19 @@ def _route(request: Request) -> str:
     return route.path if route else "unmatched"
 
 
-def _error(status: int, message: str, request_id: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, request_id: str | None = None, request: Request | None = None) -> JSONResponse:
     headers = {"x-request-id": request_id} if request_id else None
     message = message.encode("utf-8", "backslashreplace").decode()  # an echo of bad input stays sendable
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    path = request.url.path if request is not None else ""
+    return JSONResponse(http_peer_apis.error_body(path, status, message), status_code=status, headers=headers)
 
 
 def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, observe: Observe,
               info: Callable[[], ServerInfo], ready: Callable[[], bool], max_body_bytes: int) -> FastAPI:
     app = FastAPI(title="ticketserve", version=__version__, summary="Many NLP tasks on one shared encoder",
-                  description="The Open Inference Protocol (KServe v2) REST API under /v2, and a JSON API under "
-                              "/v1. Send `Authorization: Bearer <token>` when the server requires one.",
+                  description="The Open Inference Protocol (KServe v2) REST API under /v2, a JSON API under "
+                              "/v1, OpenAI's /v1/embeddings and the Cohere/Jina (/v1/rerank) and TEI (/rerank) "
+                              "rerank APIs. Send `Authorization: Bearer <token>` when the server requires one.",
                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                              404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
                   docs_url="/docs", redoc_url=None)
@@ -68,7 +72,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         request.state.request_id = request_id
         own = request.url.path not in PUBLIC
         if own and observe.draining:
-            response = _error(503, str(Unavailable("the server is draining; retry on another replica")), request_id)
+            response = _error(503, str(Unavailable("the server is draining; retry on another replica")), request_id,
+                              request)
         else:
             if own:
                 observe.enter()
@@ -84,16 +89,16 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
 
     @app.exception_handler(TicketserveError)
     async def ticketserve_error(request: Request, exc: TicketserveError):
-        return _error(http_status_of(exc), str(exc)[:1024])
+        return _error(http_status_of(exc), str(exc)[:1024], request=request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        return _error(400, f"invalid request: {problems}")
+        return _error(400, f"invalid request: {problems}", request=request)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), request=request)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -101,7 +106,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         log.error("unexpected error in HTTP %s %s (request id %s)", request.method, request.url.path, request_id,
                   exc_info=exc)
         observe.metrics.unexpected_errors.labels(f"HTTP {_route(request)}").inc()
-        return _error(500, f"internal error (request id {request_id})", request_id)
+        return _error(500, f"internal error (request id {request_id})", request_id, request)
 
     # -- the JSON API --------------------------------------------------------------------
 
@@ -117,6 +122,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         texts, pairs = texts_of(body.inputs)
         asks = [Ask.parse(t) for t in body.tasks]
         return FanOutResponse(results=[predict_response(a) for a in await predictor.fan_out(asks, texts, pairs)])
+
+    http_peer_apis.add_routes(app, predictor)  # OpenAI embeddings, Cohere/Jina and TEI rerank
 
     @app.get("/v1/tasks", response_model=TasksResponse, tags=["json"])
     async def list_tasks(include_registry: bool = Query(False, alias="all")) -> TasksResponse:

@@ -36,10 +36,11 @@ class FanOutRequest(_Body):
 
 
 class Prediction(BaseModel):
-    label: str | None = Field(description="null for regression tasks")
-    score: float = Field(description="probability of `label`, or the regression value")
+    label: str | None = Field(description="classification tasks only (null otherwise)")
+    score: float = Field(description="probability of `label`, the regression value, or a pair's relevance (0…1)")
     probabilities: dict[str, float]
     value: float | None = Field(None, description="regression tasks only")
+    embedding: list[float] | None = Field(None, description="embedding tasks only (their score is 0)")
 
 
 class Metadata(BaseModel):
@@ -153,6 +154,7 @@ def predict_response(answer: Answer) -> PredictResponse:
     return PredictResponse(
         artifact=str(answer.version), digest=answer.version.digest,
         predictions=[Prediction(label=p.label, score=p.score, probabilities=p.probabilities,
-                                value=p.score if p.label is None else None) for p in answer.predictions],
+                                value=p.score if answer.type == "regression" else None, embedding=p.embedding)
+                     for p in answer.predictions],
         metadata=Metadata(queue_time_us=answer.queue_time_us, inference_time_us=answer.inference_time_us,
                           batch_size=answer.batch_size, batch_tasks=answer.batch_tasks))

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ticketserve.core.errors import InvalidArgument, TicketserveError
-from ticketserve.registry import ArtifactVersion, TaskSpec
+from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest, TaskSpec
 from ticketserve.runtime.engine import Engine, Result
 from ticketserve.runtime.executor import Prediction
 from ticketserve.runtime.server.admission import Admission
@@ -40,16 +40,18 @@ class Answer:
     version: ArtifactVersion  # the exact version that answered
     type: str  # the task's type: classification, regression, embedding, reranking
     labels: list[str]  # the task's labels in order (empty but for classification)
+    head: HeadConfig  # how it pools (an embedding's normalisation and declared widths)
     predictions: list[Prediction]
     queue_time_us: int
     inference_time_us: int
     batch_size: int  # examples in the batch that served it (every task)
     batch_tasks: int  # distinct tasks in that batch
+    tokens: int  # the request's tokens
 
     @classmethod
-    def of(cls, version: ArtifactVersion, spec: TaskSpec, result: Result) -> Answer:
-        return cls(version, spec.type, list(spec.labels), result.predictions, int(result.queue_seconds * 1e6),
-                   int(result.inference_seconds * 1e6), result.batch_size, result.batch_tasks)
+    def of(cls, version: ArtifactVersion, manifest: Manifest, result: Result) -> Answer:
+        return cls(version, manifest.task.type, list(manifest.task.labels), manifest.head, result.predictions, int(result.queue_seconds * 1e6),
+                   int(result.inference_seconds * 1e6), result.batch_size, result.batch_tasks, result.tokens)
 
 
 class Predictor:
@@ -65,8 +67,23 @@ class Predictor:
                       deadline: float | None = None) -> list[Answer]:
         """The same texts to several tasks, queued together so that they share one batch when
         they fit. All or nothing: one unknown task or bad input fails the whole call."""
+        return await self.predict_each([(ask, texts, pairs) for ask in asks], deadline)
+
+    async def spec_of(self, ask: Ask) -> TaskSpec:
+        """The task's spec (loading it, as a request would)."""
+        with self.admission as admission:
+            handle = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)
+        self.loader.release(handle)
+        return handle.loaded.spec
+
+    async def predict_each(self, requests: list[tuple[Ask, list[str], list[str | None] | None]],
+                           deadline: float | None = None, types: tuple[str, ...] | None = None) -> list[Answer]:
+        """Several (task, texts, pairs) requests queued together — a fan-out, or one long list of
+        texts cut into requests the engine takes (the OpenAI and rerank doors) — all or nothing;
+        `types`: the task types the caller serves (others are refused before any forward)."""
+        asks = [ask for ask, _, _ in requests]
         started = time.perf_counter()
-        handles: list[TaskHandle] = []
+        held: dict[Ask, TaskHandle] = {}  # one version per task asked, however many requests name it
         try:
             try:
                 if not asks:
@@ -74,10 +91,16 @@ class Predictor:
                 if any(not ask.task for ask in asks):
                     raise InvalidArgument("task is required")
                 with self.admission as admission:
-                    for ask in asks:
-                        handles.append(await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version))
+                    for ask in dict.fromkeys(asks):
+                        held[ask] = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)
+                    handles = [held[ask] for ask in asks]
+                    for handle in held.values():
+                        if types is not None and handle.loaded.spec.type not in types:
+                            raise InvalidArgument(f"{handle.version} is a {handle.loaded.spec.type} task; this API "
+                                                  f"serves {' or '.join(types)} tasks")
                     futures = await admission.run(admission.tokenizing, self.engine.submit_all,
-                                                  [(h.loaded, texts, pairs) for h in handles], deadline)
+                                                  [(h.loaded, texts, pairs) for h, (_, texts, pairs)
+                                                   in zip(handles, requests)], deadline)
                 try:
                     results: list[Result] = [await asyncio.wrap_future(f) for f in futures]
                 except asyncio.CancelledError:
@@ -85,7 +108,7 @@ class Predictor:
                         future.cancel()  # a cancelled call never costs a forward pass
                     raise
             finally:
-                for handle in handles:
+                for handle in held.values():
                     self.loader.release(handle)
         except TicketserveError as exc:
             for ask in asks or [Ask("")]:
@@ -97,7 +120,7 @@ class Predictor:
         for handle, result in zip(handles, results):
             task = handle.version.name
             self.metrics.latency.labels(task).observe(seconds)
-            self.metrics.examples.labels(task).inc(len(texts))
+            self.metrics.examples.labels(task).inc(len(result.predictions))
             self.metrics.requests.labels(task, "OK").inc()
-            answers.append(Answer.of(handle.version, handle.loaded.spec, result))
+            answers.append(Answer.of(handle.version, handle.loaded.manifest, result))
         return answers

@@ -39,7 +39,9 @@ class InferenceService(rpc.InferenceServicer):
         answer = await self.predictor.predict(Ask(request.task, _version(request)), texts, pairs, deadline)
         return pb.PredictResponse(
             predictions=[pb.Prediction(label=p.label or "", score=p.score, probabilities=p.probabilities,
-                                       **({"value": p.score} if p.label is None else {})) for p in answer.predictions],
+                                       embedding=p.embedding or (),
+                                       **({"value": p.score} if answer.type == "regression" else {}))
+                         for p in answer.predictions],
             artifact=str(answer.version), digest=answer.version.digest,
             metadata=pb.Metadata(queue_time_us=answer.queue_time_us, inference_time_us=answer.inference_time_us,
                                  batch_size=answer.batch_size, batch_tasks=answer.batch_tasks))
