@@ -144,3 +144,24 @@ def test_json_fanout_grpc_and_open_inference_carry_embeddings_and_scores(server,
     inferred = rest.infer("embed", [text_input(tritonclient_http, texts)])
     np.testing.assert_allclose(inferred.as_numpy("embedding"), [p.embedding for p in want["embed"]], atol=1e-5)
     assert [o["name"] for o in rest.get_model_metadata("rerank")["outputs"]] == ["score"]
+
+
+def test_the_peer_apis_need_the_token_and_count_one_request_per_call(embedding_registry, tiny_bert, tmp_path):
+    import urllib.request
+
+    token = tmp_path / "token"
+    token.write_text("user-token\n")
+    with serve(embedding_registry, tiny_bert, token_file=str(token), metrics_port=0,
+               engine=EngineConfig(max_texts_per_request=4, max_batch_size=8)) as server:
+        base = f"http://127.0.0.1:{server.http_port}"
+        for path, body in (("/v1/embeddings", {"model": "embed", "input": "x"}),
+                           ("/v1/rerank", {"model": "rerank", "query": "x", "documents": ["y"]}),
+                           ("/rerank", {"model": "rerank", "query": "x", "texts": ["y"]})):
+            assert http("POST", base + path, body)[0] == 401, path
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).embeddings.create(model="embed", input="x")
+        client = openai.OpenAI(base_url=base + "/v1", api_key="user-token", max_retries=0)
+        assert len(client.embeddings.create(model="embed", input=TEXTS).data) == len(TEXTS)  # two engine requests
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'ticketserve_requests_total{code="OK",task="embed"} 1.0' in metrics
+    assert f'ticketserve_examples_total{{task="embed"}} {float(len(TEXTS))}' in metrics

@@ -31,6 +31,9 @@ def test_the_bundled_minilm_serves_its_own_embeddings_as_sentence_transformers_c
     manifest, tensors = read_sentence_transformer(path, minilm, "minilm-embed")
     assert (manifest.kind, manifest.task.type, tensors) == ("plain", "embedding", {})
     assert manifest.head.pooling == "mean" and manifest.head.normalize
+    assert read_sentence_transformer(path, minilm, "cut", [128, 256])[0].head.dimensions == [256, 128]
+    with pytest.raises(InvalidArgument, match="below the model's 384"):
+        read_sentence_transformer(path, minilm, "cut", [384])
     version = artifact.publish(store, manifest, tensors)
     expected = st.SentenceTransformer(path, device="cpu").encode(TEXTS, normalize_embeddings=True)
     np.testing.assert_allclose(_served(store, load_backbone(), version, TEXTS), expected, atol=1e-5)
@@ -73,6 +76,14 @@ def test_embedding_losses_equal_sentence_transformers_definitions(name):
     expected = theirs.compute_loss_from_embeddings([pairs[:, 0], pairs[:, 1]], labels)
     torch.testing.assert_close(losses.task_loss(as_type(get_task("stsb"), "embedding"), pairs, labels, name),
                                expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_matryoshka_loss_is_the_loss_summed_over_the_full_and_each_leading_width():
+    generator = torch.Generator().manual_seed(1)
+    pairs, labels = torch.randn(8, 2, 16, generator=generator), torch.rand(8, generator=generator)
+    spec = as_type(get_task("stsb"), "embedding")
+    expected = sum(losses.cosent(pairs[..., :width], labels) for width in (16, 8, 4))
+    torch.testing.assert_close(losses.task_loss(spec, pairs, labels, "cosent", (8, 4)), expected)
 
 
 def _embedding_manifest(backbone, name, kind, **head) -> Manifest:
@@ -135,10 +146,12 @@ def test_a_trained_embedding_task_serves_the_spearman_its_training_measured(stor
     from ticketserve.trainers.run import train
 
     minilm = load_backbone()  # training attaches rows to it: a private copy, not the session one
-    config = TrainConfig(max_steps=3, batch_size=16, train_samples=64, eval_samples=96, task_type="embedding")
+    config = TrainConfig(max_steps=3, batch_size=16, train_samples=64, eval_samples=96, task_type="embedding",
+                         matryoshka_dims=[64, 128])
     outcome = train("bitfit", get_task("stsb"), minilm, config, store, data_dir="sample", show_progress=False)
     manifest = store.manifest(outcome.published[0])
     assert (manifest.task.type, manifest.head.normalize, manifest.details["loss"]) == ("embedding", True, "cosent")
+    assert manifest.head.dimensions == [128, 64]  # requests may cut its vectors to these
     served = _spearman_served(store, outcome.published[0], load_backbone(), manifest.task, 96)
     assert served == pytest.approx(manifest.metrics["spearman"], abs=1e-4)
 

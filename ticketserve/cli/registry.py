@@ -154,8 +154,9 @@ def registry_export(artifact_ref: Annotated[str, typer.Argument(metavar="ARTIFAC
 
 
 @registry_app.command("import")
-def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help="a bundle file; with --format peft or "
-                                                          "hf a directory or a Hugging Face hub id")],
+def registry_import(source: Annotated[Optional[str], typer.Argument(
+                        metavar="[SOURCE]", help="a bundle file; with --format peft, hf or sentence-transformers a "
+                        "directory or a Hugging Face hub id (sentence-transformers: default the backbone's own)")] = None,
                     format: Annotated[str, typer.Option(help="bundle (written by `registry export`) | peft (a LoRA "
                                                         "adapter written by PeftModel.save_pretrained) | hf (a "
                                                         "fine-tuned *ForSequenceClassification checkpoint) | "
@@ -164,6 +165,9 @@ def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help
                                                                 "(sst2, mrpc, …)")] = None,
                     name: Annotated[Optional[str], typer.Option(help="peft, hf, sentence-transformers: the artifact "
                                                                 "name")] = None,
+                    dimensions: Annotated[Optional[list[int]], typer.Option(
+                        help="sentence-transformers: a smaller width the model was trained to be cut to "
+                        "(Matryoshka); repeatable")] = None,
                     backbone: BackboneOpt = None,
                     tag: Annotated[Optional[list[str]], typer.Option(help="extra tags")] = None,
                     registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
@@ -172,6 +176,8 @@ def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help
     Hugging Face sequence classifier as a `full` artifact; or a sentence-transformers model as
     an embedding task (`plain` on its own base model, else `full`)."""
     store = store_at(registry)
+    if source is None and format != "sentence-transformers":
+        raise InvalidArgument(f"--format {format} imports a SOURCE: name it")
     if format == "bundle":
         if not Path(source).is_file():
             raise InvalidArgument(f"no bundle file at {source}")
@@ -195,7 +201,8 @@ def registry_import(source: Annotated[str, typer.Argument(metavar="SOURCE", help
 
         if name is None:
             raise InvalidArgument("--format sentence-transformers needs --name (the embedding task's name)")
-        manifest, tensors = read_sentence_transformer(source, load_backbone(backbone, store), name)
+        model = load_backbone(backbone, store)
+        manifest, tensors = read_sentence_transformer(source or model.source, model, name, dimensions)
         version = artifact.publish(store, manifest, tensors, tuple(tag or ()))
     else:
         raise InvalidArgument(f"unknown import format {format!r} (bundle, peft, hf, sentence-transformers)")

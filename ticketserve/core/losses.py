@@ -7,6 +7,8 @@ Embedding losses take the stacked pair embeddings (B, 2, d):
 * `cosine`: the mean squared error between cos(a, b) and the label (labels in [-1, 1]).
 * `mnrl`, multiple negatives ranking (for positive pairs): each text's pair against every other
   pair of the batch, cross-entropy of s·cos over them, s = 20.
+With `widths` (Matryoshka), an embedding loss is summed over the full width and each leading
+width (sentence-transformers' `MatryoshkaLoss` with unit weights): each cut is a usable embedding.
 A reranker (one logit per pair) trains with binary cross-entropy against labels in [0, 1];
 regression with squared error, classification with cross-entropy.
 """
@@ -57,9 +59,12 @@ def mnrl(pairs: torch.Tensor, labels: torch.Tensor | None = None, scale: float =
     return nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
-def task_loss(spec: TaskSpec, outputs: torch.Tensor, labels: torch.Tensor, loss: str | None = None) -> torch.Tensor:
+def task_loss(spec: TaskSpec, outputs: torch.Tensor, labels: torch.Tensor, loss: str | None = None,
+              widths: tuple[int, ...] = ()) -> torch.Tensor:
     """The loss of a batch's outputs (logits, values, or stacked pair embeddings) against its labels."""
     loss = check_loss(spec, loss)
+    if widths and loss in EMBEDDING_LOSSES:
+        return sum(task_loss(spec, outputs[..., :width], labels, loss) for width in (outputs.shape[-1], *widths))
     if loss == "cross_entropy":
         return nn.functional.cross_entropy(outputs, labels)
     if loss == "mse":

@@ -133,6 +133,7 @@ class TaskModel(nn.Module):
         self.encoder = encoder
         self.spec = spec
         self.objective = loss
+        self.widths = tuple(head_config.dimensions)  # an embedding's smaller widths, trained as well
         self.head = make_head(spec, head_config, encoder.config.hidden_size)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, pair_input_ids=None,
@@ -145,7 +146,7 @@ class TaskModel(nn.Module):
         return torch.stack((out, other), 1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return task_loss(self.spec, logits, labels, self.objective)
+        return task_loss(self.spec, logits, labels, self.objective, self.widths)
 
 
 def encode(encoder: nn.Module, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:

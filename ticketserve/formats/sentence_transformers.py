@@ -42,8 +42,10 @@ def embedding_spec(name: str) -> TaskSpec:
                     metric="spearman", extra_metrics=["pearson"])
 
 
-def read_sentence_transformer(source: str | Path, backbone: Backbone, name: str) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """The manifest and tensors of an embedding task equal to the model on this backbone."""
+def read_sentence_transformer(source: str | Path, backbone: Backbone, name: str,
+                              dimensions: list[int] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """The manifest and tensors of an embedding task equal to the model on this backbone;
+    `dimensions`: smaller widths it was trained to be cut to (a Matryoshka model)."""
     directory = local_directory(str(source), FILES)
     modules = read_json(directory / "modules.json", "a sentence-transformers model's module list")
     by_type: dict[str, Path] = {}
@@ -69,6 +71,10 @@ def read_sentence_transformer(source: str | Path, backbone: Backbone, name: str)
         projection, activation = _dense(by_type["Dense"], backbone.config.hidden_size)
         head = head.model_copy(update={"projection": projection[HEAD_PREFIX + "weight"].shape[0], "activation": activation})
         tensors |= projection
+    width = head.projection or backbone.config.hidden_size
+    if any(not 0 < d < width for d in dimensions or ()):
+        raise InvalidArgument(f"--dimensions: each width must be below the model's {width}")
+    head = head.model_copy(update={"dimensions": sorted(set(dimensions or ()), reverse=True)})
     encoder = [k for k in tensors if not k.startswith(HEAD_PREFIX)]
     kind = "plain" if not encoder else "lora" if any(k.endswith(".lora_A") for k in encoder) else "full"
     get_kind(kind).validate({k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}, backbone.model)

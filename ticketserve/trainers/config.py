@@ -29,8 +29,12 @@ class TrainConfig(BaseModel):
                           "correlation of the pairs' cosine similarity) or a reranker (one relevance score per pair)")
     loss: Literal["cosent", "cosine", "mnrl"] | None = Field(
         None, description="embedding tasks: cosent (scored pairs; the default), cosine (squared error of the cosine "
-                          "against labels scaled to 0…1), mnrl (positive pairs — the rows with the highest label — "
+                          "against labels scaled into [0, 1]), mnrl (positive pairs — the rows with the highest label — "
                           "against in-batch negatives)")
+    matryoshka_dims: list[int] = Field(
+        default_factory=list, description="embedding tasks: leading widths to train as well (Matryoshka: the loss "
+                                          "summed over the full width and each of these); requests may ask for them "
+                                          "with `dimensions`")
     pooling: Literal["mean", "cls"] = "mean"
     head_dropout: float = Field(0.1, ge=0, lt=1)
     log_every: int = Field(10, gt=0, description="steps per point of the train-loss curve")

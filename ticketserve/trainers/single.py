@@ -14,11 +14,13 @@ from torch import nn
 
 from ticketserve.core import artifact
 from ticketserve.core.data import data_source, load_full_split, subset
+from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.kinds import get_kind
 from ticketserve.core.losses import check_loss
 from ticketserve.core.model import TaskModel
-from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest
+from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest, TaskSpec
 from ticketserve.trainers.base import Method, Outcome, RunContext, run_manifest
+from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.loop import FitResult, accelerator_for, fit, tokenize
 
 
@@ -43,6 +45,17 @@ def for_loss(train, loss: str):
         if largest > 1:
             return train.map(lambda row: {"label": row["label"] / largest}), {"loss": loss, "label_scale": 1 / largest}
     return train, {"loss": loss}
+
+
+def embedding_widths(spec: TaskSpec, config: TrainConfig, hidden_size: int) -> list[int]:
+    """The smaller widths an embedding task trains (`--matryoshka-dims`), widest first."""
+    if not config.matryoshka_dims:
+        return []
+    if spec.type != "embedding":
+        raise InvalidArgument("--matryoshka-dims trains embedding tasks (--task-type embedding)")
+    if not all(0 < width < hidden_size for width in config.matryoshka_dims):
+        raise InvalidArgument(f"--matryoshka-dims: each width must be below the embedding's {hidden_size}")
+    return sorted(set(config.matryoshka_dims), reverse=True)
 
 
 class ArtifactMethod(Method):
@@ -87,7 +100,8 @@ class ArtifactMethod(Method):
             apart = spec.type == "embedding"
             train_ds, eval_ds = (tokenize(subset(full, samples, config.seed), backbone.tokenizer, config.max_length, apart)
                                  for full, samples in splits.values())
-        head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout, normalize=apart)
+        head = HeadConfig(pooling=config.pooling, dropout=config.head_dropout, normalize=apart,
+                          dimensions=embedding_widths(spec, config, backbone.config.hidden_size))
         model = TaskModel(backbone.model, spec, head, loss)
         params = self.trainable(model, context)
         lr = config.lr or self.default_lr

@@ -111,16 +111,15 @@ class Predictor:
                 for handle in held.values():
                     self.loader.release(handle)
         except TicketserveError as exc:
-            for ask in asks or [Ask("")]:
+            for ask in dict.fromkeys(asks or [Ask("")]):  # one call counts once per task, however it was cut
                 task = ask.task if self.loader.serves(ask.task) else OTHER_TASK
                 self.metrics.requests.labels(task, status_of(exc).name).inc()
             raise
         seconds = time.perf_counter() - started
-        answers = []
-        for handle, result in zip(handles, results):
+        for handle in held.values():
             task = handle.version.name
             self.metrics.latency.labels(task).observe(seconds)
-            self.metrics.examples.labels(task).inc(len(result.predictions))
             self.metrics.requests.labels(task, "OK").inc()
-            answers.append(Answer.of(handle.version, handle.loaded.manifest, result))
-        return answers
+        for handle, result in zip(handles, results):
+            self.metrics.examples.labels(handle.version.name).inc(len(result.predictions))
+        return [Answer.of(handle.version, handle.loaded.manifest, result) for handle, result in zip(handles, results)]
