@@ -99,13 +99,13 @@ def _task_spec(task, start, data_dir, text_field, text_pair_field, label_field, 
     else DIR/labels.json|txt, else the data's values), the one of the artifact the method starts
     from, or none (methods over several tasks name them)."""
     from ticketserve.core.data import check_labels, columns, glue_fields, infer_labels, label_file
-    from ticketserve.core.tasks import GLUE_TASKS, custom_task, get_task
+    from ticketserve.core.tasks import KNOWN_TASKS, custom_task, get_task
 
     if task is None:
         return None, None
     if start is not None and task == start[0].name:
         return start[0], None  # a custom task's spec travels with its artifacts
-    if task in GLUE_TASKS and not text_field:
+    if task in KNOWN_TASKS and not text_field:
         return get_task(task), None
     if data_dir is None:
         if text_field:

@@ -125,28 +125,35 @@ def _normalise(ds, spec: TaskSpec, split: str):
         rename[spec.text_pair_field] = "text_pair"
     ds = ds.select_columns(fields).rename_columns(rename)
     features = ds.features.copy()  # labels become numbers whatever the file held (CSV cells are strings)
-    features["label"] = datasets.Value("float64" if spec.is_regression else "int64")
+    value = datasets.Value("float64" if spec.is_regression else "int64")
+    features["label"] = datasets.Sequence(value) if spec.type == "token_classification" else value
     return ds.map(_label_mapper(spec, split), batched=True, features=features)
 
 
 def _label_mapper(spec: TaskSpec, split: str):
     index = {name: i for i, name in enumerate(spec.labels)}
 
+    def one(value):
+        if spec.is_regression:
+            return float(value)
+        if isinstance(value, str) and value in index:
+            return index[value]
+        if isinstance(value, (int, str)) and _is_index(str(value)) and 0 <= int(value) < len(index):
+            return int(value)
+        raise InvalidArgument(
+            f"{spec.name} [{split}]: label {value!r} is not one of {spec.labels} "
+            f"or an index below {len(spec.labels)} (unlabelled test splits cannot be scored)"
+        )
+
     def convert(batch):
-        labels = []
-        for value in batch["label"]:
-            if spec.is_regression:
-                labels.append(float(value))
-            elif isinstance(value, str) and value in index:
-                labels.append(index[value])
-            elif isinstance(value, (int, str)) and _is_index(str(value)) and 0 <= int(value) < len(index):
-                labels.append(int(value))
-            else:
-                raise InvalidArgument(
-                    f"{spec.name} [{split}]: label {value!r} is not one of {spec.labels} "
-                    f"or an index below {len(spec.labels)} (unlabelled test splits cannot be scored)"
-                )
-        batch["label"] = labels
+        if spec.type == "token_classification":  # one label per word
+            for text, labels in zip(batch["text"], batch["label"]):
+                if not isinstance(text, list) or not isinstance(labels, list) or len(text) != len(labels):
+                    raise InvalidArgument(f"{spec.name} [{split}]: each row needs a list of words and one label per "
+                                          f"word ({spec.text_field}, {spec.label_field})")
+            batch["label"] = [[one(value) for value in labels] for labels in batch["label"]]
+        else:
+            batch["label"] = [one(value) for value in batch["label"]]
         return batch
 
     return convert

@@ -10,7 +10,8 @@ Embedding losses take the stacked pair embeddings (B, 2, d):
 With `widths` (Matryoshka), an embedding loss is summed over the full width and each leading
 width (sentence-transformers' `MatryoshkaLoss` with unit weights): each cut is a usable embedding.
 A reranker (one logit per pair) trains with binary cross-entropy against labels in [0, 1];
-regression with squared error, classification with cross-entropy.
+regression with squared error, classification with cross-entropy (token classification over the
+pieces that carry a word's label).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.tagging import IGNORED
 from ticketserve.registry.manifest import TaskSpec
 
 SCALE = 20.0  # sentence-transformers' default inverse temperature for cosent and mnrl
 EMBEDDING_LOSSES = ("cosent", "cosine", "mnrl")
 LOSSES = {"classification": ("cross_entropy",), "regression": ("mse",), "reranking": ("bce",),
-          "embedding": EMBEDDING_LOSSES}
+          "embedding": EMBEDDING_LOSSES, "token_classification": ("cross_entropy",)}
 
 
 def default_loss(spec: TaskSpec) -> str:
@@ -65,8 +67,8 @@ def task_loss(spec: TaskSpec, outputs: torch.Tensor, labels: torch.Tensor, loss:
     loss = check_loss(spec, loss)
     if widths and loss in EMBEDDING_LOSSES:
         return sum(task_loss(spec, outputs[..., :width], labels, loss) for width in (outputs.shape[-1], *widths))
-    if loss == "cross_entropy":
-        return nn.functional.cross_entropy(outputs, labels)
+    if loss == "cross_entropy":  # per example, or per word piece (B, T, labels): pieces labelled IGNORED skipped
+        return nn.functional.cross_entropy(outputs.flatten(0, -2), labels.flatten(), ignore_index=IGNORED)
     if loss == "mse":
         return nn.functional.mse_loss(outputs.squeeze(-1), labels.float())
     if loss == "bce":

@@ -1,5 +1,5 @@
 """The task model: shared encoder → pooling → task head (a label, value or score: `TaskHead`;
-a vector: `EmbeddingHead`). Used by trainers and the runtime."""
+a vector: `EmbeddingHead`; a label per word piece: `TokenHead`). Used by trainers and the runtime."""
 
 from __future__ import annotations
 
@@ -101,10 +101,39 @@ class EmbeddingHead(nn.Module):
         return self.config.projection or hidden_size
 
 
+class TokenHead(nn.Module):
+    """Dropout + linear on every token state: (B, T, H) → (B, T, labels) — what the classifier of
+    BertForTokenClassification and RobertaForTokenClassification computes. Tensors: `head.weight`
+    (labels, hidden), `head.bias`."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.dropout = nn.Dropout(config.dropout)
+        self.linear = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(hidden))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {HEAD_PREFIX + k.removeprefix("linear."): v.detach().cpu().contiguous()
+                for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: HeadConfig) -> TokenHead:
+        weight = tensors[HEAD_PREFIX + "weight"]
+        head = cls(weight.shape[1], weight.shape[0], config)
+        head.load_state_dict({"linear." + k.removeprefix(HEAD_PREFIX): v for k, v in tensors.items()})
+        return head.eval()
+
+
 def make_head(spec: TaskSpec, config: HeadConfig, hidden_size: int) -> nn.Module:
-    """A fresh head for a task: an embedding head, or a linear head of the task's outputs."""
+    """A fresh head for a task: an embedding head, a per-token head, or a linear head of the
+    task's outputs."""
     if spec.type == "embedding":
         return EmbeddingHead(hidden_size, config)
+    if spec.type == "token_classification":
+        return TokenHead(hidden_size, spec.num_outputs, config)
     return TaskHead(hidden_size, spec.num_outputs, config)
 
 
@@ -112,6 +141,8 @@ def head_shapes(spec: TaskSpec, config: HeadConfig, hidden_size: int) -> dict[st
     """Every head tensor's name and shape, for a task, its head config and a backbone width."""
     if spec.type == "embedding":
         return EmbeddingHead.shapes(hidden_size, config)
+    if spec.type == "token_classification":
+        return TaskHead.shapes(hidden_size, spec.num_outputs, config.model_copy(update={"dense": False}))
     return TaskHead.shapes(hidden_size, spec.num_outputs, config)
 
 
@@ -120,6 +151,8 @@ def head_from_tensors(spec: TaskSpec, config: HeadConfig, tensors: dict[str, tor
     """A stored head, ready to run (shapes checked by `artifact.load` before)."""
     if spec.type == "embedding":
         return EmbeddingHead.from_tensors(tensors, config, hidden_size)
+    if spec.type == "token_classification":
+        return TokenHead.from_tensors(tensors, config)
     return TaskHead.from_tensors(tensors, config)
 
 

@@ -1,10 +1,11 @@
-"""Task specs (GLUE and custom) and their metrics."""
+"""Task specs (GLUE, named-entity sets, custom) and their metrics."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ticketserve.core.errors import InvalidArgument, NotFound
+from ticketserve.core.tagging import entity_scores
 from ticketserve.registry.manifest import TaskSpec
 
 _ENTAIL = ["entailment", "not_entailment"]
@@ -35,13 +36,33 @@ GLUE_TASKS: dict[str, TaskSpec] = {
 }
 
 
+def _ner(name: str, hub: str, labels: list[str]) -> TaskSpec:
+    return TaskSpec(name=name, type="token_classification", text_field="tokens", label_field="ner_tags", labels=labels,
+                    scheme="IOB2", metric="entity_f1", extra_metrics=["token_accuracy"], hub_dataset=hub)
+
+
+def _iob2(*kinds: str) -> list[str]:
+    return ["O", *(f"{prefix}-{kind}" for kind in kinds for prefix in "BI")]
+
+
+# the label orders of the hub datasets (and of ../shared/data/ner's labels.json)
+NER_TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _ner("conll2003", "eriktks/conll2003", _iob2("PER", "ORG", "LOC", "MISC")),
+        _ner("wnut17", "leondz/wnut_17", _iob2("corporation", "creative-work", "group", "location", "person", "product")),
+    )
+}
+KNOWN_TASKS = GLUE_TASKS | NER_TASKS
+
+
 def get_task(name: str) -> TaskSpec:
     try:
-        return GLUE_TASKS[name]
+        return KNOWN_TASKS[name]
     except KeyError:
         raise NotFound(
-            f"unknown task {name!r}: GLUE tasks are {', '.join(GLUE_TASKS)}; "
-            "for your own data pass --text-field/--label-field with --data-dir"
+            f"unknown task {name!r}: GLUE tasks are {', '.join(GLUE_TASKS)}, named-entity tasks "
+            f"{', '.join(NER_TASKS)}; for your own data pass --text-field/--label-field with --data-dir"
         ) from None
 
 
@@ -70,12 +91,17 @@ def custom_task(name: str, text_field: str, text_pair_field: str | None, label_f
 
 def compute_metrics(spec: TaskSpec, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
     """Primary + extra metrics. `predictions` are label ids, values, relevance logits or pairs'
-    cosine similarities (what `model.predictions` gives)."""
+    cosine similarities (what `model.predictions` gives); for token classification, one array of
+    word label ids per sentence (pieces the labels ignore already dropped)."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     if len(references) == 0:
         raise InvalidArgument(f"no examples to score for task {spec.name}")
+    if spec.type == "token_classification":
+        names = [[[spec.labels[i] for i in sentence] for sentence in side] for side in (references, predictions)]
+        found = entity_scores(*names)
+        return {m: found[m] for m in [spec.metric, *spec.extra_metrics]}
     scorers = {
         "accuracy": lambda: accuracy_score(references, predictions),
         "f1": lambda: f1_score(references, predictions, average="binary" if len(spec.labels) == 2 else "macro"),

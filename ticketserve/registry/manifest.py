@@ -14,9 +14,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
-METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
-# What a task returns: a label, a value, a vector, or a pair's relevance score (a cross-encoder).
-TASK_TYPES = ("classification", "regression", "embedding", "reranking")
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman", "entity_f1", "token_accuracy")
+# What a task returns: a label, a value, a vector, a pair's relevance score (a cross-encoder),
+# or a label per word piece (named entities: token classification).
+TASK_TYPES = ("classification", "regression", "embedding", "reranking", "token_classification")
+
+
+def check_iob2(labels: list[str]) -> None:
+    """IOB2 label names: `O` and `B-`/`I-` prefixed types, each type with both."""
+    if "O" not in labels:
+        raise ValueError("IOB2 labels need an 'O' (outside) label")
+    malformed = [label for label in labels if label != "O" and (label[:2] not in ("B-", "I-") or not label[2:])]
+    if malformed:
+        raise ValueError(f"IOB2 labels are O, B-TYPE and I-TYPE; not {', '.join(malformed[:3])}")
+    kinds = sorted({label[2:] for label in labels if label != "O"})
+    missing = [f"{p}-{k}" for k in kinds for p in "BI" if f"{p}-{k}" not in labels]
+    if missing:
+        raise ValueError(f"IOB2 labels lack {', '.join(missing[:3])}")
 
 
 class _Strict(BaseModel):
@@ -29,8 +43,9 @@ class TaskSpec(_Strict):
     (pairs with a similarity score, or positive pairs); it embeds one text at a time."""
 
     name: str
-    type: Literal[TASK_TYPES] = Field(description="classification | regression | embedding | reranking; "  # type: ignore[valid-type]
-                                      "manifests without it are classification (labels) or regression")
+    type: Literal[TASK_TYPES] = Field(description="classification | regression | embedding | reranking | "  # type: ignore[valid-type]
+                                      "token_classification; manifests without it are classification (labels) or "
+                                      "regression")
     text_field: str
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -41,6 +56,7 @@ class TaskSpec(_Strict):
     hub_config: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    scheme: Literal["IOB2"] | None = Field(None, description="token_classification: how its labels mark entities")
 
     @model_validator(mode="before")
     @classmethod
@@ -51,15 +67,20 @@ class TaskSpec(_Strict):
 
     @model_validator(mode="after")
     def _labels_fit_the_type(self) -> TaskSpec:
-        if (self.type == "classification") != bool(self.labels):
-            raise ValueError(f"a {self.type} task {'needs' if self.type == 'classification' else 'takes no'} label names")
+        labelled = self.type in ("classification", "token_classification")
+        if labelled != bool(self.labels):
+            raise ValueError(f"a {self.type} task {'needs' if labelled else 'takes no'} label names")
+        if (self.type == "token_classification") != (self.scheme is not None):
+            raise ValueError("a token_classification task (and only it) names its tagging scheme (IOB2)")
+        if self.scheme == "IOB2":
+            check_iob2(self.labels)
         if self.type in ("embedding", "reranking") and not self.text_pair_field:
             raise ValueError(f"an {self.type} task trains on text pairs: it needs text_pair_field")
         return self
 
     @property
     def is_regression(self) -> bool:
-        """Whether its labels are numbers (every type but classification)."""
+        """Whether its labels are numbers (embedding, reranking and regression tasks)."""
         return not self.labels
 
     @property

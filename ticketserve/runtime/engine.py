@@ -133,9 +133,10 @@ class Engine:
             raise InvalidArgument(f"task {spec.name} takes text pairs: every input needs text_pair")
         if not paired and any(has_pairs):
             raise InvalidArgument(f"task {spec.name} takes single texts: text_pair must be empty")
-        key = (id(texts), id(pairs) if paired else None)  # the same lists: the same tokens
+        spans = spec.type == "token_classification"  # its answer needs each piece's span
+        key = (id(texts), id(pairs) if paired else None, spans)  # the same lists: the same tokens
         if key not in tokenized:
-            tokenized[key] = self.tokenization.features(texts, pairs if paired else None)
+            tokenized[key] = self.tokenization.features(texts, pairs if paired else None, spans)
         return _Request(task, tokenized[key], deadline)
 
     # -- the inference thread ---------------------------------------------------------------
@@ -214,7 +215,7 @@ class Engine:
         tasks = [r.task for r in batch for _ in r.features]
         features = [f for r in batch for f in r.features]
         inputs = self.tokenization.pad(features, self.runtime.device)
-        predictions = self.runtime.predictions(tasks, self.runtime.logits(tasks, inputs))
+        predictions = self.runtime.predictions(tasks, self.runtime.logits(tasks, inputs), features)
         seconds = time.monotonic() - started
         distinct = len({id(task) for task in tasks})
         offset = 0

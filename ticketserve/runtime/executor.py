@@ -23,11 +23,14 @@ from ticketserve.core.kinds import Kind, get_kind
 from ticketserve.core.model import head_from_tensors
 from ticketserve.core.quantize import QUANTIZATIONS, quantize_int8
 from ticketserve.core.routing import Routing
+from ticketserve.core.tagging import Token
 from ticketserve.core.shared_encoder import SharedEncoder
 from ticketserve.registry import ArtifactVersion
 from ticketserve.registry.manifest import Manifest, TaskSpec
+
+TAGGING = "token_classification"
 from ticketserve.runtime.backends import backend_named
-from ticketserve.runtime.tokenizing import Tokenization
+from ticketserve.runtime.tokenizing import OFFSETS, WORD_IDS, Tokenization
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Prediction:
     score: float  # probability of the label, the regression value, or a pair's relevance (0…1)
     probabilities: dict[str, float]
     embedding: list[float] | None = None  # embedding tasks (their score is 0)
+    tokens: list[Token] | None = None  # token classification: each word piece's label and span (score 0)
 
 
 class Runtime:
@@ -141,17 +145,23 @@ class Runtime:
     def predict(self, tasks: Sequence[LoadedTask], texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         if len(tasks) != len(texts):
             raise InvalidArgument(f"{len(texts)} texts but {len(tasks)} tasks")
-        return self.predictions(tasks, self.logits(tasks, self.tokenize(texts, pairs)))
+        features = self.tokenization.features(texts, pairs, spans=any(t.spec.type == TAGGING for t in tasks))
+        return self.predictions(tasks, self.logits(tasks, self.tokenization.pad(features, self.device)), features)
 
     @staticmethod
-    def predictions(tasks: Sequence[LoadedTask], outputs: list[torch.Tensor]) -> list[Prediction]:
-        """Labels and probabilities, values, relevance scores (the sigmoid of a reranker's logit)
-        or embeddings from per-example outputs."""
+    def predictions(tasks: Sequence[LoadedTask], outputs: list[torch.Tensor],
+                    features: Sequence[dict] | None = None) -> list[Prediction]:
+        """Labels and probabilities, values, relevance scores (the sigmoid of a reranker's logit),
+        embeddings, or each word piece's label (token classification: `features` with spans)
+        from per-example outputs."""
         results = []
-        for task, row in zip(tasks, outputs):
+        for i, (task, row) in enumerate(zip(tasks, outputs)):
             spec = task.spec
             if spec.type == "embedding":
                 results.append(Prediction(None, 0.0, {}, row.float().tolist()))
+                continue
+            if spec.type == TAGGING:
+                results.append(Prediction(None, 0.0, {}, tokens=_tokens(spec.labels, row, features[i])))
                 continue
             if spec.is_regression:
                 value = row[0].float()
@@ -161,3 +171,15 @@ class Runtime:
             best = max(range(len(probs)), key=probs.__getitem__)
             results.append(Prediction(spec.labels[best], probs[best], dict(zip(spec.labels, probs))))
         return results
+
+
+def _tokens(labels: list[str], logits: torch.Tensor, feature: dict) -> list[Token]:
+    """The word pieces of one text (special tokens and padding left out) with their labels."""
+    probabilities = logits[:len(feature[OFFSETS])].float().softmax(-1).tolist()
+    found = []
+    for (start, end), word, row in zip(feature[OFFSETS], feature[WORD_IDS], probabilities):
+        if word is None or start == end:
+            continue
+        best = max(range(len(row)), key=row.__getitem__)
+        found.append(Token(labels[best], row[best], dict(zip(labels, row)), start, end, word))
+    return found

@@ -17,6 +17,8 @@ from ticketserve.core.errors import InvalidArgument
 # tokens as tokenizing the whole text; only junk (a token per 24+ characters) sees fewer.
 CHARS_PER_TOKEN = 24
 MAX_TEXT_BYTES = 256 * 1024
+OFFSETS, WORD_IDS = "offset_mapping", "word_ids"
+SPANS = (OFFSETS, WORD_IDS)  # a feature's entries that are not encoder inputs
 
 
 @dataclass
@@ -37,24 +39,30 @@ class Tokenization:
     def max_chars(self) -> int:
         return self.max_tokens * CHARS_PER_TOKEN
 
-    def features(self, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, list[int]]]:
-        """Each text's (and pair's) token ids, unpadded."""
+    def features(self, texts: list[str], pairs: list[str] | None = None, spans: bool = False) -> list[dict[str, list]]:
+        """Each text's (and pair's) token ids, unpadded; with `spans`, also each piece's character
+        span in the text (`offset_mapping`, (0, 0) for special tokens) and its word (`word_ids`,
+        the tokenizer's pre-split words) — what token classification answers in."""
         if pairs is not None and len(pairs) != len(texts):
             raise InvalidArgument(f"{len(texts)} texts but {len(pairs)} text pairs")
         texts = [self._bounded(text, i, "text") for i, text in enumerate(texts)]
         if pairs is not None:
             pairs = [self._bounded(pair, i, "text_pair") for i, pair in enumerate(pairs)]
-        encoded = self.tokenizer(texts, pairs, truncation=self.truncate,
+        encoded = self.tokenizer(texts, pairs, truncation=self.truncate, return_offsets_mapping=spans,
                                  max_length=self.max_tokens if self.truncate else None)
         features = [{k: encoded[k][i] for k in encoded.keys()} for i in range(len(texts))]
+        if spans:
+            for i, feature in enumerate(features):
+                feature[WORD_IDS] = encoded.word_ids(i)
         for i, feature in enumerate(features):
             if len(feature["input_ids"]) > self.max_tokens:
                 raise InvalidArgument(f"input {i} has {len(feature['input_ids'])} tokens; the limit is {self.max_tokens}")
         return features
 
-    def pad(self, features: list[dict[str, list[int]]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """One batch of features, padded to its longest."""
-        inputs = self.tokenizer.pad(features, return_tensors="pt")
+    def pad(self, features: list[dict[str, list]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """One batch of features' encoder inputs, padded to its longest (spans stay behind)."""
+        inputs = self.tokenizer.pad([{k: v for k, v in f.items() if k not in SPANS} for f in features],
+                                    return_tensors="pt")
         return {k: v.to(device) for k, v in inputs.items()}
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None,

@@ -22,10 +22,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.model import PAIR, TaskModel, predictions
+from ticketserve.core.tagging import IGNORED, joined, piece_labels, word_ids
 from ticketserve.core.tasks import compute_metrics
 from ticketserve.trainers.config import TrainConfig
 from ticketserve.trainers.progress import RunProgress
@@ -89,12 +90,24 @@ def linear_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total
 def scores(forward: Callable[[dict], torch.Tensor], loader, spec, accelerator: Accelerator) -> dict[str, float]:
     """The task's metrics of `forward` (batch → logits) over a prepared evaluation loader."""
     preds, refs = [], []
+    tagged = spec.type == "token_classification"
     with torch.no_grad():
         for batch in loader:
             logits = forward({k: batch[k] for k in MODEL_INPUTS if k in batch})
-            p, r = accelerator.gather_for_metrics((predictions(spec, logits), batch["labels"]))
+            found, labels = predictions(spec, logits), batch["labels"]
+            if tagged:  # sentences of different lengths across processes: padded alike before gathering
+                found = accelerator.pad_across_processes(found, dim=1, pad_index=IGNORED)
+                labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORED)
+            p, r = accelerator.gather_for_metrics((found, labels))
+            if tagged:  # each sentence's labelled pieces (its words)
+                kept = r != IGNORED
+                preds += [row[mask].cpu().numpy() for row, mask in zip(p, kept)]
+                refs += [row[mask].cpu().numpy() for row, mask in zip(r, kept)]
+                continue
             preds.append(p.float().cpu().numpy())
             refs.append(r.float().cpu().numpy())
+    if tagged:
+        return compute_metrics(spec, preds, refs)
     return compute_metrics(spec, np.concatenate(preds), np.concatenate(refs))
 
 
@@ -138,10 +151,20 @@ class FitResult:
 
 def tokenize(dataset, tokenizer, max_length: int, apart: bool = False):
     """Token ids + `labels` + `length` columns; the text columns are dropped. `apart`: the two
-    texts of a pair tokenized each alone (an embedding task's), the second as `pair_…` columns."""
+    texts of a pair tokenized each alone (an embedding task's), the second as `pair_…` columns.
+    Rows of words (token classification) are joined by spaces and tokenized as serving tokenizes
+    a text; each word's label goes on its first piece, the others are ignored."""
     has_pair = "text_pair" in dataset.column_names
+    words = bool(len(dataset)) and isinstance(dataset[0]["text"], list)
 
     def encode(batch):
+        if words:
+            texts, spans = zip(*(joined(row) for row in batch["text"]))
+            encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=True)
+            encoded["label"] = [piece_labels(word_ids(offsets, row_spans), labels) for offsets, row_spans, labels
+                                in zip(encoded.pop("offset_mapping"), spans, batch["label"])]
+            encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+            return encoded
         if apart:
             encoded = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
             second = tokenizer(batch["text_pair"], truncation=True, max_length=max_length)
@@ -167,8 +190,11 @@ class PaddedBatches:
 
     def __init__(self, tokenizer):
         self.pad = DataCollatorWithPadding(tokenizer)
+        self.pad_labelled = DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORED)
 
     def __call__(self, features: list[dict]) -> dict:
+        if isinstance(features[0].get("labels"), list):  # a label per piece: padded with IGNORED
+            return self.pad_labelled(features)
         if PAIR + "input_ids" not in features[0]:
             return self.pad(features)
         first = self.pad([{k: v for k, v in f.items() if not k.startswith(PAIR)} for f in features])

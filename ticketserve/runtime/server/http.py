@@ -114,14 +114,16 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
     async def predict(body: PredictRequest) -> PredictResponse:
         """Predictions of one task for up to `max_texts_per_request` texts."""
         texts, pairs = texts_of(body.inputs)
-        return predict_response(await predictor.predict(Ask(body.task, body.version), texts, pairs))
+        answer = await predictor.predict(Ask(body.task, body.version), texts, pairs)
+        return predict_response(answer, texts, body.aggregation, body.return_tokens)
 
     @app.post("/v1/fanout", response_model=FanOutResponse, tags=["json"])
     async def fan_out(body: FanOutRequest) -> FanOutResponse:
         """The same texts to several tasks, answered from one mixed batch when they fit."""
         texts, pairs = texts_of(body.inputs)
         asks = [Ask.parse(t) for t in body.tasks]
-        return FanOutResponse(results=[predict_response(a) for a in await predictor.fan_out(asks, texts, pairs)])
+        return FanOutResponse(results=[predict_response(a, texts, body.aggregation, body.return_tokens)
+                                       for a in await predictor.fan_out(asks, texts, pairs)])
 
     http_peer_apis.add_routes(app, predictor)  # OpenAI embeddings, Cohere/Jina and TEI rerank
 
@@ -163,12 +165,15 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
               tags=["v2"])
     async def infer(name: str, body: InferenceRequest, request: Request, version: str | None = None) -> Response:
-        """`text` (BYTES) and for pair tasks `text_pair` in; `label`, `score`, `probabilities` (or `value`)
-        out. Binary tensor data (the `Inference-Header-Content-Length` header) is accepted and, when
+        """`text` (BYTES) and for pair tasks `text_pair` in; `label`, `score`, `probabilities` (or `value`,
+        `embedding`, a reranker's `score`, a token classifier's `entities` — the `aggregation` parameter —
+        and on request `tokens`) out. Binary tensor data (the `Inference-Header-Content-Length` header) is accepted and, when
         asked for with `binary_data`, returned."""
         tensors = input_tensors(body, request.scope.get(BINARY, b""), protocol.max_elements)
         requested = [o.name for o in body.outputs or []]
-        return infer_response(body, await protocol.infer(name, version, tensors, requested))
+        aggregation = (body.parameters or {}).get("aggregation")
+        return infer_response(body, await protocol.infer(name, version, tensors, requested,
+                                                         aggregation=None if aggregation is None else str(aggregation)))
 
     @app.post("/v2/repository/index", response_model=list[ModelIndex], tags=["v2 repository"])
     async def repository_index(body: IndexRequest | None = None) -> list[ModelIndex]:

@@ -4,10 +4,11 @@ JSON API's shape. The OpenAPI document is generated from these."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ticketserve.core.tagging import AGGREGATIONS
 from ticketserve.runtime.server.about import TaskInfo
 from ticketserve.runtime.server.predictor import Answer
 
@@ -24,15 +25,39 @@ class TextInput(_Body):
 Inputs = Annotated[list[str | TextInput], Field(description="texts, or {text, text_pair} objects for pair tasks")]
 
 
+Aggregation = Annotated[Literal[AGGREGATIONS], Field(  # type: ignore[valid-type]
+    description="token classification: how word pieces group into entities (transformers' pipeline strategies)")]
+ReturnTokens = Annotated[bool, Field(description="token classification: also each word piece's label")]
+
+
 class PredictRequest(_Body):
     task: str = Field(description="artifact name, e.g. sst2-bitfit")
     version: str | None = Field(None, description="a version number or tag; default: latest, followed live")
     inputs: Inputs
+    aggregation: Aggregation = "simple"
+    return_tokens: ReturnTokens = False
 
 
 class FanOutRequest(_Body):
     tasks: list[str] = Field(description="artifact names, each optionally name:version or name:tag")
     inputs: Inputs
+    aggregation: Aggregation = "simple"
+    return_tokens: ReturnTokens = False
+
+
+class EntityBody(BaseModel):
+    entity_group: str = Field(description="its type (with aggregation none: a piece's own label, e.g. B-PER)")
+    score: float = Field(description="mean probability of its pieces' labels")
+    word: str = Field(description="the text's characters start…end")
+    start: int = Field(description="character offset into the text (Unicode code points)")
+    end: int
+
+
+class TokenBody(BaseModel):
+    label: str
+    score: float
+    start: int
+    end: int
 
 
 class Prediction(BaseModel):
@@ -41,6 +66,8 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
     value: float | None = Field(None, description="regression tasks only")
     embedding: list[float] | None = Field(None, description="embedding tasks only (their score is 0)")
+    entities: list[EntityBody] | None = Field(None, description="token classification only (its score is 0)")
+    tokens: list[TokenBody] | None = Field(None, description="token classification with return_tokens")
 
 
 class Metadata(BaseModel):
@@ -150,11 +177,17 @@ def texts_of(inputs: list[str | TextInput]) -> tuple[list[str], list[str | None]
     return texts, pairs if any(p is not None for p in pairs) else None
 
 
-def predict_response(answer: Answer) -> PredictResponse:
+def predict_response(answer: Answer, texts: list[str], aggregation: str = "simple",
+                     return_tokens: bool = False) -> PredictResponse:
+    tagged = answer.type == "token_classification"
+    found = answer.entities(texts, aggregation)
     return PredictResponse(
         artifact=str(answer.version), digest=answer.version.digest,
         predictions=[Prediction(label=p.label, score=p.score, probabilities=p.probabilities,
-                                value=p.score if answer.type == "regression" else None, embedding=p.embedding)
-                     for p in answer.predictions],
+                                value=p.score if answer.type == "regression" else None, embedding=p.embedding,
+                                entities=[EntityBody(**vars(e)) for e in entities] if tagged else None,
+                                tokens=[TokenBody(label=t.label, score=t.score, start=t.start, end=t.end)
+                                        for t in p.tokens or []] if tagged and return_tokens else None)
+                     for p, entities in zip(answer.predictions, found)],
         metadata=Metadata(queue_time_us=answer.queue_time_us, inference_time_us=answer.inference_time_us,
                           batch_size=answer.batch_size, batch_tasks=answer.batch_tasks))

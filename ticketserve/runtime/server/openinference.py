@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ticketserve import __version__
 from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.tagging import check_aggregation
 from ticketserve.registry import Reference, Store
 from ticketserve.runtime.server import about
 from ticketserve.runtime.server.admission import Admission
@@ -137,10 +138,20 @@ def _inputs(tensors: list[Tensor]) -> tuple[list[str], list[str | None] | None]:
     return texts, pairs
 
 
-def _outputs(answer: Answer, requested: list[str] | None) -> list[Tensor]:
+def _outputs(answer: Answer, requested: list[str] | None, texts: list[str], aggregation: str | None) -> list[Tensor]:
     predictions = answer.predictions
     n = len(predictions)
-    if answer.labels:
+    if answer.type == "token_classification":  # ragged: one JSON array per text
+        found = answer.entities(texts, aggregation)
+        available = {
+            "entities": Tensor("entities", "BYTES", [n], [json.dumps([vars(e) for e in row]) for row in found]),
+            "tokens": Tensor("tokens", "BYTES", [n], [json.dumps([{"label": t.label, "score": t.score, "start": t.start,
+                                                                   "end": t.end} for t in p.tokens or []])
+                                                      for p in predictions]),
+        }
+        if not requested:
+            return [available["entities"]]
+    elif answer.labels:
         available = {
             "label": Tensor("label", "BYTES", [n], [p.label for p in predictions]),
             "score": Tensor("score", "FP32", [n], [p.score for p in predictions]),
@@ -189,7 +200,10 @@ class OpenInference:
         inputs = [{"name": TEXT, "datatype": "BYTES", "shape": [-1]}]
         if spec.takes_pairs:
             inputs.append({"name": TEXT_PAIR, "datatype": "BYTES", "shape": [-1]})
-        if spec.labels:
+        if spec.type == "token_classification":  # each element a JSON array (entities; tokens on request)
+            outputs = [{"name": "entities", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "tokens", "datatype": "BYTES", "shape": [-1]}]
+        elif spec.labels:
             outputs = [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                        {"name": "score", "datatype": "FP32", "shape": [-1]},
                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]}]
@@ -202,8 +216,9 @@ class OpenInference:
                 "kind": manifest.kind, "method": manifest.method, "artifact": str(resolved)}
 
     async def infer(self, name: str, version: str | None, inputs: list[Tensor], requested: list[str] | None = None,
-                    deadline: float | None = None) -> Inferred:
+                    deadline: float | None = None, aggregation: str | None = None) -> Inferred:
         texts, pairs = _inputs(inputs)
+        check_aggregation(aggregation)
         answer = await self.predictor.predict(Ask(name, version or None), texts, pairs, deadline)
         parameters: dict[str, str | int] = {
             "artifact": str(answer.version), "digest": answer.version.digest, "batch_size": answer.batch_size,
@@ -211,7 +226,7 @@ class OpenInference:
             "inference_time_us": answer.inference_time_us}
         if answer.labels:
             parameters["labels"] = json.dumps(answer.labels)
-        return Inferred(name, str(answer.version.version), _outputs(answer, requested), parameters)
+        return Inferred(name, str(answer.version.version), _outputs(answer, requested, texts, aggregation), parameters)
 
     async def index(self, ready_only: bool = False) -> list[dict]:
         """Every task the registry offers (newest version) and every resident one: READY when

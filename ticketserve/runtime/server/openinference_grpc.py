@@ -63,9 +63,10 @@ class OpenInferenceService(rpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        aggregation = request.parameters["aggregation"].string_param if "aggregation" in request.parameters else None
         inferred = await self.protocol.infer(request.model_name, request.model_version,
                                              _input_tensors(request, self.protocol.max_elements),
-                                             [o.name for o in request.outputs], deadline)
+                                             [o.name for o in request.outputs], deadline, aggregation)
         response = pb.ModelInferResponse(model_name=inferred.model_name, model_version=inferred.model_version,
                                          id=request.id)
         for key, value in inferred.parameters.items():

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ticketserve.core.errors import InvalidArgument, TicketserveError
+from ticketserve.core.tagging import Entity, entities
 from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest, TaskSpec
 from ticketserve.runtime.engine import Engine, Result
 from ticketserve.runtime.executor import Prediction
@@ -47,6 +48,10 @@ class Answer:
     batch_size: int  # examples in the batch that served it (every task)
     batch_tasks: int  # distinct tasks in that batch
     tokens: int  # the request's tokens
+
+    def entities(self, texts: list[str], aggregation: str | None) -> list[list[Entity]]:
+        """Each text's entities (token classification; none for other types), grouped by `aggregation`."""
+        return [entities(text, p.tokens or [], aggregation) for text, p in zip(texts, self.predictions)]
 
     @classmethod
     def of(cls, version: ArtifactVersion, manifest: Manifest, result: Result) -> Answer:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from ticketserve.core.errors import InvalidArgument
+from ticketserve.core.tagging import check_aggregation
 from ticketserve.registry import Reference
 from ticketserve.runtime.engine import Engine
 from ticketserve.runtime.server import about
@@ -36,12 +37,17 @@ class InferenceService(rpc.InferenceServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         texts = [i.text for i in request.inputs]
         pairs = [i.text_pair if i.HasField("text_pair") else None for i in request.inputs]
+        aggregation = check_aggregation(request.aggregation if request.HasField("aggregation") else None)
         answer = await self.predictor.predict(Ask(request.task, _version(request)), texts, pairs, deadline)
+        found = answer.entities(texts, aggregation)
         return pb.PredictResponse(
             predictions=[pb.Prediction(label=p.label or "", score=p.score, probabilities=p.probabilities,
                                        embedding=p.embedding or (),
+                                       entities=[pb.Entity(**vars(e)) for e in entities],
+                                       tokens=[pb.TokenLabel(label=t.label, score=t.score, start=t.start, end=t.end)
+                                               for t in (p.tokens or []) if request.return_tokens],
                                        **({"value": p.score} if answer.type == "regression" else {}))
-                         for p in answer.predictions],
+                         for p, entities in zip(answer.predictions, found)],
             artifact=str(answer.version), digest=answer.version.digest,
             metadata=pb.Metadata(queue_time_us=answer.queue_time_us, inference_time_us=answer.inference_time_us,
                                  batch_size=answer.batch_size, batch_tasks=answer.batch_tasks))
