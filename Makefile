@@ -12,10 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 # Every environment installs locked versions only (docs/development.md): pip from lock/tools.txt;
 # the package, its extras and its isolated build environment from constraints.txt (pip's
 # --build-constraint: plain constraints no longer reach build environments from pip 26.2), all
-# as wheels (--only-binary: no other build environment exists); lock/nodeps.txt without
+# as wheels (--only-binary) but seqeval, a test dependency PyPI has as an sdist only (pure
+# Python; built in an environment of the locked setuptools); lock/nodeps.txt without
 # dependencies. tests/test_install.py checks the result against the lock.
 LOCKED_PIP = $(BIN)/python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt \
-	--only-binary :all:
+	--only-binary :all: --no-binary seqeval
 $(STAMP): pyproject.toml setup.py constraints.txt lock/tools.txt lock/nodeps.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint lock/tools.txt pip
