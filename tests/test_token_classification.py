@@ -174,3 +174,42 @@ def test_every_door_answers_entities(registry, tiny_bert):
         assert [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in found] == \
             [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in expected]
         assert [o["name"] for o in rest.get_model_metadata("ner")["outputs"]] == ["entities", "tokens"]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "minilm"])
+def test_stock_token_classifiers_and_their_peft_adapters_serve_with_stock_logits(arch, tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from tests.helpers import assert_serves_like_stock
+    from ticketserve.formats.hf_import import read_classifier
+    from ticketserve.formats.peft_import import read_peft
+
+    peft = pytest.importorskip("peft")
+    checkpoint = load_backbone().source if arch == "minilm" else str(tiny_checkpoints[arch])
+    backbone = load_backbone(checkpoint)
+    inputs = backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    model = AutoModelForTokenClassification.from_pretrained(checkpoint, num_labels=len(CONLL.labels)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "classifier")
+    manifest, tensors = read_classifier(tmp_path / "classifier", backbone, "imported", CONLL)
+    assert manifest.kind == "full" and manifest.task.type == "token_classification"
+    assert_serves_like_stock(manifest, tensors, backbone, expected, tmp_path / "registry")
+
+    base = AutoModelForTokenClassification.from_pretrained(checkpoint, num_labels=len(CONLL.labels)).eval()
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                        task_type="TOKEN_CLS")).eval()
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.normal_(0, 0.5)
+        expected = adapted(**inputs).logits
+    adapted.save_pretrained(tmp_path / "adapter")
+    manifest, tensors = read_peft(tmp_path / "adapter", backbone, "imported", CONLL)
+    assert manifest.kind == "lora"
+    assert_serves_like_stock(manifest, tensors, backbone, expected, tmp_path / "registry-lora")
+    with pytest.raises(InvalidArgument, match="ForSequenceClassification"):
+        read_classifier(tmp_path / "classifier", backbone, "wrong", get_task("sst2"))

@@ -32,7 +32,10 @@ def has_classifier(state: dict[str, torch.Tensor]) -> bool:
 def classifier_head(state: dict[str, torch.Tensor], backbone: Backbone,
                     spec: TaskSpec) -> tuple[dict[str, torch.Tensor], HeadConfig]:
     """Our head equal to the classifier in `state` (keys as `encoder_key` gives them), removing
-    the tensors it uses from `state`."""
+    the tensors it uses from `state`: a sequence classifier's, or for a token classification
+    task the per-token `classifier` of *ForTokenClassification (dropout + linear)."""
+    if spec.type == "token_classification":
+        return _token_head(state, backbone, spec)
     if "classifier.out_proj.weight" in state:  # RoBERTa: dense → tanh → out_proj on the first token
         dense_weight, dense_bias = state.pop("classifier.dense.weight", None), state.pop("classifier.dense.bias", None)
         weight, bias = state.pop("classifier.out_proj.weight", None), state.pop("classifier.out_proj.bias", None)
@@ -53,6 +56,19 @@ def classifier_head(state: dict[str, torch.Tensor], backbone: Backbone,
     dropout = getattr(config, "classifier_dropout", None) or config.hidden_dropout_prob
     return ({k: v.float().contiguous() for k, v in head.items()},
             HeadConfig(pooling="cls", dense=True, dropout=dropout))
+
+
+def _token_head(state: dict[str, torch.Tensor], backbone: Backbone,
+                spec: TaskSpec) -> tuple[dict[str, torch.Tensor], HeadConfig]:
+    weight, bias = state.pop("classifier.weight", None), state.pop("classifier.bias", None)
+    if weight is None or bias is None:
+        raise InvalidArgument("no token classifier found (`classifier.weight` and `classifier.bias`)")
+    if weight.shape[0] != spec.num_outputs:
+        raise InvalidArgument(f"the classifier has {weight.shape[0]} labels; task {spec.name} has {spec.num_outputs}")
+    config = backbone.config
+    dropout = getattr(config, "classifier_dropout", None) or config.hidden_dropout_prob
+    return ({HEAD_PREFIX + "weight": weight.float().contiguous(), HEAD_PREFIX + "bias": bias.float().contiguous()},
+            HeadConfig(pooling="cls", dropout=dropout))
 
 
 def _base_pooler(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:

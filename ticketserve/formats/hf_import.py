@@ -1,6 +1,6 @@
-"""Import a fine-tuned Hugging Face sequence classifier (a directory written by
-`BertForSequenceClassification` / `RobertaForSequenceClassification.save_pretrained`, or its
-hub id) as a `full` artifact: the encoder tensors that differ from the backbone, plus the
+"""Import a fine-tuned Hugging Face sequence or token classifier (a directory written by
+`Bert|RobertaForSequenceClassification` or `Bert|RobertaForTokenClassification.save_pretrained`,
+or its hub id) as a `full` artifact: the encoder tensors that differ from the backbone, plus the
 classifier as the task head, so it serves with the stock model's outputs.
 
 Read: `config.json` and the safetensors weights (one file or an index of shards), never a
@@ -38,9 +38,11 @@ def read_classifier(source: str | Path, backbone: Backbone, name: str,
                     spec: TaskSpec) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """The manifest and tensors of a `full` artifact equal to the classifier on this backbone."""
     directory = local_directory(str(source), FILES)
-    _check_config(directory, backbone)
+    _check_config(directory, backbone, spec)
     state = {encoder_key(key): tensor for key, tensor in read_weights(directory).items()
              if encoder_key(key) not in BUFFERS}
+    if spec.type == "token_classification":  # a token classifier has no pooler, or one nothing reads
+        state = {key: tensor for key, tensor in state.items() if not key.startswith("pooler.")}
     head, head_config = classifier_head(state, backbone, spec)
     reference = backbone.model.state_dict()
     missing = sorted(set(reference) - set(state))
@@ -57,12 +59,13 @@ def read_classifier(source: str | Path, backbone: Backbone, name: str,
     return manifest, changed | head
 
 
-def _check_config(directory: Path, backbone: Backbone) -> None:
+def _check_config(directory: Path, backbone: Backbone, spec: TaskSpec) -> None:
     config = read_json(directory / "config.json", "a directory written by save_pretrained")
     architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    wanted = "ForTokenClassification" if spec.type == "token_classification" else "ForSequenceClassification"
+    if not any(a.endswith(wanted) for a in architectures):
         raise InvalidArgument(f"{directory} is a {', '.join(architectures) or 'model without architectures'}; "
-                              "--format hf imports *ForSequenceClassification checkpoints")
+                              f"task {spec.name} ({spec.type}) imports *{wanted} checkpoints")
     check_same_config(config, backbone)
 
 
