@@ -213,3 +213,23 @@ def test_stock_token_classifiers_and_their_peft_adapters_serve_with_stock_logits
     assert_serves_like_stock(manifest, tensors, backbone, expected, tmp_path / "registry-lora")
     with pytest.raises(InvalidArgument, match="ForSequenceClassification"):
         read_classifier(tmp_path / "classifier", backbone, "wrong", get_task("sst2"))
+
+
+def test_a_trained_tagger_serves_the_entity_f1_its_training_measured(store):
+    from ticketserve.core.data import load_split
+    from ticketserve.runtime.evaluate import evaluate
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.run import train
+
+    backbone = load_backbone()  # a private copy: training attaches to it
+    spec = get_task("wnut17")
+    config = TrainConfig(max_steps=4, batch_size=16, train_samples=64, eval_samples=64, lr=5e-3)
+    outcome = train("bitfit", spec, backbone, config, store, data_dir="sample", show_progress=False)
+    manifest = store.manifest(outcome.published[0])
+    assert manifest.task.type == "token_classification" and manifest.task.scheme == "IOB2"
+    assert set(manifest.metrics) == {"entity_f1", "token_accuracy"}
+    served = load_backbone()
+    runtime = Runtime(served)
+    task = runtime.add(artifact.load(store, outcome.published[0], served))
+    measured = evaluate(runtime, task, load_split(spec, spec.eval_split, "sample", 64, seed=42))
+    assert measured == pytest.approx(manifest.metrics, abs=1e-6)
