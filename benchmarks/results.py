@@ -289,8 +289,35 @@ def chaos() -> list[str]:
             f"{result['drain']['seconds']:.2f} s.", ""]
 
 
+def task_types() -> list[str]:
+    """Embedding and named-entity tasks: quality by method and 100 mixed tasks ÷ the plain backbone."""
+    lines = []
+    for name, title, part, metric, report in (
+            ("embeddings.jsonl", "STS-B validation, Spearman of cosine similarity (embedding tasks, CoSENT)", "stsb",
+             "spearman", "benchmarks/studies/embeddings.md"),
+            ("ner.jsonl", "WNUT-17 validation, entity F1 (token classification)", "f1", "entity_f1",
+             "benchmarks/studies/ner.md")):
+        records = read(name)
+        scored = [r for r in records if r.get("part") == part and r.get("task", "wnut17") in ("stsb", "wnut17")]
+        speed = [r for r in records if r.get("part") == "throughput"][-4:]
+        if not scored and not speed:
+            continue
+        lines += [f"### {title}", "", f"Mean over seeds (runs); artifact bytes; 100 mixed tasks ÷ the plain backbone "
+                  f"under the same head ({speed[-1]['cpu'] if speed else '–'}, run {speed[-1]['run'] if speed else '–'}). "
+                  f"Full tables: `{report}`.", "", "| method | metric | runs | artifact bytes |", "|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in scored):
+            runs = [r for r in scored if r["method"] == method]
+            lines.append(f"| {method} | {sum(r['metrics'][metric] for r in runs) / len(runs):.4f} | {len(runs)} | "
+                         f"{runs[0]['artifact_bytes']:,} |")
+        if speed:
+            lines += ["", "| served | ÷ plain |", "|---|---|"] + [f"| {r['workload']} | {r['vs_plain']:.3f} |"
+                                                                  for r in speed[1:]]
+        lines.append("")
+    return lines
+
+
 SECTIONS = (method_choice, engine_throughput, lora_group, precision, supermask_corrections, load_and_memory, doors,
-            allocator, chaos)
+            allocator, chaos, task_types)
 
 
 def render() -> str:
@@ -300,7 +327,8 @@ def render() -> str:
              "ratios are taken within one run, engines interleaved, so they compare across machines where absolute "
              "numbers do not. The studies' full tables and discussions are in their reports: "
              "`benchmarks/studies/dominant.md`, `benchmarks/studies/supermask.md`, `benchmarks/studies/supertickets.md`, `benchmarks/studies/lora.md`, "
-             "`benchmarks/studies/precision.md`, `benchmarks/system/serving.md`, `benchmarks/system/allocator.md`, `benchmarks/system/chaos.md`.", ""]
+             "`benchmarks/studies/precision.md`, `benchmarks/studies/embeddings.md`, `benchmarks/studies/ner.md`, "
+             "`benchmarks/system/serving.md`, `benchmarks/system/allocator.md`, `benchmarks/system/chaos.md`.", ""]
     return "\n".join(intro + [line.replace("### ", "## ", 1) for section in SECTIONS for line in section()]).rstrip() + "\n"
 
 

@@ -233,3 +233,19 @@ def test_a_trained_tagger_serves_the_entity_f1_its_training_measured(store):
     task = runtime.add(artifact.load(store, outcome.published[0], served))
     measured = evaluate(runtime, task, load_split(spec, spec.eval_split, "sample", 64, seed=42))
     assert measured == pytest.approx(manifest.metrics, abs=1e-6)
+
+
+def test_a_text_past_the_token_limit_is_cut_with_exact_offsets_or_refused(tiny_backbone, store):
+    from ticketserve.runtime.tokenizing import Tokenization
+
+    version = _publish_token_task(store, tiny_backbone, "ner", 4)
+    runtime = Runtime(tiny_backbone, max_length=12)
+    task = runtime.add(artifact.load(store, version, tiny_backbone))
+    text = "Angela Merkel  visited São Paulo 🙂 and 東京 with Emmanuel Macron and twenty other people"
+    tokens = runtime.predict([task], [text])[0].tokens
+    assert len(tokens) == 10  # 12 with [CLS] and [SEP]
+    covered = [i for t in tokens for i in range(t.start, t.end)]
+    assert set(covered) == {i for i, c in enumerate(text[:tokens[-1].end]) if not c.isspace()}  # a prefix, exactly
+    refusing = Tokenization(tiny_backbone.tokenizer, max_tokens=12, truncate=False)
+    with pytest.raises(InvalidArgument, match="tokens; the limit is 12"):
+        refusing.features([text], spans=True)

@@ -26,12 +26,11 @@ import functools
 import json
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.studies.quality import REGISTRY, append, cli, read_jsonl, run_stage, set_jobs, train_record
+from benchmarks.studies.quality import REGISTRY, append, cli, matching, run_stage, set_jobs, train_record
 
 HERE = Path(__file__).parent
 RESULTS = common.RESULTS / "embeddings.jsonl"
@@ -41,11 +40,10 @@ METHODS = ("full", "bitfit", "dominant", "random", "lora", "supermask")
 RERANKERS = ("bitfit", "lora", "full")
 SEEDS = (42, 43, 44)
 PLAIN = "minilm-embed"
-TASKS = 100
 
 
 def done(**match) -> list[dict]:
-    return [r for r in read_jsonl(RESULTS) if all(r.get(k) == v for k, v in match.items())]
+    return matching(RESULTS, **match)
 
 
 # -- 1. throughput ---------------------------------------------------------------------------
@@ -54,37 +52,15 @@ def throughput() -> None:
     if done(part="throughput"):
         return
     from benchmarks.system import serving
-    from ticketserve.core import artifact
-    from ticketserve.core.backbone import load_backbone
-    from ticketserve.core.model import pool
     from ticketserve.core.tasks import as_type, get_task
-    from ticketserve.registry import HeadConfig, Manifest, open_store
+    from ticketserve.registry import HeadConfig
 
-    backbone = load_backbone()
-    store = open_store(tempfile.mkdtemp(prefix="ts-bench-embed-"))
-    spec = as_type(get_task("stsb"), "embedding")
-    names = {kind: [f"embed-{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)] for kind in ("row_delta", "lora")}
-    for kind, kind_names in names.items():
-        for seed, name in enumerate(kind_names):
-            tensors = {k: v for k, v in common.BUILDERS[kind](backbone, seed).items() if not k.startswith("head.")}
-            artifact.publish(store, Manifest(name=name, kind=kind, method="synthetic", task=spec,
-                                             head=HeadConfig(normalize=True), backbone=backbone.ref()), tensors)
     texts = [json.loads(line)["sentence1"] for line in (STSB / "validation.jsonl").read_text().splitlines()]
-    work = serving.batches(backbone.tokenizer, texts)
-
-    def plain(inputs, tasks):  # the backbone and the same pooling: what serving one embedding model costs
-        hidden = backbone.model(**inputs).last_hidden_state
-        return pool(hidden, inputs["attention_mask"], "mean")
-
-    engines = {"plain backbone (mean pooling)": plain,
-               "ours: 1 embedding task (Dominant-1)": serving.ours(None, store, names["row_delta"][:1]),
-               "ours: 100 Dominant-1 embedding tasks mixed": serving.ours(None, store, names["row_delta"]),
-               "ours: 100 LoRA r=8 embedding tasks mixed": serving.ours(None, store, names["lora"])}
-    measured = serving.rates(engines, work)
-    base = measured["plain backbone (mean pooling)"]
+    measured = serving.typed_task_rates(as_type(get_task("stsb"), "embedding"), HeadConfig(normalize=True), texts)
+    base = measured["plain backbone (the same head)"]
     for workload, value in measured.items():
         append(RESULTS, {"part": "throughput", "workload": workload, "examples_per_s": value, "vs_plain": value / base,
-                         "batch": serving.BATCH, "batches": len(work), "rounds": serving.ROUNDS,
+                         "batch": serving.BATCH, "batches": serving.BATCHES, "rounds": serving.ROUNDS,
                          "cpu": common.cpu_name(), "run": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 

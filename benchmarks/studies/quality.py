@@ -75,6 +75,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def matching(path: Path, **match) -> list[dict]:
+    """The records of a results file whose fields have these values (what a resumable study has done)."""
+    return [r for r in read_jsonl(path) if all(r.get(k) == v for k, v in match.items())]
+
+
 _APPEND = threading.Lock()
 
 

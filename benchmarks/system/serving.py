@@ -219,6 +219,38 @@ def synthetic_tasks(backbone_spec: str | None):
     return backbone, store, names
 
 
+def typed_task_rates(spec, head, texts: list[str]) -> dict[str, float]:
+    """Examples/s of 1 and of 100 mixed tasks of one task type (Dominant-1 row deltas; LoRA r=8)
+    and of the plain backbone under the same head (what serving one model of that type costs),
+    on the bundled MiniLM, interleaved: for the task-type studies (embeddings, named entities)."""
+    from ticketserve.core import artifact
+    from ticketserve.core.backbone import load_backbone
+    from ticketserve.core.model import make_head
+    from ticketserve.registry import Manifest, open_store
+
+    backbone = load_backbone()
+    store = open_store(tempfile.mkdtemp(prefix="ts-bench-typed-"))
+    names = {kind: [f"{spec.type.replace('_', '-')}-{kind.replace('_', '-')}-{i:03d}" for i in range(TASKS)]
+             for kind in ("row_delta", "lora")}
+    torch.manual_seed(0)
+    for kind, kind_names in names.items():
+        for seed, name in enumerate(kind_names):
+            tensors = {k: v for k, v in common.BUILDERS[kind](backbone, seed).items() if not k.startswith("head.")}
+            tensors |= make_head(spec, head, backbone.config.hidden_size).tensors()
+            artifact.publish(store, Manifest(name=name, kind=kind, method="synthetic", task=spec, head=head,
+                                             backbone=backbone.ref()), tensors)
+    plain_head = make_head(spec, head, backbone.config.hidden_size).eval()
+    work = batches(backbone.tokenizer, texts)
+
+    def plain(inputs, tasks):
+        return plain_head(backbone.model(**inputs).last_hidden_state, inputs["attention_mask"])
+
+    return rates({"plain backbone (the same head)": plain,
+                  "ours: 1 task (Dominant-1)": ours(None, store, names["row_delta"][:1]),
+                  "ours: 100 Dominant-1 tasks mixed": ours(None, store, names["row_delta"]),
+                  "ours: 100 LoRA r=8 tasks mixed": ours(None, store, names["lora"])}, work)
+
+
 def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES,
                 profile_to: Path = PROFILE) -> list[dict]:
     backbone, store, names = synthetic_tasks(backbone_spec)
