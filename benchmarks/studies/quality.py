@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -78,6 +79,12 @@ def read_jsonl(path: Path) -> list[dict]:
 def matching(path: Path, **match) -> list[dict]:
     """The records of a results file whose fields have these values (what a resumable study has done)."""
     return [r for r in read_jsonl(path) if all(r.get(k) == v for k, v in match.items())]
+
+
+def mean_sd(values: list[float]) -> str:
+    """mean ± sd (runs), as the studies' tables give a result over seeds."""
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{spread} ({len(values)})"
 
 
 _APPEND = threading.Lock()

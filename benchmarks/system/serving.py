@@ -219,10 +219,13 @@ def synthetic_tasks(backbone_spec: str | None):
     return backbone, store, names
 
 
-def typed_task_rates(spec, head, texts: list[str]) -> dict[str, float]:
-    """Examples/s of 1 and of 100 mixed tasks of one task type (Dominant-1 row deltas; LoRA r=8)
-    and of the plain backbone under the same head (what serving one model of that type costs),
-    on the bundled MiniLM, interleaved: for the task-type studies (embeddings, named entities)."""
+PLAIN_SAME_HEAD = "plain backbone (the same head)"
+
+
+def typed_task_rates(spec, head, texts: list[str]) -> list[dict]:
+    """Records of examples/s of 1 and of 100 mixed tasks of one task type (Dominant-1 row
+    deltas; LoRA r=8) and of the plain backbone under the same head (what serving one model of
+    that type costs), on the bundled MiniLM, interleaved: for the task-type studies."""
     from ticketserve.core import artifact
     from ticketserve.core.backbone import load_backbone
     from ticketserve.core.model import make_head
@@ -245,10 +248,25 @@ def typed_task_rates(spec, head, texts: list[str]) -> dict[str, float]:
     def plain(inputs, tasks):
         return plain_head(backbone.model(**inputs).last_hidden_state, inputs["attention_mask"])
 
-    return rates({"plain backbone (the same head)": plain,
-                  "ours: 1 task (Dominant-1)": ours(None, store, names["row_delta"][:1]),
-                  "ours: 100 Dominant-1 tasks mixed": ours(None, store, names["row_delta"]),
-                  "ours: 100 LoRA r=8 tasks mixed": ours(None, store, names["lora"])}, work)
+    measured = rates({PLAIN_SAME_HEAD: plain,
+                      "ours: 1 task (Dominant-1)": ours(None, store, names["row_delta"][:1]),
+                      "ours: 100 Dominant-1 tasks mixed": ours(None, store, names["row_delta"]),
+                      "ours: 100 LoRA r=8 tasks mixed": ours(None, store, names["lora"])}, work)
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return [{"part": "throughput", "workload": workload, "examples_per_s": value,
+             "vs_plain": value / measured[PLAIN_SAME_HEAD], "batch": BATCH, "batches": len(work), "rounds": ROUNDS,
+             "cpu": common.cpu_name(), "run": run} for workload, value in measured.items()]
+
+
+def typed_task_table(records: list[dict], texts: str) -> list[str]:
+    """The newest `typed_task_rates` run as a report's table (texts: what the batches held)."""
+    if not records:
+        return []
+    newest = [r for r in records if r["run"] == records[-1]["run"]]
+    return [f"## Serving: 100 mixed tasks ÷ the plain backbone ({newest[0]['cpu']}, batches of {newest[0]['batch']} "
+            f"{texts}, best of {newest[0]['rounds']} interleaved rounds; run {newest[0]['run']})", "",
+            "| workload | examples/s | ÷ plain |", "|---|---|---|",
+            *(f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in newest), ""]
 
 
 def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES,
