@@ -189,3 +189,18 @@ def test_a_peft_lora_adapter_of_a_sentence_transformer_imports_as_a_lora_embeddi
     assert (manifest.kind, manifest.task.type, manifest.head.normalize) == ("lora", "embedding", True)
     version = artifact.publish(store, manifest, tensors)
     np.testing.assert_allclose(_served(store, load_backbone(), version, TEXTS), model.encode(TEXTS), atol=1e-5)
+
+
+def test_a_classifiers_manifest_is_written_as_earlier_releases_read_it(tiny_checkpoints):
+    """Fields v1 gained later are left out where unused: replicas of an earlier release share the registry."""
+    import json
+
+    backbone = load_backbone(str(tiny_checkpoints["bert"]))
+    stored = json.loads(Manifest(name="t", kind="row_delta", method="test", task=get_task("sst2"), head=HeadConfig(),
+                                 backbone=backbone.ref()).to_bytes())
+    assert {"type", "scheme"}.isdisjoint(stored["task"]) and stored["head"] == {"pooling": "mean", "dropout": 0.1,
+                                                                                  "dense": False}
+    embedding = Manifest(name="e", kind="plain", method="test", task=as_type(get_task("stsb"), "embedding"),
+                         head=HeadConfig(normalize=True), backbone=backbone.ref())
+    again = Manifest.model_validate_json(embedding.to_bytes())
+    assert (again.task.type, again.head.normalize) == ("embedding", True) and again == embedding

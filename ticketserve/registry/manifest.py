@@ -14,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+# fields added to v1 after its first release, with the defaults that mean "not used" (to_bytes)
+ADDED_FIELDS = {"task": {"scheme": None},
+                "head": {"projection": None, "activation": "identity", "normalize": False, "dimensions": []}}
 METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman", "entity_f1", "token_accuracy")
 # What a task returns: a label, a value, a vector, a pair's relevance score (a cross-encoder),
 # or a label per word piece (named entities: token classification).
@@ -155,4 +158,13 @@ class Manifest(_Strict):
         return files
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(indent=2).encode()
+        """The stored form. Fields added to v1 since its first release are written only when they
+        say something (a task's type where its labels do not imply it, a tagging scheme, an
+        embedding head's settings): the manifest of a classifier or a regression stays what
+        every earlier ticketserve reads, so replicas of two releases share one registry."""
+        exclude: dict[str, set[str]] = {part: {name for name, default in fields.items()
+                                               if getattr(getattr(self, part), name) == default}
+                                        for part, fields in ADDED_FIELDS.items()}
+        if self.task.type == ("classification" if self.task.labels else "regression"):
+            exclude["task"].add("type")
+        return self.model_dump_json(indent=2, exclude=exclude).encode()
