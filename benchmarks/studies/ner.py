@@ -10,7 +10,8 @@ serve.
 
 Resumable: a run already in results/ner.jsonl is not rerun.
 
-    python -m benchmarks.studies.ner [--jobs 2] [--epochs 2] [--tasks wnut17,conll2003] [--report-only]
+    python -m benchmarks.studies.ner [--parts throughput,f1] [--jobs 2] [--epochs 2] [--tasks wnut17,conll2003]
+                                     [--seeds 42,43,44] [--report-only]
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--parts", default="throughput,f1", help="throughput (on an otherwise idle machine), f1")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    if not args.report_only:
+    if not args.report_only and "throughput" in args.parts:
         throughput()
-        report()
+    if not args.report_only and "f1" in args.parts:
         set_jobs(args.jobs)
         seeds = [int(s) for s in args.seeds.split(",")]
         for task in args.tasks.split(","):
