@@ -399,7 +399,7 @@ def test_odd_names_and_versions_are_invalid_with_a_short_echo(registry, tiny_ber
 def test_an_unexpected_error_is_internal_with_a_request_id_logged_and_counted(registry, tiny_bert, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="ticketserve")
 
-    def broken(self, names, outputs):
+    def broken(*args):
         raise ZeroDivisionError("a bug")
 
     with BackgroundServer(config(registry, tiny_bert)) as server, Client(f"127.0.0.1:{server.port}", retries=1) as client:
