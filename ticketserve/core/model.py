@@ -119,6 +119,10 @@ class TokenHead(nn.Module):
         return {HEAD_PREFIX + k.removeprefix("linear."): v.detach().cpu().contiguous()
                 for k, v in self.state_dict().items()}
 
+    @staticmethod
+    def shapes(hidden_size: int, num_outputs: int) -> dict[str, tuple[int, ...]]:
+        return {HEAD_PREFIX + "weight": (num_outputs, hidden_size), HEAD_PREFIX + "bias": (num_outputs,)}
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], config: HeadConfig) -> TokenHead:
         weight = tensors[HEAD_PREFIX + "weight"]
@@ -142,7 +146,7 @@ def head_shapes(spec: TaskSpec, config: HeadConfig, hidden_size: int) -> dict[st
     if spec.type == "embedding":
         return EmbeddingHead.shapes(hidden_size, config)
     if spec.type == "token_classification":
-        return TaskHead.shapes(hidden_size, spec.num_outputs, config.model_copy(update={"dense": False}))
+        return TokenHead.shapes(hidden_size, spec.num_outputs)
     return TaskHead.shapes(hidden_size, spec.num_outputs, config)
 
 
