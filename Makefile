@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # dependencies. tests/test_install.py checks the result against the lock.
 LOCKED_PIP = $(BIN)/python -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt \
 	--only-binary :all: --no-binary seqeval
-$(STAMP): pyproject.toml setup.py constraints.txt lock/tools.txt lock/nodeps.txt protos/ticketserve/v1/ticketserve.proto ticketserve/core/kernels/supermask_correction.cpp
+$(STAMP): pyproject.toml setup.py constraints.txt lock/tools.txt lock/nodeps.txt protos/ticketserve/v1/ticketserve.proto $(wildcard ticketserve/core/kernels/*.cpp ticketserve/core/kernels/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --constraint lock/tools.txt pip
 	$(LOCKED_PIP) -e '.[test,docs]'  # setup.py compiles protos/ with the locked grpcio-tools

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "supermask_correction.cpp",)
+SOURCES = (HERE / "supermask_correction.cpp", HERE / "lora_gather_free.cpp", HERE / "levels.h")
 NAME = "ticketserve_kernels"
 # -fopenmp: at::parallel_for spreads work over torch's threads only when compiled with OpenMP
 # (without it, it silently runs on the calling thread); the library then shares the libgomp
@@ -41,7 +41,7 @@ def build(verbose: bool = False) -> Path:
 
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
-    load(name=NAME, sources=[str(s) for s in SOURCES], build_directory=str(target), is_python_module=False,
+    load(name=NAME, sources=[str(s) for s in SOURCES if s.suffix == ".cpp"], build_directory=str(target), is_python_module=False,
          extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=verbose)
     (target / f"{NAME}.sha256").write_text(sources_digest())
     return target / f"{NAME}.so"

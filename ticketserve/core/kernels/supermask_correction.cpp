@@ -15,6 +15,8 @@
 // Dispatch at run time: level 2 = AVX-512F+FMA, 1 = AVX2+FMA, 0 = portable C++; -1 = the best
 // this CPU runs.
 
+#include "levels.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -201,13 +203,6 @@ float* thread_block(int64_t floats) {
     buffer.bytes = rounded;
   }
   return buffer.data;
-}
-
-int best_level() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-  return 0;
 }
 
 // 16 tokens (`n` real, rows `in` apart) into one half of the (in, 32) layout, zero past n.

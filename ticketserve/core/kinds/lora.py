@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ticketserve.core import kernels
 from ticketserve.core.backbone import dense_matrices
 from ticketserve.core.errors import CorruptArtifact
 from ticketserve.core.kinds.base import GraphInputs, Kind, Tensors, register_kind
@@ -62,12 +63,40 @@ class LoraFactors(Terms):
         mine = [i for i, row in enumerate(rows) if row]
         if not mine:
             return y
+        if gather_free(x, y):
+            add_in_place(y, x, table.tensors, rows, routing.lengths)
+            return y
         factor_a, factor_b = table.gather([rows[i] for i in mine])
-        factor_a, factor_b = factor_a.to(x.dtype).transpose(1, 2), factor_b.to(x.dtype)  # Aᵀ, (s·B)ᵀ
+        factor_a, factor_b = factor_a.to(x.dtype), factor_b.to(x.dtype)  # A (n, R, in), (s·B)ᵀ (n, R, out)
         if len(mine) == len(rows):  # every example has factors: accumulate into y in place
-            return y.baddbmm_(torch.bmm(x, factor_a), factor_b)
+            return y.baddbmm_(low_rank(factor_a, x), factor_b)
         examples = torch.tensor(mine, device=x.device)
-        return y.index_add_(0, examples, torch.bmm(torch.bmm(x[examples], factor_a), factor_b))
+        return y.index_add_(0, examples, torch.bmm(low_rank(factor_a, x[examples]), factor_b))
+
+
+def gather_free(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the compiled kernel takes this product: float32 on CPU, nothing to differentiate."""
+    return (y.device.type == "cpu" and y.dtype == x.dtype == torch.float32 and x.dim() == 3 and y.is_contiguous()
+            and not (x.requires_grad or y.requires_grad) and kernels.available())
+
+
+def add_in_place(y: torch.Tensor, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], rows: list[int],
+                 lengths: list[int] | None, level: int | None = None) -> None:
+    """y[e] += (x[e]·A_eᵀ)·(s·B_e)ᵀ over each example's real tokens (`lengths`; None: all), the
+    factors read in place from the tables at the example's row (0: none) by the compiled kernel
+    (core/kernels/lora_gather_free.cpp; `level` forces its dispatch level, for tests)."""
+    table_a, table_b = tables
+    lengths = lengths if lengths is not None else [x.shape[1]] * len(rows)
+    torch.ops.ticketserve.lora_add(y, x.contiguous(), table_a, table_b, torch.tensor(rows, dtype=torch.int64),
+                                   torch.tensor(lengths, dtype=torch.int64),
+                                   kernels.best_level() if level is None else level)
+
+
+def low_rank(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x·Aᵀ per example (n, T, R), computed as (A·xᵀ)ᵀ: R ≪ T·in, and the batched matmul with
+    the factor on the left runs about twice as fast on CPU (0.07 against 0.16 ms for 32 × 32
+    tokens, in 384, R 8; measured) — the transposed view goes into the next product as it is."""
+    return torch.bmm(a, x.transpose(1, 2)).transpose(1, 2)
 
 
 def factors_on(shared: SharedEncoder) -> LoraFactors:
