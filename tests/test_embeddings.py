@@ -127,6 +127,30 @@ def test_embedding_reranking_and_classification_tasks_mix_in_one_batch_as_each_a
     assert np.linalg.norm(alone["embed-plain"][0].embedding) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_heads_without_tensors_run_once_for_every_task_that_computes_them_and_only_for_those(tiny_backbone, store):
+    """Embedding heads with no projection are one function per config: a batch runs each such
+    function once for all its tasks, and tasks that pool or normalise differently stay apart."""
+    backbone = tiny_backbone
+    published = [
+        artifact.publish(store, _embedding_manifest(backbone, "mean-a", "plain", normalize=True), {}),
+        artifact.publish(store, _embedding_manifest(backbone, "mean-b", "row_delta", normalize=True),
+                         synthetic.row_delta(backbone, k=2, seed=4, scale=0.5)),
+        artifact.publish(store, _embedding_manifest(backbone, "cls-raw", "row_delta", pooling="cls", normalize=False),
+                         synthetic.row_delta(backbone, k=2, seed=5, scale=0.5)),
+    ]
+    runtime = Runtime(backbone)
+    tasks = [runtime.add(artifact.load(store, v, backbone)) for v in published]
+    assert tasks[0].head_group == tasks[1].head_group != tasks[2].head_group
+    texts = TEXTS[:3]
+    mixed_tasks = [tasks[i % 3] for i in range(len(texts) * 3)]
+    mixed_texts = [texts[i // 3] for i in range(len(texts) * 3)]
+    mixed = runtime.predict(mixed_tasks, mixed_texts)
+    for task, text, prediction in zip(mixed_tasks, mixed_texts, mixed):
+        alone = runtime.predict([task], [text])[0]
+        np.testing.assert_allclose(prediction.embedding, alone.embedding, atol=1e-5)
+    assert np.linalg.norm(mixed[2].embedding) != pytest.approx(1.0, abs=1e-3)  # cls-raw: not normalised
+
+
 def _spearman_served(store, version, backbone, spec, samples):
     from scipy.stats import spearmanr
 

@@ -48,8 +48,8 @@ def done(**match) -> list[dict]:
 
 # -- 1. throughput ---------------------------------------------------------------------------
 
-def throughput() -> None:
-    if done(part="throughput"):
+def throughput(again: bool = False) -> None:
+    if done(part="throughput") and not again:
         return
     from benchmarks.system import serving
     from ticketserve.core.tasks import as_type, get_task
@@ -206,7 +206,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--remeasure", action="store_true", help="only measure the throughput again (after a "
+                        "serving change; the report shows the newest run) and rewrite the report")
     args = parser.parse_args()
+    if args.remeasure:
+        throughput(again=True)
+        return report()
     if not args.report_only:
         throughput()
         report()

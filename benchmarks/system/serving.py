@@ -39,6 +39,7 @@ import json
 import multiprocessing
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,20 +85,21 @@ def sync() -> None:
 
 def passes(engines: dict, work: list, rounds: int) -> dict[str, list[float]]:
     """Examples/s per engine and round; within a round, every batch runs through every engine in
-    turn (the order rotated from batch to batch), and each engine's time is the sum of its own
-    calls. Interleaving matters on a shared machine: its speed drifts by 10–20 % over seconds
-    to minutes; engines measured one pass after another carried that drift into their ratios
-    (one round's ratio ranged 0.75–1.03 for the same two engines), batch by batch every engine
-    sees the same machine."""
-    names = list(engines)
+    turn (in an order drawn per batch, so no engine always follows the same one: ONNX Runtime's
+    threads spin on after a run and slow whatever comes next), and each engine's time is the sum
+    of its own calls. Interleaving matters on a shared machine: its speed drifts by 10–20 % over
+    seconds to minutes; engines measured one pass after another carried that drift into their
+    ratios (one round's ratio ranged 0.75–1.03 for the same two engines), batch by batch every
+    engine sees the same machine."""
+    names, order = list(engines), random.Random(0)
     with torch.inference_mode():
         for run in engines.values():
             run(*work[0])  # warm-up
         measured: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(rounds):
             seconds = dict.fromkeys(names, 0.0)
-            for index, (inputs, tasks) in enumerate(work):
-                for name in names[index % len(names):] + names[:index % len(names)]:
+            for inputs, tasks in work:
+                for name in order.sample(names, len(names)):
                     started = time.perf_counter()
                     engines[name](inputs, tasks)
                     sync()
@@ -258,11 +260,15 @@ def typed_task_rates(spec, head, texts: list[str], rounds: int = 5) -> list[dict
                "ours: 1 task (Dominant-1)": ours(None, store, names["row_delta"][:1]),
                "ours: 100 Dominant-1 tasks mixed": ours(None, store, names["row_delta"]),
                "ours: 100 LoRA r=8 tasks mixed": ours(None, store, names["lora"])}
-    measured = {name: max(values) for name, values in passes(engines, work, rounds).items()}
+    measured = passes(engines, work, rounds)
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
-    return [{"part": "throughput", "workload": workload, "examples_per_s": value,
-             "vs_plain": value / measured[PLAIN_SAME_HEAD], "batch": BATCH, "batches": len(work), "rounds": rounds,
-             "cpu": common.cpu_name(), "run": run} for workload, value in measured.items()]
+    records = []
+    for workload, values in measured.items():
+        ratios = [value / plain for value, plain in zip(values, measured[PLAIN_SAME_HEAD])]
+        records.append({"part": "throughput", "workload": workload, "examples_per_s": statistics.median(values),
+                        "vs_plain": statistics.median(ratios), "vs_plain_range": [min(ratios), max(ratios)],
+                        "batch": BATCH, "batches": len(work), "rounds": rounds, "cpu": common.cpu_name(), "run": run})
+    return records
 
 
 def typed_task_table(records: list[dict], texts: str) -> list[str]:
@@ -270,10 +276,16 @@ def typed_task_table(records: list[dict], texts: str) -> list[str]:
     if not records:
         return []
     newest = [r for r in records if r["run"] == records[-1]["run"]]
+    if "vs_plain_range" not in newest[0]:  # runs before 2026-12-07: best pass of each engine, whole passes interleaved
+        return [f"## Serving: 100 mixed tasks ÷ the plain backbone ({newest[0]['cpu']}, batches of {newest[0]['batch']} "
+                f"{texts}, best of {newest[0]['rounds']} interleaved rounds; run {newest[0]['run']})", "",
+                "| workload | examples/s | ÷ plain |", "|---|---|---|",
+                *(f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in newest), ""]
     return [f"## Serving: 100 mixed tasks ÷ the plain backbone ({newest[0]['cpu']}, batches of {newest[0]['batch']} "
-            f"{texts}, best of {newest[0]['rounds']} interleaved rounds; run {newest[0]['run']})", "",
-            "| workload | examples/s | ÷ plain |", "|---|---|---|",
-            *(f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in newest), ""]
+            f"{texts}, {newest[0]['rounds']} rounds, every batch through every engine in turn; run {newest[0]['run']})",
+            "", "| workload | examples/s (median) | ÷ plain, median of the rounds | range |", "|---|---|---|---|",
+            *(f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} | "
+              f"{r['vs_plain_range'][0]:.3f}–{r['vs_plain_range'][1]:.3f} |" for r in newest), ""]
 
 
 def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = BATCHES,
@@ -292,8 +304,10 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
                 "ours: LoRA r=8 + Dominant-1 + structure masks, 99 mixed": ours(
                     backbone_spec, store, [n for trio in zip(names["lora"], rows, masks) for n in trio][:TASKS - 1]),
                 "ours: 100 supermasks mixed (5% masked)": ours(backbone_spec, store, names["supermask"],
-                                                               mask_cache_bytes=10 * one_mask),
-                "ours, ONNX Runtime: 100 Dominant-1 mixed": ours(backbone_spec, store, rows, onnx_runtime),
+                                                               mask_cache_bytes=10 * one_mask)}
+
+    def onnx_engines() -> dict:  # apart: ONNX Runtime's spinning threads would slow the torch engines run after them
+        return {"ours, ONNX Runtime: 100 Dominant-1 mixed": ours(backbone_spec, store, rows, onnx_runtime),
                 "ours, ONNX Runtime: 1 task": ours(backbone_spec, store, rows[:1], onnx_runtime)}
 
     def peer_engines() -> dict:
@@ -301,7 +315,7 @@ def engine_part(backbone_spec: str, label: str, texts: list[str], count: int = B
                 "full fine-tuned copies (10 resident), swapped per task group": full_copies(backbone)}
 
     measured, vs_plain = {}, {}
-    for build in (ours_engines, peer_engines):  # two groups: all engines at once would not fit for BERT-base
+    for build in (ours_engines, onnx_engines, peer_engines):  # all engines at once would not fit for BERT-base
         got = rates({"plain backbone": lambda inputs, tasks: backbone.model(**inputs)} | build(), work)
         for workload, value in got.items():  # each group's ratios are against its own plain passes
             if workload not in measured:
