@@ -82,7 +82,11 @@ class ByName:
 
 def assert_serves_like_stock(manifest, tensors: dict, backbone: Backbone, expected: torch.Tensor, registry_dir) -> None:
     """An imported artifact, published, gives a stock model's logits on TEXTS (1e-5) alone and
-    mixed in one batch with a row-delta task of ours."""
+    mixed in one batch with a row-delta task of ours; a token classifier's on each text's real
+    tokens (the kernels leave padding positions without task terms: nothing reads them).
+    1e-5 absolute plus 1e-5 relative: float32's error grows with the logits, and two float32
+    orders of summation differ by it — with the large random LoRA factors of the token tests the
+    stock float32 model is itself 1.1e-5 from its own float64 result, ours 1.0e-5 (measured)."""
     from ticketserve.registry import open_store
     from ticketserve.runtime.executor import Runtime
 
@@ -93,11 +97,13 @@ def assert_serves_like_stock(manifest, tensors: dict, backbone: Backbone, expect
     runtime.add(artifact.load(store, manifest.name, backbone), name="imported")
     runtime.add(artifact.load(store, "ours", backbone), name="ours")
     inputs = runtime.tokenize(TEXTS)
-    alone = torch.stack(runtime.logits(["imported"] * len(TEXTS), inputs))
-    torch.testing.assert_close(alone, expected, atol=1e-5, rtol=0)
+    lengths = inputs["attention_mask"].sum(1).tolist() if expected.dim() == 3 else [None] * len(TEXTS)
+    alone = runtime.logits(["imported"] * len(TEXTS), inputs)
     mixed = runtime.logits((["imported", "ours"] * len(TEXTS))[:len(TEXTS)], inputs)
-    for i in range(0, len(TEXTS), 2):
-        torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=0)
+    for i, length in enumerate(lengths):
+        torch.testing.assert_close(alone[i][:length], expected[i][:length], atol=1e-5, rtol=1e-5)
+        if i % 2 == 0:
+            torch.testing.assert_close(mixed[i][:length], expected[i][:length], atol=1e-5, rtol=1e-5)
 
 
 def serve_and_predict(checkpoint: str, registry_dir, **config):

@@ -31,6 +31,7 @@ namespace {
 
 constexpr int64_t kTokensPerItem = 16;
 constexpr int64_t kMaxRank = 256;
+constexpr int64_t kChunk = 256;  // outputs whose term the portable loop holds at once
 
 // One item: tokens [0, n) of x (rows `in` apart) and y (rows `out` apart), one task's factors.
 __attribute__((always_inline)) inline void item_body(float* __restrict y, const float* __restrict x, int64_t n,
@@ -47,11 +48,17 @@ __attribute__((always_inline)) inline void item_body(float* __restrict y, const 
       low[r] = sum;
     }
     float* yt = y + t * out;
-    for (int64_t r = 0; r < rank; ++r) {
-      const float v = low[r];
-      const float* br = b + r * out;
+    for (int64_t o0 = 0; o0 < out; o0 += kChunk) {  // the term alone, then added to y once (one rounding at y's magnitude)
+      const int64_t width = std::min(kChunk, out - o0);
+      float term[kChunk] = {};
+      for (int64_t r = 0; r < rank; ++r) {
+        const float v = low[r];
+        const float* br = b + r * out + o0;
 #pragma omp simd
-      for (int64_t o = 0; o < out; ++o) yt[o] += v * br[o];
+        for (int64_t o = 0; o < width; ++o) term[o] += v * br[o];
+      }
+#pragma omp simd
+      for (int64_t o = 0; o < width; ++o) yt[o0 + o] += term[o];
     }
   }
 }
@@ -83,9 +90,9 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void update_avx512(
                                                                                 int64_t out) {
   int64_t o = 0;
   for (; o + 64 <= out; o += 64) {
-    __m512 acc[NT][4];
+    __m512 acc[NT][4];  // the term alone, added to y once: one rounding at y's magnitude, as (x·Aᵀ)·Bᵀ + y
     for (int t = 0; t < NT; ++t)
-      for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_loadu_ps(y + t * out + o + 16 * j);
+      for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_ps();
     for (int64_t r = 0; r < rank; ++r) {
       __m512 bv[4];
       for (int j = 0; j < 4; ++j) bv[j] = _mm512_loadu_ps(b + r * out + o + 16 * j);
@@ -95,16 +102,19 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void update_avx512(
       }
     }
     for (int t = 0; t < NT; ++t)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + t * out + o + 16 * j, acc[t][j]);
+      for (int j = 0; j < 4; ++j) {
+        float* at = y + t * out + o + 16 * j;
+        _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc[t][j]));
+      }
   }
   for (; o < out; o += 16) {
     __m512 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm512_loadu_ps(y + t * out + o);
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t r = 0; r < rank; ++r) {
       const __m512 bv = _mm512_loadu_ps(b + r * out + o);
       for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(low[t * kMaxRank + r]), bv, acc[t]);
     }
-    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(y + t * out + o, acc[t]);
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(y + t * out + o, _mm512_add_ps(_mm512_loadu_ps(y + t * out + o), acc[t]));
   }
 }
 
