@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import random
 import statistics
 from pathlib import Path
 
