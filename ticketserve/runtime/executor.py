@@ -179,8 +179,8 @@ class Runtime:
 def head_group(head: nn.Module, manifest: Manifest, slot: int) -> Hashable:
     """What a task's head computes, as a key: a head without tensors (an embedding's pooling and
     normalisation) is the same function for every task with its type and config, so a batch runs
-    it once for all of them — one call instead of one per task (100 embedding tasks mixed in
-    batches of 32: 2 % of a batch's time, measured); any other head is its task's own."""
+    it once for all of them — one call per batch instead of one per task present (about 28 in a
+    batch of 32 drawn from 100 tasks); any other head is its task's own."""
     if next(head.parameters(), None) is None:
         return type(head).__name__, manifest.task.type, manifest.head.model_dump_json()
     return slot
