@@ -9,9 +9,10 @@
 // R-term update of the token's output row (vectorised over `out`). Tokens past an example's
 // length (its padding) are skipped, as in the supermask kernel: nothing reads them.
 //
-// The loops are plain C++ compiled three times (AVX-512, AVX2, portable) and chosen at run
-// time with the same levels as the supermask kernel; float32 only (other dtypes take the
-// batched-matmul path).
+// Dispatch levels as for the supermask kernel (levels.h): AVX-512 register-blocked intrinsics
+// where `in` and `out` are multiples of 16; otherwise, and for AVX2 and the portable level, the
+// same plain loops compiled per target. Each token's term is summed on its own and added to y
+// once, as the batched matmuls do. float32 only (other dtypes take the batched-matmul path).
 
 #include "levels.h"
 
