@@ -26,6 +26,7 @@ def setup(app):
 def write_pages() -> None:
     pages = {"cli": cli_page, "http": http_page, "grpc": grpc_page, "metrics": metrics_page, "kinds": kinds_page,
              "modules": modules_page}
+    (DOCS / "reference").mkdir(exist_ok=True)  # every page in it is generated: a fresh clone has none
     for name, page in pages.items():
         path, text = DOCS / "reference" / f"{name}.md", page()
         if not path.exists() or path.read_text() != text:  # unchanged pages keep their mtime: no rebuild
