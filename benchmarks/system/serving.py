@@ -276,11 +276,6 @@ def typed_task_table(records: list[dict], texts: str) -> list[str]:
     if not records:
         return []
     newest = [r for r in records if r["run"] == records[-1]["run"]]
-    if "vs_plain_range" not in newest[0]:  # runs before 2026-12-07: best pass of each engine, whole passes interleaved
-        return [f"## Serving: 100 mixed tasks ÷ the plain backbone ({newest[0]['cpu']}, batches of {newest[0]['batch']} "
-                f"{texts}, best of {newest[0]['rounds']} interleaved rounds; run {newest[0]['run']})", "",
-                "| workload | examples/s | ÷ plain |", "|---|---|---|",
-                *(f"| {r['workload']} | {r['examples_per_s']:.1f} | {r['vs_plain']:.3f} |" for r in newest), ""]
     return [f"## Serving: 100 mixed tasks ÷ the plain backbone ({newest[0]['cpu']}, batches of {newest[0]['batch']} "
             f"{texts}, {newest[0]['rounds']} rounds, every batch through every engine in turn; run {newest[0]['run']})",
             "", "| workload | examples/s (median) | ÷ plain, median of the rounds | range |", "|---|---|---|---|",
