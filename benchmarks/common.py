@@ -15,6 +15,16 @@ RESULTS = BENCHMARKS / "results"  # every benchmark's records (rendered by bench
 STUDY_REGISTRY = BENCHMARKS / ".registry"  # the studies' artifacts (precision evaluates them)
 GLUE = REPO.parent / "shared" / "data" / "glue"
 SST2_DEV = REPO / "ticketserve" / "core" / "samples" / "sst2" / "validation.jsonl"
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2")  # Debian's libjemalloc2 (the image's), and RPM distributions'
+
+
+def jemalloc_environment() -> dict[str, str]:
+    """The environment that makes jemalloc a process's malloc, as the image runs the server."""
+    found = next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
+    if found is None:
+        raise SystemExit("jemalloc is not installed (apt-get install libjemalloc2)")
+    return {"LD_PRELOAD": found}
 
 
 def cpu_name() -> str:

@@ -228,13 +228,14 @@ def doors(serving: list[dict] | None = None) -> list[str]:
              f"pinned to {first['load_cores']}, one SST-2 sentence per request; ÷ the in-process engine on the server's "
              f"cores under the same number of submitter threads; {len({r['round'] for r in rows})} rounds, doors "
              f"interleaved; ranges over rounds. {provenance(first, 'python -m benchmarks.system.serving --parts doors')}", "",
-             "| workload | door | QPS | ÷ in-process | p50 ms | p99 ms | failures | server faults / request | "
+             "| workload | door | QPS | ÷ in-process, median (range) | p50 ms | p99 ms | failures | server faults / request | "
              "load's CPU share |", "|---|---|---|---|---|---|---|---|---|"]
     for workload in dict.fromkeys(r["workload"] for r in rows):
         for door in dict.fromkeys(r["protocol"] for r in rows):
             group = [r for r in rows if r["workload"] == workload and r["protocol"] == door]
             lines.append(f"| {workload} | {door} | {span([r['qps'] for r in group], '.1f')} | "
-                         f"{span([r['vs_in_process'] for r in group])} | {span([r['p50_ms'] for r in group], '.0f')} | "
+                         f"{statistics.median(r['vs_in_process'] for r in group):.2f} "
+                         f"({span([r['vs_in_process'] for r in group])}) | {span([r['p50_ms'] for r in group], '.0f')} | "
                          f"{span([r['p99_ms'] for r in group], '.0f')} | {sum(r['failures'] for r in group)} | "
                          f"{span([r['faults_per_request'] for r in group], '.0f')} | "
                          f"{span([r['load_cpu_share'] for r in group])} |")
@@ -272,21 +273,25 @@ def allocator() -> list[str]:
 
 
 def chaos() -> list[str]:
-    path = RESULTS / "chaos.json"
-    if not path.exists():
-        return []
-    result = json.loads(path.read_text())
-    latency = result["small_latency_s"]
-    return ["### Reliability under everything at once", "",
-            "A `ticketserve serve` subprocess under 32 gRPC and 8 HTTP clients, hot swaps of valid, corrupt and "
-            "foreign artifacts, fuzzers on every method and door, a flood of maximum-size texts, then SIGTERM "
-            f"(`benchmarks/system/chaos.md`). {provenance(result, 'python -m benchmarks.system.chaos')}", "",
-            "| target | met |", "|---|---|"] + [f"| {name} | {'yes' if met else '**no**'} |"
-                                                for name, met in result["targets"].items()] + [
+    """One table per allocator the chaos run was run with (glibc's: chaos.json; jemalloc: chaos-jemalloc.json)."""
+    lines = []
+    for path in sorted(RESULTS.glob("chaos*.json")):
+        result = json.loads(path.read_text())
+        allocator = result.get("allocator", "glibc")
+        latency = result["small_latency_s"]
+        option = "" if allocator == "glibc" else f" --allocator {allocator}"
+        lines += [f"### Reliability under everything at once ({allocator} malloc)", "",
+                  "A `ticketserve serve` subprocess under 32 gRPC and 8 HTTP clients, hot swaps of valid, corrupt and "
+                  "foreign artifacts, fuzzers on every method and door, a flood of maximum-size texts, then SIGTERM "
+                  f"(`benchmarks/system/{path.stem}.md`). "
+                  f"{provenance(result, 'python -m benchmarks.system.chaos' + option)}", "",
+                  "| target | met |", "|---|---|"] + [f"| {name} | {'yes' if met else '**no**'} |"
+                                                      for name, met in result["targets"].items()] + [
             "", f"Unexpected errors {sum(result['unexpected'][k] for k in ('answers', 'server_exceptions', 'error_log_lines'))}; "
             f"small requests' p99 {latency['calm']['p99']:.2f} s calm, {latency['flood']['p99']:.2f} s under the flood "
             f"({result['p99_flood_over_calm']:.2f}×); RSS {result['rss_growth']:+.1%} after the flood; drain "
             f"{result['drain']['seconds']:.2f} s.", ""]
+    return lines
 
 
 def task_types() -> list[str]:

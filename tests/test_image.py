@@ -123,6 +123,8 @@ def serve_swap_and_drain(podman, minilm, store, env: dict[str, str], volumes: di
     with container(podman, port, http_port, env, volumes, preload="smoke") as name:
         startup = wait_serving(podman, name, port)
         print(f"SERVING after {startup:.1f} s")
+        maps = subprocess.run([*podman, "exec", name, "cat", "/proc/1/maps"], capture_output=True, text=True).stdout
+        assert "libjemalloc.so.2" in maps  # the server's malloc in the image (runtime/server/memory.py)
         with Client(f"127.0.0.1:{port}", token=TOKEN, timeout=60) as client:
             info = client.server_info()
             assert info.fingerprint == minilm.fingerprint

@@ -12,14 +12,26 @@ Each setting is the environment the process starts with (glibc reads MALLOC_*_ i
 the server's trim policy, runtime/server/memory.py):
 
   shipped-1MiB        as shipped until #34: a fixed 1 MiB mmap threshold, 2 arenas, no trimming
-  32MiB-trim-2s       mmap threshold 32 MiB (glibc's maximum), trim threshold 1 GiB, 2 arenas,
-                      `malloc_trim` every 2 s
-  32MiB-no-trim       the same thresholds, never trimming
-  32MiB-trim-adaptive the same thresholds, `malloc_trim` only when it gives memory back: in-use
-                      bytes fell, or resident bytes grew beyond them, by the slack
-  32MiB-adaptive-huge-pages  the same, and glibc.malloc.hugetlb=1 (transparent huge pages for
+  32MiB-adaptive      as shipped for glibc (runtime/server/memory.py): mmap threshold 32 MiB
+                      (glibc's maximum), trim threshold 1 GiB, 2 arenas, `malloc_trim` only
+                      when it gives memory back (in-use bytes fell, or resident bytes grew
+                      beyond them, by the slack; baseline over 30 s of settling)
+  32MiB-top-pad-adaptive  the same with a 64 MiB top pad: a thread arena's heaps are no longer
+                      unmapped when their top is free (and mapped and faulted again), but a
+                      flood's memory then stays in them (chaos run: RSS +21.9 %), so not shipped
+  32MiB-top-pad-no-trim   the same as shipped, never trimming
+  32MiB-top-pad-adaptive-python-protobuf  as shipped, protobuf's pure-Python messages on both
+                      sides (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python): protobuf's upb
+                      messages call `malloc_trim(0)` every 10,000 arena frees, whatever the server
+                      decides; this setting measures what that costs
+  jemalloc-adaptive   jemalloc as the process's malloc (LD_PRELOAD, as the image runs the server),
+                      never decaying (freed pages stay), purged when the same rules say so;
+                      glibc's malloc_trim, which protobuf still calls, then has nothing to return
+  32MiB-trim-2s       mmap threshold 32 MiB, trim threshold 1 GiB, `malloc_trim` every 2 s
+                      (not run by default: measured 2026-12-06)
+  32MiB-adaptive-huge-pages  adaptive, and glibc.malloc.hugetlb=1 (transparent huge pages for
                       malloc) for the engine too: half the server's faults, but the chaos run's
-                      RSS grew 15 % (target 10 %), so the server does not set it
+                      RSS grew 15 % (target 10 %), so the server does not set it (not run by default)
 
 Every other setting runs with glibc.malloc.hugetlb=0 (glibc's default, spelled out).
 The in-process engine never trims, so it is measured once per malloc environment and round.
@@ -37,7 +49,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.common import cpu_name, publish
+from benchmarks.common import cpu_name, jemalloc_environment, publish
 from benchmarks.system.serving import load, served
 
 HERE = Path(__file__).parent
@@ -46,22 +58,29 @@ REPORT = HERE / "allocator.md"
 TASKS = [f"alloc-{i}" for i in range(8)]
 CLIENTS = 32
 SHIPPED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_ARENA_MAX": "2",  # glibc's trim threshold stays at
-           "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}                         # 128 KiB once mmap's is fixed
-RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "2"}
+           "MALLOC_TRIM_THRESHOLD_": str(128 << 10), "MALLOC_TOP_PAD_": str(128 << 10)}  # 128 KiB once mmap's is fixed
+RAISED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "2",
+          "MALLOC_TOP_PAD_": str(64 << 20)}
+NO_TOP_PAD = {"MALLOC_TOP_PAD_": str(128 << 10)}  # glibc's default
 NO_HUGE, HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-SETTINGS = {  # name → (malloc environment, the engine run it is compared with, the server's trim policy)
+PURE_PYTHON_PROTOBUF = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+SETTINGS = {  # name → (process environment, the engine run it is compared with, the server's trim policy)
     "shipped-1MiB": (SHIPPED | NO_HUGE, "1MiB", "off"),
-    "32MiB-trim-2s": (RAISED | NO_HUGE, "32MiB", "always"),
-    "32MiB-no-trim": (RAISED | NO_HUGE, "32MiB", "off"),
-    "32MiB-trim-adaptive": (RAISED | NO_HUGE, "32MiB", "adaptive"),
-    "32MiB-adaptive-huge-pages": (RAISED | HUGE, "32MiB-huge", "adaptive"),
+    "32MiB-top-pad-adaptive": (RAISED | NO_HUGE, "32MiB-top-pad", "adaptive"),
+    "32MiB-adaptive": (RAISED | NO_TOP_PAD | NO_HUGE, "32MiB", "adaptive"),
+    "32MiB-top-pad-no-trim": (RAISED | NO_HUGE, "32MiB-top-pad", "off"),
+    "32MiB-top-pad-adaptive-python-protobuf": (RAISED | NO_HUGE | PURE_PYTHON_PROTOBUF, "32MiB-top-pad", "adaptive"),
+    "jemalloc-adaptive": ("jemalloc", "jemalloc", "adaptive"),
+    "32MiB-trim-2s": (RAISED | NO_TOP_PAD | NO_HUGE, "32MiB", "always"),
+    "32MiB-adaptive-huge-pages": (RAISED | NO_TOP_PAD | HUGE, "32MiB-huge", "adaptive"),
 }
+DEFAULT_SETTINGS = list(SETTINGS)[:6]
 
 
 def environment(setting: str) -> dict[str, str]:
     malloc, _, policy = SETTINGS[setting]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return env | malloc | {"TICKETSERVE_MALLOC_TRIM": policy}
+    return env | (jemalloc_environment() if malloc == "jemalloc" else malloc) | {"TICKETSERVE_MALLOC_TRIM": policy}
 
 
 def serve_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
@@ -81,7 +100,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
     args = parser.parse_args()
     from ticketserve.core.backbone import load_backbone
     from ticketserve.registry import open_store

@@ -1,7 +1,10 @@
 """Chaos run: the server under everything at once, as an operator tries it before trusting it
 with traffic. One bounded command (about 4 minutes on 2 cores):
 
-    python -m benchmarks.system.chaos [--seconds 60] [--clients 32]
+    python -m benchmarks.system.chaos [--seconds 60] [--clients 32] [--allocator jemalloc]
+
+`--allocator jemalloc` runs the server with jemalloc as its malloc, as the image does (results
+and report then carry a `-jemalloc` suffix); by default it runs with glibc's, as `pip install` does.
 
 A `ticketserve serve` subprocess on 127.0.0.1 with the bundled MiniLM and a fresh registry of
 12 row-delta tasks, its cache holding 4 of them. Phases, each with 32 gRPC clients and 8 HTTP
@@ -52,7 +55,7 @@ import grpc
 import torch
 
 from benchmarks import common
-from benchmarks.common import SST2_DEV
+from benchmarks.common import SST2_DEV, jemalloc_environment
 
 HERE = Path(__file__).parent
 RESULTS = common.RESULTS / "chaos.json"
@@ -465,10 +468,12 @@ def run(args) -> dict:
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     target = f"127.0.0.1:{port}"
     log = open(root / "server.log", "w")
+    environment = {**os.environ, **(jemalloc_environment() if args.allocator == "jemalloc" else {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", reg.store.url, "--port", str(port),
          "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--cache-bytes", str(cache), "--watch-seconds", "1",
-         "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS), *args.serve_arg], stderr=log)
+         "--max-text-bytes", str(MAX_TEXT_BYTES), "--drain-seconds", str(DRAIN_SECONDS), *args.serve_arg], stderr=log,
+        env=environment)
     subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", target, "--wait", "300"],
                    check=True, capture_output=True)
     texts = [json.loads(line)["sentence"] for line in SST2_DEV.read_text().splitlines()]
@@ -613,7 +618,8 @@ def report(result: dict) -> str:
         "foreign-backbone and unattachable versions in turn), fuzzers on both gRPC APIs and on HTTP, a "
         "concurrent publisher, then a flood of maximum-size texts (2 clients × 8 texts of 256 KiB per request), "
         "then attacks on the doors (idle and trickling connections, hostile HTTP requests), "
-        f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores. "
+        f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores, "
+        f"the server's malloc {result.get('allocator', 'glibc')}'s. "
         f"Run {result['run']}; raw numbers in `results/chaos.json`.",
         "",
         "| target | result | met |",
@@ -664,15 +670,17 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=15.0, help="after the flood, before RSS is read again")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `ticketserve serve` option, repeatable")
+    parser.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the idle connections are this process's sockets too
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 3 * IDLE_PER_PORT + 1024)), hard))
-    result = run(args)
+    result = run(args) | {"allocator": args.allocator}
+    suffix = "" if args.allocator == "glibc" else f"-{args.allocator}"
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    REPORT.write_text(report(result))
+    RESULTS.with_stem(RESULTS.stem + suffix).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    REPORT.with_stem(REPORT.stem + suffix).write_text(report(result))
     print(json.dumps(result["targets"], indent=2))
 
 
