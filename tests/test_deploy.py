@@ -52,7 +52,8 @@ def test_overlay_renders_and_validates(overlay):
     else:
         assert container["readinessProbe"]["grpc"]["port"] == 50051 and container["livenessProbe"]["grpc"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert deployment["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["labels"]["llm-d.ai/engine-type"] == "ticketserve"  # the picker's engine (deploy/gateway)
     assert pod["spec"]["securityContext"]["runAsNonRoot"]
     tokens = next(v for v in pod["spec"]["volumes"] if v["name"] == "token")
     assert tokens["secret"]["secretName"] == "ticketserve"  # the operator's own Secret
@@ -64,7 +65,7 @@ def test_overlay_renders_and_validates(overlay):
     assert [m.get("pods", {}).get("metric", {}).get("name") or m["resource"]["name"] for m in hpa["spec"]["metrics"]] == \
         ["ticketserve_queue_depth", "cpu"]  # the queue first, CPU as the fallback
     policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
-    assert policy["spec"]["podSelector"]["matchLabels"] == pod["metadata"]["labels"]  # the server's pods, no others
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]  # the server's pods
     grpc_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 50051)
     assert [p["port"] for p in grpc_rule["ports"]] == [50051, 8080]  # clients reach gRPC and HTTP, nothing else
     service = next(d for d in documents if d["kind"] == "Service")
@@ -88,6 +89,121 @@ def test_the_queue_depth_metric_the_hpa_uses_is_served_by_the_adapter_rule():
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     exported = {family.name for family in Metrics(1).registry.collect()}
     assert "ticketserve_queue_depth" in exported
+
+
+# -- Beyond one replica: the inference gateway's InferencePool and endpoint picker, and the
+# balancers that hash on the task header, each checked by what reads it: the published CRDs
+# (strictly, as `kubectl apply --validate=strict`: no field the schema does not know), HAProxy's
+# and nginx's own config checks.
+
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+
+def _strict(schema):
+    """A CRD's structural schema with unknown fields refused where the API server would prune
+    or reject them (objects with properties and no explicit openness)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and \
+                not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def _crd_check(document: dict, crd_file: str) -> None:
+    import jsonschema
+
+    crd = yaml.safe_load((SCHEMAS / crd_file).read_text())
+    group, version = document["apiVersion"].split("/")
+    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == document["kind"]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
+    schema = _strict(served["schema"]["openAPIV3Schema"])
+    schema["properties"] |= {"metadata": {"type": "object"},  # ObjectMeta: the Kubernetes schemas' business
+                             "apiVersion": {"type": "string"}, "kind": {"type": "string"}}  # every object has them
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
+    assert not errors, f"{document['kind']}: {errors[0].message} at {list(errors[0].absolute_path)}"
+
+
+def test_the_inference_pool_is_what_its_crd_accepts_and_selects_our_pods():
+    pool = yaml.safe_load((DEPLOY / "gateway" / "inferencepool.yaml").read_text())
+    _crd_check(pool, "inferencepools.inference.networking.k8s.io.yaml")
+    with pytest.raises(AssertionError):  # the check refuses what the API server would
+        _crd_check(pool | {"spec": pool["spec"] | {"targetPort": 8080}}, "inferencepools.inference.networking.k8s.io.yaml")
+    base = yaml.safe_load((DEPLOY / "k8s" / "base" / "kustomization.yaml").read_text())
+    assert pool["spec"]["selector"]["matchLabels"] == base["labels"][0]["pairs"]
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [ports["http"]]
+
+
+def test_the_endpoint_picker_reads_the_metrics_we_export_from_the_port_we_serve_them_on():
+    """What the picker's config names exists: its engine is our pods' label, its data source
+    our metrics port, its metric specs our metric names (tests/test_routing.py checks what
+    they hold on a running server)."""
+    from ticketserve.runtime.server.metrics import Metrics
+
+    config = yaml.safe_load((DEPLOY / "gateway" / "endpoint-picker.yaml").read_text())
+    assert config["kind"] == "EndpointPickerConfig" and config["apiVersion"] == "llm-d.ai/v1alpha1"
+    plugins = {p.get("name", p["type"]): p for p in config["plugins"]}
+    extractor = plugins["core-metrics-extractor"]["parameters"]
+    (engine,) = extractor["engineConfigs"]
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    assert engine["name"] == extractor["defaultEngine"] == pod["metadata"]["labels"]["llm-d.ai/engine-type"]
+    ports = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert plugins["metrics-data-source"]["parameters"]["port"] == ports["metrics"]
+    exported = {family.name for family in Metrics(1).registry.collect()}
+    specs = [engine[k] for k in ("queuedRequestsSpec", "runningRequestsSpec", "loraSpec")]
+    assert set(specs) <= exported and engine["kvUsageSpec"] == ""  # an encoder has no KV cache
+    used = {ref["pluginRef"] for profile in config["schedulingProfiles"] for ref in profile["plugins"]}
+    used |= {ref["pluginRef"] for ref in config["requestHandler"]["parsers"]}
+    assert used <= set(plugins) and config["requestHandler"]["parsers"][-1]["pluginRef"] == "passthrough"
+
+
+def test_istio_hashes_on_the_task_header_and_its_crd_accepts_the_rule():
+    from ticketserve.v1 import TASK_HEADER
+
+    rule = yaml.safe_load((DEPLOY / "balancers" / "istio-destinationrule.yaml").read_text())
+    _crd_check(rule, "destinationrules.networking.istio.io.yaml")
+    assert rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeaderName"] == TASK_HEADER
+    service = yaml.safe_load((DEPLOY / "k8s" / "base" / "service.yaml").read_text())
+    assert rule["spec"]["host"] == service["metadata"]["name"]
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        pytest.skip(f"{name} is not installed (apt-get install {name}; .ci/run installs it)")
+    return found
+
+
+def test_haproxy_accepts_its_config_and_hashes_both_doors_on_the_task_header():
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    from ticketserve.v1 import TASK_HEADER
+
+    config = DEPLOY / "balancers" / "haproxy.cfg"
+    checked = subprocess.run([_binary("haproxy"), "-c", "-f", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = config.read_text()
+    assert text.count(f"balance hdr({TASK_HEADER})") == 2 and text.count("hash-type consistent") == 2
+    headless = yaml.safe_load((DEPLOY / "balancers" / "headless-service.yaml").read_text())
+    kubernetes_validate.validate(headless, latest_version(), strict=True)
+    assert text.count(f"{headless['metadata']['name']}:") == 2
+
+
+def test_nginx_accepts_its_config_and_hashes_both_doors_on_the_task_header(tmp_path):
+    from ticketserve.v1 import TASK_HEADER
+
+    config = DEPLOY / "balancers" / "nginx.conf"
+    checked = subprocess.run([_binary("nginx"), "-t", "-c", str(config), "-g", f"pid {tmp_path}/nginx.pid;"],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    variable = "$http_" + TASK_HEADER.replace("-", "_")
+    assert config.read_text().count(f"hash {variable} consistent;") == 2
 
 
 # -- KServe: the ServingRuntime and InferenceService, checked field by field against the kserve

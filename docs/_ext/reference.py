@@ -193,16 +193,17 @@ def grpc_page() -> str:
 def metrics_page() -> str:
     from prometheus_client.metrics import MetricWrapperBase
 
-    from ticketserve.runtime.server.metrics import Metrics
+    from ticketserve.runtime.server.metrics import Metrics, ResidencyCollector
 
     lines = ["# Metrics", "", "Generated from the server's metric registry: what `serve --metrics-port` exposes for "
              "Prometheus (the [operating guide](../guides/operating.md) says how to use them). Counters carry the "
              "`_total` suffix, histograms `_bucket`/`_sum`/`_count`.", "",
              "| metric | type | labels | meaning |", "|---|---|---|---|"]
     for collector in vars(Metrics()).values():
-        if isinstance(collector, MetricWrapperBase):
+        if isinstance(collector, MetricWrapperBase | ResidencyCollector):
+            names = collector._labelnames if isinstance(collector, MetricWrapperBase) else collector.labels
             for family in collector.describe():
-                labels = ", ".join(f"`{label}`" for label in collector._labelnames)
+                labels = ", ".join(f"`{label}`" for label in names)
                 lines.append(f"| `{family.name}` | {family.type} | {labels} | {cell(family.documentation)} |")
     return "\n".join(lines) + "\n"
 

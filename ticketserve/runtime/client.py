@@ -1,5 +1,7 @@
 """Python client for a ticketserve server, sync (`Client`) and asyncio (`AsyncClient`).
 
+Every call that names one task also names it in the `x-ticketserve-task` metadata, which
+balancers hash on to send each task's calls to the replica that holds it (docs: scaling out).
 Transient UNAVAILABLE errors are retried with exponential backoff by gRPC's own retry policy
 (service config), so a rolling restart behind a load balancer is invisible to callers. A call
 that fails raises the error class the server answered with (`errors.NotFound`,
@@ -26,12 +28,13 @@ from ticketserve.core.errors import (
     Unavailable,
 )
 from ticketserve.runtime.status import RemoteError, from_rpc
-from ticketserve.v1 import pb, rpc
+from ticketserve.v1 import TASK_HEADER, pb, rpc
 
 __all__ = ["AsyncClient", "BackboneMismatch", "Client", "InvalidArgument", "NotFound", "Overloaded", "PermissionDenied",
            "Prediction", "PredictResult", "TicketserveError", "Unauthenticated", "Unavailable"]
 
 SERVICES = ("ticketserve.v1.Inference", "ticketserve.v1.Tasks", "ticketserve.v1.Info")
+ROUTABLE_NAME_CHARS = 512  # a name, tag and digest fit; a longer one is invalid anyway
 
 
 def _service_config(retries: int) -> str:
@@ -101,6 +104,16 @@ class _Base:
         self.credentials = (grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca else None)
                             if tls_ca is not None else None)
 
+    def routed(self, task: str) -> tuple[tuple[str, str], ...]:
+        """The call's metadata for a call about `task`: the routing header for balancers that hash on it.
+
+        A name no header can carry (control characters, non-ASCII, longer than any valid reference)
+        travels in the body alone, so the server answers it with its own INVALID_ARGUMENT rather than
+        gRPC refusing the call locally or with a metadata-size error.
+        """
+        routable = len(task) <= ROUTABLE_NAME_CHARS and task.isascii() and task.isprintable()
+        return (*self.metadata, (TASK_HEADER, task)) if routable else self.metadata
+
 
 class Client(_Base):
     """Blocking client. Use as a context manager or call `close()`."""
@@ -114,7 +127,7 @@ class Client(_Base):
 
     def predict(self, task: str, texts: list[str], pairs: list[str] | None = None, version: str | None = None) -> PredictResult:
         return _result(_typed(self.inference.Predict, _request(task, texts, pairs, version), timeout=self.timeout,
-                              metadata=self.metadata))
+                              metadata=self.routed(task)))
 
     def list_tasks(self, include_registry: bool = False) -> list[pb.TaskInfo]:
         return list(_typed(self.tasks.ListTasks, pb.ListTasksRequest(include_registry=include_registry),
@@ -122,15 +135,15 @@ class Client(_Base):
 
     def get_task(self, task: str, version: str | None = None) -> pb.GetTaskResponse:
         return _typed(self.tasks.GetTask, pb.GetTaskRequest(task=task, **({"version": version} if version else {})),
-                      timeout=self.timeout, metadata=self.metadata)
+                      timeout=self.timeout, metadata=self.routed(task))
 
     def load_task(self, task: str, version: str | None = None) -> pb.TaskInfo:
         return _typed(self.tasks.LoadTask, pb.LoadTaskRequest(task=task, **({"version": version} if version else {})),
-                      timeout=self.timeout, metadata=self.metadata).task
+                      timeout=self.timeout, metadata=self.routed(task)).task
 
     def unload_task(self, task: str) -> bool:
         return _typed(self.tasks.UnloadTask, pb.UnloadTaskRequest(task=task), timeout=self.timeout,
-                      metadata=self.metadata).unloaded
+                      metadata=self.routed(task)).unloaded
 
     def server_info(self) -> pb.ServerInfoResponse:
         return _typed(self.info.ServerInfo, pb.ServerInfoRequest(), timeout=self.timeout, metadata=self.metadata)
@@ -158,10 +171,11 @@ class AsyncClient(_Base):
     async def predict(self, task: str, texts: list[str], pairs: list[str] | None = None,
                       version: str | None = None) -> PredictResult:
         return _result(await _typed_async(self.inference.Predict, _request(task, texts, pairs, version),
-                                          timeout=self.timeout, metadata=self.metadata))
+                                          timeout=self.timeout, metadata=self.routed(task)))
 
     async def predict_stream(self, requests):
-        """Yields one result per (task, texts[, pairs]) tuple of `requests`, in order."""
+        """Yields one result per (task, texts[, pairs]) tuple of `requests`, in order. A stream may
+        mix tasks, so it carries no task metadata: a balancer hashing on it sends streams anywhere."""
         stream = self.inference.PredictStream((_request(*r, *([None] * (4 - len(r)))) for r in requests),
                                               timeout=self.timeout, metadata=self.metadata)
         try:

@@ -76,7 +76,7 @@ class Engine:
     def __init__(self, runtime: Runtime, config: EngineConfig | None = None, observer=None):
         self.runtime = runtime
         self.config = config or EngineConfig()
-        self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth)
+        self.observer = observer  # optional: .batch(size, tasks, seconds), .queue(depth), .running(requests)
         self.tokenization = Tokenization.for_backbone(runtime.backbone, self.config.max_tokens_per_text,
                                                       self.config.max_text_bytes, self.config.truncate)
         self._queue: collections.deque[_Request] = collections.deque()
@@ -146,12 +146,17 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
+            if self.observer is not None:
+                self.observer.running(len(batch))
             try:
                 self._run(batch)
             except Exception as exc:  # a failed forward fails its requests, never the engine
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(exc)
+            finally:
+                if self.observer is not None:
+                    self.observer.running(0)
 
     def _next_batch(self) -> list[_Request] | None:
         """The request whose turn it is and every queued one that fits beside it, waiting up to the

@@ -8,4 +8,6 @@ except ImportError as exc:  # a source checkout that was never installed
     raise ImportError("the gRPC code of ticketserve.v1 is built at install time: run `pip install -e .` "
                       "(or `make install`) in the source tree") from exc
 
-__all__ = ["pb", "rpc"]
+TASK_HEADER = "x-ticketserve-task"  # the request header (gRPC metadata key) naming the task: balancers hash on it
+
+__all__ = ["TASK_HEADER", "pb", "rpc"]

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from ticketserve import __version__
 from ticketserve.core.errors import TicketserveError, Unavailable
-from ticketserve.runtime.server import about
+from ticketserve.runtime.server import about, routing
 from ticketserve.runtime.server.about import ServerInfo
 from ticketserve.runtime.server.auth import Tokens
 from ticketserve.runtime.server.http_bodies import (ErrorResponse, FanOutRequest, FanOutResponse, IndexRequest,
@@ -35,15 +35,18 @@ from ticketserve.runtime.server.observe import Observe
 from ticketserve.runtime.server.openinference import OpenInference
 from ticketserve.runtime.server.predictor import Ask, Predictor
 from ticketserve.runtime.status import http_status_of
+from ticketserve.v1 import TASK_HEADER
+
+ROUTING_HEADER = TASK_HEADER.encode()
 
 log = logging.getLogger("ticketserve.runtime.server")
 
 
 # -- the app --------------------------------------------------------------------------------
 
-def _route(request: Request) -> str:
+def _route(scope: dict) -> str:
     """The matched route's path pattern (a metric label from a closed set), or `unmatched`."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     return route.path if route else "unmatched"
 
 
@@ -52,6 +55,56 @@ def _error(status: int, message: str, request_id: str | None = None, request: Re
     message = message.encode("utf-8", "backslashreplace").decode()  # an echo of bad input stays sendable
     path = request.url.path if request is not None else ""
     return JSONResponse(http_peer_apis.error_body(path, status, message), status_code=status, headers=headers)
+
+
+class Observed:
+    """ASGI middleware inside `Front`: the request id (the client's, or a new one; echoed in the
+    answer), the drain (503 while draining), the in-flight count the drain waits for, the task
+    header (routing.py), and every answer counted by route and status. Plain ASGI: Starlette's
+    BaseHTTPMiddleware, used before, ran each request's app in a task of its own behind a
+    stream."""
+
+    def __init__(self, app, observe: Observe):
+        self.app, self.observe = app, observe
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given, routed = "", None
+        for key, value in scope["headers"]:  # ASGI header names are lower case
+            if key == b"x-request-id":
+                given = value.decode("latin-1")
+            elif key == ROUTING_HEADER:
+                routed = value.decode("latin-1")
+        request_id = given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # unless an answer starts: an exception no handler turned into one
+
+        async def answer(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = message | {"headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        own = scope["path"] not in PUBLIC
+        try:
+            if own and self.observe.draining:
+                refusal = _error(503, str(Unavailable("the server is draining; retry on another replica")),
+                                 request=Request(scope))
+                await refusal(scope, receive, answer)
+                return
+            if own:
+                self.observe.enter()
+            try:
+                with routing.routed_by(routed):
+                    await self.app(scope, receive, answer)
+            finally:
+                if own:
+                    self.observe.leave()
+        finally:
+            self.observe.metrics.responses.labels(f"HTTP {method_label(scope['method'])} {_route(scope)}",
+                                                  str(status)).inc()
 
 
 def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, observe: Observe,
@@ -64,28 +117,6 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
                              404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
                   docs_url="/docs", redoc_url=None)
     # the token is checked by `Front`, once and before the body is read (admin paths: the admin token)
-
-    @app.middleware("http")
-    async def observed(request: Request, call_next):
-        given = request.headers.get("x-request-id", "")
-        request_id = given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
-        request.state.request_id = request_id
-        own = request.url.path not in PUBLIC
-        if own and observe.draining:
-            response = _error(503, str(Unavailable("the server is draining; retry on another replica")), request_id,
-                              request)
-        else:
-            if own:
-                observe.enter()
-            try:
-                response = await call_next(request)
-            finally:
-                if own:
-                    observe.leave()
-        response.headers["x-request-id"] = request_id
-        observe.metrics.responses.labels(f"HTTP {method_label(request.method)} {_route(request)}",
-                                         str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(TicketserveError)
     async def ticketserve_error(request: Request, exc: TicketserveError):
@@ -105,7 +136,7 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         request_id = getattr(request.state, "request_id", "")
         log.error("unexpected error in HTTP %s %s (request id %s)", request.method, request.url.path, request_id,
                   exc_info=exc)
-        observe.metrics.unexpected_errors.labels(f"HTTP {_route(request)}").inc()
+        observe.metrics.unexpected_errors.labels(f"HTTP {_route(request.scope)}").inc()
         return _error(500, f"internal error (request id {request_id})", request_id, request)
 
     # -- the JSON API --------------------------------------------------------------------
@@ -192,6 +223,8 @@ def build_app(predictor: Predictor, protocol: OpenInference, tokens: Tokens, obs
         return {}
 
     count = (lambda method, status: observe.metrics.responses.labels(method, status).inc()) if observe else None
+    if observe is not None:
+        app.add_middleware(Observed, observe=observe)
     app.add_middleware(Front, max_bytes=max_body_bytes, tokens=tokens, count=count)
     return app
 

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
+from ticketserve.v1 import TASK_HEADER
 
-TASK_HEADER = "x-ticketserve-task"
 OPENAI_PATHS = ("/v1/embeddings",)
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                       404: "not_found_error", 429: "rate_limit_error"}

@@ -29,6 +29,7 @@ from ticketserve.core.errors import BackboneMismatch, CorruptArtifact, Ticketser
 from ticketserve.registry import ArtifactVersion, Manifest, Reference, Store
 from ticketserve.registry.store import DEFAULT_TAG, check_name
 from ticketserve.runtime.executor import LoadedTask, Runtime
+from ticketserve.runtime.server.metrics import Residency
 
 log = logging.getLogger("ticketserve.runtime.loader")
 RETRY_BASE_SECONDS = 1.0  # a failed version is tried again after 1, 2, 4, … seconds
@@ -88,6 +89,8 @@ class TaskLoader:
         self._installed: dict[Reference, int] = {}  # alias → the look its version came from (kept past eviction)
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
+        self._loading_now: set[str] = set()  # versions whose load is under way
+        self._changed = time.time()  # when the resident or loading versions last changed
 
     def _initial_stamps(self) -> dict[str, str]:
         """Taken before any alias resolves, so the first poll re-resolves only what changed since."""
@@ -251,12 +254,15 @@ class TaskLoader:
                 if failure is not None and time.monotonic() < failure.retry_at:
                     raise failure.again()
             started = time.perf_counter()
+            self._loads(key, True)
             try:
                 found = artifact.load(self.store, version, self.runtime.backbone)
                 loaded = self.runtime.add(found, name=key)  # rolls itself back if it fails
             except TicketserveError as exc:
                 self._failed(key, exc)
                 raise
+            finally:
+                self._loads(key, False)
             size = sum(t.numel() * t.element_size() for t in found.tensors.values())
             handle = TaskHandle(version, loaded, size)
             with self._lock:
@@ -269,6 +275,11 @@ class TaskLoader:
             log.info("loaded %s (%s, %d bytes) in %.1f ms", key, found.manifest.kind, size,
                      (time.perf_counter() - started) * 1000)
             return handle
+
+    def _loads(self, key: str, under_way: bool) -> None:
+        with self._lock:
+            (self._loading_now.add if under_way else self._loading_now.discard)(key)
+            self._changed = time.time()
 
     def _failed(self, key: str, exc: TicketserveError) -> None:
         """Record a failed load; log it the first time only (a watched broken version is retried
@@ -311,6 +322,7 @@ class TaskLoader:
     def _unload(self, handle: TaskHandle) -> None:
         if self.resident.get(handle.key) is handle:
             del self.resident[handle.key]
+            self._changed = time.time()
             self.runtime.remove(handle.loaded)
             if self.observer is not None:
                 self.observer.task_resident(handle, False)
@@ -322,6 +334,17 @@ class TaskLoader:
         if event:
             self.observer.cache(event)
         self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
+
+    def residency(self) -> Residency:
+        """The tasks resident and being loaded, and how many tasks the budget holds (of the
+        resident ones' mean size), for the endpoint picker (metrics.ResidencyCollector)."""
+        with self._lock:
+            sizes = [h.bytes for h in self.resident.values()]
+            resident = sorted({h.version.name for h in self.resident.values()})
+            loading = sorted({key.rpartition(":")[0] for key in self._loading_now})
+            changed = self._changed
+        slots = max(len(resident), int(self.cache_bytes * len(sizes) // max(sum(sizes), 1))) if sizes else 0
+        return Residency(resident, loading, slots, changed)
 
     def describe(self) -> tuple[list[Resident], dict[str, str]]:
         """Resident versions (with the alias each serves, if any) and the aliases whose last load failed."""

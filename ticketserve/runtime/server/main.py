@@ -124,6 +124,7 @@ class Server:
                                backend=config.backend)
         self.engine = Engine(self.runtime, config.engine, observer=self.metrics)
         self.loader = TaskLoader(self.store, self.runtime, config.cache_bytes, observer=self.metrics)
+        self.metrics.watch_residency(self.loader.residency)
         self.admission = Admission(config.engine.max_queue_size)
         self.predictor = Predictor(self.engine, self.loader, self.metrics, self.admission)
         self.protocol = OpenInference(self.predictor, self.loader, self.store, self.admission)

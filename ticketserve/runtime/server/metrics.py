@@ -1,19 +1,67 @@
 """Prometheus metrics of one server (its own registry, so several servers can share a process).
 
 Label values are bounded: `task` is an artifact name the server resolved (anything else a
-request names counts under `OTHER_TASK`), `method` a method the server implements."""
+request names counts under `OTHER_TASK`), `method` a method the server implements.
+
+Three of them are what the Kubernetes Gateway API Inference Extension's endpoint picker reads
+from a model server (its model-server protocol; deploy/gateway/ configures it for us):
+`ticketserve_queue_depth` (queued requests), `ticketserve_requests_running` (requests in the
+forward pass) and `ticketserve_task_residency_info` — the resident tasks in the shape of vLLM's
+`vllm:lora_requests_info`, so that the picker's adapter affinity sends a task's requests to the
+replicas that hold it."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 OTHER_TASK = "_other"  # requests naming no task this server knows
+RESIDENCY = "ticketserve_task_residency_info"
+
+
+@dataclass(frozen=True)
+class Residency:
+    """What the task cache holds, as the endpoint picker reads it."""
+
+    resident: list[str]  # task names with a resident version
+    loading: list[str]  # task names whose load is under way (for a request)
+    slots: int  # tasks of the resident ones' mean size the budget holds
+    changed: float  # when either list last changed (Unix time)
+
+
+class ResidencyCollector:
+    """`ticketserve_task_residency_info`, read from the cache at each scrape: one series whose
+    labels list the tasks (`running_lora_adapters`, `waiting_lora_adapters`, comma-separated)
+    and the cache's slots (`max_lora`), valued at when the lists last changed — the picker takes
+    the series with the highest value."""
+
+    def __init__(self, residency: Callable[[], Residency]):
+        self.residency = residency
+
+    def describe(self):  # the registry asks at registration: no scrape before the cache exists
+        return [GaugeMetricFamily(RESIDENCY, self.documentation, labels=self.labels)]
+
+    documentation = ("Resident tasks in the shape of vLLM's lora_requests_info (the Gateway API Inference Extension's "
+                     "adapter affinity): running_lora_adapters the resident tasks, waiting_lora_adapters those being "
+                     "loaded, max_lora how many tasks the cache holds; the value is when they last changed")
+    labels = ["running_lora_adapters", "waiting_lora_adapters", "max_lora"]
+
+    def collect(self):
+        now = self.residency()
+        family = GaugeMetricFamily(RESIDENCY, self.documentation, labels=self.labels)
+        family.add_metric([",".join(now.resident), ",".join(now.loading), str(now.slots)], now.changed)
+        yield family
 
 
 class Metrics:
     def __init__(self, cache_budget_bytes: int = 0) -> None:
         self.registry = CollectorRegistry()
+        self.started = time.time()
         r = self.registry
         self.requests = Counter("ticketserve_requests", "Predict requests by task and status code", ["task", "code"], registry=r)
         self.responses = Counter("ticketserve_responses", "Answers of every RPC by method and status code",
@@ -29,6 +77,7 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batch_seconds = Histogram("ticketserve_batch_seconds", "Forward pass time", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("ticketserve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.requests_running = Gauge("ticketserve_requests_running", "Requests in the forward pass now", registry=r)
         self.in_flight = Gauge("ticketserve_requests_in_flight", "Requests to our services being served (what a "
                                "drain waits for)", registry=r)
         self.cache_events = Counter("ticketserve_task_cache", "Task cache hits, misses and evictions", ["event"], registry=r)
@@ -39,6 +88,8 @@ class Metrics:
                                  "resident task is in use, so none could be evicted", registry=r)
         self.task_bytes = Gauge("ticketserve_task_resident_bytes", "Resident bytes per task version",
                                 ["task", "version"], registry=r)
+        self.residency = ResidencyCollector(lambda: Residency([], [], 0, self.started))
+        r.register(self.residency)
         self.cache_budget_bytes = cache_budget_bytes
         self.cache_budget.set(cache_budget_bytes)
 
@@ -50,6 +101,13 @@ class Metrics:
 
     def queue(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def running(self, requests: int) -> None:
+        self.requests_running.set(requests)
+
+    def watch_residency(self, residency: Callable[[], Residency]) -> None:
+        """Read the residency gauge from `residency` (the task cache's) at each scrape."""
+        self.residency.residency = residency
 
     # loader observer
     def cache(self, event: str) -> None:

@@ -24,7 +24,7 @@ from ticketserve import __version__
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.tagging import check_aggregation
 from ticketserve.registry import Reference, Store
-from ticketserve.runtime.server import about
+from ticketserve.runtime.server import about, routing
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
@@ -188,6 +188,7 @@ class OpenInference:
         return {"name": "ticketserve", "version": __version__, "extensions": EXTENSIONS}
 
     def model_ready(self, name: str, version: str | None) -> bool:
+        routing.check([name])
         return self.loader.ready(name, version or None)
 
     async def model_metadata(self, name: str, version: str | None) -> dict:
@@ -195,6 +196,7 @@ class OpenInference:
             resolved = self.store.resolve(Reference.of(name, version or None))
             return resolved, self.store.manifest(resolved), self.store.versions(name)
 
+        routing.check([name])
         resolved, manifest, versions = await self._blocking(read)
         spec = manifest.task
         inputs = [{"name": TEXT, "datatype": "BYTES", "shape": [-1]}]
@@ -238,8 +240,10 @@ class OpenInference:
         return sorted(models, key=lambda m: (m["name"], m["version"]))
 
     async def load(self, name: str, version: str | None = None) -> None:
+        routing.check([name])
         await self._blocking(self.loader.preload, name, version)
 
     async def unload(self, name: str) -> None:
+        routing.check([name])
         await self._blocking(self.loader.unload, name)
 

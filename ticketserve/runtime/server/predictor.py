@@ -14,6 +14,7 @@ from ticketserve.core.tagging import Entity, entities
 from ticketserve.registry import ArtifactVersion, HeadConfig, Manifest, TaskSpec
 from ticketserve.runtime.engine import Engine, Result
 from ticketserve.runtime.executor import Prediction
+from ticketserve.runtime.server import routing
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskHandle, TaskLoader
 from ticketserve.runtime.server.metrics import OTHER_TASK, Metrics
@@ -76,6 +77,7 @@ class Predictor:
 
     async def spec_of(self, ask: Ask) -> TaskSpec:
         """The task's spec (loading it, as a request would)."""
+        routing.check([ask.task])
         with self.admission as admission:
             handle = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)
         self.loader.release(handle)
@@ -95,6 +97,7 @@ class Predictor:
                     raise InvalidArgument("name at least one task")
                 if any(not ask.task for ask in asks):
                     raise InvalidArgument("task is required")
+                routing.check(ask.task for ask in asks)
                 with self.admission as admission:
                     for ask in dict.fromkeys(asks):
                         held[ask] = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)

@@ -12,7 +12,7 @@ from ticketserve.core.errors import InvalidArgument
 from ticketserve.core.tagging import check_aggregation
 from ticketserve.registry import Reference
 from ticketserve.runtime.engine import Engine
-from ticketserve.runtime.server import about
+from ticketserve.runtime.server import about, routing
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskLoader
 from ticketserve.runtime.server.predictor import Ask, Predictor
@@ -76,6 +76,7 @@ class TasksService(rpc.TasksServicer):
 
     @statuses
     async def GetTask(self, request, context):
+        routing.check([request.task])
         store = self.loader.store
         ref = Reference.of(request.task, _version(request))
         version = await self._blocking(store.resolve, ref)
@@ -95,6 +96,7 @@ class TasksService(rpc.TasksServicer):
     async def LoadTask(self, request, context):
         if not request.task:
             raise InvalidArgument("task is required")
+        routing.check([request.task])
         handle = await self._blocking(self.loader.preload, request.task, _version(request))
         return pb.LoadTaskResponse(task=_task(about.task_info(handle.key, handle.version.digest, handle.loaded.manifest,
                                                               about.READY, handle.bytes)))
@@ -103,6 +105,7 @@ class TasksService(rpc.TasksServicer):
     async def UnloadTask(self, request, context):
         if not request.task:
             raise InvalidArgument("task is required")
+        routing.check([request.task])
         unloaded = await self._blocking(self.loader.unload, request.task)
         return pb.UnloadTaskResponse(unloaded=unloaded)
 

@@ -10,6 +10,7 @@ import inspect
 import grpc
 
 from ticketserve.core import errors
+from ticketserve.runtime.server.routing import from_metadata, routed_by
 from ticketserve.runtime.status import ERROR_KEY, status_of
 
 MAX_DETAILS = 1024  # characters of an error's message in the status (grpc-message travels as a header)
@@ -23,13 +24,15 @@ async def abort(context: grpc.aio.ServicerContext, exc: errors.TicketserveError)
 
 
 def statuses(method):
-    """A servicer method (unary or streaming) whose ticketserve errors end its RPC with their status."""
+    """A servicer method (unary or streaming) whose ticketserve errors end its RPC with their status,
+    run knowing the task the call was routed by (its x-ticketserve-task metadata, routing.py)."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                with routed_by(from_metadata(context.invocation_metadata())):
+                    async for item in method(self, request, context):
+                        yield item
             except errors.TicketserveError as exc:
                 await abort(context, exc)
 
@@ -38,7 +41,8 @@ def statuses(method):
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
-            return await method(self, request, context)
+            with routed_by(from_metadata(context.invocation_metadata())):
+                return await method(self, request, context)
         except errors.TicketserveError as exc:
             await abort(context, exc)
 
