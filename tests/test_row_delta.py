@@ -95,7 +95,7 @@ def test_the_row_table_grows_reuses_freed_rows_and_widens_without_changing_resul
     for i in range(3):  # freed rows are reused; k = 4 widens the table in place of a rebuild per task
         runtime.add(in_memory_artifact(tiny_backbone, f"w{i}", random_row_delta(tiny_backbone, k=4, seed=50 + i), seed=i))
     index, delta = table.tensors
-    assert len(index) == rows_before and index.shape[1] == 4 and delta.shape[1] == 5
+    assert len(index) == rows_before and index.shape[1] == delta.shape[1] == 5  # 4 input rows and the bias row
     names = ["w0", "t7", "w2", "t19", "t5", "w1"]
     texts = TEXTS + TEXTS[:2]
     mixed = runtime.logits(names, runtime.tokenize(texts))

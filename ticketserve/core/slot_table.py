@@ -2,9 +2,9 @@
 tensors side by side (row deltas, LoRA factors, toy kinds in tests).
 
 Row 0 is "no task" (all zero), so a batch gathers one row per example and examples of other
-kinds get zeros. Each tensor of the table is a `Column`: `(rows, width + extra, *shape)` where
-the width (rows of a row delta, a LoRA rank) grows to the widest task and `extra` fixed entries
-follow it (a row delta's bias), or `(rows, *shape)` without a width. Loading a task writes its
+kinds get zeros. Each tensor of the table is a `Column`: `(rows, width, *shape)` where the
+width (rows of a row delta, a LoRA rank) grows to the widest task (narrower tasks' rows are
+zero-padded), or `(rows, *shape)` without a width. Loading a task writes its
 row in place; the table grows by a quarter when full, so a load costs the task's own size,
 not a rebuild. Tensors are swapped as one tuple: a concurrent forward sees a whole table.
 """
@@ -23,7 +23,6 @@ class Column:
     shape: tuple[int, ...]  # each entry's shape
     dtype: torch.dtype = torch.float32
     padded: bool = True  # has the growing width axis (after the row axis)
-    extra: int = 0  # fixed entries after the padded ones
 
 
 class SlotTable:
@@ -38,15 +37,15 @@ class SlotTable:
 
     @property
     def width(self) -> int:
-        return next((t.shape[1] - c.extra for c, t in zip(self.columns, self.tensors) if c.padded), 0)
+        return next((t.shape[1] for c, t in zip(self.columns, self.tensors) if c.padded), 0)
 
     @staticmethod
     def _empty(column: Column, rows: int, width: int, device) -> torch.Tensor:
-        size = (rows, width + column.extra, *column.shape) if column.padded else (rows, *column.shape)
+        size = (rows, width, *column.shape) if column.padded else (rows, *column.shape)
         return torch.zeros(size, dtype=column.dtype, device=device)
 
     def put(self, slot: int, width: int, values: tuple[torch.Tensor, ...]) -> None:
-        """Serve `slot`: each column's value is `(width + extra, *shape)` (padded) or `shape`."""
+        """Serve `slot`: each column's value is `(width, *shape)` (padded) or `shape`."""
         self.drop(slot)
         device = values[0].device
         if width > self.width or not self.free:
@@ -55,12 +54,10 @@ class SlotTable:
         row = self.free.pop()
         with torch.no_grad():
             for column, tensor, value in zip(self.columns, self.tensors, values):
-                if not column.padded:
+                if column.padded:
+                    tensor[row, :width] = value
+                else:
                     tensor[row] = value
-                    continue
-                tensor[row, :width] = value[:width]
-                if column.extra:
-                    tensor[row, -column.extra:] = value[width:]
         self.slots[slot] = (row, width)
 
     def _resize(self, width: int, rows: int, device) -> None:
@@ -71,9 +68,7 @@ class SlotTable:
             if not column.padded:
                 new[:old_rows] = old.to(device)
             else:
-                new[:old_rows, :old_width] = old[:, :old_width].to(device)
-                if column.extra:
-                    new[:old_rows, -column.extra:] = old[:, -column.extra:].to(device)
+                new[:old_rows, :old_width] = old.to(device)
             resized.append(new)
         self.free += range(rows - 1, old_rows - 1, -1)  # lowest first
         self.tensors = tuple(resized)

@@ -68,13 +68,14 @@ def split_payload(index: torch.Tensor, delta: torch.Tensor, in_features: int):
 
 class RowDeltas(Terms):
     """Every task's rows on one shared encoder: served tasks in one `SlotTable` per matrix,
-    which is their only copy (`delta[:, K]` is a task's bias delta: a constant-1 input column
-    picks it up in the same matmul as the input rows), a task being trained in `trainable`
-    (its rows are Parameters)."""
+    which is their only copy, a task being trained in `trainable` (its rows are Parameters).
+    A task's rows are its payload's, the bias row included (index `in`, last): in a mixed
+    batch it meets a constant-1 input in the same matmul as the input rows, so a task without
+    one stores no zeros for it (10,000 resident Dominant-1 tasks hold their payloads' bytes)."""
 
     def __init__(self, shared: SharedEncoder):
-        # per matrix: index (rows, K) and delta (rows, K + 1, out), the bias delta last
-        self.tables = {name: SlotTable(Column((), torch.long), Column((layer.out_features,), extra=1))
+        # per matrix: index (rows, K) and delta (rows, K, out); a task's bias row, if any, last
+        self.tables = {name: SlotTable(Column((), torch.long), Column((layer.out_features,)))
                        for name, layer in shared.matrices.items()}
         self.in_features = {name: layer.in_features for name, layer in shared.matrices.items()}
         self.trainable: dict[str, dict[int, RowDelta]] = {}  # matrix → slot → rows
@@ -83,13 +84,13 @@ class RowDeltas(Terms):
     def serve(self, slot: int, matrix: str, index: torch.Tensor, delta: torch.Tensor) -> None:
         """Put a payload's rows (`.index`, `.delta`) into the matrix's table under `slot`."""
         self.drop(slot, matrix)
-        in_index, in_delta, bias_delta = split_payload(index, delta, self.in_features[matrix])
-        k = in_index.numel() if in_delta is not None else 0
-        rows = torch.cat([in_delta if in_delta is not None else delta[:0],
-                          (bias_delta if bias_delta is not None else torch.zeros_like(delta[0])).unsqueeze(0)])
-        self.tables[matrix].put(slot, k, (in_index, rows))
-        if bias_delta is not None:
+        in_features = self.in_features[matrix]
+        in_index, in_delta, bias_delta = split_payload(index, delta, in_features)
+        if bias_delta is not None:  # the bias row last, whatever the payload's order
+            in_index = torch.cat([in_index, in_index.new_full((1,), in_features)])
+            in_delta = torch.cat([in_delta if in_delta is not None else delta[:0], bias_delta.unsqueeze(0)])
             self.biased.add((matrix, slot))
+        self.tables[matrix].put(slot, in_index.numel(), (in_index, in_delta if in_delta is not None else delta[:0]))
 
     def drop(self, slot: int, matrix: str | None = None) -> None:
         for name in [matrix] if matrix else list(self.tables):
@@ -106,15 +107,16 @@ class RowDeltas(Terms):
             found = table.row(uniform)
             if found is None:
                 return y
-            (row, k), (index, delta) = found, table.tensors
-            return add_rows(x, y, index[row, :k], delta[row, :k] if k else None,
-                            delta[row, -1] if (matrix, uniform) in self.biased else None)
+            (row, width), (index, delta) = found, table.tensors
+            k = width - ((matrix, uniform) in self.biased)  # input rows; the bias row follows them
+            return add_rows(x, y, index[row, :k], delta[row, :k] if k else None, delta[row, k] if k < width else None)
         rows = table.rows_of(routing)
         if not any(rows):
             return y
         index, delta = table.gather(rows)
-        picked = torch.gather(x, -1, index.unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
-        picked = torch.cat([picked, picked.new_ones(*picked.shape[:2], 1)], dim=-1)  # + the bias column
+        bias_row = index == self.in_features[matrix]  # (B, K): the row that meets the constant-1 input
+        picked = torch.gather(x, -1, index.masked_fill(bias_row, 0).unsqueeze(1).expand(-1, x.shape[1], -1))  # (B, S, K)
+        picked.masked_fill_(bias_row.unsqueeze(1), 1.0)
         return y.baddbmm_(picked, delta.to(x.dtype))  # one in-place pass: y += rows·Δ + bias Δ
 
 
@@ -219,10 +221,13 @@ class RowDeltaKind(Kind):
         rows_on(shared).drop(slot)
 
     def feed_graph(self, shared: SharedEncoder, routing: Routing, inputs: GraphInputs) -> None:
-        for name, table in rows_on(shared).tables.items():
-            if table:
+        state = rows_on(shared)
+        for name, table in state.tables.items():
+            if table:  # the graph takes the bias rows apart from the input rows
                 index, delta = table.for_batch(routing)
-                inputs.add_rows(name, index, delta[:, :-1], delta[:, -1])
+                bias_row = (index == state.in_features[name]).unsqueeze(-1)
+                inputs.add_rows(name, index.masked_fill(bias_row.squeeze(-1), 0), delta.masked_fill(bias_row, 0),
+                                (delta * bias_row).sum(1))
 
     def dense_state(self, encoder: nn.Module, tensors: Tensors) -> Tensors:
         changed = {key.rsplit(".", 1)[0] for key in tensors}
