@@ -386,6 +386,26 @@ def test_metrics_label_only_known_tasks_and_count_every_answer(registry, tiny_be
     assert 'ticketserve_responses_total{code="NOT_FOUND",method="/ticketserve.v1.Inference/Predict"} 301.0' in metrics
 
 
+def test_per_task_series_stop_at_the_bound_and_the_rest_count_as_other(registry, tiny_bert):
+    """At 10,000 tasks /metrics would be hundreds of thousands of lines: only the first
+    --metrics-task-series names get their own series; totals stay exact under `_other`."""
+    with BackgroundServer(config(registry, tiny_bert, metrics_task_series=2)) as server, \
+            Client(f"127.0.0.1:{server.port}", retries=1) as client:
+        for name in ROW_TASKS:  # alpha, beta, gamma: gamma is the third
+            client.predict(name, ["x", "y"])
+        assert _code(lambda: client.predict("gamma", ["x"], version="7")) == grpc.StatusCode.NOT_FOUND
+        metrics = _metrics(server)
+    assert 'ticketserve_requests_total{code="OK",task="alpha"} 1.0' in metrics
+    assert 'ticketserve_requests_total{code="OK",task="beta"} 1.0' in metrics
+    assert 'task="gamma"' not in metrics
+    assert 'ticketserve_requests_total{code="OK",task="_other"} 1.0' in metrics
+    assert 'ticketserve_requests_total{code="NOT_FOUND",task="_other"} 1.0' in metrics
+    assert 'ticketserve_examples_total{task="_other"} 2.0' in metrics
+    assert 'ticketserve_resident_tasks 3.0' in metrics
+    assert 'ticketserve_task_cache_total{event="load"} 3.0' in metrics
+    assert metrics.count("ticketserve_task_resident_bytes{") == 2
+
+
 @pytest.mark.parametrize("task, version", [("alpha", "²"), ("alpha", "①"), ("alpha", "٣"), ("alpha", "𝟏"),
                                            ("alpha", "1" * 5000), ("alpha\n", None), ("alpha:1\n", None),
                                            ("x" * 20_000, None), ("alpha", "x" * 20_000)])

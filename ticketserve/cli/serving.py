@@ -139,6 +139,7 @@ def serve(
     http_port: Annotated[Optional[int], typer.Option(help="serve HTTP on this port: the Open Inference Protocol (KServe v2) "
                                                       "REST API under /v2 and the JSON API under /v1")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_task_series: Annotated[int, typer.Option(help="tasks with their own per-task metric series (the first loaded or served); the rest count as task=\"_other\"")] = 100,
     drain_seconds: Annotated[float, typer.Option(help="on SIGTERM, how long requests in flight may take (new ones get UNAVAILABLE)")] = 30.0,
     http_request_seconds: Annotated[float, typer.Option(help="HTTP: a request's head and body must arrive within this, or 408 and the connection closes")] = 30.0,
     http_max_connections: Annotated[int, typer.Option(help="HTTP: connections (and requests) at once; past it new requests get 503")] = 4096,
@@ -162,6 +163,7 @@ def serve(
         preload=preload or [], watch_seconds=watch_seconds, engine=engine, max_message_bytes=max_message_bytes,
         token_file=token_file, token_env=token_env, admin_token_file=admin_token_file, admin_token_env=admin_token_env,
         tls_cert=tls_cert, tls_key=tls_key, http_port=http_port, metrics_port=metrics_port,
+        metrics_task_series=metrics_task_series,
         drain_seconds=drain_seconds, http_request_seconds=http_request_seconds,
         http_max_connections=http_max_connections))
 

@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from ticketserve.core import artifact
@@ -75,10 +75,12 @@ class LoadFailure:
 class TaskLoader:
     def __init__(self, store: Store, runtime: Runtime, cache_bytes: int, observer=None):
         self.store, self.runtime, self.cache_bytes = store, runtime, cache_bytes
-        # optional observer: .cache(event) with hit/miss/eviction, .resident(bytes, count),
+        # optional observer: .cache(event) with hit/miss/load/eviction, .resident(bytes, count),
         # .task_resident(handle, resident: bool)
         self.observer = observer
         self.resident: OrderedDict[str, TaskHandle] = OrderedDict()
+        self._resident_bytes = 0  # kept with `resident`, so a hit costs the same at 10,000 tasks as at 1
+        self._resident_names: Counter[str] = Counter()  # name → resident versions
         self.aliases: dict[Reference, str] = {}  # name:tag → resident key
         self.errors: dict[Reference, str] = {}  # alias → why its last load failed
         self.last_good: dict[Reference, ArtifactVersion] = {}  # alias → the last version it served (kept past eviction)
@@ -267,9 +269,10 @@ class TaskLoader:
             handle = TaskHandle(version, loaded, size)
             with self._lock:
                 self.failures.pop(key, None)
-                self.resident[key] = handle
+                self._admit(handle)
                 self._hold(handle, hit=False)
                 self._evict()
+                self._report("load")
             if self.observer is not None:
                 self.observer.task_resident(handle, True)
             log.info("loaded %s (%s, %d bytes) in %.1f ms", key, found.manifest.kind, size,
@@ -299,7 +302,7 @@ class TaskLoader:
     def _evict(self) -> None:
         """Unload least recently used versions nobody holds until the budget fits. When every
         resident version is in use the cache stays over budget (requests never fail for it)."""
-        total = sum(h.bytes for h in self.resident.values())
+        total = self._resident_bytes
         for key in list(self.resident):
             if total <= self.cache_bytes:
                 break
@@ -322,6 +325,10 @@ class TaskLoader:
     def _unload(self, handle: TaskHandle) -> None:
         if self.resident.get(handle.key) is handle:
             del self.resident[handle.key]
+            self._resident_bytes -= handle.bytes
+            self._resident_names[handle.version.name] -= 1
+            if not self._resident_names[handle.version.name]:
+                del self._resident_names[handle.version.name]
             self._changed = time.time()
             self.runtime.remove(handle.loaded)
             if self.observer is not None:
@@ -333,17 +340,22 @@ class TaskLoader:
             return
         if event:
             self.observer.cache(event)
-        self.observer.resident(sum(h.bytes for h in self.resident.values()), len(self.resident))
+        self.observer.resident(self._resident_bytes, len(self.resident))
+
+    def _admit(self, handle: TaskHandle) -> None:
+        self.resident[handle.key] = handle
+        self._resident_bytes += handle.bytes
+        self._resident_names[handle.version.name] += 1
 
     def residency(self) -> Residency:
         """The tasks resident and being loaded, and how many tasks the budget holds (of the
         resident ones' mean size), for the endpoint picker (metrics.ResidencyCollector)."""
         with self._lock:
-            sizes = [h.bytes for h in self.resident.values()]
-            resident = sorted({h.version.name for h in self.resident.values()})
+            count, held = len(self.resident), self._resident_bytes
+            resident = sorted(self._resident_names)
             loading = sorted({key.rpartition(":")[0] for key in self._loading_now})
             changed = self._changed
-        slots = max(len(resident), int(self.cache_bytes * len(sizes) // max(sum(sizes), 1))) if sizes else 0
+        slots = max(len(resident), int(self.cache_bytes * count // max(held, 1))) if count else 0
         return Residency(resident, loading, slots, changed)
 
     def describe(self) -> tuple[list[Resident], dict[str, str]]:
@@ -366,7 +378,7 @@ class TaskLoader:
     def serves(self, name: str) -> bool:
         """Whether some version of the artifact `name` is resident."""
         with self._lock:
-            return any(h.version.name == name for h in self.resident.values())
+            return name in self._resident_names
 
     def failed(self) -> dict[str, str]:
         """Version key → why its last load failed."""

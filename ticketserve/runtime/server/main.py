@@ -85,6 +85,8 @@ class ServeConfig(BaseModel):
     http_port: int | None = Field(None, ge=0, le=65535, description="HTTP: the Open Inference Protocol's REST API "
                                   "(/v2) and the JSON API (/v1); 0 picks a free port")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint; 0 picks a free port")
+    metrics_task_series: int = Field(100, ge=0, description="tasks with their own series in the per-task metrics: the "
+                                     "first this many the server loads or serves; the rest count under task=\"_other\"")
     http_request_seconds: float = Field(30.0, gt=0, description="HTTP: a request's head and body must arrive within "
                                         "this, or 408 and the connection closes")
     http_max_connections: int = Field(4096, gt=0, description="HTTP: open connections (and requests) at once; past "
@@ -117,7 +119,7 @@ class Server:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.metrics = Metrics(config.cache_bytes)
+        self.metrics = Metrics(config.cache_bytes, config.metrics_task_series)
         self.store = open_store(config.registry)
         backbone = load_backbone(config.backbone, self.store)
         self.runtime = Runtime(backbone, device=config.device, dtype=dtype_named(config.dtype), quantize=config.quantize,

@@ -1,7 +1,9 @@
 """Prometheus metrics of one server (its own registry, so several servers can share a process).
 
-Label values are bounded: `task` is an artifact name the server resolved (anything else a
-request names counts under `OTHER_TASK`), `method` a method the server implements.
+Label values are bounded: `task` is an artifact name the server resolved, and only the first
+`task_series` of those (--metrics-task-series) have their own series — a server holding 10,000
+tasks would otherwise export hundreds of thousands of lines per scrape; anything else counts
+under `OTHER_TASK`, so totals stay exact. `method` is a method the server implements.
 
 Three of them are what the Kubernetes Gateway API Inference Extension's endpoint picker reads
 from a model server (its model-server protocol; deploy/gateway/ configures it for us):
@@ -12,6 +14,7 @@ replicas that hold it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-OTHER_TASK = "_other"  # requests naming no task this server knows
+OTHER_TASK = "_other"  # requests naming no task this server knows, or beyond the per-task series
 RESIDENCY = "ticketserve_task_residency_info"
 
 
@@ -59,8 +62,11 @@ class ResidencyCollector:
 
 
 class Metrics:
-    def __init__(self, cache_budget_bytes: int = 0) -> None:
+    def __init__(self, cache_budget_bytes: int = 0, task_series: int = 100) -> None:
         self.registry = CollectorRegistry()
+        self.task_series = task_series
+        self._labelled: set[str] = set()  # the task names with their own series (kept for the process's life)
+        self._labelling = threading.Lock()
         self.started = time.time()
         r = self.registry
         self.requests = Counter("ticketserve_requests", "Predict requests by task and status code", ["task", "code"], registry=r)
@@ -80,7 +86,9 @@ class Metrics:
         self.requests_running = Gauge("ticketserve_requests_running", "Requests in the forward pass now", registry=r)
         self.in_flight = Gauge("ticketserve_requests_in_flight", "Requests to our services being served (what a "
                                "drain waits for)", registry=r)
-        self.cache_events = Counter("ticketserve_task_cache", "Task cache hits, misses and evictions", ["event"], registry=r)
+        self.cache_events = Counter("ticketserve_task_cache", "Task cache events: hit and miss per "
+                                    "request (one that waits for another's load of its task is a miss), load per "
+                                    "task loaded, eviction", ["event"], registry=r)
         self.resident_bytes = Gauge("ticketserve_resident_bytes", "Bytes of resident task artifacts", registry=r)
         self.resident_tasks = Gauge("ticketserve_resident_tasks", "Resident task versions", registry=r)
         self.cache_budget = Gauge("ticketserve_cache_budget_bytes", "The task cache's budget (--cache-bytes)", registry=r)
@@ -92,6 +100,19 @@ class Metrics:
         r.register(self.residency)
         self.cache_budget_bytes = cache_budget_bytes
         self.cache_budget.set(cache_budget_bytes)
+
+    def task(self, name: str | None) -> str:
+        """The `task` label for a resolved artifact name (None: nothing resolved): its own while
+        fewer than `task_series` names have one, else OTHER_TASK. A name keeps its label once
+        given, so no counter ever moves between series."""
+        if name is None:
+            return OTHER_TASK
+        if name not in self._labelled:
+            with self._labelling:
+                if len(self._labelled) >= self.task_series:
+                    return OTHER_TASK
+                self._labelled.add(name)
+        return name
 
     # engine observer
     def batch(self, size: int, tasks: int, seconds: float) -> None:
@@ -119,6 +140,8 @@ class Metrics:
         self.over_budget.set(max(0, size - self.cache_budget_bytes))
 
     def task_resident(self, handle, resident: bool) -> None:
+        if (self.task(handle.version.name) if resident else handle.version.name) not in self._labelled:
+            return  # beyond the per-task series: ticketserve_resident_bytes counts it
         labels = (handle.version.name, str(handle.version.version))
         if resident:
             self.task_bytes.labels(*labels).set(handle.bytes)

@@ -17,7 +17,7 @@ from ticketserve.runtime.executor import Prediction
 from ticketserve.runtime.server import routing
 from ticketserve.runtime.server.admission import Admission
 from ticketserve.runtime.server.loader import TaskHandle, TaskLoader
-from ticketserve.runtime.server.metrics import OTHER_TASK, Metrics
+from ticketserve.runtime.server.metrics import Metrics
 from ticketserve.runtime.status import status_of
 
 
@@ -120,14 +120,14 @@ class Predictor:
                     self.loader.release(handle)
         except TicketserveError as exc:
             for ask in dict.fromkeys(asks or [Ask("")]):  # one call counts once per task, however it was cut
-                task = ask.task if self.loader.serves(ask.task) else OTHER_TASK
+                task = self.metrics.task(ask.task if self.loader.serves(ask.task) else None)
                 self.metrics.requests.labels(task, status_of(exc).name).inc()
             raise
         seconds = time.perf_counter() - started
         for handle in held.values():
-            task = handle.version.name
+            task = self.metrics.task(handle.version.name)
             self.metrics.latency.labels(task).observe(seconds)
             self.metrics.requests.labels(task, "OK").inc()
         for handle, result in zip(handles, results):
-            self.metrics.examples.labels(handle.version.name).inc(len(result.predictions))
+            self.metrics.examples.labels(self.metrics.task(handle.version.name)).inc(len(result.predictions))
         return [Answer.of(handle.version, handle.loaded.manifest, result) for handle, result in zip(handles, results)]
