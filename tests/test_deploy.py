@@ -206,6 +206,46 @@ def test_nginx_accepts_its_config_and_hashes_both_doors_on_the_task_header(tmp_p
     assert config.read_text().count(f"hash {variable} consistent;") == 2
 
 
+ENVOY_TYPES = ("envoy.config.bootstrap.v3.bootstrap_pb2",  # every type envoy.yaml names in "@type"
+               "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
+               "envoy.extensions.filters.http.router.v3.router_pb2",
+               "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
+               "envoy.extensions.load_balancing_policies.ring_hash.v3.ring_hash_pb2",
+               "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2")
+
+
+def test_envoy_bootstrap_parses_as_envoys_own_api_and_hashes_both_doors_on_the_task_header():
+    """Checked against Envoy's v3 API (the xds-protos messages Envoy itself is built from): every
+    field known and typed, every typed_config's type resolved — the check `envoy --mode validate`
+    starts with (its value rules and DNS are not checked here: no Envoy binary on the machine)."""
+    import importlib
+
+    from google.protobuf import json_format
+
+    from ticketserve.v1 import TASK_HEADER
+
+    modules = [importlib.import_module(name) for name in ENVOY_TYPES]
+    document = yaml.safe_load((DEPLOY / "balancers" / "envoy.yaml").read_text())
+    bootstrap = json_format.ParseDict(document, modules[0].Bootstrap())  # raises on any unknown field or type
+    routes = {}
+    for listener in bootstrap.static_resources.listeners:
+        manager = modules[1].HttpConnectionManager()
+        assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        for route in manager.route_config.virtual_hosts[0].routes:
+            routes[listener.address.socket_address.port_value] = route.route
+    assert {port: route.hash_policy[0].header.header_name for port, route in routes.items()} == \
+        {8080: TASK_HEADER, 50051: TASK_HEADER}
+    headless = yaml.safe_load((DEPLOY / "balancers" / "headless-service.yaml").read_text())
+    for cluster in bootstrap.static_resources.clusters:
+        ring = modules[4].RingHash()
+        assert cluster.load_balancing_policy.policies[0].typed_extension_config.typed_config.Unpack(ring)
+        assert ring.consistent_hashing_lb_config.hash_balance_factor.value == 150
+        address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+        assert address.address == headless["metadata"]["name"]
+        assert cluster.health_checks[0].http_health_check.path == "/v2/health/ready"
+    assert {r.cluster for r in routes.values()} == {c.name for c in bootstrap.static_resources.clusters}
+
+
 # -- KServe: the ServingRuntime and InferenceService, checked field by field against the kserve
 # SDK's own models (every key known, every required one present) and their Kubernetes parts
 # (containers, env, resources, probes) against the strict Kubernetes schemas.
