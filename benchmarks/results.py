@@ -223,27 +223,31 @@ def doors(serving: list[dict] | None = None) -> list[str]:
     if not rows:
         return []
     first = rows[0]
+    engines = newest(serving, part="doors-engine")
     lines = ["### End to end through each front door", "",
              f"One `ticketserve serve` pinned to cores {first['server_cores']}, {first['clients']} asyncio clients "
              f"pinned to {first['load_cores']}, one SST-2 sentence per request; ÷ the in-process engine on the server's "
-             f"cores under the same number of submitter threads; {len({r['round'] for r in rows})} rounds, doors "
+             f"cores under the same number of submitter threads and the same malloc (glibc's, as `pip install` "
+             f"serves; jemalloc, as the image serves); {len({r['round'] for r in rows})} rounds, doors "
              f"interleaved; ranges over rounds. {provenance(first, 'python -m benchmarks.system.serving --parts doors')}", "",
-             "| workload | door | QPS | ÷ in-process, median (range) | p50 ms | p99 ms | failures | server faults / request | "
-             "load's CPU share |", "|---|---|---|---|---|---|---|---|---|"]
-    for workload in dict.fromkeys(r["workload"] for r in rows):
-        for door in dict.fromkeys(r["protocol"] for r in rows):
-            group = [r for r in rows if r["workload"] == workload and r["protocol"] == door]
-            lines.append(f"| {workload} | {door} | {span([r['qps'] for r in group], '.1f')} | "
-                         f"{statistics.median(r['vs_in_process'] for r in group):.2f} "
-                         f"({span([r['vs_in_process'] for r in group])}) | {span([r['p50_ms'] for r in group], '.0f')} | "
-                         f"{span([r['p99_ms'] for r in group], '.0f')} | {sum(r['failures'] for r in group)} | "
-                         f"{span([r['faults_per_request'] for r in group], '.0f')} | "
-                         f"{span([r['load_cpu_share'] for r in group])} |")
-        engine = [r for r in newest(serving, part="doors-engine") if r["workload"] == workload]
-        lines.append(f"| {workload} | in-process engine | {span([r['qps'] for r in engine], '.1f')} | 1 | "
-                     f"{span([r['p50_ms'] for r in engine], '.0f')} | {span([r['p99_ms'] for r in engine], '.0f')} | "
-                     f"{sum(r['failures'] for r in engine)} | {span([r['faults_per_request'] for r in engine], '.0f')} | "
-                     "(in process) |")
+             "| malloc | workload | door | QPS | ÷ in-process, median (range) | p50 ms | p99 ms | failures | "
+             "server faults / request | load's CPU share |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for allocator in dict.fromkeys(r.get("allocator", "glibc") for r in rows):
+        for workload in dict.fromkeys(r["workload"] for r in rows):
+            of = [r for r in rows if r["workload"] == workload and r.get("allocator", "glibc") == allocator]
+            for door in dict.fromkeys(r["protocol"] for r in of):
+                group = [r for r in of if r["protocol"] == door]
+                lines.append(f"| {allocator} | {workload} | {door} | {span([r['qps'] for r in group], '.1f')} | "
+                             f"{statistics.median(r['vs_in_process'] for r in group):.2f} "
+                             f"({span([r['vs_in_process'] for r in group])}) | {span([r['p50_ms'] for r in group], '.0f')} | "
+                             f"{span([r['p99_ms'] for r in group], '.0f')} | {sum(r['failures'] for r in group)} | "
+                             f"{span([r['faults_per_request'] for r in group], '.0f')} | "
+                             f"{span([r['load_cpu_share'] for r in group])} |")
+            engine = [r for r in engines if r["workload"] == workload and r.get("allocator", "glibc") == allocator]
+            lines.append(f"| {allocator} | {workload} | in-process engine | {span([r['qps'] for r in engine], '.1f')} | 1 | "
+                         f"{span([r['p50_ms'] for r in engine], '.0f')} | {span([r['p99_ms'] for r in engine], '.0f')} | "
+                         f"{sum(r['failures'] for r in engine)} | {span([r['faults_per_request'] for r in engine], '.0f')} | "
+                         "(in process) |")
     return lines + [""]
 
 
@@ -321,8 +325,45 @@ def task_types() -> list[str]:
     return lines
 
 
+def scale_out() -> list[str]:
+    """Replicas behind HAProxy (affinity vs round-robin) and one replica holding 10,000 tasks."""
+    lines = []
+    replicas = RESULTS / "replicas.json"
+    if replicas.exists():
+        r = json.loads(replicas.read_text())
+        lines += ["### Three replicas behind HAProxy: task affinity vs round-robin", "",
+                  f"{r['tasks']:,} tasks of three kinds, Zipf s = {r['zipf_s']}, each replica's cache a third of the hot "
+                  f"set; {len(r['phases']) // 2} rounds, frontends alternated; a replica killed and restarted under "
+                  f"affinity (`benchmarks/system/replicas.md`). "
+                  f"{provenance(r | {'device_name': r['cpu']}, 'python -m benchmarks.system.replicas')}", "",
+                  "| frontend | cache hit rate | misses/s | requests/s | p99 ms | failed requests |",
+                  "|---|---|---|---|---|---|"]
+        for mode in dict.fromkeys(p["phase"] for p in r["phases"]):
+            rows = [p for p in r["phases"] if p["phase"] == mode]
+            lines.append(f"| {mode} | {span([p['hit_rate'] for p in rows], '.3f')} | "
+                         f"{span([p['misses_per_s'] for p in rows], '.1f')} | {span([p['qps'] for p in rows], '.0f')} | "
+                         f"{span([p['p99_ms'] for p in rows], '.0f')} | {sum(p['failures'] for p in rows)} |")
+        lost = sum(w["failures"] for w in r.get("failover", []))
+        lines += ["", f"One LRU cache of a replica's budget over the same stream: {r['single_cache_lru_hit_rate']:.3f}. "
+                      f"Requests failed while a replica was killed and restarted: {lost}.", ""]
+    scale = RESULTS / "scale.json"
+    if scale.exists():
+        r = json.loads(scale.read_text())
+        last = r["growth"][-1]
+        lines += [f"### One replica, {r['tasks']:,} resident tasks", "",
+                  f"Dominant-1 tasks of {r['artifact_bytes']:,} payload bytes, the server's malloc {r['allocator']} "
+                  f"(`benchmarks/system/scale.md`). {provenance(r | {'device_name': r['cpu']}, 'python -m benchmarks.system.scale')}",
+                  "", "| resident tasks | RSS growth per task beyond the first ÷ artifact bytes | gRPC QPS | /metrics bytes |",
+                  "|---|---|---|---|"]
+        lines += [f"| {g['resident']:,} | {g['rss_per_task_vs_artifact']:.2f} | {g['qps']:.1f} | {g['metrics_bytes']:,} |"
+                  for g in r["growth"][1:]]
+        lines += ["", f"At {last['resident']:,} tasks: the watch's poll {r['watch_poll_s']:.2f} s, `registry list` "
+                      f"{r['registry_list_s']:.1f} s, `tasks --all` {r['tasks_all_s']:.1f} s.", ""]
+    return lines
+
+
 SECTIONS = (method_choice, engine_throughput, lora_group, precision, supermask_corrections, load_and_memory, doors,
-            allocator, chaos, task_types)
+            allocator, chaos, scale_out, task_types)
 
 
 def render() -> str:
@@ -333,7 +374,8 @@ def render() -> str:
              "numbers do not. The studies' full tables and discussions are in their reports: "
              "`benchmarks/studies/dominant.md`, `benchmarks/studies/supermask.md`, `benchmarks/studies/supertickets.md`, `benchmarks/studies/lora.md`, "
              "`benchmarks/studies/precision.md`, `benchmarks/studies/embeddings.md`, `benchmarks/studies/ner.md`, "
-             "`benchmarks/system/serving.md`, `benchmarks/system/allocator.md`, `benchmarks/system/chaos.md`.", ""]
+             "`benchmarks/system/serving.md`, `benchmarks/system/allocator.md`, `benchmarks/system/chaos.md`, "
+             "`benchmarks/system/replicas.md`, `benchmarks/system/scale.md`.", ""]
     return "\n".join(intro + [line.replace("### ", "## ", 1) for section in SECTIONS for line in section()]).rstrip() + "\n"
 
 

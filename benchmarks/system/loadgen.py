@@ -102,9 +102,10 @@ def http_body(door: str, task: str, text: str) -> tuple[str, bytes]:
         {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}).encode()
 
 
-async def http_exchange(reader, writer, port: int, path: str, body: bytes) -> int:
-    """One keep-alive POST; the response's status (its body is read and dropped)."""
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+async def http_exchange(reader, writer, port: int, path: str, body: bytes, headers: str = "") -> int:
+    """One keep-alive POST (plus `headers`, each line ending in CRLF); the response's status (its
+    body is read and dropped)."""
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{headers}"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     head = await reader.readuntil(b"\r\n\r\n")
     length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")

@@ -22,7 +22,9 @@ Parts (`--parts engine,load,doors` by default; also `lora`, `precision`, `superm
           clients in one process, benchmarks/system/loadgen.py) to the last; 32 clients (--clients),
           1 task and 100 tasks at random, one text per request, doors interleaved, 2+ rounds:
           QPS, p50/p99, the server's CPU and faults, the load's CPU share, against the
-          in-process Engine on the server's cores under as many submitter threads.
+          in-process Engine on the server's cores under as many submitter threads; once under
+          glibc's malloc (as `pip install` serves) and once under jemalloc (as the image does;
+          --allocators).
 Task artifacts are synthetic (random rows / masks of the right shape): values do not change speed.
 Results: benchmarks/results/serving.jsonl and benchmarks/system/serving.md.
 
@@ -50,7 +52,7 @@ import psutil
 import torch
 
 from benchmarks import common
-from benchmarks.common import REPO, SST2_DEV, bert_base_like, cpu_name, publish, supermask
+from benchmarks.common import REPO, SST2_DEV, bert_base_like, cpu_name, jemalloc_environment, publish, supermask
 
 HERE = Path(__file__).parent
 RESULTS = common.RESULTS / "serving.jsonl"
@@ -583,10 +585,11 @@ def served(registry: str, tasks: list[str], cpus: list[int], env: dict, http: bo
         server.wait(timeout=60)
 
 
-def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
+def doors_part(seconds: float, clients: list[int], rounds: int, allocators: list[str]) -> list[dict]:
     """Each door of one `ticketserve serve` against the in-process Engine on the same core(s),
-    the load in its own pinned process; rounds alternate the engine and the server."""
-    from benchmarks.system.loadgen import DOORS
+    the load in its own pinned process; rounds alternate the engine and the server. Once per
+    malloc: glibc's (as `pip install` serves) and jemalloc (as the image serves), the engine
+    under the same one as the server."""
     from ticketserve.core.backbone import load_backbone
     from ticketserve.registry import open_store
 
@@ -595,9 +598,20 @@ def doors_part(seconds: float, clients: list[int], rounds: int) -> list[dict]:
     names = [f"door-d1-{i:03d}" for i in range(TASKS)]
     publish(open_store(registry), backbone, "row_delta", names)
     server_cpus, load_cpus = cores()
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    placement = {"server_cores": server_cpus, "load_cores": load_cpus}
+    records = []
+    for allocator in allocators:
+        env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", **(jemalloc_environment() if allocator == "jemalloc" else {})}
+        placement = {"server_cores": server_cpus, "load_cores": load_cpus, "allocator": allocator}
+        records += _doors(registry, names, env, placement, seconds, clients, rounds)
+    return records
+
+
+def _doors(registry: str, names: list[str], env: dict, placement: dict, seconds: float, clients: list[int],
+           rounds: int) -> list[dict]:
+    from benchmarks.system.loadgen import DOORS
+
+    server_cpus, load_cpus = placement["server_cores"], placement["load_cores"]
     records = []
     with served(registry, names, server_cpus, env, http=True) as (server, grpc_port, http_port):
         for round_ in range(rounds):
@@ -632,6 +646,8 @@ def main() -> None:
     parser.add_argument("--parts", default="engine,load,doors")
     parser.add_argument("--seconds", type=float, default=20.0, help="per end-to-end measurement")
     parser.add_argument("--clients", default="32", help="doors: concurrent clients, comma-separated")
+    parser.add_argument("--allocators", default="glibc,jemalloc", help="doors: the server's malloc, each in turn "
+                                                                       "(jemalloc as the image runs it)")
     parser.add_argument("--skip-bert-base", action="store_true")
     parser.add_argument("--bert-base-batches", type=int, default=3, help="batches per BERT-base measurement")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds; each passes once per engine, in turn; the best pass counts")
@@ -688,7 +704,8 @@ def main() -> None:
     if "load" in parts:
         keep(load_part(texts))
     if "doors" in parts:
-        keep(doors_part(args.seconds, [int(c) for c in args.clients.split(",")], max(args.rounds, 2)))
+        keep(doors_part(args.seconds, [int(c) for c in args.clients.split(",")], max(args.rounds, 2),
+                        args.allocators.split(",")))
 
 
 def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
