@@ -620,7 +620,7 @@ def report(result: dict) -> str:
         "then attacks on the doors (idle and trickling connections, hostile HTTP requests), "
         f"then SIGTERM under load; {result['seconds_per_phase']:.0f} s per phase, on {result['cpu_count']} cores, "
         f"the server's malloc {result.get('allocator', 'glibc')}'s. "
-        f"Run {result['run']}; raw numbers in `results/chaos.json`.",
+        f"Run {result['run']}; raw numbers in `results/{RESULTS.stem}{suffix(result)}.json`.",
         "",
         "| target | result | met |",
         "|---|---|---|",
@@ -663,6 +663,12 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def suffix(result: dict) -> str:
+    """Of the run's results and report: none for glibc's malloc, `-jemalloc` for jemalloc."""
+    allocator = result.get("allocator", "glibc")
+    return "" if allocator == "glibc" else f"-{allocator}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the calm and the flood phases")
@@ -677,10 +683,9 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the idle connections are this process's sockets too
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 3 * IDLE_PER_PORT + 1024)), hard))
     result = run(args) | {"allocator": args.allocator}
-    suffix = "" if args.allocator == "glibc" else f"-{args.allocator}"
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_stem(RESULTS.stem + suffix).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    REPORT.with_stem(REPORT.stem + suffix).write_text(report(result))
+    RESULTS.with_stem(RESULTS.stem + suffix(result)).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    REPORT.with_stem(REPORT.stem + suffix(result)).write_text(report(result))
     print(json.dumps(result["targets"], indent=2))
 
 

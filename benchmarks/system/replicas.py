@@ -157,14 +157,15 @@ class Replica:
             self.process.wait(timeout=60)
 
     def cache_events(self) -> collections.Counter:
-        """hit/miss/eviction counts so far (empty while the replica is down)."""
+        """The task cache's events so far by kind (empty while the replica is down)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         events: collections.Counter = collections.Counter()
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
-                for line in answer.read().decode().splitlines():
-                    if line.startswith("ticketserve_task_cache_total{"):
-                        event = line.split('event="', 1)[1].split('"', 1)[0]
-                        events[event] = float(line.rsplit(" ", 1)[1])
+                for family in text_string_to_metric_families(answer.read().decode()):
+                    if family.name == "ticketserve_task_cache":
+                        events.update({s.labels["event"]: s.value for s in family.samples if s.name.endswith("_total")})
         return events
 
 

@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from benchmarks import common
 from benchmarks.common import REPO, cpu_name, jemalloc_environment, publish
 from benchmarks.system.serving import cores, free_port, load, pinned
@@ -48,13 +50,6 @@ def command_seconds(*args: str) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ticketserve.cli", *args], check=True, capture_output=True, cwd=REPO)
     return time.perf_counter() - started
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def main() -> None:
@@ -97,13 +92,14 @@ def main() -> None:
             client.predict(names[0], ["warm the forward before the baseline"])
             client.unload_task(names[0])
             load("grpc", load_cpus, names[:1], 32, 5, env, server.pid, port=port)  # the serving working set
-            base = rss_bytes(server.pid)
+            process = psutil.Process(server.pid)
+            base = process.memory_info().rss
             loaded = 0
             for count in steps:
                 load_s, _ = timed(lambda: [client.load_task(name) for name in names[loaded:count]])
                 added, loaded = count - loaded, count
                 served = load("grpc", load_cpus, names[:count], 32, args.seconds, env, server.pid, port=port)
-                rss = rss_bytes(server.pid)
+                rss = process.memory_info().rss
                 metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()
                 first = growth[0]["rss_growth_bytes"] if growth else rss - base  # the 1-task point: serving's own
                 growth.append({"resident": count, "load_s_per_task": load_s / added, "rss_growth_bytes": rss - base,

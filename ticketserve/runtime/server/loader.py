@@ -346,6 +346,7 @@ class TaskLoader:
         self.resident[handle.key] = handle
         self._resident_bytes += handle.bytes
         self._resident_names[handle.version.name] += 1
+        self._changed = time.time()
 
     def residency(self) -> Residency:
         """The tasks resident and being loaded, and how many tasks the budget holds (of the

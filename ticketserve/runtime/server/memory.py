@@ -19,10 +19,10 @@ tens of times a second. A 64 MiB top pad (MALLOC_TOP_PAD_) keeps them (35 faults
 against 54–101), but then a flood's memory stays in those heaps for good: the chaos run's RSS
 grew 21.9 % after its flood (target 10 %), so glibc keeps its default pad. Memory a burst left
 free inside the heap (a flood of 2 MB messages) is kept rather than unmapped, so the server
-returns it itself, when that gives something back (`Trimmer`): `malloc_trim(0)` returns the free pages of every arena, and the pages a forward
-uses again fault back in. Trimming every 2 s held the chaos run's RSS (+7.8 %, +21.8 % never
-trimming) but cost 190–220 faults per request against the engine's 2–11, so the server trims
-only when that gives memory back (see `Trimmer`).
+returns it itself, when that gives something back (`Trimmer`): `malloc_trim(0)` returns the
+free pages of every arena, and the pages a forward uses again fault back in. Trimming every 2 s
+held the chaos run's RSS (+7.8 %, +21.8 % never trimming) but cost 190–220 faults per request
+against the engine's 2–11, so the server trims only when that gives memory back (see `Trimmer`).
 
 The rest of what glibc faults in the server and not in the engine is protobuf's: its upb
 messages call `malloc_trim(0)` every 10,000 arena frees (protobuf's python/message.c), which
@@ -182,7 +182,10 @@ class Trimmer:
     trim: Callable[[], bool] = trim
     _peak: int = field(default=0, init=False)
     _baseline: int = field(default=0, init=False)  # resident − in use, the most over the settling looks
-    _settling: int | None = field(default=None, init=False)  # looks left before the rules apply
+    _settling: int = field(default=0, init=False)  # looks left before the rules apply
+
+    def __post_init__(self):
+        self._settling = self.settle
 
     def __call__(self) -> bool:
         """Trim if it gives memory back; True when it trimmed."""
@@ -192,8 +195,6 @@ class Trimmer:
         if in_use is not None:
             unused = self.resident() - in_use
             self._peak = max(self._peak, in_use)
-            if self._settling is None:  # the first look
-                self._settling = self.settle
             if self._settling > 0:
                 self._settling -= 1
                 self._baseline = max(self._baseline, unused)
