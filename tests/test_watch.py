@@ -1,9 +1,11 @@
 """The registry watch costs one listing per poll, however many aliases are resident, and still
-follows every tag move — on a local registry and on S3 (moto server on 127.0.0.1)."""
+follows every tag move — on a local registry and on S3 (moto server on 127.0.0.1); and the
+event loop's way to a resident task never waits for the cache."""
 
 from __future__ import annotations
 
 import collections
+import threading
 
 import pytest
 
@@ -52,3 +54,34 @@ def test_a_poll_lists_the_registry_once_and_follows_what_moved(where, tmp_path, 
     assert counts["ref_stamps"] == 1 and counts["resolve"] == 1, dict(counts)  # only the alias that moved
     served = {str(row.alias): str(row.version) for row in loader.describe()[0] if row.alias}
     assert served["w03:latest"] == "w03:2" and served["w04:latest"] == "w04:1"
+
+
+def test_the_event_loops_acquire_never_waits_and_never_loads(tmp_path, tiny_bert):
+    store = open_store(str(tmp_path / "registry"))
+    backbone = load_backbone(tiny_bert)
+    for seed, name in enumerate(("hot", "cold")):
+        publish_row_task(store, backbone, name, seed)
+    loader = TaskLoader(store, Runtime(backbone, device="cpu"), cache_bytes=1 << 30)
+    loader.preload("hot")
+    assert loader.acquire_resident("cold") is None and not loader.serves("cold")  # loading is a worker's job
+    handle = loader.acquire_resident("hot", "1")
+    assert str(handle.version) == "hot:1" and handle.refs == 1  # held, as acquire's are
+    loader.release(handle)
+
+    busy, done = threading.Event(), threading.Event()
+
+    def hold_the_cache():
+        with loader._lock:
+            busy.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold_the_cache)
+    holder.start()
+    busy.wait(10)
+    try:
+        assert loader.acquire_resident("hot") is None  # the cache is busy: no wait on the event loop
+    finally:
+        done.set()
+        holder.join()
+    handle = loader.acquire_resident("hot")
+    assert handle is not None and handle.refs == 1

@@ -11,7 +11,6 @@ docs/openapi.json."""
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 
 from fastapi import FastAPI, Query, Request
@@ -31,7 +30,7 @@ from ticketserve.runtime.server.http_bodies import (ErrorResponse, FanOutRequest
 from ticketserve.runtime.server.http_door import BINARY, PUBLIC, Front, method_label
 from ticketserve.runtime.server import http_peer_apis
 from ticketserve.runtime.server.http_tensors import infer_response, input_tensors
-from ticketserve.runtime.server.observe import Observe
+from ticketserve.runtime.server.observe import Observe, request_id_of
 from ticketserve.runtime.server.openinference import OpenInference
 from ticketserve.runtime.server.predictor import Ask, Predictor
 from ticketserve.runtime.status import http_status_of
@@ -76,7 +75,7 @@ class Observed:
                 given = value.decode("latin-1")
             elif key == ROUTING_HEADER:
                 routed = value.decode("latin-1")
-        request_id = given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
+        request_id = request_id_of(given)
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # unless an answer starts: an exception no handler turned into one
 

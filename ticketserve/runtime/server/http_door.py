@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ticketserve.core.errors import TicketserveError
 from ticketserve.runtime.server.auth import Tokens, bearer
+from ticketserve.runtime.server.observe import new_request_id
 from ticketserve.runtime.status import http_status_of
 
 BINARY_HEADER = "inference-header-content-length"  # the v2 binary tensor data extension
@@ -108,7 +108,7 @@ class Front:
         body = json.dumps({"error": message or f"request body over {self.max_bytes:,} bytes"}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"x-request-id", uuid.uuid4().hex.encode())]})
+                                (b"x-request-id", new_request_id().encode())]})
         await send({"type": "http.response.body", "body": body})
         self.count(f"HTTP {method_label(scope['method'])} refused at the door", str(status))
 

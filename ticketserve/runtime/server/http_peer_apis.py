@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import math
-import uuid
 from typing import Literal
 
 import numpy as np
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ticketserve.core.errors import InvalidArgument
 from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
+from ticketserve.runtime.server.observe import new_request_id
 from ticketserve.v1 import TASK_HEADER
 
 OPENAI_PATHS = ("/v1/embeddings",)
@@ -218,7 +218,7 @@ def add_routes(app: FastAPI, predictor: Predictor) -> None:
         results = [RerankResult(index=i, relevance_score=scores[i],
                                 document=Document(text=documents[i]) if body.return_documents else None)
                    for i in _ranked(scores, body.top_n)]
-        return RerankResponse(id=uuid.uuid4().hex, model=version, results=results, usage=RerankUsage(total_tokens=tokens))
+        return RerankResponse(id=new_request_id(), model=version, results=results, usage=RerankUsage(total_tokens=tokens))
 
     @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, tags=["rerank"])
     async def tei_rerank(body: TeiRerankRequest,

@@ -108,10 +108,9 @@ class TaskLoader:
         ref = Reference.of(name, version)
         alias = self._alias(ref)
         with self._lock:
-            key = self.aliases.get(alias) if alias else str(ref)
-            handle = self.resident.get(key) if key else None
+            handle = self._hold_resident(ref, alias)
             if handle is not None:
-                return self._hold(handle, hit=True)
+                return handle
         look = next(self._looks)
         target = self.store.resolve(ref)
         try:
@@ -123,6 +122,23 @@ class TaskLoader:
                 self._install(alias, handle, look)
         self._report("miss")
         return handle
+
+    def acquire_resident(self, name: str, version: str | None = None) -> TaskHandle | None:
+        """`acquire` without blocking, for the event loop: the held handle when what is asked
+        for is resident and the cache is not busy this instant, else None (then `acquire` on a
+        worker thread loads it or waits) — most requests skip a thread hop."""
+        ref = Reference.of(name, version)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._hold_resident(ref, self._alias(ref))
+        finally:
+            self._lock.release()
+
+    def _hold_resident(self, ref: Reference, alias: Reference | None) -> TaskHandle | None:
+        key = self.aliases.get(alias) if alias else str(ref)
+        handle = self.resident.get(key) if key else None
+        return self._hold(handle, hit=True) if handle is not None else None
 
     def _last_good(self, alias: Reference | None, target: ArtifactVersion, exc: TicketserveError) -> TaskHandle:
         """The version an alias served before its tag moved to one that cannot be served —

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import time
-import uuid
 
 import grpc
 
@@ -26,11 +27,26 @@ log = logging.getLogger("ticketserve.runtime.server")
 REQUEST_ID = "x-request-id"
 
 
-def _request_id(metadata) -> str:
-    given = next((v for k, v in metadata or () if k == REQUEST_ID), None)
+_ids = random.Random()  # seeded from os.urandom; reseeded in a forked child (below)
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 128 random bits as hex, like uuid4().hex, but drawn without a system
+    call — uuid4 reads os.urandom, which lets go of the GIL, and the event loop then waits for
+    the inference thread to hand it back before it can go on with the next request."""
+    return f"{_ids.getrandbits(128):032x}"
+
+
+def request_id_of(given) -> str:
+    """The caller's request id when it is short and printable, else a new one."""
     if isinstance(given, str) and 0 < len(given) <= 64 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def _request_id(metadata) -> str:
+    return request_id_of(next((v for k, v in metadata or () if k == REQUEST_ID), None))
 
 
 class Observe(grpc.aio.ServerInterceptor):

@@ -79,9 +79,14 @@ class Predictor:
         """The task's spec (loading it, as a request would)."""
         routing.check([ask.task])
         with self.admission as admission:
-            handle = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)
+            handle = await self._acquire(admission, ask)
         self.loader.release(handle)
         return handle.loaded.spec
+
+    async def _acquire(self, admission: Admission, ask: Ask) -> TaskHandle:
+        """The task's held handle: at once when resident, else from a loading thread."""
+        return (self.loader.acquire_resident(ask.task, ask.version)
+                or await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version))
 
     async def predict_each(self, requests: list[tuple[Ask, list[str], list[str | None] | None]],
                            deadline: float | None = None, types: tuple[str, ...] | None = None) -> list[Answer]:
@@ -100,7 +105,7 @@ class Predictor:
                 routing.check(ask.task for ask in asks)
                 with self.admission as admission:
                     for ask in dict.fromkeys(asks):
-                        held[ask] = await admission.run(admission.loading, self.loader.acquire, ask.task, ask.version)
+                        held[ask] = await self._acquire(admission, ask)
                     handles = [held[ask] for ask in asks]
                     for handle in held.values():
                         if types is not None and handle.loaded.spec.type not in types:
