@@ -231,7 +231,8 @@ def doors(serving: list[dict] | None = None) -> list[str]:
              f"serves; jemalloc, as the image serves); {len({r['round'] for r in rows})} rounds, doors "
              f"interleaved; ranges over rounds. {provenance(first, 'python -m benchmarks.system.serving --parts doors')}", "",
              "| malloc | workload | door | QPS | ÷ in-process, median (range) | p50 ms | p99 ms | failures | "
-             "server faults / request | load's CPU share |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "examples per forward pass | server faults / request | load's CPU share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for allocator in dict.fromkeys(r.get("allocator", "glibc") for r in rows):
         for workload in dict.fromkeys(r["workload"] for r in rows):
             of = [r for r in rows if r["workload"] == workload and r.get("allocator", "glibc") == allocator]
@@ -241,14 +242,20 @@ def doors(serving: list[dict] | None = None) -> list[str]:
                              f"{statistics.median(r['vs_in_process'] for r in group):.2f} "
                              f"({span([r['vs_in_process'] for r in group])}) | {span([r['p50_ms'] for r in group], '.0f')} | "
                              f"{span([r['p99_ms'] for r in group], '.0f')} | {sum(r['failures'] for r in group)} | "
-                             f"{span([r['faults_per_request'] for r in group], '.0f')} | "
+                             f"{batch_span(group)} | {span([r['faults_per_request'] for r in group], '.0f')} | "
                              f"{span([r['load_cpu_share'] for r in group])} |")
             engine = [r for r in engines if r["workload"] == workload and r.get("allocator", "glibc") == allocator]
             lines.append(f"| {allocator} | {workload} | in-process engine | {span([r['qps'] for r in engine], '.1f')} | 1 | "
                          f"{span([r['p50_ms'] for r in engine], '.0f')} | {span([r['p99_ms'] for r in engine], '.0f')} | "
-                         f"{sum(r['failures'] for r in engine)} | {span([r['faults_per_request'] for r in engine], '.0f')} | "
-                         "(in process) |")
+                         f"{sum(r['failures'] for r in engine)} | {batch_span(engine)} | "
+                         f"{span([r['faults_per_request'] for r in engine], '.0f')} | (in process) |")
     return lines + [""]
+
+
+def batch_span(rows: list[dict]) -> str:
+    """The range of examples per forward pass (runs before it was recorded: —)."""
+    sizes = [r["mean_batch"] for r in rows if "mean_batch" in r]
+    return span(sizes, ".1f") if sizes else "—"
 
 
 def allocator() -> list[str]:

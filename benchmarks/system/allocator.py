@@ -85,8 +85,9 @@ def environment(setting: str) -> dict[str, str]:
 
 def serve_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
     """`ticketserve serve` on core 0 under 32 asyncio gRPC channels on core 1 (benchmarks/system/loadgen.py)."""
-    with served(registry, TASKS, [0], environment(setting)) as (server, port, _):
-        return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), server.pid, port=port, warmup=warmup)
+    with served(registry, TASKS, [0], environment(setting)) as (server, port, _, metrics_port):
+        return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), (server.pid, metrics_port), port=port,
+                    warmup=warmup)
 
 
 def engine_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:

@@ -1,7 +1,8 @@
 """Load that costs little, in its own process (pin it with taskset): N asyncio clients against
 one front door of a running server, or N submitter threads against an in-process Engine, one
 SST-2 sentence per request, its task drawn at random. Warms up, prints `measuring`, runs for
-`--seconds`, prints one JSON line: qps, p50_ms, p99_ms, requests, failures, and under `own`
+`--seconds`, prints one JSON line: qps, p50_ms, p99_ms, requests, failures (the engine also
+mean_batch: examples per forward pass), and under `own`
 this process's CPU and system CPU per second and minor faults per request over the window (for
 `engine`, the engine's own; for a door, what the load costs).
 
@@ -35,21 +36,25 @@ class Window:
     def __init__(self):
         self.latencies: list[float] = []
         self.failures = 0
+        self.batches = 0.0  # the engine's forward passes, each request counting 1/its batch's size
         self.open = False
 
-    def add(self, seconds: float | None) -> None:
+    def add(self, seconds: float | None, batch_size: int | None = None) -> None:
         if not self.open:
             return
         if seconds is None:
             self.failures += 1
         else:
             self.latencies.append(seconds)
+            if batch_size:
+                self.batches += 1 / batch_size
 
     def result(self, wall: float) -> dict:
         ordered = sorted(self.latencies) or [float("nan")]
+        batch = {"mean_batch": len(self.latencies) / self.batches} if self.batches else {}
         return {"qps": len(self.latencies) / wall, "p50_ms": 1000 * ordered[len(ordered) // 2],
                 "p99_ms": 1000 * ordered[int(len(ordered) * 0.99)], "requests": len(self.latencies),
-                "failures": self.failures}
+                "failures": self.failures, **batch}
 
 
 def usage() -> tuple[float, float, int]:
@@ -179,8 +184,8 @@ def engine_load(args, texts: list[str]) -> dict:
             rng = random.Random(seed)
             while time.monotonic() < until:
                 started = time.perf_counter()
-                engine.submit(rng.choice(tasks), [rng.choice(texts)]).result()
-                window.add(time.perf_counter() - started)
+                result = engine.submit(rng.choice(tasks), [rng.choice(texts)]).result()
+                window.add(time.perf_counter() - started, result.batch_size)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(args.clients)]
         for thread in threads:

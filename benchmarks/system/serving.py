@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -539,10 +540,11 @@ def pinned(command: list[str], cpus: list[int]) -> list[str]:
 
 
 def load(door: str, cpus: list[int], tasks: list[str], clients: int, seconds: float, env: dict,
-         server_pid: int | None = None, **where) -> dict:
-    """One run of benchmarks/system/loadgen.py on `cpus`: QPS, p50/p99, and the CPU, system CPU and
-    minor faults per request of what serves — the server process (`server_pid`, read from /proc
-    over the window; then `load_cpu_share` is what the load itself cost) or the in-process engine."""
+         server: tuple[int, int] | None = None, **where) -> dict:
+    """One run of benchmarks/system/loadgen.py on `cpus`: QPS, p50/p99, examples per forward pass,
+    and the CPU, system CPU and minor faults per request of what serves — the server (`server`:
+    its pid and metrics port, read over the window; then `load_cpu_share` is what the load itself
+    cost) or the in-process engine."""
     options = sum(([f"--{k}", str(v)] for k, v in where.items()), [])
     child = subprocess.Popen(pinned([sys.executable, "-m", "benchmarks.system.loadgen", door, "--tasks", ",".join(tasks),
                                      "--clients", str(clients), "--seconds", str(seconds), *options], cpus),
@@ -550,15 +552,27 @@ def load(door: str, cpus: list[int], tasks: list[str], clients: int, seconds: fl
     if child.stdout.readline().strip() != "measuring":
         child.wait()
         raise RuntimeError(f"loadgen {door} failed before measuring (exit {child.returncode})")
-    before = process_counters(server_pid) if server_pid else None
+    before = (process_counters(server[0]), forward_passes(server[1])) if server else None
     result = json.loads(child.stdout.readline())
     child.wait()
     own = result.pop("own")
     if before is None:
         return result | own
-    faults, cpu, system = (after - first for after, first in zip(process_counters(server_pid), before))
-    return result | {"cpu_per_s": cpu / seconds, "system_cpu_per_s": system / seconds,
-                     "faults_per_request": faults / max(result["requests"], 1), "load_cpu_share": own["cpu_per_s"]}
+    faults, cpu, system = (after - first for after, first in zip(process_counters(server[0]), before[0]))
+    examples, forwards = (after - first for after, first in zip(forward_passes(server[1]), before[1]))
+    return result | {"mean_batch": examples / max(forwards, 1), "cpu_per_s": cpu / seconds,
+                     "system_cpu_per_s": system / seconds, "faults_per_request": faults / max(result["requests"], 1),
+                     "load_cpu_share": own["cpu_per_s"]}
+
+
+def forward_passes(metrics_port: int) -> tuple[float, float]:
+    """(examples, forward passes) a server has run so far, from its batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        samples = {s.name: s.value for family in text_string_to_metric_families(answer.read().decode())
+                   if family.name == "ticketserve_batch_size" for s in family.samples}
+    return samples["ticketserve_batch_size_sum"], samples["ticketserve_batch_size_count"]
 
 
 def process_counters(pid: int) -> tuple[int, float, float]:
@@ -571,15 +585,17 @@ def process_counters(pid: int) -> tuple[int, float, float]:
 @contextlib.contextmanager
 def served(registry: str, tasks: list[str], cpus: list[int], env: dict, http: bool = False):
     """A `ticketserve serve` pinned to `cpus` with `tasks` preloaded, once it answers: yields
-    (its process, its gRPC port, its HTTP port or None); stopped (SIGTERM) on the way out."""
-    grpc_port, http_port = free_port(), free_port() if http else None
+    (its process, its gRPC port, its HTTP port or None, its metrics port); stopped (SIGTERM) on
+    the way out."""
+    grpc_port, http_port, metrics_port = free_port(), free_port() if http else None, free_port()
     command = [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", registry, "--port", str(grpc_port),
+               "--metrics-port", str(metrics_port),
                *(["--http-port", str(http_port)] if http else []), *sum((["--preload", t] for t in tasks), [])]
     server = subprocess.Popen(pinned(command, cpus), env=env, stderr=subprocess.DEVNULL)
     try:
         subprocess.run([sys.executable, "-m", "ticketserve.cli", "info", "--server", f"127.0.0.1:{grpc_port}", "--wait",
                         "300"], check=True, capture_output=True)
-        yield server, grpc_port, http_port
+        yield server, grpc_port, http_port, metrics_port
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -613,7 +629,7 @@ def _doors(registry: str, names: list[str], env: dict, placement: dict, seconds:
 
     server_cpus, load_cpus = placement["server_cores"], placement["load_cores"]
     records = []
-    with served(registry, names, server_cpus, env, http=True) as (server, grpc_port, http_port):
+    with served(registry, names, server_cpus, env, http=True) as (server, grpc_port, http_port, metrics_port):
         for round_ in range(rounds):
             for workload, pool in (("1 task", names[:1]), (f"{TASKS} tasks random", names)):
                 for count in clients:
@@ -624,7 +640,7 @@ def _doors(registry: str, names: list[str], env: dict, placement: dict, seconds:
                     doors = DOORS if round_ % 2 == 0 else DOORS[::-1]
                     for door in doors:
                         port = grpc_port if "grpc" in door else http_port
-                        result = load(door, load_cpus, pool, count, seconds, env, server.pid, port=port)
+                        result = load(door, load_cpus, pool, count, seconds, env, (server.pid, metrics_port), port=port)
                         records.append({"part": "doors", "round": round_, "protocol": door, "workload": workload,
                                         "clients": count, **placement, **result, "engine_qps": engine["qps"],
                                         "vs_in_process": result["qps"] / engine["qps"]})
