@@ -50,6 +50,7 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.common import cpu_name, jemalloc_environment, publish
+from benchmarks.system import memory_kernel
 from benchmarks.system.serving import load, served
 
 HERE = Path(__file__).parent
@@ -86,14 +87,15 @@ def environment(setting: str) -> dict[str, str]:
 def serve_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
     """`ticketserve serve` on core 0 under 32 asyncio gRPC channels on core 1 (benchmarks/system/loadgen.py)."""
     with served(registry, TASKS, [0], environment(setting)) as (server, port, _, metrics_port):
-        return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), (server.pid, metrics_port), port=port,
-                    warmup=warmup)
+        return load("grpc", [1], TASKS, CLIENTS, seconds, environment(setting), (server.pid, metrics_port),
+                    memory_kernel.available(), port=port, warmup=warmup)
 
 
 def engine_side(registry: str, setting: str, seconds: float, warmup: float) -> dict:
     """The in-process Engine under 32 submitter threads on core 0 (its submitters share that core,
     as the server's event loop does)."""
-    return load("engine", [0], TASKS, CLIENTS, seconds, environment(setting), registry=registry, warmup=warmup)
+    return load("engine", [0], TASKS, CLIENTS, seconds, environment(setting), None, memory_kernel.available(),
+                registry=registry, warmup=warmup)
 
 
 def main() -> None:
@@ -136,8 +138,12 @@ def report(records: list[dict]) -> str:
              f"per request, 8 row-delta tasks at random, bundled MiniLM, {records[0]['seconds']:.0f} s per measurement. "
              "The engine never trims; its row is the same run for settings sharing its malloc environment. Ranges over "
              "rounds.", "",
+             "The kernel's memory management (page faults, mmap, munmap, madvise, brk: "
+             "`benchmarks/system/memory_kernel.py`) is sampled with perf where it is installed; it is the part of the "
+             "system CPU an allocator can change (the rest is socket I/O and thread hand-offs).", "",
              "| setting | side | QPS | server ÷ engine (same round) | minor faults / request | server ÷ engine | "
-             "system CPU s/s | server ÷ engine |", "|---|---|---|---|---|---|---|---|"]
+             "system CPU s/s | server ÷ engine | kernel memory management µs / request | server ÷ engine |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def span(values: list[float], fmt: str) -> str:
         low, high = min(values), max(values)
@@ -150,11 +156,15 @@ def report(records: list[dict]) -> str:
                      and e["round"] == s["round"]] if side == "server" else []
 
             def ratio(key: str) -> str:
-                return span([s[key] / max(e[key], 1e-9) for s, e in pairs], ".2f") if pairs else ""
+                known = [(s, e) for s, e in pairs if key in s and key in e]
+                return span([s[key] / max(e[key], 1e-9) for s, e in known], ".2f") if known else ""
+
+            sampled = [r["memory_kernel_us_per_request"] for r in rows if "memory_kernel_us_per_request" in r]
 
             lines.append(f"| {setting} | {side} | {span([r['qps'] for r in rows], '.1f')} | {ratio('qps')} | "
                          f"{span([r['faults_per_request'] for r in rows], '.0f')} | {ratio('faults_per_request')} | "
-                         f"{span([r['system_cpu_per_s'] for r in rows], '.3f')} | {ratio('system_cpu_per_s')} |")
+                         f"{span([r['system_cpu_per_s'] for r in rows], '.3f')} | {ratio('system_cpu_per_s')} | "
+                         f"{span(sampled, '.0f') if sampled else '—'} | {ratio('memory_kernel_us_per_request')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,9 +9,10 @@ Requests (one SST-2 sentence each, POST /v1/predict with the `x-ticketserve-task
 task drawn from a Zipf distribution over the 1,000; the hot set is the most requested tasks that
 together draw `--hot-share` of the requests, and each replica's cache (--cache-bytes) holds a
 third of its bytes. HAProxy (the distribution's package), started by the benchmark, balances
-two frontends over the same replicas: `affinity` with the backend directives of
-deploy/balancers/haproxy.cfg (consistent hash of the header, bounded load), `round-robin` with
-the same health checks and retries but `balance roundrobin`. Phases alternate the two, a
+three frontends over the same replicas: `affinity` with the backend directives of
+deploy/balancers/haproxy.cfg (consistent hash of the header, bounded load), `affinity-unbounded`
+the same without `hash-balance-factor` (what bounded load's spill costs), `round-robin` with
+the same health checks and retries but `balance roundrobin`. Phases alternate them, a
 warm-up then a measured window each, for `--rounds` rounds; a last `failover` phase runs the
 affinity frontend while one replica is killed (SIGKILL) and, later, started again.
 
@@ -56,6 +57,7 @@ REPORT = HERE / "replicas.md"
 SHIPPED_HAPROXY = REPO / "deploy" / "balancers" / "haproxy.cfg"
 REPLICAS = 3
 KINDS = ("row_delta", "structure_mask", "lora")
+MODES = ("affinity", "affinity-unbounded", "round-robin")  # the frontends, in a round's order
 TASK_HEADER = "x-ticketserve-task"
 WINDOW_SECONDS = 5.0  # the failover phase's time series step
 
@@ -181,14 +183,17 @@ def shipped_backend() -> list[str]:
 
 
 def haproxy_config(replicas: list[Replica], ports: dict[str, int]) -> str:
-    """Two frontends over the same replicas: affinity (the shipped backend) and round-robin."""
+    """Three frontends over the same replicas: affinity (the shipped backend), the same without
+    its bounded load (what the spill to another replica costs in hits), and round-robin."""
     affinity = shipped_backend()
-    round_robin = ["balance roundrobin", *(d for d in affinity if not d.startswith(("balance", "hash-")))]
+    frontends = {"affinity": affinity,
+                 "affinity-unbounded": [d for d in affinity if not d.startswith("hash-balance-factor")],
+                 "round-robin": ["balance roundrobin", *(d for d in affinity if not d.startswith(("balance", "hash-")))]}
     servers = [f"server replica{i} 127.0.0.1:{r.http_port} check inter 500ms fall 2 rise 2"
                for i, r in enumerate(replicas)]
     lines = ["global", "    maxconn 4096", "defaults", "    mode http", "    timeout connect 2s",
              "    timeout client 60s", "    timeout server 60s", "    retries 3", "    option redispatch 1"]
-    for name, directives in (("affinity", affinity), ("round-robin", round_robin)):
+    for name, directives in frontends.items():
         lines += [f"frontend {name}", f"    bind 127.0.0.1:{ports[name]}", f"    default_backend {name}-replicas",
                   f"backend {name}-replicas", *(f"    {d}" for d in directives), *(f"    {s}" for s in servers)]
     return "\n".join(lines) + "\n"
@@ -200,7 +205,7 @@ def balancer(replicas: list[Replica], root: Path):
     binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not Path(binary).exists():
         raise SystemExit("HAProxy is not installed (apt-get install haproxy)")
-    ports = {"affinity": free_port(), "round-robin": free_port()}
+    ports = {mode: free_port() for mode in MODES}
     config = root / "haproxy.cfg"
     config.write_text(haproxy_config(replicas, ports))
     subprocess.run([binary, "-c", "-q", "-f", str(config)], check=True)
@@ -341,7 +346,7 @@ def main() -> None:
             replica.wait_ready()
         with balancer(replicas, root) as ports:
             for round_ in range(args.rounds):
-                for mode in (("affinity", "round-robin") if round_ % 2 == 0 else ("round-robin", "affinity")):
+                for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
                     load.run(ports[mode], args.warmup, seed=round_ * 10 + 1)
                     phases.append({"phase": mode, "round": round_,
                                    **measured(load, replicas, ports[mode], args.seconds, seed=round_ * 10 + 2)})
@@ -375,7 +380,7 @@ def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
              f"({r['hot_share']:.0%} of requests), and each replica's cache holds a third of its bytes "
              f"({r['cache_bytes_per_replica'] / 2**20:.1f} MiB). {r['clients']} closed-loop HTTP clients, one "
              f"sentence per request, {r['warmup_s']:.0f} s warm-up then {r['seconds']:.0f} s measured per phase, "
-             f"frontends alternated over {len(r['phases']) // 2} rounds (ranges over rounds).", "",
+             f"frontends alternated over {len({p['round'] for p in r['phases']})} rounds (ranges over rounds).", "",
              f"The affinity backend is the shipped one (deploy/balancers/haproxy.cfg): "
              f"`{'; '.join(r['haproxy_backend'])}`.", "",
              "| frontend | cache hit rate | misses/s | cold loads/s | requests/s | p50 ms | p99 ms | failed requests | "

@@ -12,6 +12,7 @@ jemalloc as the image runs it (`--allocator glibc`: as `pip install` runs it). M
             the server's RSS growth per resident task beyond the first (the first step also
             holds what serving 32 clients over new tasks allocates) ÷ the artifact's bytes, gRPC QPS with
             32 clients over the resident tasks (benchmarks/system/loadgen.py), /metrics size
+  flatness  with all of them resident, QPS over all of them ÷ over one, alternated (--rounds)
 Results: benchmarks/results/scale.json and benchmarks/system/scale.md.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,11 +54,27 @@ def command_seconds(*args: str) -> float:
     return time.perf_counter() - started
 
 
+def flatness(names: list[str], cpus: list[int], env: dict, server: tuple[int, int], port: int, seconds: float,
+             rounds: int) -> list[dict]:
+    """With every task resident: 32 clients over one task and over all of them, alternated, so
+    that the machine's drift falls on both alike; QPS of all ÷ one per round."""
+    rows = []
+    for round_ in range(rounds):
+        pools = (("one", names[:1]), ("all", names))
+        measured = {label: load("grpc", cpus, pool, 32, seconds, env, server, port=port)
+                    for label, pool in (pools if round_ % 2 == 0 else pools[::-1])}
+        rows.append({"round": round_, "qps_one": measured["one"]["qps"], "qps_all": measured["all"]["qps"],
+                     "all_vs_one": measured["all"]["qps"] / measured["one"]["qps"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=STEPS[-1])
     parser.add_argument("--seconds", type=float, default=15.0, help="per QPS measurement")
     parser.add_argument("--allocator", choices=("jemalloc", "glibc"), default="jemalloc")
+    parser.add_argument("--rounds", type=int, default=3, help="flatness: rounds of one task against all of them")
     args = parser.parse_args()
     steps = [s for s in STEPS if s < args.tasks] + [args.tasks]
 
@@ -91,14 +109,14 @@ def main() -> None:
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             client.predict(names[0], ["warm the forward before the baseline"])
             client.unload_task(names[0])
-            load("grpc", load_cpus, names[:1], 32, 5, env, server.pid, port=port)  # the serving working set
+            load("grpc", load_cpus, names[:1], 32, 5, env, (server.pid, metrics_port), port=port)  # the serving working set
             process = psutil.Process(server.pid)
             base = process.memory_info().rss
             loaded = 0
             for count in steps:
                 load_s, _ = timed(lambda: [client.load_task(name) for name in names[loaded:count]])
                 added, loaded = count - loaded, count
-                served = load("grpc", load_cpus, names[:count], 32, args.seconds, env, server.pid, port=port)
+                served = load("grpc", load_cpus, names[:count], 32, args.seconds, env, (server.pid, metrics_port), port=port)
                 rss = process.memory_info().rss
                 metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()
                 first = growth[0]["rss_growth_bytes"] if growth else rss - base  # the 1-task point: serving's own
@@ -107,6 +125,8 @@ def main() -> None:
                                "qps": served["qps"], "p99_ms": served["p99_ms"], "failures": served["failures"],
                                "metrics_bytes": len(metrics)})
                 print(json.dumps(growth[-1]), flush=True)
+            record["flatness"] = flatness(names, load_cpus, env, (server.pid, metrics_port), port, args.seconds,
+                                          args.rounds)
         record["tasks_all_s"] = command_seconds("tasks", "--server", f"127.0.0.1:{port}", "--all", "--json")
     finally:
         server.terminate()
@@ -134,6 +154,14 @@ def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
         per_task = f"{g['rss_per_task_vs_artifact']:.2f}" if g is not r["growth"][0] else "–"
         lines.append(f"| {g['resident']:,} | {1000 * g['load_s_per_task']:.1f} | {g['rss_growth_bytes'] / 2**20:.1f} MiB | "
                      f"{per_task} | {g['qps']:.1f} | {g['p99_ms']:.0f} | {g['failures']} | {g['metrics_bytes']:,} |")
+    if r.get("flatness"):
+        ratios = [row["all_vs_one"] for row in r["flatness"]]
+        lines += ["", f"Flatness, with all {r['tasks']:,} resident: gRPC QPS with 32 clients over all of them ÷ over one "
+                      f"of them, alternated over {len(ratios)} rounds: median {statistics.median(ratios):.2f} "
+                      f"({min(ratios):.2f}–{max(ratios):.2f}); over one "
+                      f"{min(row['qps_one'] for row in r['flatness']):.1f}–{max(row['qps_one'] for row in r['flatness']):.1f}, "
+                      f"over all {min(row['qps_all'] for row in r['flatness']):.1f}–"
+                      f"{max(row['qps_all'] for row in r['flatness']):.1f}."]
     discussion = HERE / "scale_discussion.md"
     report.write_text("\n".join(lines) + "\n" + ("\n" + discussion.read_text() if discussion.exists() else ""))
 

@@ -54,6 +54,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import REPO, SST2_DEV, bert_base_like, cpu_name, jemalloc_environment, publish, supermask
+from benchmarks.system import memory_kernel
 
 HERE = Path(__file__).parent
 RESULTS = common.RESULTS / "serving.jsonl"
@@ -540,11 +541,12 @@ def pinned(command: list[str], cpus: list[int]) -> list[str]:
 
 
 def load(door: str, cpus: list[int], tasks: list[str], clients: int, seconds: float, env: dict,
-         server: tuple[int, int] | None = None, **where) -> dict:
+         server: tuple[int, int] | None = None, sample_kernel: bool = False, **where) -> dict:
     """One run of benchmarks/system/loadgen.py on `cpus`: QPS, p50/p99, examples per forward pass,
     and the CPU, system CPU and minor faults per request of what serves — the server (`server`:
     its pid and metrics port, read over the window; then `load_cpu_share` is what the load itself
-    cost) or the in-process engine."""
+    cost) or the in-process engine; with `sample_kernel`, also the CPU the kernel spent on its
+    memory (benchmarks/system/memory_kernel.py)."""
     options = sum(([f"--{k}", str(v)] for k, v in where.items()), [])
     child = subprocess.Popen(pinned([sys.executable, "-m", "benchmarks.system.loadgen", door, "--tasks", ",".join(tasks),
                                      "--clients", str(clients), "--seconds", str(seconds), *options], cpus),
@@ -553,16 +555,27 @@ def load(door: str, cpus: list[int], tasks: list[str], clients: int, seconds: fl
         child.wait()
         raise RuntimeError(f"loadgen {door} failed before measuring (exit {child.returncode})")
     before = (process_counters(server[0]), forward_passes(server[1])) if server else None
+    sampler = memory_kernel.record(server[0] if server else child.pid, seconds) if sample_kernel else None
     result = json.loads(child.stdout.readline())
     child.wait()
     own = result.pop("own")
+    if sampler is not None:
+        result["memory_kernel_share"] = memory_kernel.memory_share(*sampler)
     if before is None:
-        return result | own
+        return result | own | memory_kernel_time(result, own["cpu_per_s"])
     faults, cpu, system = (after - first for after, first in zip(process_counters(server[0]), before[0]))
     examples, forwards = (after - first for after, first in zip(forward_passes(server[1]), before[1]))
     return result | {"mean_batch": examples / max(forwards, 1), "cpu_per_s": cpu / seconds,
                      "system_cpu_per_s": system / seconds, "faults_per_request": faults / max(result["requests"], 1),
-                     "load_cpu_share": own["cpu_per_s"]}
+                     "load_cpu_share": own["cpu_per_s"]} | memory_kernel_time(result, cpu / seconds)
+
+
+def memory_kernel_time(result: dict, cpu_per_s: float) -> dict:
+    """The kernel's memory-management CPU per second and per request, where it was sampled."""
+    if "memory_kernel_share" not in result:
+        return {}
+    per_s = result["memory_kernel_share"] * cpu_per_s
+    return {"memory_kernel_cpu_per_s": per_s, "memory_kernel_us_per_request": 1e6 * per_s / max(result["qps"], 1e-9)}
 
 
 def forward_passes(metrics_port: int) -> tuple[float, float]:
