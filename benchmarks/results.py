@@ -268,8 +268,8 @@ def allocator() -> list[str]:
              + provenance(rows[0], "python -m benchmarks.system.allocator --settings "
                                    f"{','.join(dict.fromkeys(r['setting'] for r in rows))} --seconds {rows[0]['seconds']:g}"),
              "",
-             "| setting | server QPS ÷ engine | faults / request, server (engine) | system CPU s/s, server (engine) |",
-             "|---|---|---|---|"]
+             "| setting | server QPS ÷ engine | faults / request, server (engine) | system CPU s/s, server (engine) | "
+             "kernel memory management µs / request, server (engine) |", "|---|---|---|---|---|"]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         server = [r for r in rows if r["setting"] == setting and r["side"] == "server"]
         pairs = [(s, e) for s in server for e in rows
@@ -279,8 +279,16 @@ def allocator() -> list[str]:
                      f"{span([s['faults_per_request'] for s in server], '.0f')} "
                      f"({span([e['faults_per_request'] for e in engine], '.0f')}) | "
                      f"{span([s['system_cpu_per_s'] for s in server], '.3f')} "
-                     f"({span([e['system_cpu_per_s'] for e in engine], '.3f')}) |")
+                     f"({span([e['system_cpu_per_s'] for e in engine], '.3f')}) | {memory_kernel_pair(server, engine)} |")
     return lines + [""]
+
+
+def memory_kernel_pair(server: list[dict], engine: list[dict]) -> str:
+    """Kernel memory-management µs per request, server (engine); — where perf did not sample it."""
+    key = "memory_kernel_us_per_request"
+    if not all(key in r for r in server + engine) or not server:
+        return "—"
+    return f"{span([r[key] for r in server], '.0f')} ({span([r[key] for r in engine], '.0f')})"
 
 
 def chaos() -> list[str]:
