@@ -29,8 +29,10 @@ DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="directory
 
 
 def emit(as_json: bool, payload: Any, human) -> None:
+    """`--json`: the payload as plain JSON on stdout, for programs (rich's print_json re-parses
+    and highlights it: seconds for a 10,000-entry listing); else the `human` rendering."""
     if as_json:
-        out.print_json(json.dumps(payload, default=str))
+        sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     else:
         human()
 
