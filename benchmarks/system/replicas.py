@@ -10,8 +10,8 @@ task drawn from a Zipf distribution over the 1,000; the hot set is the most requ
 together draw `--hot-share` of the requests, and each replica's cache (--cache-bytes) holds a
 third of its bytes. HAProxy (the distribution's package), started by the benchmark, balances
 three frontends over the same replicas: `affinity` with the backend directives of
-deploy/balancers/haproxy.cfg (consistent hash of the header, bounded load), `affinity-unbounded`
-the same without `hash-balance-factor` (what bounded load's spill costs), `round-robin` with
+deploy/balancers/haproxy.cfg (consistent hash of the header), `affinity-bounded` the same with
+`hash-balance-factor 150` (bounded load: what its spill costs in hits), `round-robin` with
 the same health checks and retries but `balance roundrobin`. Phases alternate them, a
 warm-up then a measured window each, for `--rounds` rounds; a last `failover` phase runs the
 affinity frontend while one replica is killed (SIGKILL) and, later, started again.
@@ -57,7 +57,8 @@ REPORT = HERE / "replicas.md"
 SHIPPED_HAPROXY = REPO / "deploy" / "balancers" / "haproxy.cfg"
 REPLICAS = 3
 KINDS = ("row_delta", "structure_mask", "lora")
-MODES = ("affinity", "affinity-unbounded", "round-robin")  # the frontends, in a round's order
+MODES = ("affinity", "affinity-bounded", "round-robin")  # the frontends, in a round's order
+BALANCE_FACTOR = 150  # affinity-bounded: no replica above 1.5x the mean of outstanding requests
 TASK_HEADER = "x-ticketserve-task"
 WINDOW_SECONDS = 5.0  # the failover phase's time series step
 
@@ -183,11 +184,11 @@ def shipped_backend() -> list[str]:
 
 
 def haproxy_config(replicas: list[Replica], ports: dict[str, int]) -> str:
-    """Three frontends over the same replicas: affinity (the shipped backend), the same without
-    its bounded load (what the spill to another replica costs in hits), and round-robin."""
+    """Three frontends over the same replicas: affinity (the shipped backend), the same with
+    bounded load (what its spill to another replica costs in hits), and round-robin."""
     affinity = shipped_backend()
     frontends = {"affinity": affinity,
-                 "affinity-unbounded": [d for d in affinity if not d.startswith("hash-balance-factor")],
+                 "affinity-bounded": [*affinity, f"hash-balance-factor {BALANCE_FACTOR}"],
                  "round-robin": ["balance roundrobin", *(d for d in affinity if not d.startswith(("balance", "hash-")))]}
     servers = [f"server replica{i} 127.0.0.1:{r.http_port} check inter 500ms fall 2 rise 2"
                for i, r in enumerate(replicas)]
