@@ -1,6 +1,6 @@
 """The registry watch costs one listing per poll, however many aliases are resident, and still
 follows every tag move — on a local registry and on S3 (moto server on 127.0.0.1); and the
-event loop's way to a resident task never waits for the cache."""
+event loop's way to a resident task and back never waits for the cache nor walks it."""
 
 from __future__ import annotations
 
@@ -85,3 +85,25 @@ def test_the_event_loops_acquire_never_waits_and_never_loads(tmp_path, tiny_bert
         holder.join()
     handle = loader.acquire_resident("hot")
     assert handle is not None and handle.refs == 1
+
+
+class _Walked(collections.OrderedDict):
+    """The cache's resident map, counting walks over it."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_a_release_within_budget_never_walks_the_cache(tmp_path, tiny_bert):
+    store = open_store(str(tmp_path / "registry"))
+    backbone = load_backbone(tiny_bert)
+    publish_row_task(store, backbone, "hot", 0)
+    loader = TaskLoader(store, Runtime(backbone, device="cpu"), cache_bytes=1 << 30)
+    loader.preload("hot")
+    loader.resident = _Walked(loader.resident)
+    for _ in range(3):
+        loader.release(loader.acquire_resident("hot"))
+    assert _Walked.walks == 0  # every request releases: a walk over 10,000 resident tasks cost a fifth of QPS
