@@ -50,6 +50,7 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.common import cpu_name, jemalloc_environment, publish
+from benchmarks.results import span
 from benchmarks.system import memory_kernel
 from benchmarks.system.serving import load, served
 
@@ -144,10 +145,6 @@ def report(records: list[dict]) -> str:
              "| setting | side | QPS | server ÷ engine (same round) | minor faults / request | server ÷ engine | "
              "system CPU s/s | server ÷ engine | kernel memory management µs / request | server ÷ engine |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def span(values: list[float], fmt: str) -> str:
-        low, high = min(values), max(values)
-        return format(low, fmt) if format(low, fmt) == format(high, fmt) else f"{format(low, fmt)}–{format(high, fmt)}"
 
     for setting in dict.fromkeys(r["setting"] for r in records):
         for side in ("server", "engine"):

@@ -8,6 +8,7 @@ benchmark compares. A sample counts when any frame of its kernel stack is one of
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +27,9 @@ def available() -> bool:
 
 def record(pid: int, seconds: float) -> tuple[subprocess.Popen, Path]:
     """Start sampling `pid` (every thread, kernel and user stacks) for `seconds`."""
-    path = Path(tempfile.mkstemp(prefix="ts-perf-", suffix=".data")[1])
+    descriptor, name = tempfile.mkstemp(prefix="ts-perf-", suffix=".data")
+    os.close(descriptor)  # perf writes the file by its name
+    path = Path(name)
     process = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-g", "-p", str(pid), "-o", str(path), "--",
                                 "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, path

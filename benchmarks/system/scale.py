@@ -33,6 +33,7 @@ import psutil
 
 from benchmarks import common
 from benchmarks.common import REPO, cpu_name, jemalloc_environment, publish
+from benchmarks.results import span
 from benchmarks.system.serving import cores, free_port, load, pinned
 
 HERE = Path(__file__).parent
@@ -155,13 +156,12 @@ def write_report(results: Path = RESULTS, report: Path = REPORT) -> None:
         lines.append(f"| {g['resident']:,} | {1000 * g['load_s_per_task']:.1f} | {g['rss_growth_bytes'] / 2**20:.1f} MiB | "
                      f"{per_task} | {g['qps']:.1f} | {g['p99_ms']:.0f} | {g['failures']} | {g['metrics_bytes']:,} |")
     if r.get("flatness"):
-        ratios = [row["all_vs_one"] for row in r["flatness"]]
+        rows = r["flatness"]
+        ratios = [row["all_vs_one"] for row in rows]
         lines += ["", f"Flatness, with all {r['tasks']:,} resident: gRPC QPS with 32 clients over all of them ÷ over one "
                       f"of them, alternated over {len(ratios)} rounds: median {statistics.median(ratios):.2f} "
-                      f"({min(ratios):.2f}–{max(ratios):.2f}); over one "
-                      f"{min(row['qps_one'] for row in r['flatness']):.1f}–{max(row['qps_one'] for row in r['flatness']):.1f}, "
-                      f"over all {min(row['qps_all'] for row in r['flatness']):.1f}–"
-                      f"{max(row['qps_all'] for row in r['flatness']):.1f}."]
+                      f"({span(ratios)}); over one {span([row['qps_one'] for row in rows], '.1f')}, "
+                      f"over all {span([row['qps_all'] for row in rows], '.1f')}."]
     discussion = HERE / "scale_discussion.md"
     report.write_text("\n".join(lines) + "\n" + ("\n" + discussion.read_text() if discussion.exists() else ""))
 

@@ -23,8 +23,8 @@ from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
 from ticketserve.core.errors import InvalidArgument
-from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
 from ticketserve.runtime.server.observe import new_request_id
+from ticketserve.runtime.server.predictor import Answer, Ask, Predictor
 from ticketserve.v1 import TASK_HEADER
 
 OPENAI_PATHS = ("/v1/embeddings",)
