@@ -195,6 +195,47 @@ def test_remove_moves_latest_back_and_gc_drops_only_unreferenced_blobs(store):
     assert store.verify("demo:1").name == "demo"
 
 
+def test_a_names_stamp_moves_with_each_publish_tag_move_and_removal_and_only_then(store, monkeypatch):
+    """The watch's listing: settled folders are stamped by two stats each; a folder changed
+    within the racy window also file by file, so a second change in the same tick of the file
+    system's clock (simulated: its mtime put back) still moves the stamp."""
+    from ticketserve.registry import local
+
+    store.publish(manifest(), {"p": b"one"})
+    store.publish(manifest("other"), {"p": b"two"})
+    monkeypatch.setattr(local, "RECENT_SECONDS", 0.0)  # every folder counts as settled
+    seen = store.ref_stamps()
+    assert store.ref_stamps() == seen and set(seen) == {"demo", "other"}
+
+    def moved(change) -> bool:
+        nonlocal seen
+        time.sleep(0.02)  # a later tick than the last change (the settled case)
+        change()
+        now = store.ref_stamps()
+        assert now["other"] == seen["other"]  # only the name that changed
+        was, seen = seen["demo"], now
+        return now["demo"] != was
+
+    assert moved(lambda: store.publish(manifest(), {"p": b"three"}))
+    assert moved(lambda: store.set_tag("demo", "prod", 1))
+    assert moved(lambda: store.set_tag("demo", "prod", 2))
+    assert moved(lambda: store.remove(store.resolve("demo:2")))
+
+    tags = store.root / "refs" / "demo" / "tags"
+    store.set_tag("demo", "prod", 1)
+    mtime = os.stat(tags).st_mtime_ns
+
+    def demo_stamp(window: float) -> str:
+        monkeypatch.setattr(local, "RECENT_SECONDS", window)
+        return store.ref_stamps()["demo"]
+
+    before = {window: demo_stamp(window) for window in (0.0, 3600.0)}
+    store.set_tag("demo", "prod", 1)  # rewritten (a new file) in the same tick: the folder's mtime is unchanged
+    os.utime(tags, ns=(mtime, mtime))
+    assert demo_stamp(0.0) == before[0.0]  # what two stats alone cannot see
+    assert demo_stamp(3600.0) != before[3600.0]  # what the racy window sees
+
+
 def test_flipped_byte_is_reported_and_never_loaded(store):
     version = store.publish(manifest(), {"payload.safetensors": b"abcdefgh" * 100})
     digest = store.manifest(version).files["payload.safetensors"].sha256

@@ -99,9 +99,9 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(len(server_cpus)), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", **(jemalloc_environment() if args.allocator == "jemalloc" else {})}
     port, metrics_port = free_port(), free_port()
+    # the watch polls every name at its default interval throughout, as a replica's does
     command = [sys.executable, "-m", "ticketserve.cli", "serve", "--registry", str(store.root), "--port", str(port),
-               "--metrics-port", str(metrics_port), "--cache-bytes", str(4 * artifact_bytes * args.tasks),
-               "--watch-seconds", "3600"]
+               "--metrics-port", str(metrics_port), "--cache-bytes", str(4 * artifact_bytes * args.tasks)]
     server = subprocess.Popen(pinned(command, server_cpus), env=env, stderr=subprocess.DEVNULL, cwd=REPO)
     growth = []
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import time
 import uuid
@@ -45,6 +44,7 @@ from ticketserve.registry.store import (
 
 STALE_TMP_SECONDS = 3600
 TMP_GRACE_SECONDS = 10.0
+RECENT_SECONDS = 2.0  # a refs folder changed this recently is stamped file by file (see ref_stamps)
 
 
 @register_store("file")
@@ -152,8 +152,8 @@ class LocalStore(Store):
         return version
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "refs").iterdir()
-                      if NAME_RE.fullmatch(p.name) and any(_version_files(p / "versions")))
+        return sorted(entry.name for entry in _name_folders(self.root / "refs")
+                      if any(is_version(f) for f in _listing(os.path.join(entry.path, "versions"))))
 
     def versions(self, name: str) -> dict[int, str]:
         return {int(p.name): parse_digest(p.read_bytes(), p) for p in _version_files(self._refs(name) / "versions")}
@@ -165,23 +165,25 @@ class LocalStore(Store):
         return {p.name: parse_version(p.read_bytes(), p) for p in folder.iterdir() if TAG_RE.fullmatch(p.name)}
 
     def ref_stamps(self) -> dict[str, str]:
+        """A name's stamp is the inode and mtime of its versions/ and tags/ folders: every publish,
+        tag move and removal renames into or unlinks from one of them, which moves the folder's
+        mtime — two stats per name, however many versions it has. Two changes within one tick of
+        the file system's clock can share an mtime, so a folder changed in the last
+        `RECENT_SECONDS` is stamped file by file as well (as git treats a racily clean index)."""
         stamps = {}
-        for entry in os.scandir(self.root / "refs"):
-            if not (entry.is_dir() and NAME_RE.fullmatch(entry.name)):
-                continue
-            stamp = hashlib.sha256()
+        recent = time.time_ns() - int(RECENT_SECONDS * 1e9)
+        for entry in _name_folders(self.root / "refs"):
+            parts = []
             for kind in ("versions", "tags"):
+                folder = os.path.join(entry.path, kind)
                 try:
-                    files = sorted(os.scandir(Path(entry.path) / kind), key=lambda f: f.name)
+                    st = os.stat(folder)
                 except FileNotFoundError:
                     continue
-                for f in files:  # a rewrite is a new inode (written aside, then renamed)
-                    try:
-                        st = f.stat()
-                    except FileNotFoundError:
-                        continue
-                    stamp.update(f"{kind}/{f.name}|{st.st_ino}|{st.st_mtime_ns}|{st.st_size}\n".encode())
-            stamps[entry.name] = stamp.hexdigest()
+                parts.append(f"{kind}|{st.st_ino}|{st.st_mtime_ns}")
+                if st.st_mtime_ns >= recent:
+                    parts += _file_stamps(folder)
+            stamps[entry.name] = "\n".join(parts)
         return stamps
 
     def set_tag(self, name: str, tag: str, version: int) -> None:
@@ -256,6 +258,29 @@ class _Staged:
 
 def _version_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if is_version(p.name)] if folder.is_dir() else []
+
+
+def _name_folders(refs: Path) -> list[os.DirEntry]:
+    return [entry for entry in os.scandir(refs) if entry.is_dir() and NAME_RE.fullmatch(entry.name)]
+
+
+def _listing(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _file_stamps(folder: str) -> list[str]:
+    """Each file's name, inode, mtime and size: a rewrite is a new inode (written aside, then renamed)."""
+    stamps = []
+    for name in sorted(_listing(folder)):
+        try:
+            st = os.stat(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue
+        stamps.append(f"{name}|{st.st_ino}|{st.st_mtime_ns}|{st.st_size}")
+    return stamps
 
 
 def _mtime(path: Path) -> float:
