@@ -348,7 +348,7 @@ def scale_out() -> list[str]:
         r = json.loads(replicas.read_text())
         lines += ["### Three replicas behind HAProxy: task affinity vs round-robin", "",
                   f"{r['tasks']:,} tasks of three kinds, Zipf s = {r['zipf_s']}, each replica's cache a third of the hot "
-                  f"set; {len(r['phases']) // 2} rounds, frontends alternated; a replica killed and restarted under "
+                  f"set; {len({p['round'] for p in r['phases']})} rounds, frontends alternated; a replica killed and restarted under "
                   f"affinity (`benchmarks/system/replicas.md`). "
                   f"{provenance(r | {'device_name': r['cpu']}, 'python -m benchmarks.system.replicas')}", "",
                   "| frontend | cache hit rate | misses/s | requests/s | p99 ms | failed requests |",
