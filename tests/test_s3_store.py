@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 
 import pytest
@@ -52,6 +53,34 @@ def test_a_tag_that_cannot_be_written_takes_its_version_back(s3_url, monkeypatch
 
 def test_concurrent_publishers_from_several_processes_lose_nothing(s3_url):
     assert_concurrent_publishers_lose_nothing(s3_url, workers=4, each=4)
+
+
+def test_a_listing_is_one_list_and_batched_gets_and_reads_what_name_by_name_reads(s3_url):
+    """`registry list` and `tasks --all` on S3: a few dozen round trips at 10,000 names instead of
+    four per name, with the answer of reading name by name, broken entries included."""
+    from ticketserve.registry.store import Store
+
+    store = open_store(s3_url)
+    for i in range(6):
+        store.publish(manifest(f"n{i}"), {"p": b"x%d" % i}, tags=("prod",) if i % 2 else ())
+    store.publish(manifest("n1"), {"p": b"again"})
+    refs = f"{store.bucket}/{store.prefix}/refs"
+    store.fs.pipe(f"{refs}/n3/tags/prod", b"not a version")
+    store.fs.pipe(f"{refs}/n4/versions/1", f"sha256:{'0' * 64}".encode())  # its manifest is missing
+    fresh = open_store(s3_url)
+    calls = collections.Counter()
+    for method in ("ls", "find", "cat", "cat_file", "info", "exists"):
+        def counted(*args, _method=getattr(fresh.fs, method), _name=method, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+        setattr(fresh.fs, method, counted)
+    listed = fresh.listing()
+    manifests = fresh.manifests([r.newest() for r in listed if not r.error])
+    assert dict(calls) == {"find": 1, "cat": 2}  # the refs' LIST, their GETs, the manifests' GETs
+    assert listed == Store.listing(open_store(s3_url))
+    assert [r.name for r in listed] == [f"n{i}" for i in range(6)] and [r.name for r in listed if r.error] == ["n3"]
+    assert listed[1].tags == {"prod": 1, "latest": 2} and listed[1].newest().version == 2
+    assert [type(m).__name__ for m in manifests] == ["Manifest"] * 3 + ["NotFound", "Manifest"]
 
 
 def test_corrupt_blob_is_refused_and_never_cached(s3_url):

@@ -23,19 +23,19 @@ def registry_list(registry: RegistryOpt = None, as_json: JsonOpt = False) -> Non
 
     store = store_at(registry)
     rows = []
-    for name in store.names():  # a broken entry is listed as broken; it never hides the others
-        try:
-            tags, versions = store.tags(name), store.versions(name)
-        except TicketserveError as exc:
-            rows.append({"name": name, "version": None, "error": str(exc)})
-            continue
-        for version, digest in sorted(versions.items()):
-            row = {"name": name, "version": version, "tags": sorted(t for t, v in tags.items() if v == version),
+    listed = store.listing()  # a broken entry is listed as broken; it never hides the others
+    versions = [ArtifactVersion(refs.name, version, digest) for refs in listed
+                for version, digest in sorted(refs.versions.items())]
+    manifests = dict(zip(versions, store.manifests(versions)))
+    for refs in listed:
+        if refs.error:
+            rows.append({"name": refs.name, "version": None, "error": refs.error})
+        for version, digest in sorted(refs.versions.items()):
+            row = {"name": refs.name, "version": version, "tags": sorted(t for t, v in refs.tags.items() if v == version),
                    "digest": digest}
-            try:
-                manifest = store.manifest(ArtifactVersion(name, version, digest))
-            except TicketserveError as exc:
-                rows.append(row | {"error": str(exc)})
+            manifest = manifests[ArtifactVersion(refs.name, version, digest)]
+            if isinstance(manifest, TicketserveError):
+                rows.append(row | {"error": str(manifest)})
                 continue
             rows.append(row | {"kind": manifest.kind, "method": manifest.method, "task": manifest.task.name,
                                "metrics": manifest.metrics, "payload_bytes": manifest.payload_bytes,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ticketserve.registry.errors import CorruptArtifact, InvalidArgument, NotFound, StorageError, excerpt
+from ticketserve.registry.errors import CorruptArtifact, InvalidArgument, NotFound, StorageError, TicketserveError, excerpt
 from ticketserve.registry.manifest import FileEntry, Manifest
 
 # every pattern is matched whole (fullmatch): `$` alone would let a trailing newline through
@@ -117,6 +117,23 @@ class ArtifactVersion:
         return f"{self.name}:{self.version}"
 
 
+@dataclass(frozen=True)
+class NameRefs:
+    """One name's versions (number → manifest digest) and tags (tag → version) as a listing read
+    them, or why they could not be read (a listing shows it and goes on with the others)."""
+
+    name: str
+    versions: dict[int, str]
+    tags: dict[str, int]
+    error: str = ""
+
+    def newest(self) -> ArtifactVersion:
+        """The version its default tag names (what a bare name resolves to)."""
+        if self.error:
+            raise StorageError(self.error)
+        return pick(Reference.of(self.name), self.tags, self.versions, "")
+
+
 class Store(ABC):
     """Base of every registry store; subclasses register a URL scheme with `register_store`."""
 
@@ -189,37 +206,61 @@ class Store(ABC):
             raise StorageError(f"cannot read {ref.name}'s versions in registry {self.url}: {exc}") from exc
 
     def _resolve(self, ref: Reference) -> ArtifactVersion:
-        selector = ref.selector or DEFAULT_TAG
         # tags before versions: a publish writes the version before it moves a tag, so the
         # version a tag names is always among versions listed after it (not so the other way)
-        by_tag = not is_version(selector) and not (ref.selector is None and ref.digest is not None)
+        by_tag = not is_version(ref.selector or DEFAULT_TAG) and not (ref.selector is None and ref.digest is not None)
         tags = self.tags(ref.name) if by_tag else {}
-        versions = self.versions(ref.name)
-        if not versions:
-            raise NotFound(f"no artifact named {ref.name!r} in registry {self.url}")
-        if ref.selector is None and ref.digest is not None:
-            matches = [v for v, d in versions.items() if d == ref.digest]
-            if not matches:
-                raise NotFound(f"{ref.name}@{ref.digest} not found in registry {self.url}")
-            return ArtifactVersion(ref.name, max(matches), ref.digest)
-        if is_version(selector):
-            version = int(selector)
-        else:
-            if selector not in tags:
-                raise NotFound(f"{ref.name} has no tag {selector!r} (tags: {', '.join(sorted(tags)) or 'none'})")
-            version = tags[selector]
-        if version not in versions:
-            raise NotFound(f"{ref.name} has no version {version} (versions: {sorted(versions)})")
-        resolved = ArtifactVersion(ref.name, version, versions[version])
-        if ref.digest is not None and ref.digest != resolved.digest:
-            raise NotFound(f"{ref} resolves to {resolved.digest}, not the digest asked for")
-        return resolved
+        return pick(ref, tags, self.versions(ref.name), f" in registry {self.url}")
+
+    def listing(self) -> list[NameRefs]:
+        """Every name's versions and tags, by name, for listings (`registry list`, a server's
+        `tasks --all`); stores that can read them in fewer round trips than a name at a time
+        override it."""
+        found = []
+        for name in self.names():
+            try:
+                tags = self.tags(name)  # before versions, as in _resolve
+                found.append(NameRefs(name, self.versions(name), tags))
+            except TicketserveError as exc:
+                found.append(NameRefs(name, {}, {}, str(exc)))
+        return found
+
+    def manifests(self, versions: list[ArtifactVersion]) -> list[Manifest | TicketserveError]:
+        """Each version's verified manifest, or why it cannot be read, in order (a listing's
+        reads; stores fetch them concurrently where they can)."""
+        blobs = self._read_blobs([v.digest for v in versions])
+        found: list[Manifest | TicketserveError] = []
+        for version in versions:
+            try:
+                found.append(self._parse_manifest(version, self._checked(version.digest, blobs[version.digest],
+                                                                          f"manifest of {version}")))
+            except TicketserveError as exc:
+                found.append(exc)
+        return found
+
+    def _read_blobs(self, digests: list[str]) -> dict[str, bytes | Exception]:
+        """`_read_blob` for many: each digest's bytes or the exception reading it raised."""
+        found: dict[str, bytes | Exception] = {}
+        for digest in digests:
+            try:
+                found[digest] = self._read_blob(digest)
+            except (OSError, TicketserveError) as exc:
+                found[digest] = exc
+        return found
 
     def read_verified(self, digest: str, what: str) -> bytes:
         try:
             data = self._read_blob(digest)
         except OSError as exc:
-            raise StorageError(f"{what}: cannot read {digest} from registry {self.url}: {exc}") from exc
+            data = exc
+        return self._checked(digest, data, what)
+
+    def _checked(self, digest: str, data: bytes | Exception, what: str) -> bytes:
+        """A blob's bytes once their hash is the digest they were stored under."""
+        if isinstance(data, OSError):
+            raise StorageError(f"{what}: cannot read {digest} from registry {self.url}: {data}") from data
+        if isinstance(data, Exception):
+            raise data
         actual = sha256_digest(data)
         if actual != digest:
             raise CorruptArtifact(f"{what}: checksum mismatch (expected {digest}, stored bytes hash to {actual})")
@@ -227,7 +268,10 @@ class Store(ABC):
 
     def manifest(self, ref: ArtifactVersion | Reference | str) -> Manifest:
         version = ref if isinstance(ref, ArtifactVersion) else self.resolve(ref)
-        data = self.read_verified(version.digest, f"manifest of {version}")
+        return self._parse_manifest(version, self.read_verified(version.digest, f"manifest of {version}"))
+
+    @staticmethod
+    def _parse_manifest(version: ArtifactVersion, data: bytes) -> Manifest:
         try:
             return Manifest.model_validate_json(data)
         except ValidationError as exc:
@@ -299,6 +343,30 @@ class Store(ABC):
         except (tarfile.TarError, ValidationError) as exc:
             raise CorruptArtifact(f"{path} is not a valid ticketserve bundle: {exc}") from exc
         return self.publish(manifest, files, tags)
+
+
+def pick(ref: Reference, tags: dict[str, int], versions: dict[int, str], where: str) -> ArtifactVersion:
+    """The version a reference names among a name's tags and versions (`where` ends messages)."""
+    if not versions:
+        raise NotFound(f"no artifact named {ref.name!r}{where}")
+    if ref.selector is None and ref.digest is not None:
+        matches = [v for v, d in versions.items() if d == ref.digest]
+        if not matches:
+            raise NotFound(f"{ref.name}@{ref.digest} not found{where}")
+        return ArtifactVersion(ref.name, max(matches), ref.digest)
+    selector = ref.selector or DEFAULT_TAG
+    if is_version(selector):
+        version = int(selector)
+    else:
+        if selector not in tags:
+            raise NotFound(f"{ref.name} has no tag {selector!r} (tags: {', '.join(sorted(tags)) or 'none'})")
+        version = tags[selector]
+    if version not in versions:
+        raise NotFound(f"{ref.name} has no version {version} (versions: {sorted(versions)})")
+    resolved = ArtifactVersion(ref.name, version, versions[version])
+    if ref.digest is not None and ref.digest != resolved.digest:
+        raise NotFound(f"{ref} resolves to {resolved.digest}, not the digest asked for")
+    return resolved
 
 
 def bundle_manifest(path: Path) -> tuple[Manifest, str]:

@@ -11,7 +11,7 @@ from ticketserve.core.artifact import check_backbone
 from ticketserve.core.backbone import Backbone
 from ticketserve.core.errors import TicketserveError
 from ticketserve.core.kinds import get_kind
-from ticketserve.registry import Manifest, Store
+from ticketserve.registry import ArtifactVersion, Manifest, Store
 
 
 @dataclass
@@ -24,18 +24,26 @@ class Offer:
 
 def offers(store: Store, backbone: Backbone, failed: dict[str, str]) -> list[Offer]:
     """Every task name's newest version; `failed` maps version keys to why they did not load."""
-    found = []
-    for name in store.names():
+    newest: dict[str, ArtifactVersion | TicketserveError] = {}
+    for refs in store.listing():
         try:
-            version = store.resolve(name)
+            newest[refs.name] = refs.newest()
         except TicketserveError as exc:
-            found.append(Offer(name, "", None, str(exc)))
+            newest[refs.name] = exc
+    versions = [v for v in newest.values() if isinstance(v, ArtifactVersion)]
+    manifests = dict(zip(versions, store.manifests(versions)))
+    found = []
+    for name, version in newest.items():
+        if isinstance(version, TicketserveError):
+            found.append(Offer(name, "", None, str(version)))
             continue
+        manifest = manifests[version]
         try:
-            manifest = store.manifest(version)
+            if isinstance(manifest, TicketserveError):
+                raise manifest
             if not get_kind(manifest.kind).is_task:
                 continue
-        except TicketserveError as exc:
+        except TicketserveError as exc:  # unreadable, or a kind this server does not know
             found.append(Offer(str(version), version.digest, None, str(exc)))
             continue
         error = failed.get(str(version), "")
