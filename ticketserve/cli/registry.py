@@ -77,11 +77,10 @@ def registry_verify(artifact_refs: Annotated[Optional[list[str]], typer.Argument
     store = store_at(registry)
     results, refs = [], list(artifact_refs or [])
     if not artifact_refs:  # every version of every name; a name whose versions cannot be read is a failure
-        for name in store.names():
-            try:
-                refs += [f"{name}:{v}" for v in sorted(store.versions(name))]
-            except TicketserveError as exc:
-                results.append({"artifact": name, "ok": False, "error": str(exc)})
+        for listed in store.listing():
+            if listed.error:
+                results.append({"artifact": listed.name, "ok": False, "error": listed.error})
+            refs += [f"{listed.name}:{v}" for v in sorted(listed.versions)]
     for ref in refs:
         try:
             store.verify(ref)
