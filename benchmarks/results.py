@@ -374,6 +374,14 @@ def scale_out() -> list[str]:
                   for g in r["growth"][1:]]
         lines += ["", f"At {last['resident']:,} tasks: the watch's poll {r['watch_poll_s']:.2f} s, `registry list` "
                       f"{r['registry_list_s']:.1f} s, `tasks --all` {r['tasks_all_s']:.1f} s.", ""]
+    s3 = RESULTS / "s3_listing.json"
+    if s3.exists():
+        r = json.loads(s3.read_text())
+        lines += [f"An S3 registry of {r['names']:,} names (moto on 127.0.0.1, on the same cores): every name's "
+                  f"refs and newest manifest in one LIST and batched GETs {r['listing_batched_s']:.1f} s, name by name "
+                  f"{r['listing_name_by_name_s']:.1f} s; `names()` {r['names_one_list_s']:.1f} s, a LIST per name "
+                  f"{r['names_name_by_name_s']:.1f} s. "
+                  f"{provenance(r | {'device_name': r['cpu']}, 'python -m benchmarks.system.s3_listing')}", ""]
     return lines
 
 
