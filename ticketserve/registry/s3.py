@@ -160,24 +160,25 @@ class S3Store(Store):
         return version
 
     def names(self) -> list[str]:
-        return sorted(name for name, (versions, _) in self._ref_files().items() if any(map(is_version, versions)))
+        return sorted(name for name, files in self._ref_files().items() if any(map(is_version, files["versions"])))
 
     def listing(self) -> list[NameRefs]:
         """One paginated LIST of every ref, then the pointers not yet known and every tag in
         concurrent GETs: a few dozen round trips at 10,000 names, not four per name."""
         files = self._ref_files()
         wanted = {}
-        for name, (versions, tags) in files.items():
+        for name, entries in files.items():
             wanted |= {self._path("refs", name, "versions", v): (name, "versions", v)
-                       for v in versions if is_version(v) and (name, int(v)) not in self._digests}
-            wanted |= {self._path("refs", name, "tags", t): (name, "tags", t) for t in tags if TAG_RE.fullmatch(t)}
+                       for v in entries["versions"] if is_version(v) and (name, int(v)) not in self._digests}
+            wanted |= {self._path("refs", name, "tags", t): (name, "tags", t)
+                       for t in entries["tags"] if TAG_RE.fullmatch(t)}
         read = self._cat(wanted)
         found = []
-        for name, (versions, tags) in sorted(files.items()):
-            if not any(map(is_version, versions)):
+        for name, entries in sorted(files.items()):
+            if not any(map(is_version, entries["versions"])):
                 continue
             try:
-                found.append(self._name_refs(name, versions, tags, read))
+                found.append(self._name_refs(name, entries["versions"], entries["tags"], read))
             except TicketserveError as exc:
                 found.append(NameRefs(name, {}, {}, str(exc)))
         return found
@@ -202,14 +203,14 @@ class S3Store(Store):
             found_tags[DEFAULT_TAG] = max(found_versions)
         return NameRefs(name, found_versions, found_tags)
 
-    def _ref_files(self) -> dict[str, tuple[list[str], list[str]]]:
-        """name → (its version files, its tag files), from one paginated LIST of the refs."""
+    def _ref_files(self) -> dict[str, dict[str, list[str]]]:
+        """name → {"versions": its version files, "tags": its tag files}, from one paginated LIST."""
         root = self._path("refs")
-        files: dict[str, tuple[list[str], list[str]]] = {}
+        files: dict[str, dict[str, list[str]]] = {}
         for path in self._refs_listed():
             name, kind, entry = (path.removeprefix(root + "/").split("/") + ["", "", ""])[:3]
             if NAME_RE.fullmatch(name) and kind in ("versions", "tags") and entry:
-                files.setdefault(name, ([], []))[kind == "tags"].append(entry)
+                files.setdefault(name, {"versions": [], "tags": []})[kind].append(entry)
         return files
 
     def _refs_listed(self) -> dict[str, dict]:
