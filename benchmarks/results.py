@@ -319,20 +319,21 @@ def task_types() -> list[str]:
     for name, title, part, metric, report in (
             ("embeddings.jsonl", "STS-B validation, Spearman of cosine similarity (embedding tasks, CoSENT)", "stsb",
              "spearman", "benchmarks/studies/embeddings.md"),
-            ("ner.jsonl", "WNUT-17 validation, entity F1 (token classification)", "f1", "entity_f1",
+            ("ner.jsonl", "WNUT-17 and CoNLL-2003 validation, entity F1 (token classification)", "f1", "entity_f1",
              "benchmarks/studies/ner.md")):
         records = read(name)
-        scored = [r for r in records if r.get("part") == part and r.get("task", "wnut17") in ("stsb", "wnut17")]
+        scored = [r for r in records if r.get("part") == part]
         speed = [r for r in records if r.get("part") == "throughput"][-4:]
         if not scored and not speed:
             continue
         lines += [f"### {title}", "", f"Mean over seeds (runs); artifact bytes; 100 mixed tasks ÷ the plain backbone "
                   f"under the same head ({speed[-1]['cpu'] if speed else '–'}, run {speed[-1]['run'] if speed else '–'}). "
-                  f"Full tables: `{report}`.", "", "| method | metric | runs | artifact bytes |", "|---|---|---|---|"]
-        for method in dict.fromkeys(r["method"] for r in scored):
-            runs = [r for r in scored if r["method"] == method]
-            lines.append(f"| {method} | {sum(r['metrics'][metric] for r in runs) / len(runs):.4f} | {len(runs)} | "
-                         f"{runs[0]['artifact_bytes']:,} |")
+                  f"Full tables: `{report}`.", "", "| set | method | metric | runs | artifact bytes |",
+                  "|---|---|---|---|---|"]
+        for task, label in dict.fromkeys((r.get("task", "stsb"), r.get("variant", r["method"])) for r in scored):
+            runs = [r for r in scored if (r.get("task", "stsb"), r.get("variant", r["method"])) == (task, label)]
+            lines.append(f"| {task} | {label} | {sum(r['metrics'][metric] for r in runs) / len(runs):.4f} | "
+                         f"{len(runs)} | {runs[0]['artifact_bytes']:,} |")
         if speed:
             lines += ["", "| served | ÷ plain |", "|---|---|"] + [f"| {r['workload']} | {r['vs_plain']:.3f} |"
                                                                   for r in speed[1:]]
