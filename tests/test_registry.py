@@ -236,6 +236,20 @@ def test_a_names_stamp_moves_with_each_publish_tag_move_and_removal_and_only_the
     assert demo_stamp(3600.0) != before[3600.0]  # what the racy window sees
 
 
+def test_the_local_listing_reads_what_name_by_name_reads(store):
+    from ticketserve.registry.store import Store
+
+    for i in range(4):
+        store.publish(manifest(f"n{i}"), {"p": b"x%d" % i}, tags=("prod",) if i % 2 else ())
+    store.publish(manifest("n1"), {"p": b"again"})
+    (store.root / "refs" / "n2" / "tags" / "prod").write_bytes(b"not a version")
+    (store.root / "refs" / "empty" / "versions").mkdir(parents=True)  # no version: not a name
+    listed = store.listing()
+    assert listed == Store.listing(store)
+    assert [r.name for r in listed] == ["n0", "n1", "n2", "n3"] and "n2/tags/prod" in listed[2].error
+    assert listed[1].tags == {"latest": 2, "prod": 1} and listed[1].newest().version == 2
+
+
 def test_flipped_byte_is_reported_and_never_loaded(store):
     version = store.publish(manifest(), {"payload.safetensors": b"abcdefgh" * 100})
     digest = store.manifest(version).files["payload.safetensors"].sha256
