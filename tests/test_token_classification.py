@@ -262,3 +262,22 @@ def test_a_supermask_tagger_trains_its_fresh_token_head_at_its_own_rate(store, g
     outcome = train("supermask", get_task("wnut17"), load_backbone(), config, store, data_dir="sample",
                     show_progress=False, options={"head_lr": given} if given else None)
     assert store.manifest(outcome.published[0]).details["head_lr"] == used
+
+
+@pytest.mark.slow  # about a minute in all; training on token tasks stays in the default run through bitfit and supermask
+@pytest.mark.parametrize(("method", "options"), [
+    ("full", None), ("bitfit", None), ("dominant", None), ("dominant", {"ticket": "search"}), ("random", None),
+    ("lora", None), ("supermask", None)])
+def test_every_method_trains_a_tagger(store, method, options):
+    """The study's rows, one step each: every method (Dominant-1 on the ticket shipped for
+    MiniLM and on one searched on the set itself) publishes a token task scored by entity F1."""
+    from ticketserve.trainers.config import TrainConfig
+    from ticketserve.trainers.run import train
+
+    config = TrainConfig(max_steps=1, batch_size=8, train_samples=8, eval_samples=8)
+    outcome = train(method, get_task("wnut17"), load_backbone(), config, store, data_dir="sample",
+                    show_progress=False, options=options)
+    manifest = store.manifest(outcome.published[-1])
+    assert manifest.task.type == "token_classification" and set(manifest.metrics) == {"entity_f1", "token_accuracy"}
+    if method == "dominant":
+        assert manifest.details["ticket_source"] == ("searched" if options else "shipped")
