@@ -157,13 +157,10 @@ class LocalStore(Store):
                       if any(is_version(f) for f in _listing(os.path.join(entry.path, "versions"))))
 
     def versions(self, name: str) -> dict[int, str]:
-        return {int(p.name): parse_digest(p.read_bytes(), p) for p in _version_files(self._refs(name) / "versions")}
+        return _versions_in(str(self._refs(name)))
 
     def tags(self, name: str) -> dict[str, int]:
-        folder = self._refs(name) / "tags"
-        if not folder.is_dir():
-            return {}
-        return {p.name: parse_version(p.read_bytes(), p) for p in folder.iterdir() if TAG_RE.fullmatch(p.name)}
+        return _tags_in(str(self._refs(name)))
 
     def listing(self) -> list[NameRefs]:
         """One pass over refs/ with plain string paths (at 10,000 names, path objects were most
@@ -171,8 +168,8 @@ class LocalStore(Store):
         found = []
         for entry in sorted(_name_folders(self.root / "refs"), key=lambda e: e.name):
             try:
-                tags = {t: parse_version(data, where) for t, data, where in _ref_files(entry.path, "tags", TAG_RE.fullmatch)}
-                versions = {int(v): parse_digest(data, where) for v, data, where in _ref_files(entry.path, "versions", is_version)}
+                tags = _tags_in(entry.path)  # before versions, as Store._resolve reads them
+                versions = _versions_in(entry.path)
             except TicketserveError as exc:
                 found.append(NameRefs(entry.name, {}, {}, str(exc)))
                 continue
@@ -275,10 +272,6 @@ class _Staged:
         self.path.unlink(missing_ok=True)
 
 
-def _version_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if is_version(p.name)] if folder.is_dir() else []
-
-
 def _name_folders(refs: Path) -> list[os.DirEntry]:
     return [entry for entry in os.scandir(refs) if entry.is_dir() and NAME_RE.fullmatch(entry.name)]
 
@@ -304,6 +297,14 @@ def _ref_files(name_folder: str, kind: str, wanted) -> list[tuple[str, bytes, st
         except FileNotFoundError:  # removed while listing
             continue
     return found
+
+
+def _versions_in(name_folder: str) -> dict[int, str]:
+    return {int(v): parse_digest(data, where) for v, data, where in _ref_files(name_folder, "versions", is_version)}
+
+
+def _tags_in(name_folder: str) -> dict[str, int]:
+    return {t: parse_version(data, where) for t, data, where in _ref_files(name_folder, "tags", TAG_RE.fullmatch)}
 
 
 def _file_stamps(folder: str) -> list[str]:
