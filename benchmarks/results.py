@@ -330,7 +330,9 @@ def task_types() -> list[str]:
                   f"under the same head ({speed[-1]['cpu'] if speed else '–'}, run {speed[-1]['run'] if speed else '–'}). "
                   f"Full tables: `{report}`.", "", "| set | method | metric | runs | artifact bytes |",
                   "|---|---|---|---|---|"]
-        for task, label in dict.fromkeys((r.get("task", "stsb"), r.get("variant", r["method"])) for r in scored):
+        rows = list(dict.fromkeys((r.get("task", "stsb"), r.get("variant", r["method"])) for r in scored))
+        sets = list(dict.fromkeys(task for task, _ in rows))
+        for task, label in sorted(rows, key=lambda row: sets.index(row[0])):  # one set's rows together
             runs = [r for r in scored if (r.get("task", "stsb"), r.get("variant", r["method"])) == (task, label)]
             lines.append(f"| {task} | {label} | {sum(r['metrics'][metric] for r in runs) / len(runs):.4f} | "
                          f"{len(runs)} | {runs[0]['artifact_bytes']:,} |")
