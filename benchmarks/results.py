@@ -330,10 +330,11 @@ def task_types() -> list[str]:
                   f"under the same head ({speed[-1]['cpu'] if speed else '–'}, run {speed[-1]['run'] if speed else '–'}). "
                   f"Full tables: `{report}`.", "", "| set | method | metric | runs | artifact bytes |",
                   "|---|---|---|---|---|"]
-        rows = list(dict.fromkeys((r.get("task", "stsb"), r.get("variant", r["method"])) for r in scored))
-        sets = list(dict.fromkeys(task for task, _ in rows))
-        for task, label in sorted(rows, key=lambda row: sets.index(row[0])):  # one set's rows together
-            runs = [r for r in scored if (r.get("task", "stsb"), r.get("variant", r["method"])) == (task, label)]
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in scored:
+            groups.setdefault((r.get("task", "stsb"), r.get("variant", r["method"])), []).append(r)
+        sets = list(dict.fromkeys(task for task, _ in groups))
+        for (task, label), runs in sorted(groups.items(), key=lambda group: sets.index(group[0][0])):  # sets together
             lines.append(f"| {task} | {label} | {sum(r['metrics'][metric] for r in runs) / len(runs):.4f} | "
                          f"{len(runs)} | {runs[0]['artifact_bytes']:,} |")
         if speed:
